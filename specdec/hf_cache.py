@@ -1,0 +1,44 @@
+"""The one place that touches transformers' Cache internals (they change between versions).
+
+Tested against plain decoding in ``tests/test_hf_cache.py``. Works with ``DynamicCache`` whose ``layers`` hold
+``keys``/``values`` of shape ``[B, H_kv, T, D]`` (transformers >= 4.56 / 5.x).
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import DynamicCache
+
+
+def new_cache() -> DynamicCache:
+    return DynamicCache()
+
+
+def cache_length(cache: DynamicCache) -> int:
+    """Tokens held by the cache."""
+    return cache.get_seq_length()
+
+
+def crop(cache: DynamicCache, length: int) -> None:
+    """Keep the first ``length`` positions."""
+    extra = cache_length(cache) - length
+    if extra > 0:
+        cache.crop(-extra)
+
+
+def keep_positions(cache: DynamicCache, start: int, keep: list[int]) -> None:
+    """Keep positions ``[0, start)`` and then ``start + keep[i]`` in that order; drop the rest.
+
+    ``keep`` are tree-node offsets (ascending, root 0). A contiguous run ``0..k-1`` is a plain crop; otherwise the
+    kept nodes' K/V are gathered into consecutive slots — the accepted path becomes the next cached positions.
+    """
+    if keep == list(range(len(keep))):
+        crop(cache, start + len(keep))
+        return
+    index = torch.tensor([start + k for k in keep], dtype=torch.long)
+    for layer in cache.layers:
+        if not getattr(layer, "is_initialized", True) or layer.keys is None or layer.keys.numel() == 0:
+            continue
+        idx = index.to(layer.keys.device)
+        layer.keys = torch.cat([layer.keys[..., :start, :], layer.keys.index_select(-2, idx)], dim=-2)
+        layer.values = torch.cat([layer.values[..., :start, :], layer.values.index_select(-2, idx)], dim=-2)

@@ -1,0 +1,44 @@
+"""Run a draft tree through a transformers causal LM with its supported hooks (no copied model code).
+
+The tree goes in as one forward: ``input_ids`` = the tree's tokens, ``position_ids`` = cached length + node depth,
+and a 4D **additive** mask in the model's dtype (cached prefix visible, tree part = ancestor mask). A chain needs
+no custom mask: the model's own causal mask is exactly the ancestor mask then, and its fast path is kept.
+Used by the reference verifier and by drafters that run a causal LM (the draft model).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from specdec import hf_cache, tree as tree_ops
+from specdec.types import VerifyOutput
+
+
+@torch.inference_mode()
+def forward_tokens(model, cache, tokens: torch.Tensor, parents: torch.Tensor | None = None,
+                   output_hidden: bool = False, logits_to_keep: int = 0) -> VerifyOutput:
+    """Forward ``tokens [B, N]`` after the cached prefix; ``parents [B, N]`` makes it a tree (None: a chain).
+
+    Returns logits ``[B, N, V]`` (only the last ``logits_to_keep`` positions when > 0: a prefill needs none of
+    them, and the LM head is a large part of a small model's cost) and, if asked, hidden states ``[B, N, H]``.
+    The cache grows by N.
+    """
+    past = hf_cache.cache_length(cache)
+    n = tokens.shape[1]
+    if parents is None or tree_ops.is_chain(parents):
+        mask = None
+        pos = torch.arange(past, past + n, device=tokens.device).expand(tokens.shape[0], n)
+    else:
+        mask = tree_ops.verify_mask(parents, past, model.dtype)
+        pos = tree_ops.position_ids(parents, past)
+    out = model(
+        input_ids=tokens,
+        attention_mask=mask,
+        position_ids=pos,
+        past_key_values=cache,
+        use_cache=True,
+        output_hidden_states=output_hidden,
+        logits_to_keep=logits_to_keep,
+    )
+    hidden = out.hidden_states[-1] if output_hidden else None
+    return VerifyOutput(logits=out.logits, hidden=hidden)

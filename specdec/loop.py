@@ -1,0 +1,70 @@
+"""The decode loop: one generator, read top to bottom.
+
+prefill -> (propose -> score -> accept -> commit -> observe -> yield step)*
+
+Greedy and sampling share it; only the acceptance rule differs. Stopping on EOS and stop strings lives in
+:mod:`specdec.generate`, which consumes this generator; the loop only stops itself at ``max_new_tokens``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from specdec import tree as tree_ops
+from specdec.acceptance import AcceptanceRule, SamplingParams
+from specdec.protocols import Drafter, Feedback, Verifier
+from specdec.types import Acceptance, DraftContext, DraftTree
+
+
+@dataclass(frozen=True)
+class Step:
+    """One verify step: the tree, the rule's outcome and the tokens it committed (``[k]``, bonus last)."""
+
+    tree: DraftTree
+    acceptance: Acceptance
+    new_tokens: list[int]
+
+
+def decode(
+    verifier: Verifier,
+    drafter: Drafter,
+    rule: AcceptanceRule,
+    input_ids: torch.Tensor,
+    *,
+    max_new_tokens: int,
+    max_nodes: int,
+    sampling: SamplingParams | None = None,
+    generator: torch.Generator | None = None,
+) -> Iterator[Step]:
+    """Speculatively decode from ``input_ids [1, T]`` until ``max_new_tokens`` tokens are committed.
+
+    The last prompt token is the first tree's root; the cache holds every committed token but the current root.
+    Yields one :class:`Step` per verify step; a caller may stop iterating at any time.
+    """
+    sampling = sampling or SamplingParams()
+    needs_hidden = bool(getattr(drafter, "needs_hidden_states", False))
+    drafter.reset()
+    verifier.prefill(input_ids[:, :-1])
+    committed = input_ids
+    hidden = None
+    produced = 0
+    while produced < max_new_tokens:
+        remaining = max_new_tokens - produced
+        ctx = DraftContext(input_ids=committed, prompt_len=input_ids.shape[1], max_nodes=max_nodes,
+                           max_depth=remaining - 1, hidden=hidden)
+        tree = tree_ops.limit_depth(drafter.propose(ctx), remaining - 1)
+        out = verifier.score(tree, output_hidden=needs_hidden)
+        acceptance = rule(tree, out.logits, sampling, generator)
+        verifier.commit(tree, acceptance)
+
+        path = acceptance.accepted_nodes(0)
+        new_tokens = tree.tokens[0, path[1:]].tolist() + [int(acceptance.next_token[0])]
+        new = torch.tensor([new_tokens], dtype=committed.dtype, device=committed.device)
+        hidden = None if out.hidden is None else out.hidden[:, path]
+        drafter.observe(Feedback(tree=tree, acceptance=acceptance, new_tokens=new, hidden=hidden))
+        committed = torch.cat([committed, new], dim=1)
+        produced += len(new_tokens)
+        yield Step(tree=tree, acceptance=acceptance, new_tokens=new_tokens)

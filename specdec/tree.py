@@ -1,0 +1,240 @@
+"""Pure functions over draft trees: constructors, depths, masks, position ids, paths.
+
+A tree is described by ``parents [B, N]`` (node 0 = root with parent -1; dead padding nodes have parent -2;
+every live parent index is smaller than its child's). Everything else is derived here, never stored.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Sequence
+
+import torch
+
+from specdec.errors import SpecdecError
+from specdec.types import DEAD, DraftTree
+
+
+# ---------------------------------------------------------------- constructors
+
+
+def chain(root: int, tokens: Sequence[int]) -> DraftTree:
+    """A single chain ``root -> tokens[0] -> tokens[1] -> ...`` (batch of one).
+
+    >>> chain(7, [3, 4]).parents.tolist()
+    [[-1, 0, 1]]
+    """
+    toks = [int(root), *map(int, tokens)]
+    parents = [-1] + list(range(len(toks) - 1))
+    return DraftTree(torch.tensor([toks]), torch.tensor([parents]))
+
+
+def from_sequences(root: int, sequences: Sequence[Sequence[int]], max_nodes: int,
+                   weights: Sequence[float] | None = None) -> DraftTree:
+    """Merge candidate continuations into a trie and keep the best ``max_nodes`` nodes (root included).
+
+    A node's score is the summed weight of the continuations that pass through it, so a parent always scores at
+    least as high as its children; nodes are taken best-first (ties: shallower, then earlier), which keeps every
+    chosen node's parent in the tree. Node order is the order taken, so parents precede children.
+
+    Example: ``from_sequences(0, [[5, 6], [5, 7], [9]], max_nodes=4)`` takes 5 (weight 2), then 9 (weight 1,
+    shallower than 6 and 7), then 6 (inserted before 7): tokens ``[[0, 5, 9, 6]]``, parents ``[[-1, 0, 0, 1]]``.
+    """
+    if max_nodes < 1:
+        raise SpecdecError(f"max_nodes must be >= 1 (the root); got {max_nodes}.")
+    weights = [1.0] * len(sequences) if weights is None else list(weights)
+    # trie: node id -> {token: child id}; score and token per node
+    children: list[dict[int, int]] = [{}]
+    score = [0.0]
+    token = [int(root)]
+    depth = [0]
+    for seq, w in zip(sequences, weights):
+        node = 0
+        for t in seq:
+            t = int(t)
+            nxt = children[node].get(t)
+            if nxt is None:
+                nxt = len(token)
+                children[node][t] = nxt
+                children.append({})
+                score.append(0.0)
+                token.append(t)
+                depth.append(depth[node] + 1)
+            score[nxt] += w
+            node = nxt
+    # best-first selection
+    out_tokens, out_parents = [int(root)], [-1]
+    heap = [(-score[c], depth[c], c, 0) for c in children[0].values()]
+    heapq.heapify(heap)
+    while heap and len(out_tokens) < max_nodes:
+        _, _, node, parent_pos = heapq.heappop(heap)
+        pos = len(out_tokens)
+        out_tokens.append(token[node])
+        out_parents.append(parent_pos)
+        for c in children[node].values():
+            heapq.heappush(heap, (-score[c], depth[c], c, pos))
+    return DraftTree(torch.tensor([out_tokens]), torch.tensor([out_parents]))
+
+
+def topology_from_choices(choices: Sequence[Sequence[int]]) -> tuple[list[int], list[int]]:
+    """Tree shape from Medusa-style "choices" (each a path of child ranks from the root).
+
+    Returns ``(parents, ranks)`` for the nodes root first, sorted by depth then lexicographically, where
+    ``ranks[i]`` is node i's rank among its parent's candidates (the k in "the k-th most likely token").
+    Every prefix of a choice must itself be a choice.
+
+    >>> topology_from_choices([[0], [1], [0, 0]])
+    ([-1, 0, 0, 1], [-1, 0, 1, 0])
+    """
+    paths = sorted({tuple(int(r) for r in c) for c in choices}, key=lambda p: (len(p), p))
+    index = {(): 0}
+    parents, ranks = [-1], [-1]
+    for p in paths:
+        if len(p) == 0:
+            continue
+        if any(r < 0 for r in p):
+            raise SpecdecError(f"tree choice {list(p)} has a negative rank; ranks count from 0.")
+        if p[:-1] not in index:
+            raise SpecdecError(f"tree choice {list(p)} has no parent choice {list(p[:-1])}; add it to the choices.")
+        index[p] = len(parents)
+        parents.append(index[p[:-1]])
+        ranks.append(p[-1])
+    return parents, ranks
+
+
+def choices_for_shape(depth: int, width: int) -> list[list[int]]:
+    """Choices for a simple shape: ``width`` candidates at depth 1, each followed by a greedy chain.
+
+    >>> choices_for_shape(2, 2)
+    [[0], [1], [0, 0], [1, 0]]
+    """
+    out = []
+    for d in range(1, depth + 1):
+        for w in range(width):
+            out.append([w] + [0] * (d - 1))
+    return out
+
+
+# ---------------------------------------------------------------- derived quantities
+
+
+def depths(parents: torch.Tensor) -> torch.Tensor:
+    """``[B, N]`` depth of each node (root 0, dead nodes 0).
+
+    >>> depths(torch.tensor([[-1, 0, 0, 1]])).tolist()
+    [[0, 1, 1, 2]]
+    """
+    out = []
+    for row in parents.tolist():
+        d = [0] * len(row)
+        for i in range(1, len(row)):
+            p = row[i]
+            d[i] = d[p] + 1 if p >= 0 else 0
+        out.append(d)
+    return torch.tensor(out, dtype=torch.long, device=parents.device)
+
+
+def ancestor_mask(parents: torch.Tensor) -> torch.Tensor:
+    """``[B, N, N]`` bool: ``mask[b, i, j]`` is True when node j is node i or one of its ancestors.
+
+    Dead nodes see only themselves (so attention over them stays finite; their outputs are ignored).
+
+    >>> ancestor_mask(torch.tensor([[-1, 0, 0]])).int().tolist()
+    [[[1, 0, 0], [1, 1, 0], [1, 0, 1]]]
+    """
+    b, n = parents.shape
+    mask = torch.eye(n, dtype=torch.bool, device=parents.device).repeat(b, 1, 1)
+    rows = torch.arange(b, device=parents.device)
+    for i in range(1, n):
+        p = parents[:, i]
+        live = p >= 0
+        if bool(live.any()):
+            inherited = mask[rows, p.clamp(min=0)] & live[:, None]
+            mask[:, i] |= inherited
+    return mask
+
+
+def position_ids(parents: torch.Tensor, prefix_len: int | torch.Tensor) -> torch.Tensor:
+    """``[B, N]`` position of each node: length of the cached prefix + depth.
+
+    ``prefix_len`` is an int or ``[B]`` tensor (per-request lengths).
+    """
+    d = depths(parents)
+    if isinstance(prefix_len, torch.Tensor):
+        return d + prefix_len.to(d.device)[:, None]
+    return d + int(prefix_len)
+
+
+def verify_mask(parents: torch.Tensor, prefix_len: int, dtype: torch.dtype) -> torch.Tensor:
+    """``[B, 1, N, prefix_len + N]`` additive attention mask for one verify step, in the model's dtype.
+
+    0 where a node may attend (every cached prefix position, itself and its ancestors), ``finfo(dtype).min``
+    elsewhere. transformers' eager attention adds the mask to the scores, so a bool mask would be silently wrong.
+    """
+    allowed = ancestor_mask(parents)  # [B, N, N]
+    b, n, _ = allowed.shape
+    mask = torch.zeros(b, 1, n, prefix_len + n, dtype=dtype, device=parents.device)
+    mask[:, 0, :, prefix_len:] = torch.where(
+        allowed, torch.zeros((), dtype=dtype), torch.tensor(torch.finfo(dtype).min, dtype=dtype)
+    )
+    return mask
+
+
+def is_chain(parents: torch.Tensor) -> bool:
+    """True when every live node's parent is the node just before it (the causal mask is then exact)."""
+    n = parents.shape[1]
+    expected = torch.arange(-1, n - 1, device=parents.device)
+    return bool((parents == expected).all())
+
+
+def root_to_leaf_paths(parents: torch.Tensor) -> list[list[list[int]]]:
+    """Per batch row, every root-to-leaf path as node indices (root first), leaves in index order.
+
+    >>> root_to_leaf_paths(torch.tensor([[-1, 0, 0, 1]]))
+    [[[0, 2], [0, 1, 3]]]
+    """
+    out = []
+    for row in parents.tolist():
+        live = [i == 0 or p >= 0 for i, p in enumerate(row)]
+        has_child = [False] * len(row)
+        for i in range(1, len(row)):
+            if live[i]:
+                has_child[row[i]] = True
+        paths = []
+        for i in range(len(row)):
+            if live[i] and not has_child[i]:
+                path = [i]
+                while row[path[-1]] >= 0:
+                    path.append(row[path[-1]])
+                paths.append(path[::-1])
+        out.append(sorted(paths, key=lambda p: p[-1]))
+    return out
+
+
+def path_to(parents_row: Sequence[int], node: int) -> list[int]:
+    """Node indices from the root to ``node`` (both included) in one tree."""
+    path = [node]
+    while parents_row[path[-1]] >= 0:
+        path.append(parents_row[path[-1]])
+    return path[::-1]
+
+
+def limit_depth(tree: DraftTree, max_depth: int) -> DraftTree:
+    """Drop (remove, for one tree) nodes deeper than ``max_depth``; returns ``tree`` itself when none are.
+
+    Used by the decode loop so a tree never drafts past ``max_new_tokens``.
+    """
+    d = depths(tree.parents)
+    if int(d.max()) <= max_depth:
+        return tree
+    keep_mask = d <= max_depth
+    if tree.batch_size == 1:
+        keep = keep_mask[0].nonzero().flatten()
+        remap = torch.full((tree.num_nodes,), -1, dtype=torch.long)
+        remap[keep] = torch.arange(len(keep))
+        parents = tree.parents[0, keep]
+        parents = torch.where(parents >= 0, remap[parents.clamp(min=0)], parents)
+        probs = None if tree.draft_probs is None else tree.draft_probs[:, keep]
+        return DraftTree(tree.tokens[:, keep], parents[None], probs)
+    parents = torch.where(keep_mask, tree.parents, torch.full_like(tree.parents, DEAD))
+    return DraftTree(tree.tokens, parents, tree.draft_probs)

@@ -1,0 +1,48 @@
+"""The reference verifier: any transformers causal LM, a ``DynamicCache``, a 4D tree mask."""
+
+from __future__ import annotations
+
+import torch
+
+from specdec import hf_cache
+from specdec.errors import SpecdecError
+from specdec.hf_forward import forward_tokens
+from specdec.types import Acceptance, DraftTree, VerifyOutput
+
+
+class HFVerifier:
+    """Scores draft trees with one target forward each, batch size 1.
+
+    After ``commit`` the cache holds exactly the committed tokens except the newest (the next tree's root):
+    the accepted path's K/V are kept in place of the whole tree's.
+    """
+
+    gives_hidden = True
+
+    def __init__(self, model) -> None:
+        self.model = model
+        self.cache = hf_cache.new_cache()
+        self._scored: int | None = None  # cache length before the tree being verified
+
+    def prefill(self, input_ids: torch.Tensor) -> None:
+        """Cache ``input_ids [1, T]`` (T may be 0: a one-token prompt has nothing to prefill)."""
+        if input_ids.shape[0] != 1:
+            raise SpecdecError("the hf verifier decodes one request at a time; pass input_ids of shape [1, T].")
+        self.cache = hf_cache.new_cache()
+        self._scored = None
+        if input_ids.shape[1] > 0:
+            forward_tokens(self.model, self.cache, input_ids, logits_to_keep=1)
+
+    def score(self, tree: DraftTree, output_hidden: bool = False) -> VerifyOutput:
+        self._scored = hf_cache.cache_length(self.cache)
+        return forward_tokens(self.model, self.cache, tree.tokens, tree.parents, output_hidden)
+
+    def commit(self, tree: DraftTree, acceptance: Acceptance) -> None:
+        if self._scored is None:
+            raise SpecdecError("commit() called without a score() before it.")
+        hf_cache.keep_positions(self.cache, self._scored, acceptance.accepted_nodes(0))
+        self._scored = None
+
+    @property
+    def cached_length(self) -> int:
+        return hf_cache.cache_length(self.cache)
