@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import torch
 
-from specdec import models, registry
+from specdec import cpu_gemm, models, registry
 from specdec.acceptance import SamplingParams, get_rule
 from specdec.errors import PromptError, SpecdecError, VocabularyMismatchError
 from specdec.loop import decode
@@ -28,12 +28,13 @@ class SpecDecoder:
 
     target: a transformers causal LM, a hub id, a local path, or None for the default target.
     drafter: a config name (``none``, ``ngram``, ``draft_model``) or a Drafter object; ``drafter_kwargs`` go to
-    the named drafter's constructor.
+    the named drafter's constructor. small_batch_linear: route the target's few-row float32 matmuls through the
+    faster CPU kernel (:mod:`specdec.cpu_gemm`); None = on for a float32 model on CPU.
     """
 
     def __init__(self, target=None, tokenizer=None, *, drafter="ngram", verifier: str = "hf",
                  acceptance: str = "greedy", max_nodes: int = DEFAULT_MAX_NODES, dtype=None,
-                 drafter_kwargs: dict | None = None) -> None:
+                 drafter_kwargs: dict | None = None, small_batch_linear: bool | None = None) -> None:
         if target is None or isinstance(target, str):
             target, loaded_tok = models.load_target(target, dtype=dtype or "float32")
             tokenizer = tokenizer or loaded_tok
@@ -52,6 +53,7 @@ class SpecDecoder:
         if max_nodes < 1:
             raise SpecdecError(f"max_nodes must be >= 1 (the root); got {max_nodes}.")
         self.max_nodes = max_nodes
+        self.small_batch_linear = cpu_gemm.wanted(target) if small_batch_linear is None else small_batch_linear
         check_capabilities(self.drafter, verifier_gives_hidden=getattr(self.verifier, "gives_hidden", False),
                            rule_needs_probs=False)
         check_vocabulary(self.drafter, target)
@@ -79,17 +81,19 @@ class SpecDecoder:
         start = time.perf_counter()
         steps = decode(self.verifier, self.drafter, self.rule, ids, max_new_tokens=max_new_tokens,
                        max_nodes=self.max_nodes, sampling=SamplingParams(do_sample=False), generator=generator)
-        for step in steps:
-            kept, reason = stopper.cut(step.new_tokens)
-            stats.record(drafted=int(step.tree.num_draft_nodes[0]), accepted=int(step.acceptance.num_accepted[0]))
-            new_tokens.extend(kept)
-            if streamer is not None:
-                for t in kept:
-                    streamer.put(torch.tensor([t]))
-            if reason is not None:
-                stats.finish_reason = reason
-                break
-        steps.close()
+        with cpu_gemm.small_batch_linear(self.target, enabled=self.small_batch_linear):
+            for step in steps:
+                kept, reason = stopper.cut(step.new_tokens)
+                stats.record(drafted=int(step.tree.num_draft_nodes[0]),
+                             accepted=int(step.acceptance.num_accepted[0]))
+                new_tokens.extend(kept)
+                if streamer is not None:
+                    for t in kept:
+                        streamer.put(torch.tensor([t]))
+                if reason is not None:
+                    stats.finish_reason = reason
+                    break
+            steps.close()
         stats.wall_time_s = time.perf_counter() - start
         stats.new_tokens = len(new_tokens)
         if streamer is not None:

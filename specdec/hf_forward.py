@@ -31,6 +31,14 @@ def forward_tokens(model, cache, tokens: torch.Tensor, parents: torch.Tensor | N
     else:
         mask = tree_ops.verify_mask(parents, past, model.dtype)
         pos = tree_ops.position_ids(parents, past)
+    return forward_masked(model, cache, tokens, mask, pos, output_hidden, logits_to_keep)
+
+
+@torch.inference_mode()
+def forward_masked(model, cache, tokens: torch.Tensor, mask: torch.Tensor | None, pos: torch.Tensor,
+                   output_hidden: bool = False, logits_to_keep: int = 0) -> VerifyOutput:
+    """Forward ``tokens [B, n]`` with an explicit additive mask ``[B, 1, n, cached + n]`` (None: causal) and
+    ``position_ids [B, n]``; the building block for tree segments whose ancestors are already cached."""
     out = model(
         input_ids=tokens,
         attention_mask=mask,

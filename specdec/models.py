@@ -123,6 +123,13 @@ def load_target(name: str | None = None, dtype: str | torch.dtype | None = "floa
 def encode_prompt(tokenizer, prompt: str | list[dict], chat: bool = True) -> torch.Tensor:
     """``[1, T]`` input ids for a prompt: chat messages (or a user string) through the chat template when the
     tokenizer has one and ``chat`` is true; raw completion text otherwise."""
+    if not isinstance(prompt, str) and any(not isinstance(m, dict) for m in prompt):
+        raise PromptError(
+            "prompt must be one text or one list of chat messages ({'role': ..., 'content': ...} dicts); "
+            "a list of strings is a batch of prompts: call generate() once per prompt."
+        )
+    if len(prompt) == 0:
+        raise PromptError("the prompt is empty; pass some text (or at least one chat message).")
     if chat and getattr(tokenizer, "chat_template", None):
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
         ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt")
@@ -132,6 +139,8 @@ def encode_prompt(tokenizer, prompt: str | list[dict], chat: bool = True) -> tor
         if not isinstance(prompt, str):
             raise PromptError("a list of chat messages needs a tokenizer with a chat template; pass a string.")
         ids = tokenizer(prompt, return_tensors="pt").input_ids
+    if ids.shape[-1] == 0:
+        raise PromptError("the prompt is empty after tokenization (0 tokens); pass some text.")
     return ids.long()
 
 

@@ -31,11 +31,12 @@ def _load(table: Mapping[str, str], kind: str, name: str):
     return getattr(importlib.import_module(module), attr)
 
 
-def _check_kwargs(cls, kind: str, name: str, kwargs: Mapping[str, Any]) -> None:
+def _check_kwargs(cls, kind: str, name: str, kwargs: Mapping[str, Any], wired: tuple[str, ...]) -> None:
+    """Unknown options fail here, listing the valid ones (``wired``: arguments the wiring passes itself)."""
     params = inspect.signature(cls.__init__).parameters
     if any(p.kind is p.VAR_KEYWORD for p in params.values()):
         return
-    allowed = [p for p in params if p not in ("self", "target", "tokenizer", "model")]
+    allowed = [p for p in params if p not in ("self", *wired)]
     unknown = sorted(set(kwargs) - set(allowed))
     if unknown:
         raise ConfigError(f"{kind} {name!r} has no option(s) {unknown}; its options are {allowed}.")
@@ -44,12 +45,12 @@ def _check_kwargs(cls, kind: str, name: str, kwargs: Mapping[str, Any]) -> None:
 def build_drafter(name: str, target, tokenizer=None, **kwargs):
     """A drafter by config name, e.g. ``build_drafter("ngram", model, max_ngram=3)``."""
     cls = _load(DRAFTERS, "drafter", name)
-    _check_kwargs(cls, "drafter", name, kwargs)
+    _check_kwargs(cls, "drafter", name, kwargs, ("target", "tokenizer"))
     return cls(target=target, tokenizer=tokenizer, **kwargs)
 
 
 def build_verifier(name: str, target, **kwargs):
     """A verifier by config name, e.g. ``build_verifier("hf", model)``."""
     cls = _load(VERIFIERS, "verifier", name)
-    _check_kwargs(cls, "verifier", name, kwargs)
+    _check_kwargs(cls, "verifier", name, kwargs, ("model",))
     return cls(target, **kwargs)

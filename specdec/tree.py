@@ -171,13 +171,26 @@ def verify_mask(parents: torch.Tensor, prefix_len: int, dtype: torch.dtype) -> t
     0 where a node may attend (every cached prefix position, itself and its ancestors), ``finfo(dtype).min``
     elsewhere. transformers' eager attention adds the mask to the scores, so a bool mask would be silently wrong.
     """
-    allowed = ancestor_mask(parents)  # [B, N, N]
-    b, n, _ = allowed.shape
-    mask = torch.zeros(b, 1, n, prefix_len + n, dtype=dtype, device=parents.device)
-    mask[:, 0, :, prefix_len:] = torch.where(
-        allowed, torch.zeros((), dtype=dtype), torch.tensor(torch.finfo(dtype).min, dtype=dtype)
-    )
+    return additive_mask(ancestor_mask(parents), prefix_len, dtype)
+
+
+def additive_mask(allowed: torch.Tensor, prefix_len: int, dtype: torch.dtype) -> torch.Tensor:
+    """``[B, 1, n, prefix_len + m]`` from ``allowed [B, n, m]``: every prefix column visible (0), then 0 where
+    allowed and ``finfo(dtype).min`` elsewhere."""
+    b, n, m = allowed.shape
+    mask = torch.zeros(b, 1, n, prefix_len + m, dtype=dtype, device=allowed.device)
+    mask[:, 0, :, prefix_len:].masked_fill_(~allowed, torch.finfo(dtype).min)
     return mask
+
+
+def segment_mask(parents: torch.Tensor, lo: int, hi: int, prefix_len: int, dtype: torch.dtype) -> torch.Tensor:
+    """``[B, 1, hi-lo, prefix_len + hi - 1]`` additive mask to forward nodes ``lo..hi-1`` of a tree whose root
+    is the last of ``prefix_len`` cached tokens and whose nodes ``1..lo-1`` are cached right after it (in order).
+
+    Used by drafters that grow a tree level by level through their own causal LM.
+    """
+    allowed = ancestor_mask(parents)[:, lo:hi, 1:hi]  # [B, hi-lo, hi-1]; the root lies inside the prefix
+    return additive_mask(allowed, prefix_len, dtype)
 
 
 def is_chain(parents: torch.Tensor) -> bool:

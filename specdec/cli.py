@@ -1,0 +1,68 @@
+"""The ``specdec`` command.
+
+    specdec generate "Write a haiku about caches" [--drafter ngram] [--max-new-tokens 128] [--target PATH_OR_ID]
+    specdec bench [hydra overrides ...]          # same as python -m specdec.bench
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from specdec.errors import SpecdecError
+
+
+def _generate(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="specdec generate", description="Stream one speculative generation.")
+    parser.add_argument("prompt", help="user message (the chat template is applied when the tokenizer has one)")
+    parser.add_argument("--target", default=None, help="hub id or local path (default: SmolLM2-135M-Instruct)")
+    parser.add_argument("--drafter", default="ngram", help="none | ngram | draft_model")
+    parser.add_argument("--draft-path", default=None, help="draft model (hub id or path) for --drafter draft_model")
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--max-nodes", type=int, default=16, help="draft tree node budget, root included")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--raw", action="store_true", help="treat the prompt as raw completion text (no template)")
+    args = parser.parse_args(argv)
+
+    from transformers import TextStreamer
+
+    from specdec import SpecDecoder, models
+
+    model, tokenizer = models.load_target(args.target, dtype=args.dtype)
+    kwargs = {"path": args.draft_path} if args.drafter == "draft_model" else None
+    decoder = SpecDecoder(model, tokenizer, drafter=args.drafter, drafter_kwargs=kwargs, max_nodes=args.max_nodes)
+    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    out = decoder.generate(prompt=args.prompt, chat=not args.raw, max_new_tokens=args.max_new_tokens,
+                           streamer=streamer)
+    s = out.stats
+    print(f"\n[{s.new_tokens} tokens in {s.wall_time_s:.2f} s = {s.tokens_per_s:.1f} tokens/s; "
+          f"{s.verify_steps} verify steps, tau {s.tau:.2f}, acceptance {s.acceptance_rate:.0%}, "
+          f"finished by {s.finish_reason}]", file=sys.stderr)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__)
+        return 0
+    command, rest = argv[0], argv[1:]
+    try:
+        if command == "generate":
+            return _generate(rest)
+        if command == "bench":
+            from specdec import bench
+
+            sys.argv = ["specdec bench", *rest]
+            bench.main()
+            return 0
+    except SpecdecError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"unknown command {command!r}; use `specdec generate` or `specdec bench` (see specdec --help).",
+          file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

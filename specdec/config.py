@@ -1,0 +1,217 @@
+"""Config schemas for the Hydra entry points, and the checks that make a bad config fail early and clearly.
+
+The YAML files under ``conf/`` stay thin; the dataclasses here say which keys exist and their types. Two checks
+use them: :func:`check_overrides` looks at the command line before Hydra composes (so ``bench.bogus=1`` fails
+naming the valid keys instead of with Hydra's "not in struct"), and :func:`validate` checks the composed config
+(catching ``+bench.bogus=1``, wrong types, unknown names, a draft model without a path).
+
+Drafter configs differ per drafter: their keys are the drafter constructor's options (see ``conf/drafter/*.yaml``),
+so :func:`drafter_kwargs` hands them on and :func:`specdec.registry.build_drafter` rejects unknown ones.
+
+>>> check_overrides(["bench.limit=2", "drafter=none"])
+>>> check_overrides(["bench.bogus=1"])  # doctest: +ELLIPSIS
+Traceback (most recent call last):
+specdec.errors.ConfigError: unknown key 'bogus' in bench; valid keys: ...
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from specdec.errors import ConfigError
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+GROUPS = ("target", "drafter", "verifier", "acceptance", "tree", "bench")
+
+
+@dataclass
+class TargetConfig:
+    """The model whose greedy output the bench reproduces."""
+
+    name: Optional[str] = None  # None = the default target (SmolLM2-135M-Instruct); else a hub id or local path
+    dtype: str = "float32"
+    device: str = "cpu"
+
+
+@dataclass
+class VerifierConfig:
+    name: str = "hf"
+
+
+@dataclass
+class AcceptanceConfig:
+    name: str = "greedy"
+
+
+@dataclass
+class TreeConfig:
+    max_nodes: int = 16  # node budget per draft tree, root included
+
+
+@dataclass
+class BenchConfig:
+    """Options of ``python -m specdec.bench``; ``conf/bench/default.yaml`` documents each one."""
+
+    prompts: Optional[str] = None
+    max_new_tokens: int = 128
+    limit: Optional[int] = None
+    categories: Optional[list[str]] = None
+    all_turns: bool = False
+    threads: int = 2
+    methods: Optional[list[str]] = None
+    output: str = "bench_results/bench.json"
+    pld_tokens: int = 10
+    warmup: int = 1
+    chat: bool = True
+
+
+@dataclass
+class BenchAppConfig:
+    """The composed config of ``conf/config.yaml``; ``drafter`` is open (its keys depend on the drafter)."""
+
+    target: TargetConfig = field(default_factory=TargetConfig)
+    drafter: dict[str, Any] = field(default_factory=lambda: {"name": "ngram"})
+    verifier: VerifierConfig = field(default_factory=VerifierConfig)
+    acceptance: AcceptanceConfig = field(default_factory=AcceptanceConfig)
+    tree: TreeConfig = field(default_factory=TreeConfig)
+    bench: BenchConfig = field(default_factory=BenchConfig)
+
+
+SECTIONS = {"target": TargetConfig, "verifier": VerifierConfig, "acceptance": AcceptanceConfig,
+            "tree": TreeConfig, "bench": BenchConfig}
+
+
+def group_options(group: str) -> list[str]:
+    """The options of a config group: the YAML files in ``conf/<group>/``, e.g. ``["draft_model", "ngram", "none"]``."""
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
+def drafter_file_keys(name: str) -> list[str] | None:
+    """The keys of ``conf/drafter/<name>.yaml`` (None when there is no such file)."""
+    path = CONF_DIR / "drafter" / f"{name}.yaml"
+    return list(OmegaConf.load(path).keys()) if path.exists() else None
+
+
+def load_drafter_config(name: str) -> DictConfig:
+    """``conf/drafter/<name>.yaml`` as a config node, for a bench method ``specdec:<name>``."""
+    path = CONF_DIR / "drafter" / f"{name}.yaml"
+    if not path.exists():
+        raise ConfigError(f"no drafter config {name!r} (no {path}); choose one of {group_options('drafter')}.")
+    return OmegaConf.load(path)
+
+
+def drafter_kwargs(node) -> dict[str, Any]:
+    """A drafter config node as constructor options: every key but ``name``."""
+    opts = OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else dict(node)
+    return {k: v for k, v in opts.items() if k != "name"}
+
+
+def _unknown_key(section: str, key: str, valid: list[str]) -> ConfigError:
+    where = f"in {section}" if section else "at the top level"
+    fix = (f"check the spelling, or pick another {section} with {section}=<option> ({group_options(section)})"
+           if section in GROUPS else "top-level keys are the config groups; set a key inside one, e.g. bench.limit=2")
+    return ConfigError(f"unknown key {key!r} {where}; valid keys: {sorted(valid)}. Fix: {fix}.")
+
+
+def _default_choice(group: str) -> str | None:
+    """The option ``conf/config.yaml``'s defaults list picks for ``group``."""
+    for item in OmegaConf.load(CONF_DIR / "config.yaml").get("defaults", []):
+        if OmegaConf.is_dict(item) and group in item:
+            return str(item[group])
+    return None
+
+
+def _valid_keys(section: str, drafter: str | None) -> list[str] | None:
+    """Valid keys of one section (None: cannot tell, e.g. a swept drafter choice)."""
+    if section in SECTIONS:
+        return [f.name for f in fields(SECTIONS[section])]
+    if section == "drafter":
+        return drafter_file_keys(drafter) if isinstance(drafter, str) else None
+    raise _unknown_key("", section, list(GROUPS))
+
+
+def check_overrides(args: list[str]) -> None:
+    """Fail on a command-line ``key=value`` whose key no schema has, before Hydra composes.
+
+    Only plain overrides are checked (``+key``/``++key``/``~key``, ``hydra.*`` and flags are left to Hydra and
+    :func:`validate`); group choices such as ``drafter=bogus`` are left to Hydra, whose message lists the options.
+    """
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    parsed = []
+    for arg in args:
+        if arg.startswith("-") or "=" not in arg:
+            continue
+        try:
+            parsed.append(parser.parse_override(arg))
+        except Exception:  # noqa: BLE001 - a syntax error is Hydra's to report, with its own message
+            continue
+    plain = [o for o in parsed if not (o.is_hydra_override() or o.is_add() or o.is_force_add() or o.is_delete())]
+    choices = {o.key_or_group: o.value() for o in plain if o.key_or_group in GROUPS}
+    drafter = choices.get("drafter", _default_choice("drafter"))
+    for o in plain:
+        section, _, key = o.key_or_group.partition(".")
+        if not key:
+            if section not in GROUPS:
+                raise _unknown_key("", section, list(GROUPS))
+            continue
+        valid = _valid_keys(section, drafter)
+        if valid is not None and key.split(".")[0] not in valid:
+            raise _unknown_key(section, key.split(".")[0], valid)
+
+
+def validate(cfg: DictConfig) -> DictConfig:
+    """The composed bench config checked against :class:`BenchAppConfig` (keys, types, names); returns it typed."""
+    for section in [k for k in cfg if k != "hydra"]:
+        valid = _valid_keys(section, None) if section != "drafter" else None
+        for key in (cfg[section] if valid is not None else []):
+            if key not in valid:
+                raise _unknown_key(section, key, valid)
+    if "drafter" in cfg:
+        check_drafter(cfg.drafter)
+    if "target" in cfg and OmegaConf.is_missing(cfg.target, "name"):
+        raise ConfigError("target=custom needs target.name=<hub id or local checkpoint directory>.")
+    try:
+        typed = OmegaConf.merge(OmegaConf.structured(BenchAppConfig), cfg)
+    except OmegaConfBaseException as e:
+        msg = str(e.msg).splitlines()[0]
+        raise ConfigError(f"bad value for {e.full_key}: {msg}. Fix that override (see conf/ for examples).") from None
+    _check_names(typed)
+    return typed
+
+
+def check_drafter(node) -> None:
+    """A drafter config needs a known ``name``; ``draft_model`` needs a ``path``."""
+    from specdec import registry
+
+    name = node.get("name")
+    if name not in registry.DRAFTERS:
+        raise ConfigError(f"unknown drafter {name!r}; choose one of {sorted(registry.DRAFTERS)} "
+                          f"(e.g. drafter=ngram).")
+    if name == "draft_model" and not node.get("path"):
+        raise ConfigError("drafter draft_model needs a draft model: set drafter.path=<hub id or local checkpoint "
+                          "directory of a small causal LM sharing the target's tokenizer>.")
+
+
+def _check_names(cfg: DictConfig) -> None:
+    from specdec import registry
+    from specdec.acceptance import RULES
+
+    if cfg.verifier.name not in registry.VERIFIERS:
+        raise ConfigError(f"unknown verifier {cfg.verifier.name!r}; choose one of {sorted(registry.VERIFIERS)}.")
+    if cfg.acceptance.name not in RULES:
+        raise ConfigError(f"unknown acceptance rule {cfg.acceptance.name!r}; choose one of {sorted(RULES)}.")
+    if cfg.tree.max_nodes < 1:
+        raise ConfigError(f"tree.max_nodes must be >= 1 (the root); got {cfg.tree.max_nodes}.")
+    b = cfg.bench
+    for key in ("max_new_tokens", "threads", "pld_tokens"):
+        if b[key] < 1:
+            raise ConfigError(f"bench.{key} must be >= 1; got {b[key]}.")
+    if b.warmup < 0 or (b.limit is not None and b.limit < 1):
+        raise ConfigError("bench.warmup must be >= 0 and bench.limit null or >= 1.")

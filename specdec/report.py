@@ -1,0 +1,155 @@
+"""Benchmark results: per-call measurements -> per-method summaries, text tables and an atomically written JSON.
+
+Pure functions (no model, no clock), so every number the bench prints has a unit test.
+
+>>> ms = [Measurement("hf", 0, "math", (5, 6), 1.0), Measurement("specdec:ngram", 0, "math", (5, 6), 0.5, 1, 3, 1)]
+>>> [(r["method"], r["tokens_per_s"], r["speedup_vs_hf"], r["tau"]) for r in summarize(ms, ["hf", "specdec:ngram"])]
+[('hf', 2.0, 1.0, None), ('specdec:ngram', 4.0, 2.0, 2.0)]
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+REFERENCE = "hf"  # every method is compared with (and timed against) the target's own model.generate
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """One timed generate call: which method, which prompt, the new tokens and what the speculative loop counted."""
+
+    method: str
+    prompt_index: int
+    category: str
+    tokens: tuple[int, ...]  # the new tokens (prompt excluded)
+    time_s: float  # perf_counter around the generate call only
+    verify_steps: int | None = None  # None for HF methods (no verify steps to count)
+    drafted: int = 0
+    accepted: int = 0
+
+
+def totals(ms: Sequence[Measurement]) -> dict:
+    """Aggregate calls: tokens/s = all new tokens / all generate time; tau = new tokens / verify steps."""
+    new_tokens = sum(len(m.tokens) for m in ms)
+    time_s = sum(m.time_s for m in ms)
+    speculative = bool(ms) and all(m.verify_steps is not None for m in ms)
+    steps = sum(m.verify_steps or 0 for m in ms)
+    drafted = sum(m.drafted for m in ms)
+    return {
+        "new_tokens": new_tokens,
+        "time_s": time_s,
+        "tokens_per_s": new_tokens / time_s if time_s > 0 else 0.0,
+        "tau": (new_tokens / steps if steps else None) if speculative else None,
+        "acceptance_rate": (sum(m.accepted for m in ms) / drafted if drafted else 0.0) if speculative else None,
+    }
+
+
+def _speedup(tps: float, ref_tps: float | None) -> float | None:
+    return tps / ref_tps if ref_tps else None
+
+
+def count_mismatches(ms: Sequence[Measurement], reference: Sequence[Measurement]) -> int:
+    """Prompts whose full new-token list differs from the reference method's."""
+    ref = {m.prompt_index: m.tokens for m in reference}
+    return sum(1 for m in ms if tuple(m.tokens) != tuple(ref.get(m.prompt_index, ())))
+
+
+def summarize(measurements: Sequence[Measurement], methods: Sequence[str], reference: str = REFERENCE) -> list[dict]:
+    """One run dict per method (in ``methods`` order), with totals, speedup, mismatches and a per-category split."""
+    by_method = {name: [m for m in measurements if m.method == name] for name in methods}
+    ref = by_method.get(reference, [])
+    ref_all = totals(ref)["tokens_per_s"]
+    ref_cat = {c: totals([m for m in ref if m.category == c])["tokens_per_s"] for c in {m.category for m in ref}}
+    runs = []
+    for name in methods:
+        ms = by_method[name]
+        run = {"method": name, **totals(ms)}
+        run["speedup_vs_hf"] = _speedup(run["tokens_per_s"], ref_all)
+        run["mismatches"] = count_mismatches(ms, ref)
+        run["per_category"] = {}
+        for cat in sorted({m.category for m in ms}):
+            t = totals([m for m in ms if m.category == cat])
+            run["per_category"][cat] = {"tokens_per_s": t["tokens_per_s"], "tau": t["tau"],
+                                        "speedup_vs_hf": _speedup(t["tokens_per_s"], ref_cat.get(cat))}
+        runs.append(run)
+    return runs
+
+
+def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """A plain-text table: first column left-aligned, the others right-aligned.
+
+    >>> print(format_table(["a", "b"], [["x", 1.5]]))
+    a     b
+    -  ----
+    x  1.50
+    """
+    cells = [[_cell(v) for v in row] for row in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)]
+
+    def line(values: Sequence[str]) -> str:
+        return "  ".join(v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(values, widths)))
+
+    return "\n".join([line(headers), line(["-" * w for w in widths]), *(line(r) for r in cells)]).rstrip()
+
+
+def _cell(v: object) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.2f}"
+    return str(v)
+
+
+def runs_table(runs: Sequence[dict]) -> str:
+    """The headline table: method, tokens/s, speedup vs hf, tau, acceptance rate, mismatches."""
+    rows = [[r["method"], r["tokens_per_s"], _times(r["speedup_vs_hf"]), r["tau"], r.get("acceptance_rate"),
+             r["mismatches"]] for r in runs]
+    return format_table(["method", "tokens/s", "speedup", "tau", "accept", "mismatches"], rows)
+
+
+def category_table(runs: Sequence[dict]) -> str:
+    """Per-category speedup vs hf (with tau for speculative methods): one row per category, one column per method."""
+    categories = sorted({c for r in runs for c in r["per_category"]})
+    rows = []
+    for cat in categories:
+        row: list[object] = [cat]
+        for r in runs:
+            c = r["per_category"].get(cat)
+            cell = "-" if c is None else _times(c["speedup_vs_hf"])
+            if c is not None and c["tau"] is not None:
+                cell += f" tau {c['tau']:.2f}"
+            row.append(cell)
+        rows.append(row)
+    return format_table(["category", *(r["method"] for r in runs)], rows)
+
+
+def text_report(result: dict) -> str:
+    """The bench's printed summary: a header line, the headline table and the per-category table."""
+    head = (f"{result['target']} ({result['dtype']}, {result['device']}, {result['threads']} threads), "
+            f"{result['prompts']} prompts, up to {result['max_new_tokens']} new tokens each")
+    return "\n\n".join([head, runs_table(result["runs"]), "speedup vs hf by category", category_table(result["runs"])])
+
+
+def _times(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2f}x"
+
+
+def write_json(path: str | Path, obj: object) -> Path:
+    """Write ``obj`` as indented JSON to ``path`` atomically (a temporary file in the same folder, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=2)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path

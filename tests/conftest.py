@@ -1,0 +1,141 @@
+"""Shared fixtures: one CPU thread, hypothesis settings, tiny targets, and the drafter factory list.
+
+Every lossless-equality test is parametrized over ``DRAFTER_FACTORIES``: add a drafter there (a name and a
+``factory(target, tokenizer) -> Drafter``) and it is held to token-identical greedy output automatically.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import pytest
+import torch
+from hypothesis import settings
+
+from specdec import registry
+from tests.tiny import tiny_llama, tiny_tokenizer
+
+# another process may be benchmarking on this 2-core machine; tiny models gain nothing from threads anyway
+torch.set_num_threads(1)
+
+settings.register_profile("specdec", deadline=None, max_examples=60, database=None, print_blob=True)
+settings.load_profile("specdec")
+
+
+# ---------------------------------------------------------------- drafter factories
+
+
+@dataclass(frozen=True)
+class DrafterFactory:
+    """A named way to build a drafter for a target (and its tokenizer).
+
+    ``self_draft``: the drafter runs the target itself as a chain drafter, so every draft token must be accepted.
+    """
+
+    name: str
+    build: Callable  # (target, tokenizer) -> Drafter
+    self_draft: bool = False
+
+    def __repr__(self) -> str:  # shown in test ids
+        return self.name
+
+
+DRAFTER_FACTORIES: list[DrafterFactory] = [
+    DrafterFactory("none", lambda target, tok: registry.build_drafter("none", target, tok)),
+    DrafterFactory("ngram", lambda target, tok: registry.build_drafter("ngram", target, tok)),
+    DrafterFactory("ngram-min1", lambda target, tok: registry.build_drafter("ngram", target, tok, min_ngram=1)),
+]
+
+# ---- HOOK: the draft-model drafter. Included automatically once drafters/draft_model.py exists with
+# ---- DraftModelDrafter(target, tokenizer, model=<a causal LM>, depth=..., width=...).
+DRAFT_MODEL_SEED = 1234  # a tiny draft model with other weights than any target used in the tests
+
+
+def _draft_model_available() -> bool:
+    try:
+        return importlib.util.find_spec("drafters.draft_model") is not None
+    except ModuleNotFoundError:
+        return False
+
+
+if _draft_model_available():
+
+    def _draft_model(target, tok, *, depth: int, width: int, self_draft: bool = False):
+        from drafters.draft_model import DraftModelDrafter
+
+        model = target if self_draft else tiny_llama(DRAFT_MODEL_SEED, dtype=target.dtype, layers=1)
+        return DraftModelDrafter(target, tok, model=model, depth=depth, width=width)
+
+    DRAFTER_FACTORIES += [
+        DrafterFactory("draft_model-chain", lambda t, k: _draft_model(t, k, depth=4, width=1)),
+        DrafterFactory("draft_model-tree", lambda t, k: _draft_model(t, k, depth=3, width=3)),
+        # the target drafting for itself: a chain whose every token the target accepts
+        DrafterFactory("draft_model-self", lambda t, k: _draft_model(t, k, depth=4, width=1, self_draft=True),
+                       self_draft=True),
+    ]
+
+
+@pytest.fixture(params=DRAFTER_FACTORIES, ids=lambda f: f.name)
+def drafter_factory(request) -> DrafterFactory:
+    return request.param
+
+
+# ---------------------------------------------------------------- tiny models
+
+
+_MODELS: dict[tuple, torch.nn.Module] = {}
+
+
+def get_tiny(seed: int = 0, dtype: torch.dtype = torch.float64, **cfg) -> torch.nn.Module:
+    """A tiny random Llama, built once per (seed, dtype, config) for the whole session (never mutate it)."""
+    key = (seed, dtype, tuple(sorted(cfg.items())))
+    if key not in _MODELS:
+        _MODELS[key] = tiny_llama(seed, dtype=dtype, **cfg)
+    return _MODELS[key]
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return tiny_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def target():
+    """The default tiny target (seed 0, float64)."""
+    return get_tiny(0)
+
+
+def char_tokenizer():
+    """A character-level tokenizer over the tiny models' 96 ids (0-2 special, 3-95 one character each).
+
+    Stop strings need it: transformers' ``StopStringCriteria`` (used by ``model.generate`` and by specdec's Stopper)
+    cleans the vocabulary by decoding a static prefix ``"abcdef"`` before each token, which the word-level
+    ``tests.tiny.tiny_tokenizer`` maps to ``<unk>`` (ValueError: substring not found). Characters also let a stop
+    string span several tokens.
+    """
+    import string
+
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from tests.tiny import SPECIAL, VOCAB
+
+    chars = string.ascii_lowercase + string.ascii_uppercase + string.digits + " .,;:!?-+*/=()[]{}<>'\"#$%&@^_~|"
+    vocab = {tok: i for i, tok in enumerate(SPECIAL)}
+    for c in chars[:VOCAB - len(SPECIAL)]:
+        vocab[c] = len(vocab)
+    assert len(vocab) == VOCAB
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                   pad_token="</s>")
+
+
+def greedy_reference(model, ids: torch.Tensor, max_new_tokens: int, **kwargs) -> list[int]:
+    """The new tokens of ``model.generate(do_sample=False)`` — the ground truth for lossless decoding."""
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                         do_sample=False, **kwargs)
+    return out[0, ids.shape[1]:].tolist()

@@ -1,0 +1,221 @@
+"""The bench end to end on a tiny model (one CLI run, the rest in-process), its errors, and the report functions."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from specdec import bench, report
+from specdec.config import CONF_DIR
+from specdec.errors import ConfigError, PromptError
+from specdec.report import Measurement
+from tests.tiny import save_tiny
+
+torch.set_num_threads(1)  # another process may be benchmarking on this machine
+
+REPO = Path(__file__).resolve().parents[1]
+ROWS = [
+    {"question_id": 1, "category": "code", "prompt": "w5 w6 w7 w5 w6 w7 w8 w5 w6"},
+    {"question_id": 2, "category": "chat", "turns": ["w10 w11 w12 w10 w11", "w20 w21 w22 w20"]},
+    {"question_id": 3, "category": "code", "prompt": "w30 w31 w32 w33 w30 w31 w32"},
+]
+SPECULATIVE = ("specdec:none", "specdec:ngram", "specdec:draft_model")
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """A tiny target, a tiny draft model (other weights) and a prompt file with `prompt` and `turns` rows."""
+    d = tmp_path_factory.mktemp("bench")
+    prompts = d / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in ROWS), encoding="utf-8")
+    return {"target": save_tiny(d / "target"), "draft": save_tiny(d / "draft", seed=1, layers=1), "prompts": prompts}
+
+
+def base_overrides(files, out: Path) -> list[str]:
+    # float64: argmax ties never flip between the tree forward and model.generate's sequential one
+    return [f"target.name={files['target']}", "target.dtype=float64", f"bench.prompts={files['prompts']}",
+            "bench.max_new_tokens=16", "bench.threads=1", f"bench.output={out}"]
+
+
+def run_in_process(files, tmp_path, *overrides: str) -> dict:
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        cfg = compose("config", overrides=base_overrides(files, tmp_path / "out.json") + list(overrides))
+    return bench.run_bench(cfg)
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": ""}
+    return subprocess.run([sys.executable, "-m", "specdec.bench", *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=180)
+
+
+def check_schema(result: dict) -> None:
+    assert isinstance(result["target"], str) and isinstance(result["dtype"], str)
+    assert isinstance(result["device"], str) and isinstance(result["config"], dict)
+    for key in ("threads", "prompts", "max_new_tokens"):
+        assert isinstance(result[key], int)
+    for run in result["runs"]:
+        assert isinstance(run["method"], str) and isinstance(run["mismatches"], int)
+        assert isinstance(run["new_tokens"], int) and run["new_tokens"] > 0
+        for key in ("tokens_per_s", "speedup_vs_hf", "time_s"):
+            assert isinstance(run[key], float) and run[key] > 0
+        speculative = run["method"].startswith("specdec:")
+        assert (run["tau"] is None) != speculative and (run["acceptance_rate"] is None) != speculative
+        for cat in run["per_category"].values():
+            assert isinstance(cat["tokens_per_s"], float) and isinstance(cat["speedup_vs_hf"], float)
+            assert (cat["tau"] is None) != speculative
+
+
+def test_cli_end_to_end(files, tmp_path):
+    out = tmp_path / "out.json"
+    proc = cli(*base_overrides(files, out), f"hydra.run.dir={tmp_path / 'run'}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    check_schema(result)
+    assert [r["method"] for r in result["runs"]] == ["hf", "hf_pld", "specdec:none", "specdec:ngram"]
+    assert result["prompts"] == 3 and result["max_new_tokens"] == 16 and result["threads"] == 1
+    assert result["target"] == str(files["target"]) and result["config"]["drafter"]["name"] == "ngram"
+    for run in result["runs"]:
+        assert run["mismatches"] == 0, run["method"]
+        assert set(run["per_category"]) == {"code", "chat"}
+    runs = {r["method"]: r for r in result["runs"]}
+    assert runs["hf"]["speedup_vs_hf"] == 1.0 and runs["specdec:none"]["tau"] == 1.0
+    assert runs["specdec:ngram"]["tau"] > 1.0  # the repeats in the prompts let the n-gram drafter speculate
+    assert runs["specdec:ngram"]["drafter"] == {"name": "ngram", "max_ngram": 3, "min_ngram": 2, "max_depth": 8,
+                                                "max_candidates": 8}
+    assert "speedup" in proc.stdout and "by category" in proc.stdout and "specdec:ngram" in proc.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.json", "run"]  # no temporary file left behind
+
+
+def test_cli_unknown_key_is_one_clear_line(files, tmp_path):
+    proc = cli(*base_overrides(files, tmp_path / "out.json"), "bench.bogus=1")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().startswith("error: unknown key 'bogus' in bench; valid keys: ['all_turns'")
+    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_every_method_with_a_draft_model(files, tmp_path):
+    methods = "[hf,hf_pld,hf_assisted,specdec:none,specdec:ngram,specdec:draft_model]"
+    result = run_in_process(files, tmp_path, "drafter=draft_model", f"drafter.path={files['draft']}",
+                            "drafter.dtype=float64", "drafter.depth=3", f"bench.methods={methods}",
+                            "bench.all_turns=true", "bench.warmup=0", "tree=small")
+    check_schema(result)
+    runs = {r["method"]: r for r in result["runs"]}
+    assert list(runs) == methods.strip("[]").split(",") and result["prompts"] == 4  # all turns: 2 + 1 + 1
+    for method in SPECULATIVE + ("hf_pld", "hf_assisted"):
+        assert runs[method]["mismatches"] == 0, method
+    assert runs["specdec:draft_model"]["drafter"]["depth"] == 3  # the drafter group's overrides
+    assert runs["specdec:ngram"]["drafter"]["max_ngram"] == 3  # conf/drafter/ngram.yaml
+    assert json.loads((tmp_path / "out.json").read_text())["runs"] == json.loads(json.dumps(result["runs"]))
+
+
+def test_categories_limit_and_drafter_none(files, tmp_path):
+    result = run_in_process(files, tmp_path, "drafter=none", "bench.categories=[code]", "bench.limit=1")
+    assert [r["method"] for r in result["runs"]] == ["hf", "hf_pld", "specdec:none"]
+    assert result["prompts"] == 1 and all(set(r["per_category"]) == {"code"} for r in result["runs"])
+
+
+def test_default_methods():
+    assert bench.default_methods("ngram") == ["hf", "hf_pld", "specdec:none", "specdec:ngram"]
+    assert bench.default_methods("none") == ["hf", "hf_pld", "specdec:none"]
+    assert bench.default_methods("draft_model") == ["hf", "hf_pld", "hf_assisted", "specdec:none",
+                                                    "specdec:draft_model"]
+
+
+@pytest.mark.parametrize("overrides, error, fragment", [
+    (["bench.methods=[hf_pld,specdec:ngram]"], ConfigError, "bench.methods must include 'hf'"),
+    (["bench.methods=[hf,hf]"], ConfigError, "lists a method twice"),
+    (["bench.methods=[hf,fast]"], ConfigError, "unknown bench method 'fast'; use ['hf', 'hf_pld', 'hf_assisted']"),
+    (["bench.methods=[hf,specdec:bogus]"], ConfigError, "no drafter config 'bogus'"),
+    (["bench.methods=[hf,hf_assisted]"], ConfigError, "hf_assisted needs a draft model"),
+    (["bench.methods=[hf,specdec:draft_model]"], ConfigError, "needs a draft model: set drafter.path="),
+    (["drafter=draft_model"], ConfigError, "needs a draft model: set drafter.path="),
+    (["drafter.name=bogus"], ConfigError, "unknown drafter 'bogus'; choose one of"),
+    (["+drafter.bogus=1"], ConfigError, "drafter 'ngram' has no option(s) ['bogus']"),
+    (["+bench.bogus=1"], ConfigError, "unknown key 'bogus' in bench; valid keys:"),
+    (["bench.prompts=/nonexistent/p.jsonl"], PromptError, "'/nonexistent/p.jsonl' not found; set bench.prompts="),
+    (["bench.categories=[poetry]"], PromptError, "no prompts in categories ['poetry']"),
+    (["bench.max_new_tokens=600"], PromptError, "exceeds the target's context of 512"),
+])
+def test_bad_inputs_fail_clearly(files, tmp_path, overrides, error, fragment):
+    with pytest.raises(error) as e:
+        run_in_process(files, tmp_path, *overrides)
+    assert fragment in str(e.value)
+    assert not (tmp_path / "out.json").exists()
+
+
+def test_malformed_prompt_line_names_file_and_line(files, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(ROWS[0]) + "\n" + '{"question_id": 9, "category": "x"}\n', encoding="utf-8")
+    with pytest.raises(PromptError, match=rf"{bad}:2: the row has neither 'turns' and 'prompt'"):
+        run_in_process(files, tmp_path, f"bench.prompts={bad}")
+
+
+# ---------------------------------------------------------------- report (pure functions)
+
+
+MS = [
+    Measurement("hf", 0, "math", (5, 6, 7, 8), 2.0),
+    Measurement("hf", 1, "code", (1, 2), 1.0),
+    Measurement("specdec:ngram", 0, "math", (5, 6, 7, 8), 1.0, verify_steps=2, drafted=6, accepted=2),
+    Measurement("specdec:ngram", 1, "code", (1, 3), 0.5, verify_steps=2, drafted=2, accepted=0),
+]
+
+
+def test_summarize_golden():
+    hf, spec = report.summarize(MS, ["hf", "specdec:ngram"])
+    assert hf == {"method": "hf", "new_tokens": 6, "time_s": 3.0, "tokens_per_s": 2.0, "tau": None,
+                  "acceptance_rate": None, "speedup_vs_hf": 1.0, "mismatches": 0,
+                  "per_category": {"code": {"tokens_per_s": 2.0, "tau": None, "speedup_vs_hf": 1.0},
+                                   "math": {"tokens_per_s": 2.0, "tau": None, "speedup_vs_hf": 1.0}}}
+    assert spec["tokens_per_s"] == 4.0 and spec["speedup_vs_hf"] == 2.0 and spec["tau"] == 1.5
+    assert spec["acceptance_rate"] == 0.25 and spec["mismatches"] == 1  # prompt 1: (1, 3) != (1, 2)
+    assert spec["per_category"]["math"] == {"tokens_per_s": 4.0, "tau": 2.0, "speedup_vs_hf": 2.0}
+    assert spec["per_category"]["code"] == {"tokens_per_s": 4.0, "tau": 1.0, "speedup_vs_hf": 2.0}
+
+
+def test_mismatch_counts_length_differences():
+    ref = [Measurement("hf", 0, "c", (1, 2, 3), 1.0)]
+    assert report.count_mismatches([Measurement("x", 0, "c", (1, 2), 1.0)], ref) == 1
+    assert report.count_mismatches([Measurement("x", 0, "c", (1, 2, 3), 1.0)], ref) == 0
+
+
+def test_tables_golden():
+    runs = report.summarize(MS, ["hf", "specdec:ngram"])
+    assert report.runs_table(runs).splitlines() == [
+        "method         tokens/s  speedup   tau  accept  mismatches",
+        "-------------  --------  -------  ----  ------  ----------",
+        "hf                 2.00    1.00x     -       -           0",
+        "specdec:ngram      4.00    2.00x  1.50    0.25           1",
+    ]
+    assert report.category_table(runs).splitlines() == [
+        "category     hf   specdec:ngram",
+        "--------  -----  --------------",
+        "code      1.00x  2.00x tau 1.00",
+        "math      1.00x  2.00x tau 2.00",
+    ]
+
+
+def test_text_report_has_header_and_both_tables():
+    result = {"target": "t", "dtype": "float32", "device": "cpu", "threads": 2, "prompts": 2, "max_new_tokens": 8,
+              "runs": report.summarize(MS, ["hf", "specdec:ngram"])}
+    text = report.text_report(result)
+    assert text.startswith("t (float32, cpu, 2 threads), 2 prompts, up to 8 new tokens each\n\nmethod ")
+    assert report.runs_table(result["runs"]) in text and report.category_table(result["runs"]) in text
+
+
+def test_write_json_is_atomic_and_replaces(tmp_path):
+    path = tmp_path / "sub" / "r.json"
+    report.write_json(path, {"a": 1})
+    report.write_json(path, {"b": [1.5, None]})
+    assert json.loads(path.read_text()) == {"b": [1.5, None]} and os.listdir(path.parent) == ["r.json"]
+    with pytest.raises(TypeError):
+        report.write_json(path, {"c": object()})
+    assert json.loads(path.read_text()) == {"b": [1.5, None]} and os.listdir(path.parent) == ["r.json"]

@@ -1,0 +1,125 @@
+"""Hydra configs: every option of every group composes and validates; bad keys and values fail clearly."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from specdec import config, registry
+from specdec.config import CONF_DIR, GROUPS, check_overrides, validate
+from specdec.errors import ConfigError
+
+# options that need a value the user must give
+REQUIRED = {("target", "custom"): ["target.name=some/model"], ("drafter", "draft_model"): ["drafter.path=some/draft"]}
+GROUP_OPTIONS = [(g, o) for g in GROUPS for o in config.group_options(g)]
+
+
+def compose_cfg(*overrides: str):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        return compose("config", overrides=list(overrides))
+
+
+def test_every_group_has_options():
+    assert {g for g, _ in GROUP_OPTIONS} == set(GROUPS)
+    assert config.group_options("drafter") == ["draft_model", "ngram", "none"]
+
+
+@pytest.mark.parametrize("group, option", GROUP_OPTIONS, ids=[f"{g}={o}" for g, o in GROUP_OPTIONS])
+def test_every_option_composes_and_validates(group, option):
+    cfg = validate(compose_cfg(f"{group}={option}", *REQUIRED.get((group, option), [])))
+    node = cfg[group]
+    if group == "drafter":
+        assert node.name == option and node.name in registry.DRAFTERS  # file name = registry name
+    else:
+        schema = config.SECTIONS[group]
+        assert OmegaConf.get_type(node) is schema
+        assert set(OmegaConf.load(CONF_DIR / group / f"{option}.yaml")) - {"defaults"} <= set(node)
+
+
+def test_defaults_match_the_schemas():
+    """The YAML defaults and the dataclass defaults say the same thing."""
+    cfg = compose_cfg()
+    for section, schema in config.SECTIONS.items():
+        assert OmegaConf.to_container(cfg[section]) == dataclasses.asdict(schema()), section
+    assert cfg.drafter.name == "ngram" and cfg.target.name is None
+
+
+def test_demo_bench_overrides_default():
+    cfg = compose_cfg("bench=demo")
+    assert cfg.bench.limit == 8 and cfg.bench.max_new_tokens == 64 and cfg.bench.threads == 2
+
+
+@pytest.mark.parametrize("name", ["none", "ngram", "draft_model"])
+def test_drafter_yaml_keys_are_constructor_options(name):
+    module, attr = registry.DRAFTERS[name].split(":")
+    cls = getattr(pytest.importorskip(module), attr)
+    params = inspect.signature(cls.__init__).parameters
+    keys = set(config.drafter_kwargs(config.load_drafter_config(name)))
+    assert keys <= set(params), f"conf/drafter/{name}.yaml has keys its constructor lacks: {keys - set(params)}"
+
+
+def test_drafter_kwargs_drop_name():
+    assert config.drafter_kwargs(compose_cfg().drafter) == {"max_ngram": 3, "min_ngram": 2, "max_depth": 8,
+                                                            "max_candidates": 8}
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["bench.bogus=1"], "unknown key 'bogus' in bench; valid keys: ['all_turns', 'categories'"),
+    (["target.nam=x"], "unknown key 'nam' in target; valid keys: ['device', 'dtype', 'name']"),
+    (["drafter.bogus=1"], "unknown key 'bogus' in drafter; valid keys: ['max_candidates', 'max_depth'"),
+    (["drafter=none", "drafter.max_ngram=2"], "unknown key 'max_ngram' in drafter; valid keys: ['name']"),
+    (["tree.nodes=4"], "unknown key 'nodes' in tree; valid keys: ['max_nodes']"),
+    (["bogus=1"], "unknown key 'bogus' at the top level; valid keys: ['acceptance', 'bench', 'drafter'"),
+])
+def test_check_overrides_names_the_valid_keys(args, fragment):
+    with pytest.raises(ConfigError) as e:
+        check_overrides(args)
+    assert fragment in str(e.value) and "Fix:" in str(e.value)
+
+
+def test_check_overrides_accepts_good_and_leaves_the_rest_to_hydra():
+    check_overrides(["bench.limit=2", "drafter=draft_model", "drafter.path=x", "tree=large", "target.name=m",
+                     "hydra.run.dir=x", "--cfg", "job", "+bench.extra=1", "~bench.limit", "drafter=ngram,none",
+                     "bench.categories=[a,b]", "drafter=bogus"])
+
+
+@pytest.mark.parametrize("overrides, fragment", [
+    (["+bench.bogus=1"], "unknown key 'bogus' in bench; valid keys:"),
+    (["+target.bogus=1"], "unknown key 'bogus' in target"),
+    (["+bogus=1"], "unknown key 'bogus' at the top level"),
+    (["bench.max_new_tokens=abc"], "bad value for bench.max_new_tokens: Value 'abc'"),
+    (["bench.all_turns=maybe"], "bad value for bench.all_turns"),
+    (["bench.max_new_tokens=0"], "bench.max_new_tokens must be >= 1"),
+    (["bench.limit=0"], "bench.limit null or >= 1"),
+    (["tree.max_nodes=0"], "tree.max_nodes must be >= 1"),
+    (["drafter.name=bogus"], "unknown drafter 'bogus'; choose one of ['draft_model', 'ngram', 'none']"),
+    (["verifier.name=bogus"], "unknown verifier 'bogus'; choose one of ['hf'"),
+    (["acceptance.name=bogus"], "unknown acceptance rule 'bogus'"),
+    (["drafter=draft_model"], "needs a draft model: set drafter.path="),
+    (["target=custom"], "target=custom needs target.name="),
+])
+def test_validate_rejects_with_a_clear_message(overrides, fragment):
+    with pytest.raises(ConfigError) as e:
+        validate(compose_cfg(*overrides))
+    assert fragment in str(e.value)
+    assert "\n" not in str(e.value)  # one paragraph, not a dump
+
+
+def test_validate_types_the_config():
+    cfg = validate(compose_cfg("bench.limit=3", "bench.categories=[math]", "target.dtype=bfloat16"))
+    assert OmegaConf.get_type(cfg.bench) is config.BenchConfig
+    assert cfg.bench.limit == 3 and list(cfg.bench.categories) == ["math"] and cfg.target.dtype == "bfloat16"
+
+
+def test_unknown_drafter_group_option_is_hydras_error():
+    with pytest.raises(Exception, match="Could not find 'drafter/bogus'"):
+        compose_cfg("drafter=bogus")
+
+
+def test_load_drafter_config_unknown_names_the_options():
+    with pytest.raises(ConfigError, match=r"no drafter config 'bogus'.*\['draft_model', 'ngram', 'none'\]"):
+        config.load_drafter_config("bogus")

