@@ -15,18 +15,24 @@ from specdec import hf_cache, models, tree as tree_ops
 from specdec.errors import ConfigError
 from specdec.hf_forward import forward_masked, forward_tokens
 from specdec.protocols import Feedback
-from specdec.types import DraftContext, DraftTree
+from specdec.sampling import warp_probs
+from specdec.types import DEAD, DraftContext, DraftTree
 
 
 class DraftModelDrafter:
-    """Proposes trees from a small causal LM's top-k candidates (greedy candidates: no draft probabilities).
+    """Proposes trees from a small causal LM.
+
+    Greedy requests: each node's children are the draft model's top-k tokens (deterministic candidates, no
+    draft probabilities). Sampled requests: children are drawn without replacement from the draft model's
+    distribution q, warped like the target's (temperature, top-k, top-p), and the tree reports q as
+    ``draft_probs`` so the rejection rule stays lossless.
 
     path: hub id or local path of the draft model (or pass ``model=`` directly). depth / width: tree shape when no
     ``choices`` are given. ``vocab_size`` is checked against the target's by :func:`specdec.generate`.
     """
 
     needs_hidden_states = False
-    returns_probs = False
+    returns_probs = True  # when sampling
 
     def __init__(self, target=None, tokenizer=None, path: str | None = None, model=None, depth: int = 4,
                  width: int = 1, choices: list[list[int]] | None = None, dtype: str | None = None) -> None:
@@ -43,6 +49,7 @@ class DraftModelDrafter:
         self.vocab_size = models.vocab_size(self.model)
         choices = choices if choices is not None else tree_ops.choices_for_shape(depth, width)
         self.parents, self.ranks = tree_ops.topology_from_choices(choices)
+        check_contiguous_ranks(self.parents, self.ranks)
         self.depths = tree_ops.depths(torch.tensor([self.parents]))[0].tolist()
         self.reset()
 
@@ -65,29 +72,51 @@ class DraftModelDrafter:
         parents, ranks = self._shape(ctx.max_nodes, ctx.max_depth)
         tokens = [int(ids[0, -1])] + [0] * (len(parents) - 1)
         self._prefix, self._ran = ids.shape[1], 0
+        sampling = ctx.sampling if ctx.sampling is not None and ctx.sampling.do_sample else None
+        probs = torch.zeros(1, len(parents), root_logits.shape[-1]) if sampling else None
         if len(parents) > 1:
-            self._grow(tokens, parents, ranks, root_logits)
-        return DraftTree(torch.tensor([tokens]), torch.tensor([parents]))
+            self._grow(tokens, parents, ranks, root_logits, sampling, ctx.generator, probs)
+        return DraftTree(torch.tensor([tokens]), torch.tensor([parents]), probs)
 
-    def _grow(self, tokens: list[int], parents: list[int], ranks: list[int], root_logits: torch.Tensor) -> None:
-        """Fill ``tokens`` level by level: each node takes its rank among its parent's top-k draft tokens."""
+    def _grow(self, tokens: list[int], parents: list[int], ranks: list[int], root_logits: torch.Tensor,
+              sampling, generator, probs: torch.Tensor | None) -> None:
+        """Fill ``tokens`` level by level: node i takes candidate ``ranks[i]`` of its parent's candidates.
+
+        A node whose parent has too few candidates (sampling from a distribution with fewer tokens left than
+        asked for) becomes dead: ``parents[i] = -2``, and so does its subtree.
+        """
         depths = self.depths[: len(parents)]
-        topk = {0: root_logits[0].topk(max(ranks[1:]) + 1).indices.tolist()}
-        parents_t = torch.tensor([parents])
+        cands = {0: self._candidates(root_logits[0], max(ranks[1:]) + 1, sampling, generator, probs, 0)}
         lo = 1
         while lo < len(parents):
             hi = lo
             while hi < len(parents) and depths[hi] == depths[lo]:
                 hi += 1
             for i in range(lo, hi):
-                tokens[i] = topk[parents[i]][ranks[i]]
+                options = cands.get(parents[i], [])
+                if parents[i] >= 0 and ranks[i] < len(options):
+                    tokens[i] = options[ranks[i]]
+                else:
+                    parents[i] = DEAD
             need = [ranks[j] for j in range(hi, len(parents)) if lo <= parents[j] < hi]
             if need:  # some node of this level has children: run the level through the draft model
-                logits = self._forward_level(tokens, parents_t, lo, hi)
+                logits = self._forward_level(tokens, torch.tensor([parents]), lo, hi)
                 k = max(need) + 1
                 for i in range(lo, hi):
-                    topk[i] = logits[0, i - lo].topk(k).indices.tolist()
+                    if parents[i] >= 0:
+                        cands[i] = self._candidates(logits[0, i - lo], k, sampling, generator, probs, i)
             lo = hi
+
+    @staticmethod
+    def _candidates(logits: torch.Tensor, k: int, sampling, generator, probs: torch.Tensor | None,
+                    node: int) -> list[int]:
+        """Top-k tokens (greedy) or k tokens drawn without replacement from the warped q (sampling)."""
+        if sampling is None:
+            return logits.topk(k).indices.tolist()
+        q = warp_probs(logits, sampling)
+        probs[0, node] = q
+        k = min(k, int((q > 0).sum()))
+        return torch.multinomial(q, k, replacement=False, generator=generator).tolist()
 
     def _forward_level(self, tokens: list[int], parents_t: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
         seg = torch.tensor([tokens[lo:hi]])
@@ -105,3 +134,20 @@ class DraftModelDrafter:
         keep = [node - 1 for node in path if node - 1 < self._ran]
         hf_cache.keep_positions(self.cache, self._prefix, keep)
         self._ran = 0
+
+
+def check_contiguous_ranks(parents: list[int], ranks: list[int]) -> None:
+    """Each node's children must use candidate ranks 0..k-1 with no gap.
+
+    When sampling, siblings are drawn without replacement in rank order; a skipped rank would be drawn and then
+    left out of the tree, and the rejection rule (which removes only the tried siblings from q) would be wrong.
+    """
+    seen: dict[int, list[int]] = {}
+    for p, r in zip(parents[1:], ranks[1:]):
+        seen.setdefault(p, []).append(r)
+    for p, rs in seen.items():
+        if sorted(rs) != list(range(len(rs))):
+            raise ConfigError(
+                f"draft tree choices give node {p} children of ranks {sorted(rs)}; use ranks 0..{len(rs) - 1} "
+                "without gaps (add the missing choices)."
+            )

@@ -4,7 +4,8 @@ A drafter proposes a draft tree; a verifier runs the whole tree through the targ
 acceptance rule keeps the longest valid path plus one token from the target. See README.md for the concepts.
 """
 
-from specdec.acceptance import RULES, SamplingParams
+from specdec.acceptance import LOSSY, RULES
+from specdec.sampling import SamplingParams
 from specdec.errors import ConfigError, PromptError, SpecdecError, VocabularyMismatchError
 from specdec.generate import SpecDecoder, generate
 from specdec.loop import Step, decode
@@ -13,7 +14,7 @@ from specdec.types import Acceptance, DraftContext, DraftTree, GenerationOutput,
 
 __all__ = [
     "Acceptance", "ConfigError", "DraftContext", "DraftTree", "Drafter", "Feedback", "GenerationOutput",
-    "GenerationStats", "PromptError", "RULES", "SamplingParams", "SpecDecoder", "SpecdecError", "Step",
+    "GenerationStats", "LOSSY", "PromptError", "RULES", "SamplingParams", "SpecDecoder", "SpecdecError", "Step",
     "Verifier", "VerifyOutput", "VocabularyMismatchError", "decode", "generate",
 ]
 __version__ = "0.1.0"

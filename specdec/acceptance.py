@@ -1,29 +1,25 @@
 """Acceptance rules: pure functions ``(tree, target_logits, sampling, generator) -> Acceptance``.
 
 Every rule keeps a root-to-node path of the draft tree plus one token from the target (bonus or recovered),
-so a verify step always produces at least one token. ``RULES`` maps config names to rules; ``LOSSY`` names the
-rules that do not preserve the target's output (none yet; typical acceptance will be listed there).
+so a verify step always produces at least one token. ``RULES`` maps config names to rules:
+
+- ``greedy``: argmax matching (``do_sample=False``); lossless.
+- ``rejection``: chain and tree speculative sampling (:mod:`specdec.rejection`); lossless at any temperature,
+  for drafters with draft probabilities and for deterministic drafters alike; greedy when ``do_sample=False``.
+- ``typical``: Medusa's typical acceptance (:mod:`specdec.typical`); **lossy**, listed in ``LOSSY``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 
+from specdec import typical as typical_rule
 from specdec.errors import ConfigError
+from specdec.rejection import speculative_sampling
+from specdec.sampling import SamplingParams
 from specdec.types import Acceptance, DraftTree
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """How the target's next token is chosen; ``do_sample=False`` is greedy (argmax)."""
-
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
 
 
 AcceptanceRule = Callable[[DraftTree, torch.Tensor, SamplingParams, "torch.Generator | None"], Acceptance]
@@ -52,7 +48,7 @@ def accept_matching(tree: DraftTree, target_next: torch.Tensor) -> Acceptance:
     tokens = tree.tokens.tolist()
     parents = tree.parents.tolist()
     nxt = target_next.tolist()
-    paths, counts, bonus = [], [], []
+    paths, bonus = [], []
     for toks, pars, tn in zip(tokens, parents, nxt):
         n = len(toks)
         ok = [False] * n
@@ -70,20 +66,26 @@ def accept_matching(tree: DraftTree, target_next: torch.Tensor) -> Acceptance:
         while pars[path[-1]] >= 0:
             path.append(pars[path[-1]])
         paths.append(path[::-1])
-        counts.append(depth[best])
         bonus.append(tn[best])
-    width = max(len(p) for p in paths)
-    padded = [p + [-1] * (width - len(p)) for p in paths]
-    dev = tree.tokens.device
-    return Acceptance(
-        path=torch.tensor(padded, dtype=torch.long, device=dev),
-        num_accepted=torch.tensor(counts, dtype=torch.long, device=dev),
-        next_token=torch.tensor(bonus, dtype=torch.long, device=dev),
-    )
+    return Acceptance.from_paths(paths, bonus, tree.tokens.device)
 
 
-RULES: dict[str, AcceptanceRule] = {"greedy": greedy}
-LOSSY: frozenset[str] = frozenset()
+def rejection(tree: DraftTree, logits: torch.Tensor, sampling: SamplingParams | None = None,
+              generator: torch.Generator | None = None) -> Acceptance:
+    """Lossless speculative sampling over chains and trees; the greedy rule when not sampling."""
+    if sampling is None or not sampling.do_sample:
+        return greedy(tree, logits, sampling, generator)
+    return speculative_sampling(tree, logits, sampling, generator)
+
+
+def typical(tree: DraftTree, logits: torch.Tensor, sampling: SamplingParams | None = None,
+            generator: torch.Generator | None = None) -> Acceptance:
+    """LOSSY: Medusa's typical acceptance (see :mod:`specdec.typical`)."""
+    return typical_rule.typical(tree, logits, sampling, generator)
+
+
+RULES: dict[str, AcceptanceRule] = {"greedy": greedy, "rejection": rejection, "typical": typical}
+LOSSY: frozenset[str] = frozenset({"typical"})
 
 
 def get_rule(name: str) -> AcceptanceRule:

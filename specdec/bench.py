@@ -26,6 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from specdec import config, models, report
+from specdec.acceptance import LOSSY
 from specdec.errors import ConfigError, PromptError, SpecdecError
 from specdec.generate import SpecDecoder
 from specdec.prompts import DEFAULT_PROMPTS, Prompt, load_prompts
@@ -33,8 +34,8 @@ from specdec.prompts import DEFAULT_PROMPTS, Prompt, load_prompts
 CONF_PATH = str(Path(__file__).resolve().parent.parent / "conf")
 HF_METHODS = ("hf", "hf_pld", "hf_assisted")
 
-# a method: input ids [1, T] -> (new tokens, (verify steps, drafted, accepted) or None for HF methods)
-Runner = Callable[[torch.Tensor], tuple[list[int], "tuple[int, int, int] | None"]]
+# a method: (input ids [1, T], seed) -> (new tokens, (verify steps, drafted, accepted) or None for HF methods)
+Runner = Callable[[torch.Tensor, int], tuple[list[int], "tuple[int, int, int] | None"]]
 
 
 def default_methods(drafter: str) -> list[str]:
@@ -68,25 +69,34 @@ def method_drafters(cfg: DictConfig) -> dict[str, DictConfig]:
     return out
 
 
-def hf_runner(model, max_new_tokens: int, **extra) -> Runner:
-    """Greedy ``model.generate`` (extra: ``prompt_lookup_num_tokens`` or ``assistant_model``)."""
+def sampling_kwargs(b: DictConfig) -> dict:
+    """``model.generate`` / ``SpecDecoder.generate`` sampling options; empty for greedy (temperature 0)."""
+    if not b.temperature:
+        return {}
+    return {"do_sample": True, "temperature": float(b.temperature), "top_k": int(b.top_k), "top_p": float(b.top_p)}
+
+
+def hf_runner(model, max_new_tokens: int, sampling: dict, **extra) -> Runner:
+    """``model.generate``, greedy or sampled (extra: ``prompt_lookup_num_tokens`` or ``assistant_model``)."""
     gen = model.generation_config
     eos = gen.eos_token_id
     pad = gen.pad_token_id if gen.pad_token_id is not None else (eos[0] if isinstance(eos, list) else eos)
+    options = sampling or {"do_sample": False}
 
-    def run(ids: torch.Tensor):
+    def run(ids: torch.Tensor, seed: int):
+        torch.manual_seed(seed)  # transformers samples from the global RNG
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                             do_sample=False, eos_token_id=eos, pad_token_id=pad, **extra)
+                             eos_token_id=eos, pad_token_id=pad, **options, **extra)
         return out[0, ids.shape[1]:].tolist(), None
 
     return run
 
 
-def specdec_runner(decoder: SpecDecoder, max_new_tokens: int) -> Runner:
+def specdec_runner(decoder: SpecDecoder, max_new_tokens: int, sampling: dict) -> Runner:
     """A :class:`SpecDecoder` built once and reused for every prompt."""
 
-    def run(ids: torch.Tensor):
-        out = decoder.generate(ids, max_new_tokens=max_new_tokens)
+    def run(ids: torch.Tensor, seed: int):
+        out = decoder.generate(ids, max_new_tokens=max_new_tokens, seed=seed, **sampling)
         s = out.stats
         return list(out.new_tokens), (s.verify_steps, sum(s.drafted), sum(s.accepted))
 
@@ -96,20 +106,21 @@ def specdec_runner(decoder: SpecDecoder, max_new_tokens: int) -> Runner:
 def build_runners(cfg: DictConfig, model, tokenizer, drafters: dict) -> dict[str, Runner]:
     """One runner per method, all sharing the loaded target."""
     n = cfg.bench.max_new_tokens
+    sampling = sampling_kwargs(cfg.bench)
     runners: dict[str, Runner] = {}
     for method, node in drafters.items():
         if method == "hf":
-            runners[method] = hf_runner(model, n)
+            runners[method] = hf_runner(model, n, sampling)
         elif method == "hf_pld":
-            runners[method] = hf_runner(model, n, prompt_lookup_num_tokens=cfg.bench.pld_tokens)
+            runners[method] = hf_runner(model, n, sampling, prompt_lookup_num_tokens=cfg.bench.pld_tokens)
         elif method == "hf_assisted":
             draft, _ = models.load_target(cfg.drafter.path, dtype=cfg.drafter.dtype, device=cfg.target.device)
-            runners[method] = hf_runner(model, n, assistant_model=draft)
+            runners[method] = hf_runner(model, n, sampling, assistant_model=draft)
         else:
             decoder = SpecDecoder(model, tokenizer, drafter=node.name, drafter_kwargs=config.drafter_kwargs(node),
                                   verifier=cfg.verifier.name, acceptance=cfg.acceptance.name,
                                   max_nodes=cfg.tree.max_nodes)
-            runners[method] = specdec_runner(decoder, n)
+            runners[method] = specdec_runner(decoder, n, sampling)
     return runners
 
 
@@ -128,18 +139,21 @@ def encode(prompts: list[Prompt], tokenizer, model, chat: bool, max_new_tokens: 
 
 
 def run_interleaved(runners: dict[str, Runner], prompts: list[Prompt], inputs: list[torch.Tensor],
-                    warmup: int = 1) -> list[report.Measurement]:
-    """Warm every method up on the first prompt, then for each prompt run every method in turn, timing generate."""
+                    warmup: int = 1, seed: int = 0) -> list[report.Measurement]:
+    """Warm every method up on the first prompt, then for each prompt run every method in turn, timing generate.
+
+    Prompt i is generated with seed ``seed + i`` by every method (it matters only when sampling).
+    """
     for run in runners.values():
         for _ in range(warmup):
-            run(inputs[0])
+            run(inputs[0], seed)
     measurements = []
     sums = {m: [0, 0.0] for m in runners}  # running new tokens, seconds
     bar = tqdm(list(zip(prompts, inputs)), desc="prompts (tokens/s)", unit="prompt", file=sys.stderr)
     for i, (p, ids) in enumerate(bar):
         for method, run in runners.items():
             start = time.perf_counter()
-            tokens, counts = run(ids)
+            tokens, counts = run(ids, seed + i)
             elapsed = time.perf_counter() - start
             steps, drafted, accepted = counts if counts is not None else (None, 0, 0)
             measurements.append(report.Measurement(method, i, p.category, tuple(tokens), elapsed, steps,
@@ -171,15 +185,18 @@ def run_bench(cfg: DictConfig) -> dict:
     runners = build_runners(cfg, model, tokenizer, drafters)
     inputs = encode(prompts, tokenizer, model, b.chat, b.max_new_tokens)
     with torch.inference_mode():
-        measurements = run_interleaved(runners, prompts, inputs, b.warmup)
-    runs = report.summarize(measurements, list(runners))
-    for run in runs:  # which drafter options each speculative method ran with
+        measurements = run_interleaved(runners, prompts, inputs, b.warmup, b.seed)
+    sampling = sampling_kwargs(b)
+    runs = report.summarize(measurements, list(runners), sampled=bool(sampling))
+    for run in runs:  # which drafter options and rule each speculative method ran with
         if drafters[run["method"]] is not None:
             run["drafter"] = OmegaConf.to_container(drafters[run["method"]], resolve=True)
+            run["acceptance"] = cfg.acceptance.name
+            run["lossy"] = cfg.acceptance.name in LOSSY
     result = {
         "target": cfg.target.name or models.DEFAULT_TARGET, "dtype": cfg.target.dtype,
         "device": cfg.target.device, "threads": b.threads, "prompts": len(prompts), "prompts_file": source,
-        "max_new_tokens": b.max_new_tokens, "runs": runs, "config": OmegaConf.to_container(cfg, resolve=True),
+        "max_new_tokens": b.max_new_tokens, "sampling": sampling or None, "runs": runs, "config": OmegaConf.to_container(cfg, resolve=True),
     }
     path = report.write_json(b.output, result)
     print(report.text_report(result) + f"\n\nwrote {path}")

@@ -45,7 +45,7 @@ class VerifierConfig:
 
 @dataclass
 class AcceptanceConfig:
-    name: str = "greedy"
+    name: str = "rejection"  # greedy | rejection (lossless; greedy when not sampling) | typical (LOSSY)
 
 
 @dataclass
@@ -68,6 +68,10 @@ class BenchConfig:
     pld_tokens: int = 10
     warmup: int = 1
     chat: bool = True
+    temperature: float = 0.0  # 0 = greedy; > 0 = sampled generation (HF sampling vs specdec's rejection rule)
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
 
 
 @dataclass
@@ -215,3 +219,8 @@ def _check_names(cfg: DictConfig) -> None:
             raise ConfigError(f"bench.{key} must be >= 1; got {b[key]}.")
     if b.warmup < 0 or (b.limit is not None and b.limit < 1):
         raise ConfigError("bench.warmup must be >= 0 and bench.limit null or >= 1.")
+    if b.temperature < 0:
+        raise ConfigError(f"bench.temperature must be >= 0 (0 = greedy); got {b.temperature}.")
+    if b.temperature > 0 and cfg.acceptance.name == "greedy":
+        raise ConfigError("acceptance=greedy keeps only argmax tokens; with bench.temperature > 0 use "
+                          "acceptance=rejection (lossless) or acceptance=typical (lossy).")

@@ -13,7 +13,10 @@ from collections.abc import Sequence
 import torch
 
 from specdec import cpu_gemm, models, registry
-from specdec.acceptance import SamplingParams, get_rule
+import warnings
+
+from specdec.acceptance import LOSSY, get_rule
+from specdec.sampling import SamplingParams
 from specdec.errors import PromptError, SpecdecError, VocabularyMismatchError
 from specdec.loop import decode
 from specdec.protocols import check_capabilities
@@ -33,7 +36,7 @@ class SpecDecoder:
     """
 
     def __init__(self, target=None, tokenizer=None, *, drafter="ngram", verifier: str = "hf",
-                 acceptance: str = "greedy", max_nodes: int = DEFAULT_MAX_NODES, dtype=None,
+                 acceptance: str | None = None, max_nodes: int = DEFAULT_MAX_NODES, dtype=None,
                  drafter_kwargs: dict | None = None, small_batch_linear: bool | None = None) -> None:
         if target is None or isinstance(target, str):
             target, loaded_tok = models.load_target(target, dtype=dtype or "float32")
@@ -48,8 +51,9 @@ class SpecDecoder:
             raise SpecdecError("drafter_kwargs apply to a drafter given by name; configure the object directly.")
         self.drafter = drafter
         self.verifier = registry.build_verifier(verifier, target)
-        self.acceptance = acceptance
-        self.rule = get_rule(acceptance)
+        if acceptance is not None:
+            get_rule(acceptance)  # an unknown name fails now, not at the first generate()
+        self.acceptance = acceptance  # None: greedy, or rejection when sampling
         if max_nodes < 1:
             raise SpecdecError(f"max_nodes must be >= 1 (the root); got {max_nodes}.")
         self.max_nodes = max_nodes
@@ -60,14 +64,17 @@ class SpecDecoder:
 
     def generate(self, input_ids=None, *, prompt=None, chat: bool = True, max_new_tokens: int = 128,
                  eos_token_id="default", stop_strings: str | Sequence[str] | None = None, streamer=None,
-                 do_sample: bool = False, seed: int | None = None) -> GenerationOutput:
+                 do_sample: bool = False, temperature: float | None = None, top_k: int | None = None,
+                 top_p: float | None = None, seed: int | None = None) -> GenerationOutput:
         """Generate up to ``max_new_tokens`` tokens after ``input_ids [1, T]`` (or ``prompt`` text).
 
         Stops like ``model.generate``: at EOS (kept), at a stop string (the completing token kept), or at exactly
         ``max_new_tokens``. ``streamer`` (e.g. a ``TextStreamer``) gets the prompt, then each token, then ``end()``.
+        Sampling (``do_sample=True``) warps like transformers (temperature, top_k, top_p; unset values come from the
+        target's generation config) and is reproducible for a fixed ``seed``.
         """
-        if do_sample:
-            raise SpecdecError("sampling is not available yet; use do_sample=False (greedy).")
+        sampling = self._sampling(do_sample, temperature, top_k, top_p)
+        rule = get_rule(self._rule_name(do_sample))
         ids = self._input_ids(input_ids, prompt, chat)
         self._check_lengths(ids, max_new_tokens)
         if eos_token_id == "default":
@@ -79,8 +86,8 @@ class SpecDecoder:
         if streamer is not None:
             streamer.put(ids.cpu())
         start = time.perf_counter()
-        steps = decode(self.verifier, self.drafter, self.rule, ids, max_new_tokens=max_new_tokens,
-                       max_nodes=self.max_nodes, sampling=SamplingParams(do_sample=False), generator=generator)
+        steps = decode(self.verifier, self.drafter, rule, ids, max_new_tokens=max_new_tokens,
+                       max_nodes=self.max_nodes, sampling=sampling, generator=generator)
         with cpu_gemm.small_batch_linear(self.target, enabled=self.small_batch_linear):
             for step in steps:
                 kept, reason = stopper.cut(step.new_tokens)
@@ -101,6 +108,27 @@ class SpecDecoder:
         sequences = torch.cat([ids, torch.tensor([new_tokens], dtype=ids.dtype, device=ids.device)], dim=1)
         text = self.tokenizer.decode(new_tokens, skip_special_tokens=True) if self.tokenizer is not None else None
         return GenerationOutput(sequences=sequences, new_tokens=new_tokens, stats=stats, text=text)
+
+    def _sampling(self, do_sample: bool, temperature, top_k, top_p) -> SamplingParams:
+        if not do_sample:
+            return SamplingParams()
+        gen = getattr(self.target, "generation_config", None)
+
+        def pick(value, name, default):
+            value = getattr(gen, name, None) if value is None else value
+            return default if value is None else value
+
+        return SamplingParams(do_sample=True, temperature=float(pick(temperature, "temperature", 1.0)),
+                              top_k=int(pick(top_k, "top_k", 0)), top_p=float(pick(top_p, "top_p", 1.0)))
+
+    def _rule_name(self, do_sample: bool) -> str:
+        name = self.acceptance or ("rejection" if do_sample else "greedy")
+        if name == "greedy" and do_sample:
+            raise SpecdecError("acceptance=greedy keeps only argmax tokens; with do_sample=True use "
+                               "acceptance=rejection (lossless) or leave acceptance unset.")
+        if name in LOSSY:
+            warnings.warn(f"acceptance={name} is LOSSY: the output distribution is not the target's.", stacklevel=3)
+        return name
 
     def _input_ids(self, input_ids, prompt, chat: bool) -> torch.Tensor:
         if (input_ids is None) == (prompt is None):
@@ -151,20 +179,21 @@ def check_vocabulary(drafter, target) -> None:
         )
 
 
-def generate(target=None, input_ids=None, *, tokenizer=None, prompt=None, chat: bool = True, drafter="ngram",
-             verifier: str = "hf", acceptance: str = "greedy", max_new_tokens: int = 128,
-             max_nodes: int = DEFAULT_MAX_NODES, eos_token_id="default",
-             stop_strings: str | Sequence[str] | None = None, streamer=None, dtype=None,
-             drafter_kwargs: dict | None = None, do_sample: bool = False, seed: int | None = None) -> GenerationOutput:
-    """Speculatively decode one request; output identical to ``target.generate(..., do_sample=False)``.
+def generate(target=None, input_ids=None, *, tokenizer=None, drafter="ngram", verifier: str = "hf",
+             acceptance: str | None = None, max_nodes: int = DEFAULT_MAX_NODES, dtype=None,
+             drafter_kwargs: dict | None = None, small_batch_linear: bool | None = None,
+             **generation_kwargs) -> GenerationOutput:
+    """Speculatively decode one request; output identical to ``target.generate`` (greedy: token for token;
+    sampling: in distribution).
 
     target: a transformers causal LM, a hub id, a local path, or None (default target). ``tokenizer`` is needed
-    for text prompts and stop strings (loaded automatically for a hub id or path). Returns a
+    for text prompts and stop strings (loaded automatically for a hub id or path). ``generation_kwargs`` are those
+    of :meth:`SpecDecoder.generate`: ``prompt``, ``chat``, ``max_new_tokens``, ``eos_token_id``, ``stop_strings``,
+    ``streamer``, ``do_sample``, ``temperature``, ``top_k``, ``top_p``, ``seed``. Returns a
     :class:`~specdec.types.GenerationOutput` with ``sequences [1, T + new]``, ``new_tokens``, ``text`` and ``stats``
     (verify steps, drafted/accepted per step, tau, acceptance by depth, wall time).
     """
     decoder = SpecDecoder(target, tokenizer, drafter=drafter, verifier=verifier, acceptance=acceptance,
-                          max_nodes=max_nodes, dtype=dtype, drafter_kwargs=drafter_kwargs)
-    return decoder.generate(input_ids, prompt=prompt, chat=chat, max_new_tokens=max_new_tokens,
-                            eos_token_id=eos_token_id, stop_strings=stop_strings, streamer=streamer,
-                            do_sample=do_sample, seed=seed)
+                          max_nodes=max_nodes, dtype=dtype, drafter_kwargs=drafter_kwargs,
+                          small_batch_linear=small_batch_linear)
+    return decoder.generate(input_ids, **generation_kwargs)

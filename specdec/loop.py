@@ -14,7 +14,8 @@ from dataclasses import dataclass
 import torch
 
 from specdec import tree as tree_ops
-from specdec.acceptance import AcceptanceRule, SamplingParams
+from specdec.acceptance import AcceptanceRule
+from specdec.sampling import SamplingParams
 from specdec.protocols import Drafter, Feedback, Verifier
 from specdec.types import Acceptance, DraftContext, DraftTree
 
@@ -54,7 +55,7 @@ def decode(
     while produced < max_new_tokens:
         remaining = max_new_tokens - produced
         ctx = DraftContext(input_ids=committed, prompt_len=input_ids.shape[1], max_nodes=max_nodes,
-                           max_depth=remaining - 1, hidden=hidden)
+                           max_depth=remaining - 1, hidden=hidden, sampling=sampling, generator=generator)
         tree = tree_ops.limit_depth(drafter.propose(ctx), remaining - 1)
         out = verifier.score(tree, output_hidden=needs_hidden)
         acceptance = rule(tree, out.logits, sampling, generator)

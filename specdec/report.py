@@ -59,8 +59,12 @@ def count_mismatches(ms: Sequence[Measurement], reference: Sequence[Measurement]
     return sum(1 for m in ms if tuple(m.tokens) != tuple(ref.get(m.prompt_index, ())))
 
 
-def summarize(measurements: Sequence[Measurement], methods: Sequence[str], reference: str = REFERENCE) -> list[dict]:
-    """One run dict per method (in ``methods`` order), with totals, speedup, mismatches and a per-category split."""
+def summarize(measurements: Sequence[Measurement], methods: Sequence[str], reference: str = REFERENCE,
+              sampled: bool = False) -> list[dict]:
+    """One run dict per method (in ``methods`` order), with totals, speedup, mismatches and a per-category split.
+
+    ``sampled``: outputs were sampled, so token-for-token comparison means nothing and mismatches are None.
+    """
     by_method = {name: [m for m in measurements if m.method == name] for name in methods}
     ref = by_method.get(reference, [])
     ref_all = totals(ref)["tokens_per_s"]
@@ -70,7 +74,7 @@ def summarize(measurements: Sequence[Measurement], methods: Sequence[str], refer
         ms = by_method[name]
         run = {"method": name, **totals(ms)}
         run["speedup_vs_hf"] = _speedup(run["tokens_per_s"], ref_all)
-        run["mismatches"] = count_mismatches(ms, ref)
+        run["mismatches"] = None if sampled else count_mismatches(ms, ref)
         run["per_category"] = {}
         for cat in sorted({m.category for m in ms}):
             t = totals([m for m in ms if m.category == cat])
@@ -107,7 +111,7 @@ def _cell(v: object) -> str:
 
 def runs_table(runs: Sequence[dict]) -> str:
     """The headline table: method, tokens/s, speedup vs hf, tau, acceptance rate, mismatches."""
-    rows = [[r["method"], r["tokens_per_s"], _times(r["speedup_vs_hf"]), r["tau"], r.get("acceptance_rate"),
+    rows = [[r["method"] + (" [LOSSY]" if r.get("lossy") else ""), r["tokens_per_s"], _times(r["speedup_vs_hf"]), r["tau"], r.get("acceptance_rate"),
              r["mismatches"]] for r in runs]
     return format_table(["method", "tokens/s", "speedup", "tau", "accept", "mismatches"], rows)
 
@@ -132,6 +136,10 @@ def text_report(result: dict) -> str:
     """The bench's printed summary: a header line, the headline table and the per-category table."""
     head = (f"{result['target']} ({result['dtype']}, {result['device']}, {result['threads']} threads), "
             f"{result['prompts']} prompts, up to {result['max_new_tokens']} new tokens each")
+    if result.get("sampling"):
+        s = result["sampling"]
+        head += (f"; sampled (temperature {s['temperature']}, top_k {s['top_k']}, top_p {s['top_p']}): "
+                 "mismatches are not meaningful")
     return "\n\n".join([head, runs_table(result["runs"]), "speedup vs hf by category", category_table(result["runs"])])
 
 

@@ -109,6 +109,16 @@ class Acceptance:
     num_accepted: torch.Tensor  # [B]
     next_token: torch.Tensor  # [B]
 
+    @classmethod
+    def from_paths(cls, paths: list[list[int]], next_tokens: list[int], device=None) -> "Acceptance":
+        """Build from per-request accepted paths (node indices, root first) and next tokens."""
+        width = max(len(p) for p in paths)
+        return cls(
+            path=torch.tensor([p + [-1] * (width - len(p)) for p in paths], dtype=torch.long, device=device),
+            num_accepted=torch.tensor([len(p) - 1 for p in paths], dtype=torch.long, device=device),
+            next_token=torch.tensor(next_tokens, dtype=torch.long, device=device),
+        )
+
     def accepted_nodes(self, b: int = 0) -> list[int]:
         """Node indices of request b's accepted path, root included."""
         return self.path[b, : int(self.num_accepted[b]) + 1].tolist()
@@ -120,9 +130,12 @@ class DraftContext:
 
     input_ids: ``[B, T]`` every committed token (prompt + generated); the last one is the tree's root.
     prompt_len: length of the prompt inside ``input_ids``.
-    hidden: ``[B, T', H]`` target hidden states of the tokens committed by the last verify step (None unless the
-        drafter declared ``needs_hidden_states``).
     max_nodes: node budget for the next tree, root included.
+    max_depth: deepest useful draft (the tokens still allowed, minus the bonus token).
+    hidden: ``[B, T', H]`` target hidden states along the path the last verify step accepted (None unless the
+        drafter declared ``needs_hidden_states``).
+    sampling: the request's :class:`specdec.sampling.SamplingParams` (a drafter that samples warps its own
+        distribution the same way and reports it as ``draft_probs``); generator: the request's RNG.
     """
 
     input_ids: torch.Tensor  # [B, T]
@@ -130,17 +143,8 @@ class DraftContext:
     max_nodes: int
     max_depth: int
     hidden: torch.Tensor | None = None  # [B, T', H]
-
-
-@dataclass(frozen=True)
-class StepRecord:
-    """One verify step, as the decode loop yields it."""
-
-    new_tokens: list[int]  # tokens this step added to the output (accepted drafts + bonus), after stopping cuts
-    num_drafted: int  # live draft nodes in the tree (root excluded)
-    num_accepted: int  # draft tokens accepted (root excluded)
-    finished: bool = False
-    finish_reason: str | None = None  # "eos" | "stop_string" | "length"
+    sampling: object | None = None  # SamplingParams
+    generator: torch.Generator | None = None
 
 
 @dataclass

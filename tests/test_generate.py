@@ -285,9 +285,15 @@ def test_bad_max_nodes(target):
         specdec.generate(target, [4, 5], max_nodes=0)
 
 
-def test_sampling_not_available(target):
-    with pytest.raises(SpecdecError, match="do_sample=False"):
-        specdec.generate(target, [4, 5], do_sample=True)
+def test_greedy_rule_refuses_sampling(target):
+    with pytest.raises(SpecdecError, match="acceptance=rejection"):
+        specdec.generate(target, [4, 5], acceptance="greedy", do_sample=True)
+
+
+def test_sampling_is_reproducible_for_a_seed(target):
+    a = specdec.generate(target, [4, 5, 6], do_sample=True, seed=7, max_new_tokens=12, eos_token_id=None)
+    b = specdec.generate(target, [4, 5, 6], do_sample=True, seed=7, max_new_tokens=12, eos_token_id=None)
+    assert a.new_tokens == b.new_tokens and len(a.new_tokens) == 12
 
 
 class FakeDrafter:
