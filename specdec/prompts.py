@@ -110,7 +110,11 @@ def expand(rows: Sequence[dict], all_turns: bool = False) -> list[Prompt]:
 
 
 def select(prompts: Sequence[Prompt], categories: Sequence[str] | None, limit: int | None) -> list[Prompt]:
-    """Prompts of the given categories (None = all), at most ``limit`` of them (None = all)."""
+    """Prompts of the given categories (None = all), at most ``limit`` of them (None = all).
+
+    A limit takes the prompts round-robin over the categories (in file order), so a short run (``bench=demo``)
+    still covers every category instead of only the file's first one.
+    """
     out = list(prompts)
     if categories is not None:
         known = sorted({p.category for p in prompts})
@@ -119,7 +123,14 @@ def select(prompts: Sequence[Prompt], categories: Sequence[str] | None, limit: i
             raise PromptError(f"no prompts in categories {unknown}; the file's categories are {known} "
                               "(set bench.categories to some of them, or null for all).")
         out = [p for p in out if p.category in set(categories)]
-    return out[:limit] if limit is not None else out
+    if limit is None or limit >= len(out):
+        return out
+    by_category: dict[str, list[Prompt]] = {}
+    for p in out:
+        by_category.setdefault(p.category, []).append(p)
+    queues = list(by_category.values())
+    picked = [q[i] for i in range(max(map(len, queues))) for q in queues if i < len(q)][:limit]
+    return sorted(picked, key=out.index)  # file order, as without a limit
 
 
 def load_prompts(path: str | Path | None = None, categories: Sequence[str] | None = None, limit: int | None = None,

@@ -37,6 +37,12 @@ def test_all_turns_makes_each_turn_a_separate_prompt():
         (1, 0, "Write a poem."), (1, 1, "Now shorter."), ("c2", 0, "def fib(n):"), (3, 0, "2+2?")]
 
 
+def test_limit_takes_prompts_round_robin_over_categories():
+    ps = [Prompt(f"{c}{i}", c, "x") for c in ("writing", "math", "code") for i in range(3)]
+    assert [p.question_id for p in select(ps, None, 4)] == ["writing0", "writing1", "math0", "code0"]
+    assert [p.question_id for p in select(ps, ["math", "code"], 3)] == ["math0", "math1", "code0"]
+
+
 def test_categories_then_limit():
     ps = expand(ROWS)
     assert [p.question_id for p in select(ps, ["math", "writing"], None)] == [1, 3]
