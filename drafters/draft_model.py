@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from specdec import hf_cache, models, tree as tree_ops
+from specdec import hf_cache, models
+from specdec import tree as tree_ops
 from specdec.errors import ConfigError
 from specdec.hf_forward import forward_masked, forward_tokens
 from specdec.protocols import Feedback

@@ -5,11 +5,11 @@ acceptance rule keeps the longest valid path plus one token from the target. See
 """
 
 from specdec.acceptance import LOSSY, RULES
-from specdec.sampling import SamplingParams
 from specdec.errors import ConfigError, PromptError, SpecdecError, VocabularyMismatchError
 from specdec.generate import SpecDecoder, generate
 from specdec.loop import Step, decode
 from specdec.protocols import Drafter, Feedback, Verifier
+from specdec.sampling import SamplingParams
 from specdec.types import Acceptance, DraftContext, DraftTree, GenerationOutput, GenerationStats, VerifyOutput
 
 __all__ = [

@@ -21,7 +21,6 @@ from specdec.rejection import speculative_sampling
 from specdec.sampling import SamplingParams
 from specdec.types import Acceptance, DraftTree
 
-
 AcceptanceRule = Callable[[DraftTree, torch.Tensor, SamplingParams, "torch.Generator | None"], Acceptance]
 
 

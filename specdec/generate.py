@@ -8,18 +8,17 @@
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Sequence
 
 import torch
 
 from specdec import cpu_gemm, models, registry
-import warnings
-
 from specdec.acceptance import LOSSY, get_rule
-from specdec.sampling import SamplingParams
 from specdec.errors import PromptError, SpecdecError, VocabularyMismatchError
 from specdec.loop import decode
 from specdec.protocols import check_capabilities
+from specdec.sampling import SamplingParams
 from specdec.stopping import Stopper
 from specdec.types import GenerationOutput, GenerationStats
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from specdec import hf_cache, tree as tree_ops
+from specdec import hf_cache
+from specdec import tree as tree_ops
 from specdec.types import VerifyOutput
 
 

@@ -15,8 +15,8 @@ import torch
 
 from specdec import tree as tree_ops
 from specdec.acceptance import AcceptanceRule
-from specdec.sampling import SamplingParams
 from specdec.protocols import Drafter, Feedback, Verifier
+from specdec.sampling import SamplingParams
 from specdec.types import Acceptance, DraftContext, DraftTree
 
 

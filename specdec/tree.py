@@ -14,7 +14,6 @@ import torch
 from specdec.errors import SpecdecError
 from specdec.types import DEAD, DraftTree
 
-
 # ---------------------------------------------------------------- constructors
 
 
