@@ -67,17 +67,25 @@ class DraftModelDrafter:
     def propose(self, ctx: DraftContext) -> DraftTree:
         ids = ctx.input_ids
         if ids.shape[0] != 1:
-            raise ConfigError("the draft_model drafter proposes for one request at a time (input_ids [1, T]).")
-        tail = ids[:, hf_cache.cache_length(self.cache):]  # committed tokens the draft model has not seen
-        root_logits = forward_tokens(self.model, self.cache, tail).logits[:, -1]  # [1, V]
+            raise ConfigError(f"the {type(self).__name__} proposes for one request at a time (input_ids [1, T]).")
+        root_logits = self._advance(ctx)  # [1, V]
         parents, ranks = self._shape(ctx.max_nodes, ctx.max_depth)
         tokens = [int(ids[0, -1])] + [0] * (len(parents) - 1)
-        self._prefix, self._ran = ids.shape[1], 0
+        self._ran = 0
         sampling = ctx.sampling if ctx.sampling is not None and ctx.sampling.do_sample else None
         probs = torch.zeros(1, len(parents), root_logits.shape[-1]) if sampling else None
         if len(parents) > 1:
             self._grow(tokens, parents, ranks, root_logits, sampling, ctx.generator, probs)
         return DraftTree(torch.tensor([tokens]), torch.tensor([parents]), probs)
+
+    def _advance(self, ctx: DraftContext) -> torch.Tensor:
+        """Bring the draft cache up to the committed tokens; the root's next-token logits ``[1, V]``.
+
+        Sets ``self._prefix``: the cache entries before the tree's first node (the root's entry is the last).
+        """
+        tail = ctx.input_ids[:, hf_cache.cache_length(self.cache):]  # committed tokens the draft model has not seen
+        self._prefix = ctx.input_ids.shape[1]
+        return forward_tokens(self.model, self.cache, tail).logits[:, -1]
 
     def _grow(self, tokens: list[int], parents: list[int], ranks: list[int], root_logits: torch.Tensor,
               sampling, generator, probs: torch.Tensor | None) -> None:

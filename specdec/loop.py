@@ -48,9 +48,8 @@ def decode(
     sampling = sampling or SamplingParams()
     needs_hidden = bool(getattr(drafter, "needs_hidden_states", False))
     drafter.reset()
-    verifier.prefill(input_ids[:, :-1])
+    hidden = verifier.prefill(input_ids[:, :-1], output_hidden=needs_hidden)  # [B, T-1, H] or None
     committed = input_ids
-    hidden = None
     produced = 0
     while produced < max_new_tokens:
         remaining = max_new_tokens - produced

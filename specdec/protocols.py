@@ -52,8 +52,9 @@ class Drafter(Protocol):
 class Verifier(Protocol):
     """Runs draft trees through the target and keeps the target's KV cache in step with the committed tokens."""
 
-    def prefill(self, input_ids: torch.Tensor) -> None:
-        """Start a request: cache ``input_ids [B, T]`` (every prompt token except the root)."""
+    def prefill(self, input_ids: torch.Tensor, output_hidden: bool = False) -> torch.Tensor | None:
+        """Start a request: cache ``input_ids [B, T]`` (every prompt token except the root); with
+        ``output_hidden``, return their last hidden states ``[B, T, H]``."""
 
     def score(self, tree: DraftTree, output_hidden: bool = False) -> VerifyOutput:
         """One target forward over all tree nodes; logits ``[B, N, V]`` (and hidden ``[B, N, H]`` if asked)."""

@@ -17,6 +17,9 @@ DRAFTERS: dict[str, str] = {
     "none": "drafters.none:NoDrafter",
     "ngram": "drafters.ngram:NGramDrafter",
     "draft_model": "drafters.draft_model:DraftModelDrafter",
+    "eagle": "drafters.eagle:EagleDrafter",
+    "medusa": "drafters.medusa:MedusaDrafter",
+    "layerskip": "drafters.layerskip:LayerSkipDrafter",
 }
 VERIFIERS: dict[str, str] = {
     "hf": "verifiers.hf:HFVerifier",

@@ -250,3 +250,31 @@ def limit_depth(tree: DraftTree, max_depth: int) -> DraftTree:
         return DraftTree(tree.tokens[:, keep], parents[None], probs)
     parents = torch.where(keep_mask, tree.parents, torch.full_like(tree.parents, DEAD))
     return DraftTree(tree.tokens, parents, tree.draft_probs)
+
+
+def choices_from_accuracy(accuracy: Sequence[Sequence[float]], max_nodes: int) -> list[list[int]]:
+    """The draft tree ("choices") with the most expected accepted tokens within ``max_nodes`` (root included).
+
+    accuracy[d][r]: measured probability that the drafter's rank-``r`` candidate at depth ``d + 1`` is the target's
+    token (per-head top-k accuracy for Medusa, per-depth for an autoregressive head). A path's value is the product
+    of its ranks' accuracies (Medusa's independence estimate); the best paths are taken greedily, best first, which
+    keeps every chosen path's prefix chosen and, when accuracies fall with rank, its sibling ranks contiguous.
+
+    >>> choices_from_accuracy([[0.6, 0.2], [0.5, 0.1]], 4)
+    [[0], [0, 0], [1]]
+    """
+    import heapq
+
+    accuracy = [[min(row[: r + 1]) for r in range(len(row))] for row in accuracy]  # noise: keep ranks ordered
+    chosen: list[list[int]] = []
+    heap = [(-float(accuracy[0][r]), [r]) for r in range(len(accuracy[0])) if accuracy[0][r] > 0] if accuracy else []
+    heapq.heapify(heap)
+    while heap and len(chosen) < max_nodes - 1:
+        neg, path = heapq.heappop(heap)
+        chosen.append(path)
+        d = len(path)
+        if d < len(accuracy):
+            for r, a in enumerate(accuracy[d]):
+                if a > 0:
+                    heapq.heappush(heap, (neg * float(a), path + [r]))
+    return chosen

@@ -24,14 +24,17 @@ class HFVerifier:
         self.cache = hf_cache.new_cache()
         self._scored: int | None = None  # cache length before the tree being verified
 
-    def prefill(self, input_ids: torch.Tensor) -> None:
-        """Cache ``input_ids [1, T]`` (T may be 0: a one-token prompt has nothing to prefill)."""
+    def prefill(self, input_ids: torch.Tensor, output_hidden: bool = False) -> torch.Tensor | None:
+        """Cache ``input_ids [1, T]`` (T may be 0: a one-token prompt has nothing to prefill); with
+        ``output_hidden`` return their last hidden states ``[1, T, H]``."""
         if input_ids.shape[0] != 1:
             raise SpecdecError("the hf verifier decodes one request at a time; pass input_ids of shape [1, T].")
         self.cache = hf_cache.new_cache()
         self._scored = None
-        if input_ids.shape[1] > 0:
-            forward_tokens(self.model, self.cache, input_ids, logits_to_keep=1)
+        if input_ids.shape[1] == 0:
+            return input_ids.new_zeros(1, 0, self.model.config.hidden_size, dtype=self.model.dtype) \
+                if output_hidden else None
+        return forward_tokens(self.model, self.cache, input_ids, output_hidden=output_hidden, logits_to_keep=1).hidden
 
     def score(self, tree: DraftTree, output_hidden: bool = False) -> VerifyOutput:
         self._scored = hf_cache.cache_length(self.cache)

@@ -1,0 +1,197 @@
+"""EAGLE-style drafter: one decoder layer that autoregresses on the target's features.
+
+At pair position ``i`` the head reads the target's last hidden state ``f_i`` (after its final norm) and the
+embedding of token ``x_{i+1}`` (the target's own frozen embedding), and predicts ``f_{i+1}``; a draft LM head turns
+that into a distribution over ``x_{i+2}``. Drafting feeds the head its own predicted features, level by level down a
+top-k tree. The draft LM head may cover a reduced vocabulary (the most frequent target tokens, mapped back through
+``d2t``), which matters on a small target: its full LM head costs as much as several decoder layers.
+
+The head's layer is the target architecture's own decoder layer class (no copied model code), run with a
+``DynamicCache`` of its own. After each verify step the draft nodes leave that cache and the accepted path's pairs
+go in with the target's *true* features.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from drafters.draft_model import DraftModelDrafter, check_contiguous_ranks
+from specdec import checkpoint, hf_cache
+from specdec import tree as tree_ops
+from specdec.errors import ConfigError, SpecdecError
+from specdec.types import DraftContext
+
+KIND = "eagle"
+
+
+def head_config(target_config, attn_implementation: str = "sdpa"):
+    """The target's config cut to one layer (the head's decoder layer has the target's shapes)."""
+    cfg = copy.deepcopy(target_config)
+    cfg.num_hidden_layers = 1
+    cfg._attn_implementation = attn_implementation
+    return cfg
+
+
+class EagleHead(nn.Module):
+    """fc(concat(embedding of x_{i+1}, f_i)) -> one decoder layer -> predicted f_{i+1}; ``logits`` over the draft vocab.
+
+    Shapes: ``feats [B, L, H]``, ``embeds [B, L, H]``, ``position_ids [B, L]``, ``mask [B, 1, L, past + L]``
+    (additive, or None for causal without a cache) -> ``[B, L, H]``. ``d2t [V_draft]`` maps draft ids to target ids.
+    """
+
+    def __init__(self, target_config, layer_cls: type, rotary_cls: type, d2t: torch.Tensor) -> None:
+        super().__init__()
+        cfg = head_config(target_config)
+        h = cfg.hidden_size
+        self.config = cfg
+        self.fc = nn.Linear(2 * h, h, bias=True)
+        self.layer = layer_cls(cfg, layer_idx=0)
+        self.rotary = rotary_cls(config=cfg)
+        self.lm_head = nn.Linear(h, len(d2t), bias=False)
+        self.register_buffer("d2t", d2t.long().clone())
+
+    @classmethod
+    def for_target(cls, target, d2t: torch.Tensor) -> "EagleHead":
+        base = target.model if hasattr(target, "model") else target.base_model
+        return cls(target.config, type(base.layers[0]), type(base.rotary_emb), d2t)
+
+    def init_from_target(self, target, layer: int = -1) -> None:
+        """Warm start: the decoder layer from one of the target's with its output projections zeroed (so the head
+        starts as the identity), the draft LM head from the target's rows, fc passing the feature through."""
+        base = target.model if hasattr(target, "model") else target.base_model
+        self.layer.load_state_dict(base.layers[layer].state_dict())
+        with torch.no_grad():
+            for name, p in self.layer.named_parameters():  # the layer starts as the identity on its residual
+                if name.endswith(("o_proj.weight", "down_proj.weight")):
+                    p.zero_()
+            self.lm_head.weight.copy_(target.get_output_embeddings().weight[self.d2t])
+            h = self.fc.out_features
+            self.fc.weight.mul_(0.1)
+            self.fc.weight[:, h:].copy_(torch.eye(h))
+            self.fc.bias.zero_()
+
+    def forward(self, feats: torch.Tensor, embeds: torch.Tensor, position_ids: torch.Tensor,
+                mask: torch.Tensor | None = None, cache=None) -> torch.Tensor:
+        x = self.fc(torch.cat([embeds, feats.to(embeds.dtype)], dim=-1))
+        pos_emb = self.rotary(x, position_ids)
+        out = self.layer(x, attention_mask=mask, position_ids=position_ids, past_key_values=cache,
+                         use_cache=cache is not None, position_embeddings=pos_emb)
+        return out[0] if isinstance(out, tuple) else out
+
+    def logits(self, g: torch.Tensor) -> torch.Tensor:
+        """``[..., V_draft]`` draft logits for predicted features ``g [..., H]``."""
+        return self.lm_head(g)
+
+    def full_logits(self, g: torch.Tensor, vocab_size: int) -> torch.Tensor:
+        """``[..., V]`` logits over the target vocabulary (-inf outside the draft vocabulary)."""
+        small = self.logits(g)
+        out = small.new_full((*small.shape[:-1], vocab_size), float("-inf"))
+        out[..., self.d2t] = small
+        return out
+
+
+def causal_mask(past: int, n: int, dtype: torch.dtype, device=None) -> torch.Tensor:
+    """Additive ``[1, 1, n, past + n]`` mask: query i sees keys ``0..past + i``."""
+    allowed = torch.arange(past + n, device=device)[None] <= (past + torch.arange(n, device=device))[:, None]
+    return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)[None, None]
+
+
+def reduced_vocab(counts: torch.Tensor, size: int, always: list[int] = ()) -> torch.Tensor:
+    """``d2t``: the ``size`` most frequent token ids (``always`` included), ascending. ``size <= 0``: every token."""
+    v = len(counts)
+    if size <= 0 or size >= v:
+        return torch.arange(v)
+    keep = set(int(t) for t in always if 0 <= int(t) < v)
+    order = torch.argsort(counts, descending=True, stable=True).tolist()
+    for t in order:
+        if len(keep) >= size:
+            break
+        keep.add(t)
+    return torch.tensor(sorted(keep))
+
+
+class EagleDrafter(DraftModelDrafter):
+    """Proposes top-k trees (``choices``) from an EAGLE-style head; lossless with greedy and sampled requests.
+
+    path: a checkpoint written by ``python -m train.eagle`` (None: the one shipped for the default target).
+    choices: tree shape (default: the tree the training job chose from validation accuracy); ``depth``/``width``
+    build a simple shape instead.
+    """
+
+    needs_hidden_states = True
+    returns_probs = True
+
+    def __init__(self, target=None, tokenizer=None, path: str | None = None, head: EagleHead | None = None,
+                 choices: list[list[int]] | None = None, depth: int | None = None, width: int = 1,
+                 dtype: str | None = None) -> None:
+        if target is None:
+            raise ConfigError("the eagle drafter runs on the target's features: pass target=... .")
+        meta_choices = None
+        if head is None:
+            path = path or checkpoint.shipped(KIND)
+            state, meta = checkpoint.load(path, kind=KIND, target=target)
+            head = EagleHead.for_target(target, state["d2t"])
+            checkpoint.load_into(head, state, path)
+            meta_choices = meta["config"].get("choices")
+        self.head = head.to(next(target.parameters()).dtype).eval()
+        self.embed = target.get_input_embeddings()
+        self.vocab_size = int(self.embed.weight.shape[0])
+        if choices is None:
+            choices = tree_ops.choices_for_shape(depth, width) if depth else (meta_choices or
+                                                                            tree_ops.choices_for_shape(5, 2))
+        self.parents, self.ranks = tree_ops.topology_from_choices(choices)
+        check_contiguous_ranks(self.parents, self.ranks)
+        self.depths = tree_ops.depths(torch.tensor([self.parents]))[0].tolist()
+        self.model = self.head  # the grower reads model.dtype for masks
+        self.reset()
+
+    def reset(self) -> None:
+        self.cache = hf_cache.new_cache()
+        self._pairs = 0  # (feature, next token) pairs with true features in the head's cache
+        self._prefix = 0
+        self._ran = 0
+        self._g: dict[int, torch.Tensor] = {}
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.head.fc.weight.dtype
+
+    @torch.inference_mode()
+    def _advance(self, ctx: DraftContext) -> torch.Tensor:
+        if ctx.hidden is None:
+            raise SpecdecError("the eagle drafter needs the target's hidden states; the verifier returned none.")
+        hf_cache.crop(self.cache, self._pairs)
+        start, m = self._pairs, ctx.hidden.shape[1]
+        nxt = ctx.input_ids[:, start + 1:start + m + 1]
+        if nxt.shape[1] != m:
+            raise SpecdecError(f"eagle drafter out of step: {m} new features but {nxt.shape[1]} new tokens "
+                               f"(had {start} pairs, {ctx.input_ids.shape[1]} committed tokens).")
+        pos = torch.arange(start, start + m, device=nxt.device)[None]
+        mask = causal_mask(start, m, self.dtype, nxt.device) if m > 1 else None
+        g = self.head(ctx.hidden.to(self.dtype), self.embed(nxt), pos, mask, self.cache)
+        self._pairs = self._prefix = start + m
+        self._g = {0: g[:, -1]}
+        return self.head.full_logits(g[:, -1], self.vocab_size)
+
+    @torch.inference_mode()
+    def _forward_level(self, tokens: list[int], parents_t: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+        sub = parents_t[:, :hi]
+        par = sub[0, lo:hi].tolist()
+        feats = torch.stack([self._g[p if p >= 0 else 0][0] for p in par])[None]  # dead nodes: any feature
+        seg = torch.tensor([tokens[lo:hi]])
+        mask = tree_ops.segment_mask(sub, lo, hi, self._prefix, self.dtype)
+        pos = self._prefix - 1 + tree_ops.depths(sub)[:, lo:hi]
+        g = self.head(feats, self.embed(seg), pos, mask, self.cache)
+        for j, i in enumerate(range(lo, hi)):
+            self._g[i] = g[:, j]
+        self._ran = hi - 1
+        return self.head.full_logits(g, self.vocab_size)
+
+    def observe(self, feedback) -> None:
+        """Drop every draft node from the head's cache: accepted pairs come back with true features next time."""
+        hf_cache.crop(self.cache, self._pairs)
+        self._ran = 0
+
