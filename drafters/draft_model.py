@@ -5,13 +5,21 @@ depth 1, each continued greedily to ``depth`` (``width=1``: a plain chain). The 
 draft-model forward per level over all of that level's nodes, with a tree mask over the draft model's own KV cache.
 After each verify step the draft cache keeps the committed prefix plus the accepted nodes it already ran, so it
 never recomputes what it has, and never keeps what the target rejected.
+
+The draft model is a hub id / HF directory, or a checkpoint written by ``python -m train.draft_model``: a few
+decoder layers (initialised from the target's own, then distilled) plus a final norm, shipped without the embedding
+and LM head, which are the target's own and are taken from it at load time (:func:`load_checkpoint_model`).
 """
 
 from __future__ import annotations
 
-import torch
+import copy
+from pathlib import Path
 
-from specdec import hf_cache, models
+import torch
+from torch import nn
+
+from specdec import checkpoint, hf_cache, models
 from specdec import tree as tree_ops
 from specdec.errors import ConfigError
 from specdec.hf_forward import forward_masked, forward_tokens
@@ -28,22 +36,32 @@ class DraftModelDrafter:
     distribution q, warped like the target's (temperature, top-k, top-p), and the tree reports q as
     ``draft_probs`` so the rejection rule stays lossless.
 
-    path: hub id or local path of the draft model (or pass ``model=`` directly). depth / width: tree shape when no
-    ``choices`` are given. ``vocab_size`` is checked against the target's by :func:`specdec.generate`.
+    path: hub id or local path of the draft model, or a checkpoint directory written by ``python -m
+    train.draft_model`` (built on ``target``'s embedding and LM head, in the target's dtype); or pass ``model=``
+    directly. depth / width: tree shape when no ``choices`` are given (None: the checkpoint's recommended values,
+    else 4 / 1). dtype: of a hub/HF draft model (None: float32). ``vocab_size`` is checked against the target's by
+    :func:`specdec.generate`.
     """
 
     needs_hidden_states = False
     returns_probs = True  # when sampling
 
-    def __init__(self, target=None, tokenizer=None, path: str | None = None, model=None, depth: int = 4,
-                 width: int = 1, choices: list[list[int]] | None = None, dtype: str | None = None) -> None:
+    def __init__(self, target=None, tokenizer=None, path: str | None = None, model=None, depth: int | None = None,
+                 width: int | None = None, choices: list[list[int]] | None = None, dtype: str | None = None) -> None:
+        recommended: dict = {}
         if model is None:
             if not path:
                 raise ConfigError(
                     "the draft_model drafter needs a model: set drafter.path=<hub id or local path> "
                     "(a causal LM sharing the target's tokenizer), or pass model=... in Python."
                 )
-            model, _ = models.load_target(path, dtype=dtype or "float32")
+            if is_checkpoint(path):
+                model, meta = load_checkpoint_model(target, path, dtype)
+                recommended = meta["config"]
+            else:
+                model, _ = models.load_target(path, dtype=dtype or "float32")
+        depth = int(depth if depth is not None else recommended.get("depth") or 4)
+        width = int(width if width is not None else recommended.get("width") or 1)
         if depth < 1 or width < 1:
             raise ConfigError(f"draft_model needs depth >= 1 and width >= 1; got depth={depth}, width={width}.")
         self.model = model.eval()
@@ -160,3 +178,127 @@ def check_contiguous_ranks(parents: list[int], ranks: list[int]) -> None:
                 f"draft tree choices give node {p} children of ranks {sorted(rs)}; use ranks 0..{len(rs) - 1} "
                 "without gaps (add the missing choices)."
             )
+
+
+# ---------------------------------------------------------------------------------------------- distilled draft models
+
+KIND = "draft_model"
+
+
+def decoder(model) -> nn.Module:
+    """The decoder stack of a causal LM (``.layers``, ``.norm``): ``model.model`` for Llama-style models."""
+    return model.model if hasattr(model, "model") else model.base_model
+
+
+def own_modules(model) -> nn.ModuleDict:
+    """What a distilled draft model does not share with its target: its decoder layers and final norm.
+
+    The checkpoint's tensors are this view's state dict (keys ``layers.<i>.*``, ``norm.*``).
+    """
+    base = decoder(model)
+    return nn.ModuleDict({"layers": base.layers, "norm": base.norm})
+
+
+def spread_layers(num_layers: int, target_layers: int) -> list[int]:
+    """``num_layers`` target layer indices evenly spaced from the first to the last, e.g. 4 of 30 -> [0, 10, 19, 29].
+
+    One layer: the first (the target's own token representation path starts there).
+    """
+    if not 1 <= num_layers <= target_layers:
+        raise ConfigError(f"a draft model needs 1 to {target_layers} layers (the target's count); got {num_layers}.")
+    if num_layers == 1:
+        return [0]
+    return [round(i * (target_layers - 1) / (num_layers - 1)) for i in range(num_layers)]
+
+
+def resolve_init_layers(init_layers, num_layers: int | None, target_layers: int) -> list[int]:
+    """Target layer indices to initialise the draft's layers from: ``"spread"`` or an explicit list
+    (negative indices count from the end, e.g. ``[0, -1]``); the list must have ``num_layers`` entries."""
+    if init_layers in (None, "spread"):
+        return spread_layers(int(num_layers), target_layers)
+    if isinstance(init_layers, str):
+        raise ConfigError(f"init_layers must be 'spread' or a list of target layer indices; got {init_layers!r}.")
+    layers = [int(i) for i in init_layers]
+    bad = [i for i in layers if not -target_layers <= i < target_layers]
+    if bad or not layers:
+        raise ConfigError(f"init_layers {layers} must be indices of the target's {target_layers} layers.")
+    if num_layers is not None and len(layers) != int(num_layers):
+        raise ConfigError(f"init_layers lists {len(layers)} layers but num_layers is {num_layers}; make them agree.")
+    return [i % target_layers for i in layers]
+
+
+def draft_config(target, layers: list[int]):
+    """The target's HF config cut to the chosen layers (per-layer settings such as ``layer_types`` follow them)."""
+    cfg = copy.deepcopy(target.config)
+    n = int(cfg.num_hidden_layers)
+    for key in ("layer_types",):  # per-layer lists must keep the kept layers' entries
+        value = getattr(cfg, key, None)
+        if isinstance(value, list) and len(value) == n:
+            setattr(cfg, key, [value[i] for i in layers])
+    cfg.num_hidden_layers = len(layers)
+    return cfg
+
+
+def _new_model(target, config, dtype: torch.dtype) -> nn.Module:
+    """An instance of the target's own model class for ``config`` in ``dtype`` on the target's device (random
+    weights, no shared tensors)."""
+    impl = getattr(target.config, "_attn_implementation", None)
+    config._attn_implementation = impl if impl in ("eager", "sdpa") else "sdpa"  # not a verifier's paged kernel
+    model = type(target)(config).to(device=target.device, dtype=dtype)
+    model.generation_config = copy.deepcopy(target.generation_config)
+    return model.eval()
+
+
+def _share_vocab(model, target) -> None:
+    """Use the target's embedding and LM head modules (no copy; the draft model must already be in its dtype)."""
+    model.set_input_embeddings(target.get_input_embeddings())
+    model.set_output_embeddings(target.get_output_embeddings())
+
+
+@torch.no_grad()
+def init_from_target(target, layers: list[int], dtype: torch.dtype | None = None) -> nn.Module:
+    """A draft model whose layer ``j`` is a copy of target layer ``layers[j]``, with copies of the target's final
+    norm, embedding and LM head (tied as the target's): shares no tensor with the target, so training it leaves
+    the target untouched. With every target layer it computes the target's logits."""
+    model = _new_model(target, draft_config(target, layers), dtype or target.dtype)
+    src = decoder(target)
+    for j, i in enumerate(layers):
+        decoder(model).layers[j].load_state_dict(src.layers[i].state_dict())
+    decoder(model).norm.load_state_dict(src.norm.state_dict())
+    model.get_input_embeddings().load_state_dict(target.get_input_embeddings().state_dict())
+    model.get_output_embeddings().load_state_dict(target.get_output_embeddings().state_dict())
+    return model
+
+
+def from_state(target, hf_config: dict, state: dict[str, torch.Tensor], path: str | Path = "<memory>",
+               dtype: torch.dtype | None = None) -> nn.Module:
+    """A draft model on the target's embedding and LM head (shared) with its own layers + norm from ``state``
+    (the :func:`own_modules` state dict), in ``dtype`` (default the target's)."""
+    dtype = dtype or target.dtype
+    model = _new_model(target, type(target.config).from_dict(hf_config), dtype)
+    _share_vocab(model, target)
+    checkpoint.load_into(own_modules(model), {k: v.to(dtype) for k, v in state.items()}, path)
+    return model
+
+
+def is_checkpoint(path: str | Path) -> bool:
+    """Whether ``path`` is a specdec drafter checkpoint directory (rather than a hub id or HF model directory)."""
+    p = Path(str(path)).expanduser()
+    return p.is_dir() and (p / checkpoint.META).exists()
+
+
+def load_checkpoint_model(target, path: str | Path, dtype: str | None = None) -> tuple[nn.Module, dict]:
+    """``(draft model, checkpoint meta)`` for a checkpoint of ``python -m train.draft_model``: kind and target
+    fingerprint checked, built on the target's embedding and LM head, in the target's dtype."""
+    if target is None:
+        raise ConfigError(f"{path} is a train/ checkpoint: the draft model is built on the target's embedding and "
+                          "LM head, so pass target=... .")
+    if dtype is not None and models.resolve_dtype(dtype) != target.dtype:
+        raise ConfigError(f"a trained draft model runs in the target's dtype ({target.dtype}); leave drafter.dtype "
+                          f"unset (got {dtype!r}).")
+    state, meta = checkpoint.load(path, kind=KIND, target=target)
+    hf_config = meta["config"].get("hf_config")
+    if not isinstance(hf_config, dict):
+        raise checkpoint.CheckpointError(f"{path}/{checkpoint.META} lacks config.hf_config; re-export it with "
+                                         "python -m train.draft_model.")
+    return from_state(target, hf_config, state, path), meta

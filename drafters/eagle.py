@@ -22,7 +22,7 @@ from drafters.draft_model import DraftModelDrafter, check_contiguous_ranks
 from specdec import checkpoint, hf_cache
 from specdec import tree as tree_ops
 from specdec.errors import ConfigError, SpecdecError
-from specdec.types import DraftContext
+from specdec.types import DraftContext, DraftTree
 
 KIND = "eagle"
 
@@ -54,7 +54,7 @@ class EagleHead(nn.Module):
         self.register_buffer("d2t", d2t.long().clone())
 
     @classmethod
-    def for_target(cls, target, d2t: torch.Tensor) -> "EagleHead":
+    def for_target(cls, target, d2t: torch.Tensor) -> EagleHead:
         base = target.model if hasattr(target, "model") else target.base_model
         return cls(target.config, type(base.layers[0]), type(base.rotary_emb), d2t)
 
@@ -159,6 +159,11 @@ class EagleDrafter(DraftModelDrafter):
     def dtype(self) -> torch.dtype:
         return self.head.fc.weight.dtype
 
+    def propose(self, ctx: DraftContext) -> DraftTree:
+        if ctx.hidden is not None and ctx.hidden.shape[1] == 0 and self._pairs == 0:
+            return DraftTree(ctx.input_ids[:, -1:], torch.tensor([[-1]]))  # a one-token prompt: no feature yet
+        return super().propose(ctx)
+
     @torch.inference_mode()
     def _advance(self, ctx: DraftContext) -> torch.Tensor:
         if ctx.hidden is None:
@@ -180,7 +185,7 @@ class EagleDrafter(DraftModelDrafter):
     def _forward_level(self, tokens: list[int], parents_t: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
         sub = parents_t[:, :hi]
         par = sub[0, lo:hi].tolist()
-        feats = torch.stack([self._g[p if p >= 0 else 0][0] for p in par])[None]  # dead nodes: any feature
+        feats = torch.stack([self._g[max(p, 0)][0] for p in par])[None]  # dead nodes: any feature
         seg = torch.tensor([tokens[lo:hi]])
         mask = tree_ops.segment_mask(sub, lo, hi, self._prefix, self.dtype)
         pos = self._prefix - 1 + tree_ops.depths(sub)[:, lo:hi]

@@ -34,13 +34,14 @@ def target_fingerprint(model) -> dict:
     """What identifies a target for a drafter: architecture sizes, vocabulary and a hash of its embedding."""
     cfg = model.config
     emb = model.get_input_embeddings().weight
-    sample = emb[:: max(1, emb.shape[0] // 64)].detach().float().cpu().contiguous()
+    # rounded through bfloat16, so the same target loaded in float32, bfloat16 or float64 has one fingerprint
+    sample = emb[:: max(1, emb.shape[0] // 64)].detach().cpu().to(torch.bfloat16).float().contiguous()
     return {
         "model_type": getattr(cfg, "model_type", None),
         "vocab_size": int(emb.shape[0]),
         "hidden_size": int(cfg.hidden_size),
         "num_hidden_layers": int(cfg.num_hidden_layers),
-        "embedding_sha1": hashlib.sha1(sample.numpy().round(3).tobytes()).hexdigest()[:16],
+        "embedding_sha1": hashlib.sha1(sample.numpy().tobytes()).hexdigest()[:16],
     }
 
 
@@ -82,6 +83,14 @@ def save(path: str | Path, kind: str, state: dict[str, torch.Tensor], config: di
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
+
+
+def is_checkpoint(path: str | Path) -> bool:
+    """Whether ``path`` names a drafter checkpoint directory (a string that is not one is a drafter name)."""
+    try:
+        return (Path(path).expanduser() / META).exists()
+    except (OSError, ValueError):
+        return False
 
 
 def read_meta(path: str | Path) -> dict:

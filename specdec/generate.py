@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import torch
 
-from specdec import cpu_gemm, models, registry
+from specdec import checkpoint, cpu_gemm, models, registry
 from specdec.acceptance import LOSSY, get_rule
 from specdec.errors import PromptError, SpecdecError, VocabularyMismatchError
 from specdec.loop import decode
@@ -29,8 +29,9 @@ class SpecDecoder:
     """A target, a drafter, a verifier and an acceptance rule, ready to generate many times.
 
     target: a transformers causal LM, a hub id, a local path, or None for the default target.
-    drafter: a config name (``none``, ``ngram``, ``draft_model``) or a Drafter object; ``drafter_kwargs`` go to
-    the named drafter's constructor. small_batch_linear: route the target's few-row float32 matmuls through the
+    drafter: a config name (``none``, ``ngram``, ``draft_model``, ``eagle``, ``medusa``, ``layerskip``), the
+    directory of a checkpoint a ``train/`` job wrote (its kind is read from it), or a Drafter object;
+    ``drafter_kwargs`` go to the drafter's constructor. small_batch_linear: route the target's few-row float32 matmuls through the
     faster CPU kernel (:mod:`specdec.cpu_gemm`); None = on for a float32 model on CPU.
     """
 
@@ -44,7 +45,10 @@ class SpecDecoder:
         self.tokenizer = tokenizer
         if drafter is None:
             drafter = "none"
-        if isinstance(drafter, str):
+        if isinstance(drafter, str) and checkpoint.is_checkpoint(drafter):  # a trained drafter's directory
+            kind = checkpoint.read_meta(drafter)["kind"]
+            drafter = registry.build_drafter(kind, target, tokenizer, **{"path": drafter, **(drafter_kwargs or {})})
+        elif isinstance(drafter, str):
             drafter = registry.build_drafter(drafter, target, tokenizer, **(drafter_kwargs or {}))
         elif drafter_kwargs:
             raise SpecdecError("drafter_kwargs apply to a drafter given by name; configure the object directly.")

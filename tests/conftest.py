@@ -77,6 +77,41 @@ if _draft_model_available():
     ]
 
 
+# ---- trained drafters, held to losslessness with random weights (training only changes how much is accepted)
+
+
+def _eagle(target, tok, *, choices, vocab: int | None = None):
+    from drafters.eagle import EagleDrafter, EagleHead
+
+    torch.manual_seed(7)
+    v = target.config.vocab_size
+    head = EagleHead.for_target(target, torch.arange(v)[: vocab or v]).to(target.dtype)
+    with torch.no_grad():
+        for p in head.parameters():
+            p.normal_(0, 0.2)
+    return EagleDrafter(target, tok, head=head.eval(), choices=choices)
+
+
+def _medusa(target, tok, *, choices):
+    from drafters.medusa import MedusaDrafter, MedusaHeads
+
+    heads = MedusaHeads.for_target(target, 3, 1, torch.arange(target.config.vocab_size))
+    heads.init_from_target(target)
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for block in heads.blocks:
+            block[0].linear.weight.copy_(torch.randn(block[0].linear.weight.shape, generator=g))
+    return MedusaDrafter(target, tok, heads=heads.to(target.dtype), choices=choices)
+
+
+_TREE = [[0], [1], [0, 0], [0, 1], [1, 0], [0, 0, 0]]
+DRAFTER_FACTORIES += [
+    DrafterFactory("eagle-chain", lambda t, k: _eagle(t, k, choices=[[0], [0, 0], [0, 0, 0]])),
+    DrafterFactory("eagle-tree-reduced-vocab", lambda t, k: _eagle(t, k, choices=_TREE, vocab=48)),
+    DrafterFactory("medusa-tree", lambda t, k: _medusa(t, k, choices=_TREE)),
+]
+
+
 @pytest.fixture(params=DRAFTER_FACTORIES, ids=lambda f: f.name)
 def drafter_factory(request) -> DrafterFactory:
     return request.param

@@ -8,7 +8,12 @@ from transformers import TextStreamer
 
 import specdec
 from specdec import registry
-from specdec.errors import ConfigError, PromptError, SpecdecError, VocabularyMismatchError
+from specdec.errors import (
+    ConfigError,
+    PromptError,
+    SpecdecError,
+    VocabularyMismatchError,
+)
 from specdec.types import DraftTree
 from tests.conftest import get_tiny, greedy_reference
 from tests.tiny import random_prompt, tiny_tokenizer

@@ -6,7 +6,8 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from specdec import hf_cache, tree as T
+from specdec import hf_cache
+from specdec import tree as T
 from specdec.errors import SpecdecError
 from specdec.types import Acceptance, DraftTree
 from tests.conftest import get_tiny

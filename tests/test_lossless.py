@@ -21,7 +21,7 @@ _TOKENIZER = tiny_tokenizer()
 _CHARS = char_tokenizer()  # for stop strings (see its docstring)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def reference(seed: int, prompt: tuple[int, ...], max_new_tokens: int, eos=2, stop: tuple[str, ...] = ()) -> list[int]:
     kwargs = {"eos_token_id": list(eos) if isinstance(eos, tuple) else eos}
     if stop:

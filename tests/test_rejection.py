@@ -186,7 +186,7 @@ class Table:
             return self.root.expand(len(tokens), -1)
         return self.rows[min(depth, len(self.rows)) - 1][tokens]
 
-    def warped(self, params: SamplingParams) -> "Table":
+    def warped(self, params: SamplingParams) -> Table:
         """Row-by-row ``warp_probs``: the same float32 computation the rule does at one node."""
         def rowwise(m):
             return torch.stack([warp_probs(r, params) for r in m])

@@ -27,7 +27,13 @@ import torch
 from drafters.draft_model import DraftModelDrafter
 from specdec import SpecDecoder
 from specdec.sampling import SamplingParams, warp_probs
-from tests.test_rejection import ALPHA, assert_matches, chi2_critical, chi_square_gof, chi_square_homogeneity
+from tests.test_rejection import (
+    ALPHA,
+    assert_matches,
+    chi2_critical,
+    chi_square_gof,
+    chi_square_homogeneity,
+)
 from tests.tiny import random_prompt, tiny_llama
 
 V = 8
@@ -40,12 +46,12 @@ PROMPT = random_prompt(10, 12, vocab_size=V)
 WARPED = dict(temperature=0.7, top_k=5, top_p=0.9)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def target():
     return tiny_llama(0, vocab_size=V, init=INIT)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def draft_model():
     return tiny_llama(1234, vocab_size=V, init=INIT, layers=1)  # other weights than the target
 
@@ -67,7 +73,7 @@ def build_drafter(kind: str):
     return DraftModelDrafter(target(), None, model=model, depth=2, width=width)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def specdec_samples(kind: str, warped: bool = False, seed0: int = 0):
     """Counts ``[V, V]`` of (token 1, token 2) over N_SAMPLES generations; also (drafted, accepted) per step."""
     decoder = SpecDecoder(target(), None, drafter=build_drafter(kind))

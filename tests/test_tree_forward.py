@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from specdec import hf_cache, tree as T
+from specdec import hf_cache
+from specdec import tree as T
 from specdec.hf_forward import forward_tokens
 from specdec.types import DEAD
 from tests.conftest import get_tiny

@@ -14,12 +14,17 @@ import pytest
 import torch
 
 import specdec.typical as typical_module
-from specdec import acceptance as A
 from specdec import SpecDecoder
+from specdec import acceptance as A
 from specdec.errors import SpecdecError
 from specdec.sampling import SamplingParams
-from specdec.typical import POSTERIOR_ALPHA, POSTERIOR_THRESHOLD, typical, typical_threshold
 from specdec.types import DraftTree
+from specdec.typical import (
+    POSTERIOR_ALPHA,
+    POSTERIOR_THRESHOLD,
+    typical,
+    typical_threshold,
+)
 from tests.conftest import get_tiny
 
 V = 8

@@ -34,7 +34,7 @@ def tiny_llama(seed: int = 0, dtype: torch.dtype = torch.float64, **cfg) -> Llam
 
 def tiny_tokenizer(vocab_size: int = VOCAB) -> PreTrainedTokenizerFast:
     """A word-level tokenizer: id i <-> word ``w{i}`` (ids 0-2 special), words joined by spaces."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, decoders
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
     vocab = {tok: i for i, tok in enumerate(SPECIAL)}
     for i in range(len(SPECIAL), vocab_size):

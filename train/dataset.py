@@ -47,7 +47,8 @@ def build(cfg: dict, target, tokenizer, progress: bool = True) -> Data:
     sd, tf, val = cfg["self_distill"], cfg["teacher_forced"], cfg["val"]
     gen = dict(batch_size=int(sd["batch_size"]), max_new_tokens=int(sd["max_new_tokens"]),
                do_sample=bool(sd.get("do_sample", False)), temperature=float(sd.get("temperature", 1.0)),
-               seed=seed, progress=progress)
+               seed=seed, progress=progress,
+               max_prompt_tokens=max(16, int(cfg["max_len"]) - int(sd["max_new_tokens"]) // 2))
 
     train_rows: list[dict] = []
     if int(sd["num_prompts"]) > 0:

@@ -83,10 +83,17 @@ def forward_blocks(module: EagleTrainModule, batch: Batch) -> tuple[list[torch.T
     return outs, tgt
 
 
+def predicted_mask(batch: Batch) -> torch.Tensor:
+    """``[B, L-1]``: pair ``i`` is trained when the token it drafts, ``x_{i+2}``, is a training token."""
+    m = torch.zeros_like(batch.loss_mask[:, 1:])
+    m[:, :-1] = batch.loss_mask[:, 2:] & batch.valid[:, 2:]
+    return m
+
+
 def loss_fn(module: EagleTrainModule, batch: Batch) -> tuple[torch.Tensor, dict]:
     opts = module.opts
     outs, tgt = forward_blocks(module, batch)
-    mask = (batch.loss_mask[:, 1:] & batch.valid[:, 1:]).float()
+    mask = predicted_mask(batch).float()
     teacher = torch.softmax(tgt.float() @ module.teacher_w.float().T, dim=-1)  # [B, L-1, Vd]
     top1 = module.t2d[batch.target_top1[:, 1:]]  # target's argmax in draft ids (-1: outside the draft vocab)
     total, weights, metrics = 0.0, 0.0, {}
@@ -116,7 +123,7 @@ def rank_accuracy(module: EagleTrainModule, val: FeatureSet, ranks: int = 4, bat
         batch = Batch(*(t.to(module.embed_w.device) for t in vars(batch).values()))
         outs, _ = forward_blocks(module, batch)
         top1 = module.t2d[batch.target_top1[:, 1:]]
-        base = (batch.loss_mask[:, 1:] & batch.valid[:, 1:])
+        base = predicted_mask(batch)
         rows = []
         for k, g in enumerate(outs):
             m = base.clone()

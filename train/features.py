@@ -42,7 +42,7 @@ def encode_rows(tokenizer, rows: list[dict], max_len: int) -> list[tuple[torch.T
 
 @torch.inference_mode()
 def extract(model, tokenizer, rows: list[dict], out_dir: str | Path, *, max_len: int = 1024,
-            batch_tokens: int = 4096, topk: int = 8, shard_rows: int = 64, progress: bool = True) -> "FeatureSet":
+            batch_tokens: int = 4096, topk: int = 8, shard_rows: int = 64, progress: bool = True) -> FeatureSet:
     """Run ``model`` over ``rows`` and write feature shards to ``out_dir`` (resuming a partial run)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

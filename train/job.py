@@ -164,4 +164,4 @@ def hydra_main(spec: JobSpec, config_name: str):
     return main
 
 
-__all__ = ["FeatureSet", "JobSpec", "run", "hydra_main", "validation_tau"]
+__all__ = ["FeatureSet", "JobSpec", "hydra_main", "run", "validation_tau"]

@@ -28,6 +28,15 @@ def answered_ids(path: Path) -> set[str]:
     return done
 
 
+def drop_torn_tail(path: Path) -> None:
+    """Cut a last line that a crash left unfinished, so appended rows start on a line of their own."""
+    if not path.exists():
+        return
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        path.write_bytes(data[: data.rfind(b"\n") + 1])
+
+
 def read_answers(path: Path) -> list[dict]:
     rows = []
     for line in Path(path).read_text(encoding="utf-8").splitlines():
@@ -41,17 +50,20 @@ def read_answers(path: Path) -> list[dict]:
 @torch.inference_mode()
 def generate_answers(model, tokenizer, prompts: list[dict], out_path: str | Path, *, batch_size: int = 16,
                      max_new_tokens: int = 256, do_sample: bool = False, temperature: float = 1.0,
-                     seed: int = 0, progress: bool = True) -> list[dict]:
+                     seed: int = 0, max_prompt_tokens: int | None = None, progress: bool = True) -> list[dict]:
     """Answer each prompt row (``{"id", "messages": [user]}``) with the target; returns all cached rows.
 
     Greedy by default (``do_sample=True`` samples at ``temperature``). Prompts are batched by length with left
-    padding; each batch is written before the next starts.
+    padding; each batch is written before the next starts. Prompts longer than ``max_prompt_tokens`` are skipped.
     """
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
+    drop_torn_tail(out_path)
     done = answered_ids(out_path)
     todo = [p for p in prompts if p["id"] not in done]
     encoded = [(p, encode_prompt_ids(tokenizer, p["messages"])) for p in todo]
+    if max_prompt_tokens is not None:  # an answer after a longer prompt would be cut from the features anyway
+        encoded = [e for e in encoded if len(e[1]) <= max_prompt_tokens]
     encoded.sort(key=lambda e: len(e[1]))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     eos = model.generation_config.eos_token_id

@@ -1,0 +1,135 @@
+"""EAGLE-style head: masks, vocabulary reduction, cache consistency, the tiny end-to-end job and losslessness."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import specdec
+from drafters.eagle import EagleDrafter, EagleHead, causal_mask, reduced_vocab
+from specdec import checkpoint, hf_cache
+from specdec.checkpoint import CheckpointError
+from tests.tiny import random_prompt, tiny_llama
+from tests.train_fixtures import job_config
+from train import eagle, job
+from train.eagle import unrolled_mask
+
+
+def allowed(mask: torch.Tensor) -> list[list[int]]:
+    return (mask[0, 0] == 0).int().tolist()
+
+
+def test_unrolled_mask_golden():
+    assert allowed(unrolled_mask(3, 0, torch.float32)) == [[1, 0, 0], [1, 1, 0], [1, 1, 1]]
+    # block 1, query i: true pairs j <= i-1, and its own predicted pair at i
+    assert allowed(unrolled_mask(3, 1, torch.float32)) == [[0, 0, 0, 1, 0, 0],
+                                                           [1, 0, 0, 0, 1, 0],
+                                                           [1, 1, 0, 0, 0, 1]]
+    # block 2, query i: true j <= i-2, block-1 pair at i-1, block-2 pair at i
+    assert allowed(unrolled_mask(3, 2, torch.float32))[2] == [1, 0, 0, 0, 1, 0, 0, 0, 1]
+
+
+def test_causal_mask_with_past():
+    assert allowed(causal_mask(2, 2, torch.float32)) == [[1, 1, 1, 0], [1, 1, 1, 1]]
+
+
+def test_reduced_vocab_keeps_most_frequent_and_required():
+    counts = torch.tensor([5, 0, 9, 1, 7, 0])
+    assert reduced_vocab(counts, 3).tolist() == [0, 2, 4]
+    assert reduced_vocab(counts, 3, always=[5]).tolist() == [2, 4, 5]
+    assert reduced_vocab(counts, 0).tolist() == list(range(6))
+
+
+def tiny_head(target, vocab: int = 40) -> EagleHead:
+    torch.manual_seed(1)
+    head = EagleHead.for_target(target, torch.arange(vocab)).to(target.dtype)
+    with torch.no_grad():
+        for p in head.parameters():
+            p.normal_(0, 0.2)
+    return head.eval()
+
+
+def test_head_cache_matches_full_forward():
+    target = tiny_llama(0)
+    head = tiny_head(target)
+    feats = torch.randn(1, 7, target.config.hidden_size, dtype=target.dtype)
+    emb = torch.randn(1, 7, target.config.hidden_size, dtype=target.dtype)
+    pos = torch.arange(7)[None]
+    full = head(feats, emb, pos, causal_mask(0, 7, target.dtype))
+    cache = hf_cache.new_cache()
+    first = head(feats[:, :4], emb[:, :4], pos[:, :4], causal_mask(0, 4, target.dtype), cache)
+    rest = head(feats[:, 4:], emb[:, 4:], pos[:, 4:], causal_mask(4, 3, target.dtype), cache)
+    torch.testing.assert_close(torch.cat([first, rest], 1), full)
+
+
+@pytest.mark.parametrize("choices", [None, [[0]], [[0], [1], [0, 0], [0, 0, 0], [1, 0]]])
+def test_random_head_is_lossless(choices):
+    target = tiny_llama(0)
+    drafter = EagleDrafter(target, head=tiny_head(target, 96), choices=choices)
+    for seed in range(4):
+        ids = random_prompt(seed, 9 + seed)
+        ref = target.generate(ids, do_sample=False, max_new_tokens=20)[0, ids.shape[1]:].tolist()
+        out = specdec.generate(target, ids, drafter=drafter, max_new_tokens=20)
+        assert out.new_tokens == ref[: len(out.new_tokens)]
+        assert out.stats.finish_reason in ("eos", "length")
+
+
+def test_one_token_prompt():
+    target = tiny_llama(0)
+    drafter = EagleDrafter(target, head=tiny_head(target, 96))
+    ids = torch.tensor([[5]])
+    ref = target.generate(ids, do_sample=False, max_new_tokens=8)[0, 1:].tolist()
+    assert specdec.generate(target, ids, drafter=drafter, max_new_tokens=8).new_tokens == ref[:8]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("eagle")
+    cfg = job_config(tmp, "eagle", ["drafter.draft_vocab_size=64"])
+    return job.run(eagle.SPEC, cfg, progress=False), tmp
+
+
+def test_job_writes_checkpoint_with_card(trained):
+    final, _ = trained
+    meta = checkpoint.read_meta(final)
+    assert meta["kind"] == "eagle" and meta["config"]["choices"]
+    assert meta["training"]["train_steps"] == 4
+    assert "tau" in meta["training"]["val"]
+    assert "## How it was made" in (final / "README.md").read_text()
+
+
+def test_trained_drafter_loads_and_is_lossless(trained):
+    final, tmp = trained
+    target, tok = specdec.models.load_target(str(tmp / "target"))
+    for seed in range(3):
+        ids = random_prompt(seed, 12)
+        ref = target.generate(ids, do_sample=False, max_new_tokens=16)[0, ids.shape[1]:].tolist()
+        out = specdec.generate(target, ids, tokenizer=tok, drafter=str(final), max_new_tokens=16)  # by path
+        assert out.new_tokens == ref[: len(out.new_tokens)]
+    sampled = specdec.generate(target, random_prompt(0, 12), drafter=str(final), max_new_tokens=16,
+                               do_sample=True, seed=3)
+    assert len(sampled.new_tokens) > 0
+
+
+def test_checkpoint_for_another_target_is_refused(trained):
+    final, _ = trained
+    other = tiny_llama(5, dtype=torch.float32)  # same shapes, other weights
+    with pytest.raises(CheckpointError, match="different target"):
+        EagleDrafter(other, path=str(final))
+    with pytest.raises(CheckpointError, match="different target"):
+        EagleDrafter(tiny_llama(0, hidden=48), path=str(final))
+
+
+def test_wrong_kind_and_corrupt_checkpoint_are_refused(trained, tmp_path):
+    final, tmp = trained
+    target, _ = specdec.models.load_target(str(tmp / "target"))
+    state, meta = checkpoint.load(final)
+    bad_kind = checkpoint.save(tmp_path / "m", "medusa", state, meta["config"], target=target)
+    with pytest.raises(CheckpointError, match="not 'eagle'"):
+        EagleDrafter(target, path=str(bad_kind))
+    corrupt = checkpoint.save(tmp_path / "c", "eagle", state, meta["config"], target=target)
+    (corrupt / checkpoint.WEIGHTS).write_bytes(b"not a safetensors file")
+    with pytest.raises(CheckpointError, match="corrupt"):
+        EagleDrafter(target, path=str(corrupt))
+    with pytest.raises(CheckpointError, match="not a drafter checkpoint"):
+        EagleDrafter(target, path=str(tmp_path))
