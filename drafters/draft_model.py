@@ -78,9 +78,11 @@ class DraftModelDrafter:
         self._ran = 0  # tree nodes (after the root) whose K/V sit in the draft cache after the prefix
 
     def _shape(self, max_nodes: int, max_depth: int) -> tuple[list[int], list[int]]:
-        """The configured tree cut to the node budget and depth limit (a prefix in node order)."""
-        keep = [i for i in range(len(self.parents)) if self.depths[i] <= max_depth][:max_nodes]
-        return [self.parents[i] for i in keep], [self.ranks[i] for i in keep]
+        """The configured tree cut to the node budget (and the drafter's own ``max_nodes`` cap, if any) and the
+        depth limit: nodes taken in ``self.priority`` order (default: node order; trained trees: best first)."""
+        cap = getattr(self, "max_nodes", None)
+        priority = getattr(self, "priority", None) or list(range(1, len(self.parents)))
+        return tree_ops.cut_tree(self.parents, self.ranks, priority, min(max_nodes, cap or max_nodes), max_depth)
 
     def propose(self, ctx: DraftContext) -> DraftTree:
         ids = ctx.input_ids
@@ -112,7 +114,7 @@ class DraftModelDrafter:
         A node whose parent has too few candidates (sampling from a distribution with fewer tokens left than
         asked for) becomes dead: ``parents[i] = -2``, and so does its subtree.
         """
-        depths = self.depths[: len(parents)]
+        depths = tree_ops.depths(torch.tensor([parents]))[0].tolist()
         cands = {0: self._candidates(root_logits[0], max(ranks[1:]) + 1, sampling, generator, probs, 0)}
         lo = 1
         while lo < len(parents):

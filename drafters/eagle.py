@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from drafters.draft_model import DraftModelDrafter, check_contiguous_ranks
-from specdec import checkpoint, hf_cache
+from specdec import checkpoint, hf_cache, models
 from specdec import tree as tree_ops
 from specdec.errors import ConfigError, SpecdecError
 from specdec.types import DraftContext, DraftTree
@@ -117,8 +117,9 @@ class EagleDrafter(DraftModelDrafter):
     """Proposes top-k trees (``choices``) from an EAGLE-style head; lossless with greedy and sampled requests.
 
     path: a checkpoint written by ``python -m train.eagle`` (None: the one shipped for the default target).
-    choices: tree shape (default: the tree the training job chose from validation accuracy); ``depth``/``width``
-    build a simple shape instead.
+    choices: tree shape (default: the tree the training job chose from validation accuracy, best paths first);
+    ``depth``/``width`` build a simple shape instead. max_nodes: this drafter's own node budget (root included),
+    when smaller than the decoder's (small trees pay off when verifying many nodes costs more than one).
     """
 
     needs_hidden_states = True
@@ -126,7 +127,7 @@ class EagleDrafter(DraftModelDrafter):
 
     def __init__(self, target=None, tokenizer=None, path: str | None = None, head: EagleHead | None = None,
                  choices: list[list[int]] | None = None, depth: int | None = None, width: int = 1,
-                 dtype: str | None = None) -> None:
+                 dtype: str | None = None, max_nodes: int | None = None) -> None:
         if target is None:
             raise ConfigError("the eagle drafter runs on the target's features: pass target=... .")
         meta_choices = None
@@ -136,12 +137,15 @@ class EagleDrafter(DraftModelDrafter):
             head = EagleHead.for_target(target, state["d2t"])
             checkpoint.load_into(head, state, path)
             meta_choices = meta["config"].get("choices")
-        self.head = head.to(next(target.parameters()).dtype).eval()
+        self.head = head.to(models.resolve_dtype(dtype) if dtype else next(target.parameters()).dtype).eval()
         self.embed = target.get_input_embeddings()
         self.vocab_size = int(self.embed.weight.shape[0])
         if choices is None:
             choices = tree_ops.choices_for_shape(depth, width) if depth else (meta_choices or
                                                                             tree_ops.choices_for_shape(5, 2))
+        # a trained tree lists its best paths first: a smaller node budget keeps those (see tree_ops.cut_tree)
+        self.priority = tree_ops.choice_priority(choices) if choices is meta_choices else None
+        self.max_nodes = max_nodes
         self.parents, self.ranks = tree_ops.topology_from_choices(choices)
         check_contiguous_ranks(self.parents, self.ranks)
         self.depths = tree_ops.depths(torch.tensor([self.parents]))[0].tolist()

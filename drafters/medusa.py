@@ -118,7 +118,7 @@ class MedusaDrafter:
 
     def __init__(self, target=None, tokenizer=None, path: str | None = None, heads: MedusaHeads | None = None,
                  choices: list[list[int]] | None = None, depth: int | None = None, width: int = 1,
-                 dtype: str | None = None) -> None:
+                 dtype: str | None = None, max_nodes: int | None = None) -> None:
         if target is None:
             raise ConfigError("the medusa drafter runs on the target's hidden states: pass target=... .")
         meta_choices = None
@@ -137,6 +137,9 @@ class MedusaDrafter:
         self.parents, self.ranks = tree_ops.topology_from_choices(choices)
         check_contiguous_ranks(self.parents, self.ranks)
         self.depths = tree_ops.depths(torch.tensor([self.parents]))[0].tolist()
+        trained = choices is meta_choices
+        self.priority = tree_ops.choice_priority(choices) if trained else list(range(1, len(self.parents)))
+        self.max_nodes = max_nodes
         if max(self.depths) > heads.num_heads:
             raise ConfigError(f"medusa tree choices reach depth {max(self.depths)} but the drafter has "
                               f"{heads.num_heads} heads; use choices of depth <= {heads.num_heads}.")
@@ -145,10 +148,11 @@ class MedusaDrafter:
         """Nothing to forget: the heads keep no state between verify steps."""
 
     def _shape(self, max_nodes: int, max_depth: int) -> tuple[list[int], list[int], list[int]]:
-        """The configured tree cut to the node budget and depth limit (a prefix in node order):
-        ``(parents, ranks, depths)``."""
-        keep = [i for i in range(len(self.parents)) if self.depths[i] <= max_depth][:max(1, max_nodes)]
-        return ([self.parents[i] for i in keep], [self.ranks[i] for i in keep], [self.depths[i] for i in keep])
+        """The configured tree cut to the node budget (and ``max_nodes`` cap) and depth limit, best nodes first
+        (trained trees list their most valuable paths first): ``(parents, ranks, depths)``."""
+        cap = min(max_nodes, self.max_nodes or max_nodes)
+        parents, ranks = tree_ops.cut_tree(self.parents, self.ranks, self.priority, cap, max_depth)
+        return parents, ranks, tree_ops.depths(torch.tensor([parents]))[0].tolist()
 
     @torch.inference_mode()
     def propose(self, ctx: DraftContext) -> DraftTree:

@@ -85,6 +85,13 @@ def save(path: str | Path, kind: str, state: dict[str, torch.Tensor], config: di
     return path
 
 
+def cast_floats(state: dict[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    """Floating tensors in ``dtype`` (e.g. float16 to ship half-size files); integer buffers unchanged."""
+    if dtype is None:
+        return state
+    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+
+
 def is_checkpoint(path: str | Path) -> bool:
     """Whether ``path`` names a drafter checkpoint directory (a string that is not one is a drafter name)."""
     try:

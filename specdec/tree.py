@@ -278,3 +278,45 @@ def choices_from_accuracy(accuracy: Sequence[Sequence[float]], max_nodes: int) -
                 if a > 0:
                     heapq.heappush(heap, (neg * float(a), path + [r]))
     return chosen
+
+
+def choice_priority(choices: Sequence[Sequence[int]]) -> list[int]:
+    """Node indices (in :func:`topology_from_choices` order) of ``choices`` in the order given, duplicates dropped.
+
+    Trees built by :func:`choices_from_accuracy` list their best paths first; :func:`cut_tree` keeps that order.
+
+    >>> choice_priority([[0], [0, 0], [1]])
+    [1, 3, 2]
+    """
+    paths = sorted({tuple(int(r) for r in c) for c in choices if len(c)}, key=lambda p: (len(p), p))
+    index = {p: i + 1 for i, p in enumerate(paths)}
+    out: list[int] = []
+    for c in choices:
+        i = index.get(tuple(int(r) for r in c))
+        if i is not None and i not in out:
+            out.append(i)
+    return out
+
+
+def cut_tree(parents: Sequence[int], ranks: Sequence[int], priority: Sequence[int], max_nodes: int,
+             max_depth: int) -> tuple[list[int], list[int]]:
+    """A configured tree cut to ``max_nodes`` (root included) and ``max_depth``: ``(parents, ranks)``.
+
+    Nodes are taken in ``priority`` order (best first) as long as their parent was taken, then renumbered in
+    node order, so a small budget keeps the most valuable paths rather than the shallowest nodes.
+
+    >>> cut_tree([-1, 0, 0, 1], [-1, 0, 1, 0], [1, 3, 2], 3, 8)
+    ([-1, 0, 1], [-1, 0, 0])
+    """
+    d = [0] * len(parents)
+    for i in range(1, len(parents)):
+        d[i] = d[parents[i]] + 1
+    kept = {0}
+    for i in priority:
+        if len(kept) >= max(1, max_nodes):
+            break
+        if d[i] <= max_depth and parents[i] in kept:
+            kept.add(i)
+    order = sorted(kept)
+    new = {old: j for j, old in enumerate(order)}
+    return [-1] + [new[parents[i]] for i in order[1:]], [-1] + [ranks[i] for i in order[1:]]

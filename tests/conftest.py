@@ -109,6 +109,9 @@ DRAFTER_FACTORIES += [
     DrafterFactory("eagle-chain", lambda t, k: _eagle(t, k, choices=[[0], [0, 0], [0, 0, 0]])),
     DrafterFactory("eagle-tree-reduced-vocab", lambda t, k: _eagle(t, k, choices=_TREE, vocab=48)),
     DrafterFactory("medusa-tree", lambda t, k: _medusa(t, k, choices=_TREE)),
+    # tiny targets have 2 layers: skip the attention of layer 1 (layer 0 is always kept)
+    DrafterFactory("layerskip-tree", lambda t, k: registry.build_drafter("layerskip", t, k, skip_attention=[1],
+                                                                         depth=3, width=2)),
 ]
 
 

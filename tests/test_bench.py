@@ -219,3 +219,22 @@ def test_write_json_is_atomic_and_replaces(tmp_path):
     with pytest.raises(TypeError):
         report.write_json(path, {"c": object()})
     assert json.loads(path.read_text()) == {"b": [1.5, None]} and os.listdir(path.parent) == ["r.json"]
+
+
+@pytest.mark.parametrize("job", ["eagle", "medusa", "layerskip", "draft_model"])
+def test_trained_drafter_in_the_bench(files, tmp_path, job):
+    """A checkpoint from a train/ job runs as ``specdec:<kind>`` with ``drafter=<kind> drafter.path=...``, lossless."""
+    from train import draft_model, eagle, layerskip, medusa
+    from train.job import run
+    from tests.train_fixtures import job_config
+
+    specs = {"eagle": eagle.SPEC, "medusa": medusa.SPEC, "layerskip": layerskip.SPEC, "draft_model": draft_model.SPEC}
+    extra = {"eagle": ["drafter.draft_vocab_size=64"], "medusa": ["drafter.draft_vocab_size=64"],
+             "layerskip": ["drafter.skip_layers=[]", "drafter.skip_attention=[1]"],
+             "draft_model": ["drafter.num_layers=1"]}[job]
+    final = run(specs[job], job_config(tmp_path, job, extra), progress=False)
+    result = run_in_process(files, tmp_path, f"drafter={job}", f"drafter.path={final}",
+                            f"bench.methods=[hf,specdec:{job}]")
+    check_schema(result)
+    run_ = {r["method"]: r for r in result["runs"]}[f"specdec:{job}"]
+    assert run_["mismatches"] == 0

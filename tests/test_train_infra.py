@@ -205,3 +205,14 @@ def test_eagle_module_state_holds_only_the_head(tmp_path, two_files):
     assert all(k.startswith("head.") for k in keys) and "head.d2t" in keys
     saved = checkpoint.save(tmp_path / "h", "eagle", {k[5:]: v for k, v in make().state_dict().items()}, {})
     assert "embed_w" not in str(load_file(str(saved / checkpoint.WEIGHTS)).keys())
+
+
+def test_cut_tree_keeps_the_best_paths_first():
+    from specdec.tree import choice_priority, cut_tree, topology_from_choices
+
+    choices = [[0], [0, 0], [0, 0, 0], [1], [0, 1]]  # best first, as choices_from_accuracy lists them
+    parents, ranks = topology_from_choices(choices)
+    assert choice_priority(choices) == [1, 3, 5, 2, 4]
+    assert cut_tree(parents, ranks, choice_priority(choices), 4, 8) == ([-1, 0, 1, 2], [-1, 0, 0, 0])
+    assert cut_tree(parents, ranks, choice_priority(choices), 4, 1) == ([-1, 0, 0], [-1, 0, 1])
+    assert cut_tree(parents, ranks, list(range(1, 6)), 3, 8) == ([-1, 0, 0], [-1, 0, 1])  # node order

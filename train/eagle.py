@@ -14,13 +14,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from drafters.eagle import KIND, EagleDrafter, EagleHead, reduced_vocab
-from specdec import hf_cache
+from specdec import checkpoint, hf_cache, models
 from specdec import tree as tree_ops
 from train.features import Batch, FeatureSet
 from train.job import JobSpec, check_keys, hydra_main
 
-OPTIONS = {"draft_vocab_size", "unroll", "unroll_decay", "feature_weight", "token_weight", "init_layer",
-           "tree_nodes", "max_depth", "ranks"}
+OPTIONS = {"save_dtype", "draft_vocab_size", "unroll", "unroll_decay", "feature_weight", "token_weight",
+           "init_layer", "tree_nodes", "max_depth", "ranks"}
 
 
 class EagleTrainModule(nn.Module):
@@ -164,7 +164,8 @@ def export(module: EagleTrainModule, target, data, val_metrics: dict, cfg: dict)
     choices = choices_for(module, data.val)
     config = {"choices": choices, **{k: v for k, v in module.opts.items()},
               "draft_vocab_size": len(module.head.d2t)}
-    return {k: v.detach().cpu() for k, v in module.head.state_dict().items()}, config
+    state = {k: v.detach().cpu() for k, v in module.head.state_dict().items()}
+    return checkpoint.cast_floats(state, models.resolve_dtype(module.opts.get("save_dtype") or "float32")), config
 
 
 SPEC = JobSpec(kind=KIND, make_module=make_module, loss_fn=loss_fn, metrics=metrics, make_drafter=make_drafter,
