@@ -132,8 +132,10 @@ class DraftContext:
     prompt_len: length of the prompt inside ``input_ids``.
     max_nodes: node budget for the next tree, root included.
     max_depth: deepest useful draft (the tokens still allowed, minus the bonus token).
-    hidden: ``[B, T', H]`` target hidden states along the path the last verify step accepted (None unless the
-        drafter declared ``needs_hidden_states``).
+    hidden: ``[B, T', H]`` the target's last hidden states (after its final norm) that the drafter has not seen
+        yet: at the first proposal those of every prompt token but the root (``T' = T - 1``), then those along the
+        path the last verify step accepted, root first (``T' = a + 1``). The last row is always the state of the
+        token just before the root. None unless the drafter declared ``needs_hidden_states``.
     sampling: the request's :class:`specdec.sampling.SamplingParams` (a drafter that samples warps its own
         distribution the same way and reports it as ``draft_probs``); generator: the request's RNG.
     """

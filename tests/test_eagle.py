@@ -133,3 +133,12 @@ def test_wrong_kind_and_corrupt_checkpoint_are_refused(trained, tmp_path):
         EagleDrafter(target, path=str(corrupt))
     with pytest.raises(CheckpointError, match="not a drafter checkpoint"):
         EagleDrafter(target, path=str(tmp_path))
+
+
+def test_job_resume_at_the_end_reproduces_the_checkpoint(trained):
+    """``resume=true`` after a finished run loads the final training state and exports the same drafter."""
+    final, tmp = trained
+    cfg = job_config(tmp, "eagle", ["drafter.draft_vocab_size=64", "resume=true"])
+    before, _ = checkpoint.load(final)
+    after, _ = checkpoint.load(job.run(eagle.SPEC, cfg, progress=False))
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)

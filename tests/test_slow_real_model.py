@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import specdec
-from specdec import models
+from specdec import checkpoint, models
 
 pytestmark = pytest.mark.slow
 
@@ -32,9 +32,12 @@ def default_target():
     return models.load_target(None, dtype="float32")
 
 
-@pytest.mark.parametrize("drafter", ["none", "ngram"])
+@pytest.mark.parametrize("drafter", ["none", "ngram", "eagle", "medusa", "layerskip", "draft_model"])
 def test_default_model_greedy_equality(default_target, drafter):
+    """Every drafter, the shipped trained ones included (``draft_model``: the distilled checkpoint by path)."""
     model, tokenizer = default_target
+    if drafter == "draft_model":
+        drafter = str(checkpoint.SHIPPED / "smollm2-135m-draft_model")
     assert model.dtype == torch.float32
     for prompt in PROMPTS:
         ids = models.encode_prompt(tokenizer, prompt)

@@ -17,7 +17,7 @@ from drafters.eagle import KIND, EagleDrafter, EagleHead, reduced_vocab
 from specdec import checkpoint, hf_cache, models
 from specdec import tree as tree_ops
 from train.features import Batch, FeatureSet
-from train.job import JobSpec, check_keys, hydra_main
+from train.job import JobSpec, accuracy_metrics, check_keys, hydra_main
 
 OPTIONS = {"save_dtype", "draft_vocab_size", "unroll", "unroll_decay", "feature_weight", "token_weight",
            "init_layer", "tree_nodes", "max_depth", "ranks"}
@@ -137,10 +137,7 @@ def rank_accuracy(module: EagleTrainModule, val: FeatureSet, ranks: int = 4, bat
 
 
 def metrics(module: EagleTrainModule, val: FeatureSet) -> dict:
-    acc = rank_accuracy(module, val, int(module.opts.get("ranks", 4)))
-    out = {f"depth{d + 1}_top1": row[0] for d, row in enumerate(acc)}
-    out.update({f"depth{d + 1}_top{len(row)}": sum(row) for d, row in enumerate(acc)})
-    return out
+    return accuracy_metrics(rank_accuracy(module, val, int(module.opts.get("ranks", 4))), "depth")
 
 
 def choices_for(module: EagleTrainModule, val: FeatureSet) -> list[list[int]]:

@@ -138,6 +138,13 @@ def card(kind: str, cfg: dict, info: dict) -> str:
     return "\n".join(lines)
 
 
+def accuracy_metrics(acc: list[list[float]], name: str) -> dict:
+    """``{name1_top1, name1_topR, ...}`` from rank accuracies ``acc[d][r]`` (per depth or per head)."""
+    out = {f"{name}{d + 1}_top1": row[0] for d, row in enumerate(acc)}
+    out.update({f"{name}{d + 1}_top{len(row)}": sum(row) for d, row in enumerate(acc)})
+    return out
+
+
 def check_keys(section: dict, allowed: set[str], name: str) -> None:
     unknown = sorted(set(section) - allowed)
     if unknown:

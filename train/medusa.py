@@ -17,7 +17,7 @@ from drafters.medusa import KIND, MedusaDrafter, MedusaHeads
 from specdec import checkpoint, models
 from specdec import tree as tree_ops
 from train.features import Batch, FeatureSet
-from train.job import JobSpec, check_keys, hydra_main
+from train.job import JobSpec, accuracy_metrics, check_keys, hydra_main
 
 OPTIONS = {"save_dtype", "num_heads", "num_layers", "draft_vocab_size", "head_decay", "tree_nodes", "ranks"}
 
@@ -105,10 +105,7 @@ def rank_accuracy(module: MedusaTrainModule, val: FeatureSet, ranks: int = 4, ba
 
 
 def metrics(module: MedusaTrainModule, val: FeatureSet) -> dict:
-    acc = rank_accuracy(module, val, int(module.opts.get("ranks", 4)))
-    out = {f"head{k + 1}_top1": row[0] for k, row in enumerate(acc)}
-    out.update({f"head{k + 1}_top{len(row)}": sum(row) for k, row in enumerate(acc)})
-    return out
+    return accuracy_metrics(rank_accuracy(module, val, int(module.opts.get("ranks", 4))), "head")
 
 
 def choices_for(module: MedusaTrainModule, val: FeatureSet) -> list[list[int]]:
