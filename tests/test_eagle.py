@@ -142,3 +142,56 @@ def test_job_resume_at_the_end_reproduces_the_checkpoint(trained):
     before, _ = checkpoint.load(final)
     after, _ = checkpoint.load(job.run(eagle.SPEC, cfg, progress=False))
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_loss_aligns_pairs_with_the_next_feature_and_the_token_after():
+    """Pair i = (f_i, x_{i+1}) is scored against f_{i+1} and the target's distribution at i+1 (token x_{i+2}),
+    only where x_{i+2} is a training token; a hand computation of the same terms gives the same loss."""
+    from train.features import Batch
+
+    target = tiny_llama(0, dtype=torch.float32)
+
+    class Data:
+        class train:
+            @staticmethod
+            def token_counts(v):
+                return torch.ones(v)
+
+    cfg = {"drafter": {"draft_vocab_size": 0, "unroll": 1, "unroll_decay": 0.8, "feature_weight": 0.5,
+                       "token_weight": 2.0, "init_layer": None, "tree_nodes": 4, "max_depth": 2, "ranks": 2}}
+    module = eagle.make_module(target, Data, cfg)
+    torch.manual_seed(0)
+    L, H = 6, target.config.hidden_size
+    tokens = torch.randint(3, 96, (1, L))
+    hidden = torch.randn(1, L, H)
+    loss_mask = torch.tensor([[False, False, True, True, False, True]])
+    batch = Batch(tokens, hidden, loss_mask, torch.ones(1, L, dtype=torch.bool), torch.randint(0, 96, (1, L)))
+    loss, metrics = eagle.loss_fn(module, batch)
+
+    g = module.head(hidden[:, :-1], target.get_input_embeddings()(tokens[:, 1:]), torch.arange(L - 1)[None],
+                    unrolled_mask(L - 1, 0, torch.float32))
+    keep = [i for i in range(L - 2) if loss_mask[0, i + 2]]  # pairs whose drafted token x_{i+2} is trained
+    assert keep == [0, 1, 3]
+    teacher = torch.softmax(hidden[0, 1:] @ target.lm_head.weight.T, -1)
+    ce = -(teacher * torch.log_softmax(module.head.logits(g[0]), -1)).sum(-1)
+    reg = torch.nn.functional.smooth_l1_loss(g[0], hidden[0, 1:], reduction="none").mean(-1)
+    expected = 0.5 * reg[keep].mean() + 2.0 * ce[keep].mean()
+    torch.testing.assert_close(loss, expected)
+    top1 = (module.head.logits(g[0]).argmax(-1) == batch.target_top1[0, 1:]).float()[keep].mean()
+    assert abs(metrics["depth1_top1"] - float(top1)) < 1e-6
+
+
+def test_fine_tune_from_a_trained_head(trained, tmp_path):
+    """``drafter.init_from=<checkpoint>`` starts from that head (same draft vocabulary) instead of a fresh one."""
+    final, tmp = trained
+    cfg = job_config(tmp, "eagle", [f"drafter.init_from={final}", f"output_dir={tmp_path / 'ft'}"])
+    target, _ = specdec.models.load_target(str(tmp / "target"))
+
+    class Data:
+        train = None
+
+    module = eagle.make_module(target, Data, cfg)
+    state, _ = checkpoint.load(final)
+    assert all(torch.equal(module.head.state_dict()[k].to(state[k].dtype), state[k]) for k in state)
+    out = job.run(eagle.SPEC, cfg, progress=False)
+    assert torch.equal(checkpoint.load(out)[0]["d2t"], state["d2t"])

@@ -20,7 +20,7 @@ from train.features import Batch, FeatureSet
 from train.job import JobSpec, accuracy_metrics, check_keys, hydra_main
 
 OPTIONS = {"save_dtype", "draft_vocab_size", "unroll", "unroll_decay", "feature_weight", "token_weight",
-           "init_layer", "tree_nodes", "max_depth", "ranks"}
+           "init_layer", "init_from", "tree_nodes", "max_depth", "ranks"}
 
 
 class EagleTrainModule(nn.Module):
@@ -40,6 +40,11 @@ class EagleTrainModule(nn.Module):
 def make_module(target, data, cfg: dict) -> EagleTrainModule:
     opts = dict(cfg["drafter"])
     check_keys(opts, OPTIONS, "drafter (eagle training)")
+    if opts.get("init_from"):  # fine-tune a trained head (its draft vocabulary is kept)
+        state, _ = checkpoint.load(opts["init_from"], kind=KIND, target=target)
+        head = EagleHead.for_target(target, state["d2t"])
+        checkpoint.load_into(head, state, opts["init_from"])
+        return EagleTrainModule(head.float(), target, opts)
     always = [t for t in [target.generation_config.eos_token_id] if isinstance(t, int)]
     d2t = reduced_vocab(data.train.token_counts(target.config.vocab_size), int(opts["draft_vocab_size"]), always)
     head = EagleHead.for_target(target, d2t)

@@ -101,7 +101,8 @@ def run(spec: JobSpec, cfg: dict, progress: bool = True) -> Path:
     state, drafter_cfg = spec.export(module, target, data, last, cfg)
     info = {"val": last, "train_steps": schedule.steps, "train_seconds": round(train_s, 1),
             "data_seconds": round(data_s, 1), "train_positions": data.train.manifest["positions"],
-            "train_sequences": len(data.train), "command": " ".join(shlex.quote(a) for a in sys.argv)}
+            "train_sequences": len(data.train), "resumed_from_step": trainer.resumed_from,
+            "command": " ".join(["python -m", f"train.{spec.kind}", *(shlex.quote(a) for a in sys.argv[1:])])}
     final = checkpoint.save(out_dir / FINAL, spec.kind, state, drafter_cfg, target=target,
                             extra={"training": info}, card=card(spec.kind, cfg, info))
     print(f"{spec.kind} drafter written to {final} (validation tau {last.get('tau', float('nan')):.2f})")
@@ -127,7 +128,9 @@ def card(kind: str, cfg: dict, info: dict) -> str:
         f"- sources (self-distilled prompts): {json.dumps(data['self_distill']['sources'])}",
         f"- sources (teacher-forced): {json.dumps(data['teacher_forced']['sources'])}",
         f"- steps: {info['train_steps']} x batch {cfg['train']['batch_size']}, lr {cfg['train']['lr']}; "
-        f"training took {info['train_seconds']} s (data step {info['data_seconds']} s, shared by all jobs)",
+        f"training took {info['train_seconds']} s" + (f" after resuming at step {info['resumed_from_step']}"
+                                                        if info.get("resumed_from_step") else "")
+        + f" (data step {info['data_seconds']} s, shared by all jobs)",
         f"- drafter settings: `{json.dumps(cfg.get('drafter', {}))}`",
         "",
         "## Measured on held-out prompts",

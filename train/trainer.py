@@ -86,6 +86,7 @@ class Trainer:
         self.loss_fn, self.train_set, self.logger, self.evaluate = loss_fn, train_set, logger, evaluate
         self.progress = progress
         self.step = 0
+        self.resumed_from: int | None = None
 
     @property
     def unwrapped(self) -> torch.nn.Module:
@@ -160,6 +161,7 @@ class Trainer:
 
     def run(self, resume: bool = False) -> torch.nn.Module:
         if resume and self.load_state():
+            self.resumed_from = self.step
             print(f"resumed from {self.out_dir / STATE_DIR} at step {self.step}")
         s = self.schedule
         bar = tqdm(total=s.steps, initial=self.step, desc="train", unit="step", disable=not self.progress)
