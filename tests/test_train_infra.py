@@ -216,3 +216,41 @@ def test_cut_tree_keeps_the_best_paths_first():
     assert cut_tree(parents, ranks, choice_priority(choices), 4, 8) == ([-1, 0, 1, 2], [-1, 0, 0, 0])
     assert cut_tree(parents, ranks, choice_priority(choices), 4, 1) == ([-1, 0, 0], [-1, 0, 1])
     assert cut_tree(parents, ranks, list(range(1, 6)), 3, 8) == ([-1, 0, 0], [-1, 0, 1])  # node order
+
+
+class Tied(torch.nn.Module):
+    """A module with tied weights (like a draft model with the target's tied embedding/LM head)."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(96, 8)
+        self.head = torch.nn.Linear(8, 96, bias=False)
+        self.head.weight = self.emb.weight
+        self.mid = torch.nn.Linear(8, 8)
+
+
+def tied_loss(module, batch):
+    logits = module.head(module.mid(module.emb(batch.tokens)))
+    return torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch.target_top1.flatten()), {}
+
+
+def test_training_state_with_tied_weights_saves_and_resumes(tmp_path, two_files):
+    _, fs, _ = _eagle_setup(tmp_path, two_files)
+    schedule = Schedule(steps=4, batch_size=2, warmup=1, eval_every=100, save_every=2, log_every=1)
+    log = Logger(tmp_path / "log", name="none")
+    torch.manual_seed(0)
+    straight = Trainer(Tied(), tied_loss, fs, schedule, tmp_path / "a", log, progress=False).run()
+    def crashing(module, batch, _n=[0]):
+        _n[0] += 1
+        if _n[0] == 3:
+            raise Crash
+        return tied_loss(module, batch)
+
+    torch.manual_seed(0)
+    with pytest.raises(Crash):
+        Trainer(Tied(), crashing, fs, schedule, tmp_path / "b", log, progress=False).run()
+    torch.manual_seed(5)
+    resumed = Trainer(Tied(), tied_loss, fs, schedule, tmp_path / "b", log, progress=False).run(resume=True)
+    assert resumed.head.weight is resumed.emb.weight
+    for k, v in straight.state_dict().items():
+        assert torch.equal(v, resumed.state_dict()[k]), k

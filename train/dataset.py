@@ -27,6 +27,7 @@ class Data:
     val: features.FeatureSet
     val_prompts: list[dict]  # held-out conversations ending in a user turn
     cache_dir: Path
+    num_answers: int = 0  # self-distilled answers in the training rows (all the cache holds)
 
 
 def cache_dir_for(cfg: dict, target) -> Path:
@@ -55,6 +56,7 @@ def build(cfg: dict, target, tokenizer, progress: bool = True) -> Data:
         prompts = prompts_of(mixture(sd["sources"], int(sd["num_prompts"]), split="train",
                                      val_fraction=val_fraction, seed=seed, data_root=root))
         train_rows += selfdistill.generate_answers(target, tokenizer, prompts, out / "answers-train.jsonl", **gen)
+    num_answers = len(train_rows)
     if int(tf["num_rows"]) > 0:
         train_rows += mixture(tf["sources"], int(tf["num_rows"]), split="train", val_fraction=val_fraction,
                               seed=seed + 1, data_root=root)
@@ -66,4 +68,4 @@ def build(cfg: dict, target, tokenizer, progress: bool = True) -> Data:
                 topk=int(cfg["features"]["topk"]), progress=progress)
     train_set = features.extract(target, tokenizer, train_rows, out / "train", **feat)
     val_set = features.extract(target, tokenizer, val_rows, out / "val", **feat)
-    return Data(train=train_set, val=val_set, val_prompts=val_prompts, cache_dir=out)
+    return Data(train=train_set, val=val_set, val_prompts=val_prompts, cache_dir=out, num_answers=num_answers)

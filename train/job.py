@@ -101,7 +101,7 @@ def run(spec: JobSpec, cfg: dict, progress: bool = True) -> Path:
     state, drafter_cfg = spec.export(module, target, data, last, cfg)
     info = {"val": last, "train_steps": schedule.steps, "train_seconds": round(train_s, 1),
             "data_seconds": round(data_s, 1), "train_positions": data.train.manifest["positions"],
-            "train_sequences": len(data.train), "resumed_from_step": trainer.resumed_from,
+            "train_sequences": len(data.train), "self_distilled_answers": data.num_answers, "resumed_from_step": trainer.resumed_from,
             "command": " ".join(["python -m", f"train.{spec.kind}", *(shlex.quote(a) for a in sys.argv[1:])])}
     final = checkpoint.save(out_dir / FINAL, spec.kind, state, drafter_cfg, target=target,
                             extra={"training": info}, card=card(spec.kind, cfg, info))
@@ -121,7 +121,7 @@ def card(kind: str, cfg: dict, info: dict) -> str:
         "## How it was made",
         "",
         f"- command: `{info['command']}`",
-        f"- data: {data['self_distill']['num_prompts']} prompts answered by the target itself (greedy, "
+        f"- data: {info['self_distilled_answers']} prompts answered by the target itself (greedy, "
         f"<= {data['self_distill']['max_new_tokens']} tokens) + {data['teacher_forced']['num_rows']} "
         "teacher-forced conversations from `../shared/data/train/`: "
         f"{info['train_sequences']} sequences, {info['train_positions']} positions",

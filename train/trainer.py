@@ -20,7 +20,8 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import load_model, save_model
 from tqdm.auto import tqdm
 
 from specdec.checkpoint import CheckpointError
@@ -94,9 +95,6 @@ class Trainer:
 
     # ------------------------------------------------------------------ state
 
-    def trainable_state(self) -> dict[str, torch.Tensor]:
-        return {k: v for k, v in self.unwrapped.state_dict().items()}
-
     def save_state(self) -> None:
         """Module, optimizer, scheduler, step and RNG states, atomically (a crash keeps the previous state)."""
         if not self.accelerator.is_main_process:
@@ -105,8 +103,7 @@ class Trainer:
         tmp = self.out_dir / f".{STATE_DIR}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        save_file({k: v.detach().contiguous().cpu() for k, v in self.trainable_state().items()},
-                  str(tmp / "module.safetensors"))
+        save_model(self.unwrapped, str(tmp / "module.safetensors"))  # tied weights (shared storage) saved once
         torch.save({"optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
                     "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(),
                     "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
@@ -126,7 +123,7 @@ class Trainer:
             return False
         try:
             meta = json.loads((path / "trainer.json").read_text())
-            module_state = load_file(str(path / "module.safetensors"))
+            safe_open(str(path / "module.safetensors"), "pt").keys()
             rest = torch.load(path / "optimizer.pt", weights_only=False)
         except Exception as e:  # any unreadable piece: refuse, never train on from a half state
             raise CheckpointError(f"training state in {path} is corrupt ({type(e).__name__}: {e}); delete it to "
@@ -135,12 +132,13 @@ class Trainer:
                 meta["schedule"].get("seed") != self.schedule.seed:
             raise CheckpointError(f"training state in {path} used batch_size/seed {meta['schedule'].get('batch_size')}"
                                   f"/{meta['schedule'].get('seed')}; resume with the same train settings.")
-        own = self.unwrapped.state_dict()
-        bad = [k for k in own if k not in module_state or module_state[k].shape != own[k].shape]
-        if bad or set(module_state) - set(own):
-            raise CheckpointError(f"training state in {path} does not fit this drafter (e.g. {bad[:3]}); it was "
-                                  "saved with another configuration or target.")
-        self.unwrapped.load_state_dict(module_state)
+        try:
+            missing, unexpected = load_model(self.unwrapped, str(path / "module.safetensors"), strict=False)
+        except RuntimeError as e:  # shape mismatches
+            missing, unexpected = [str(e).splitlines()[-1].strip()], []
+        if missing or unexpected:
+            raise CheckpointError(f"training state in {path} does not fit this drafter (e.g. {[*missing, *unexpected][:3]}); "
+                                  "it was saved with another configuration or target.")
         self.opt.load_state_dict(rest["optimizer"])
         self.sched.load_state_dict(rest["scheduler"])
         torch.set_rng_state(rest["torch_rng"])
