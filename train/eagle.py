@@ -14,10 +14,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from drafters.eagle import KIND, EagleDrafter, EagleHead, reduced_vocab
-from specdec import checkpoint, hf_cache, models
+from specdec import checkpoint, hf_cache
 from specdec import tree as tree_ops
 from train.features import Batch, FeatureSet
-from train.job import JobSpec, accuracy_metrics, check_keys, hydra_main
+from train.job import JobSpec, accuracy_metrics, check_keys, hydra_main, shipping_state
 
 OPTIONS = {"save_dtype", "draft_vocab_size", "unroll", "unroll_decay", "feature_weight", "token_weight",
            "init_layer", "init_from", "tree_nodes", "max_depth", "ranks"}
@@ -166,8 +166,7 @@ def export(module: EagleTrainModule, target, data, val_metrics: dict, cfg: dict)
     choices = choices_for(module, data.val)
     config = {"choices": choices, **{k: v for k, v in module.opts.items()},
               "draft_vocab_size": len(module.head.d2t)}
-    state = {k: v.detach().cpu() for k, v in module.head.state_dict().items()}
-    return checkpoint.cast_floats(state, models.resolve_dtype(module.opts.get("save_dtype") or "float32")), config
+    return shipping_state(module.head, module.opts), config
 
 
 SPEC = JobSpec(kind=KIND, make_module=make_module, loss_fn=loss_fn, metrics=metrics, make_drafter=make_drafter,

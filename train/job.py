@@ -141,6 +141,12 @@ def card(kind: str, cfg: dict, info: dict) -> str:
     return "\n".join(lines)
 
 
+def shipping_state(module: torch.nn.Module, opts: dict) -> dict[str, torch.Tensor]:
+    """A trained module's state on the CPU, floating tensors in ``opts["save_dtype"]`` (default float32)."""
+    state = {k: v.detach().cpu() for k, v in module.state_dict().items()}
+    return checkpoint.cast_floats(state, models.resolve_dtype(opts.get("save_dtype") or "float32"))
+
+
 def accuracy_metrics(acc: list[list[float]], name: str) -> dict:
     """``{name1_top1, name1_topR, ...}`` from rank accuracies ``acc[d][r]`` (per depth or per head)."""
     out = {f"{name}{d + 1}_top1": row[0] for d, row in enumerate(acc)}

@@ -14,10 +14,9 @@ from torch import nn
 
 from drafters.eagle import reduced_vocab
 from drafters.medusa import KIND, MedusaDrafter, MedusaHeads
-from specdec import checkpoint, models
 from specdec import tree as tree_ops
 from train.features import Batch, FeatureSet
-from train.job import JobSpec, accuracy_metrics, check_keys, hydra_main
+from train.job import JobSpec, accuracy_metrics, check_keys, hydra_main, shipping_state
 
 OPTIONS = {"save_dtype", "num_heads", "num_layers", "draft_vocab_size", "head_decay", "tree_nodes", "ranks"}
 
@@ -129,8 +128,7 @@ def make_drafter(target, tokenizer, module: MedusaTrainModule, data) -> MedusaDr
 
 def export(module: MedusaTrainModule, target, data, val_metrics: dict, cfg: dict) -> tuple[dict, dict]:
     config = {"choices": choices_for(module, data.val), **module.opts, "draft_vocab_size": len(module.heads.d2t)}
-    state = {k: v.detach().cpu() for k, v in module.heads.state_dict().items()}
-    return checkpoint.cast_floats(state, models.resolve_dtype(module.opts.get("save_dtype") or "float32")), config
+    return shipping_state(module.heads, module.opts), config
 
 
 SPEC = JobSpec(kind=KIND, make_module=make_module, loss_fn=loss_fn, metrics=metrics, make_drafter=make_drafter,
