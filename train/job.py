@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from accelerate import PartialState
 
 from specdec import checkpoint, models
 from specdec.errors import ConfigError
@@ -87,8 +88,9 @@ def run(spec: JobSpec, cfg: dict, progress: bool = True) -> Path:
         return metrics
 
     log_cfg = dict(cfg.get("logger") or {"name": "none"})
+    main_process = PartialState().is_main_process  # under `accelerate launch`, only one process logs and exports
     logger = Logger(out_dir, name=log_cfg.pop("name"), run_name=f"{spec.kind}-{out_dir.name}", config=cfg,
-                    **log_cfg)
+                    enabled=main_process, **log_cfg)
     trainer = Trainer(module, spec.loss_fn, data.train, schedule, out_dir, logger, evaluate, progress=progress)
     train_start = time.perf_counter()
     module = trainer.run(resume=bool(cfg.get("resume", False)))
@@ -98,12 +100,15 @@ def run(spec: JobSpec, cfg: dict, progress: bool = True) -> Path:
         with torch.no_grad():
             evaluate(module)
     logger.finish()
+    final = out_dir / FINAL
+    if not main_process:
+        return final
     state, drafter_cfg = spec.export(module, target, data, last, cfg)
     info = {"val": last, "train_steps": schedule.steps, "train_seconds": round(train_s, 1),
             "data_seconds": round(data_s, 1), "train_positions": data.train.manifest["positions"],
             "train_sequences": len(data.train), "self_distilled_answers": data.num_answers, "resumed_from_step": trainer.resumed_from,
             "command": " ".join(["python -m", f"train.{spec.kind}", *(shlex.quote(a) for a in sys.argv[1:])])}
-    final = checkpoint.save(out_dir / FINAL, spec.kind, state, drafter_cfg, target=target,
+    final = checkpoint.save(final, spec.kind, state, drafter_cfg, target=target,
                             extra={"training": info}, card=card(spec.kind, cfg, info))
     print(f"{spec.kind} drafter written to {final} (validation tau {last.get('tau', float('nan')):.2f})")
     return final
