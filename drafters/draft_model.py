@@ -55,7 +55,7 @@ class DraftModelDrafter:
                     "the draft_model drafter needs a model: set drafter.path=<hub id or local path> "
                     "(a causal LM sharing the target's tokenizer), or pass model=... in Python."
                 )
-            if is_checkpoint(path):
+            if checkpoint.is_checkpoint(path):
                 model, meta = load_checkpoint_model(target, path, dtype)
                 recommended = meta["config"]
             else:
@@ -188,8 +188,13 @@ KIND = "draft_model"
 
 
 def decoder(model) -> nn.Module:
-    """The decoder stack of a causal LM (``.layers``, ``.norm``): ``model.model`` for Llama-style models."""
-    return model.model if hasattr(model, "model") else model.base_model
+    """The causal LM's inner decoder with ``.layers`` and ``.norm`` (``model.model`` for Llama, Qwen2, Mistral...)."""
+    inner = getattr(model, getattr(model, "base_model_prefix", "model"), None)
+    if not isinstance(getattr(inner, "layers", None), nn.ModuleList) or not isinstance(getattr(inner, "norm", None),
+                                                                                        nn.Module):
+        raise ConfigError(f"this drafter needs a decoder with .layers and .norm (Llama-style); "
+                          f"{type(model).__name__} has none under .{getattr(model, 'base_model_prefix', 'model')}.")
+    return inner
 
 
 def own_modules(model) -> nn.ModuleDict:
@@ -281,12 +286,6 @@ def from_state(target, hf_config: dict, state: dict[str, torch.Tensor], path: st
     _share_vocab(model, target)
     checkpoint.load_into(own_modules(model), {k: v.to(dtype) for k, v in state.items()}, path)
     return model
-
-
-def is_checkpoint(path: str | Path) -> bool:
-    """Whether ``path`` is a specdec drafter checkpoint directory (rather than a hub id or HF model directory)."""
-    p = Path(str(path)).expanduser()
-    return p.is_dir() and (p / checkpoint.META).exists()
 
 
 def load_checkpoint_model(target, path: str | Path, dtype: str | None = None) -> tuple[nn.Module, dict]:

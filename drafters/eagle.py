@@ -18,7 +18,7 @@ import copy
 import torch
 from torch import nn
 
-from drafters.draft_model import DraftModelDrafter, check_contiguous_ranks
+from drafters.draft_model import DraftModelDrafter, check_contiguous_ranks, decoder
 from specdec import checkpoint, hf_cache, models
 from specdec import tree as tree_ops
 from specdec.errors import ConfigError, SpecdecError
@@ -55,13 +55,13 @@ class EagleHead(nn.Module):
 
     @classmethod
     def for_target(cls, target, d2t: torch.Tensor) -> EagleHead:
-        base = target.model if hasattr(target, "model") else target.base_model
+        base = decoder(target)
         return cls(target.config, type(base.layers[0]), type(base.rotary_emb), d2t)
 
     def init_from_target(self, target, layer: int = -1) -> None:
         """Warm start: the decoder layer from one of the target's with its output projections zeroed (so the head
         starts as the identity), the draft LM head from the target's rows, fc passing the feature through."""
-        base = target.model if hasattr(target, "model") else target.base_model
+        base = decoder(target)
         self.layer.load_state_dict(base.layers[layer].state_dict())
         with torch.no_grad():
             for name, p in self.layer.named_parameters():  # the layer starts as the identity on its residual

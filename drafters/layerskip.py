@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from drafters.draft_model import DraftModelDrafter
+from drafters.draft_model import DraftModelDrafter, decoder
 from specdec import checkpoint
 from specdec.errors import ConfigError
 
@@ -87,16 +87,6 @@ class ExitAdapter(nn.Module):
 
 
 # ------------------------------------------------------------------ the view
-
-
-def decoder(model) -> nn.Module:
-    """The causal LM's inner decoder (``model.model`` for Llama, Qwen2, Mistral, ...)."""
-    inner = getattr(model, getattr(model, "base_model_prefix", "model"), None)
-    if not isinstance(getattr(inner, "layers", None), nn.ModuleList) or not isinstance(getattr(inner, "norm", None),
-                                                                                        nn.Module):
-        raise ConfigError(f"layer skipping needs a decoder with .layers and .norm (Llama-style); "
-                          f"{type(model).__name__} has none under .{getattr(model, 'base_model_prefix', 'model')}.")
-    return inner
 
 
 def num_layers(model) -> int:
