@@ -1,0 +1,87 @@
+"""Paged tree attention (torch reference) == dense SDPA with the same mask, over random trees, block sizes, GQA
+ratios and prefix lengths; and the stale-memory case (blocks holding leftovers must not leak into the result)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from specdec.tree import ancestor_mask
+from verifiers.paged_attention import (
+    dense_reference,
+    gather_prefix,
+    paged_tree_attention_torch,
+)
+
+
+def random_parents(g: torch.Generator, n: int, dead: int) -> list[int]:
+    """A random tree of ``n`` nodes (parent < own index) followed by ``dead`` padding nodes."""
+    live = [-1] + [int(torch.randint(0, i, (1,), generator=g)) for i in range(1, n)]
+    return live + [-2] * dead
+
+
+def make_case(seed: int, b: int, hkv: int, group: int, n: int, d: int, bs: int, prefix: list[int],
+              dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    h = hkv * group
+    max_blocks = max(1, max(-(-p // bs) for p in prefix))
+    num_blocks = b * max_blocks + 3
+    perm = torch.randperm(num_blocks, generator=g)[: b * max_blocks].view(b, max_blocks)  # non-contiguous tables
+    q = torch.randn(b, n, h, d, generator=g, dtype=dtype).transpose(1, 2)  # non-contiguous, as in the model
+    k = torch.randn(b, n, hkv, d, generator=g, dtype=dtype).transpose(1, 2)
+    v = torch.randn(b, n, hkv, d, generator=g, dtype=dtype).transpose(1, 2)
+    kp = torch.randn(num_blocks, hkv, bs, d, generator=g, dtype=dtype)
+    vp = torch.randn(num_blocks, hkv, bs, d, generator=g, dtype=dtype)
+    parents = torch.tensor([random_parents(g, n - (i % 2), i % 2) for i in range(b)])
+    return q, k, v, kp, vp, perm, torch.tensor(prefix), ancestor_mask(parents), d ** -0.5
+
+
+@given(seed=st.integers(0, 10_000), b=st.integers(1, 3), hkv=st.integers(1, 3), group=st.sampled_from([1, 3]),
+       n=st.integers(2, 9), bs=st.sampled_from([1, 2, 4, 16]), data=st.data())
+def test_torch_reference_equals_dense_sdpa(seed, b, hkv, group, n, bs, data):
+    prefix = data.draw(st.lists(st.integers(0, 40), min_size=b, max_size=b))
+    case = make_case(seed, b, hkv, group, n, 8, bs, prefix)
+    got = paged_tree_attention_torch(*case)
+    want = dense_reference(*case)
+    assert got.shape == (b, n, hkv * group, 8)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+def test_chain_without_prefix_is_causal_attention():
+    q, k, v, kp, vp, table, _, _, scale = make_case(0, 1, 3, 3, 6, 16, 4, [0])
+    causal = torch.ones(6, 6, dtype=torch.bool).tril()[None]
+    got = paged_tree_attention_torch(q, k, v, kp, vp, table, torch.tensor([0]), causal, scale)
+    want = torch.nn.functional.scaled_dot_product_attention(q, k.repeat_interleave(3, 1), v.repeat_interleave(3, 1),
+                                                            is_causal=True, scale=scale).transpose(1, 2)
+    torch.testing.assert_close(got, want)
+
+
+def test_positions_past_the_prefix_are_ignored():
+    """Leftover values in a sequence's last block (past its length) or in padding table entries change nothing."""
+    case = list(make_case(1, 2, 2, 3, 5, 8, 4, [6, 3]))
+    before = paged_tree_attention_torch(*case)
+    kp, vp, table = case[3].clone(), case[4].clone(), case[5]
+    for b, length in enumerate([6, 3]):
+        for p in range(length, table.shape[1] * 4):
+            kp[table[b, p // 4], :, p % 4] = 1e3
+            vp[table[b, p // 4], :, p % 4] = -1e3
+    case[3], case[4] = kp, vp
+    torch.testing.assert_close(paged_tree_attention_torch(*case), before)
+
+
+def test_gather_prefix_orders_blocks_by_table():
+    pool = torch.arange(4 * 1 * 2 * 1, dtype=torch.float32).view(4, 1, 2, 1)  # block i holds 2i, 2i+1
+    got = gather_prefix(pool, torch.tensor([[3, 0], [1, 2]]))
+    assert got[..., 0].tolist() == [[[6, 7, 0, 1], [2, 3, 4, 5]]]  # [H_kv=1, B=2, P=4]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lower_precision_dtypes(dtype):
+    case = make_case(3, 2, 3, 3, 7, 64, 16, [20, 33], dtype=dtype)
+    got = paged_tree_attention_torch(*case)
+    assert got.dtype == dtype
+    want = dense_reference(*[c.double() if isinstance(c, torch.Tensor) and c.is_floating_point() else c for c in case])
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol)

@@ -1,0 +1,87 @@
+"""Tree attention over a paged KV cache: the plain-torch reference (the oracle, and the CPU default).
+
+The queries are a verify step's (or a prefill chunk's) new tokens, ``N`` per sequence. Each attends to
+
+* its sequence's **cached prefix**: positions ``0 .. L_b - 1``, stored in fixed-size KV blocks; position ``p`` lives
+  in block ``block_tables[b, p // block_size]`` at offset ``p % block_size``;
+* the **new tokens themselves** under the tree's ancestor mask (``tree_mask[b, i, j]``: node ``i`` sees node ``j``;
+  a chain's mask is causal, a dead node sees only itself).
+
+Both parts go through one softmax (exact, not approximated). Grouped-query attention is computed by viewing the
+``H`` query heads as ``H_kv`` groups of ``G = H / H_kv`` rows each, so K/V are never repeated in memory.
+
+The Triton kernel (:mod:`verifiers.triton_attention`) computes the same function on GPUs; tests compare both with
+dense SDPA under the same mask.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def gather_prefix(pool: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
+    """The cached K (or V) of each sequence, contiguous, KV-head major: ``[H_kv, B, max_blocks * block_size, D]``.
+
+    pool: ``[num_blocks, H_kv, block_size, D]``, ideally a view of ``[H_kv, num_blocks, block_size, D]`` storage
+    (as :class:`~specdec.paged_cache.PagedKVCache` allocates it): then this is one ``index_select`` copy and the
+    result's batch dims merge without another. block_tables: ``[B, max_blocks]`` (padding entries may be any valid
+    block id: positions past a sequence's length are masked by the caller).
+    """
+    b, nb = block_tables.shape
+    _, hkv, bs, d = pool.shape
+    blocks = pool.transpose(0, 1).index_select(1, block_tables.reshape(-1))  # [H_kv, B * nb, bs, D]
+    return blocks.view(hkv, b, nb * bs, d)
+
+
+def paged_tree_attention_torch(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                               k_pool: torch.Tensor, v_pool: torch.Tensor, block_tables: torch.Tensor,
+                               prefix_lens: torch.Tensor, tree_mask: torch.Tensor, scale: float) -> torch.Tensor:
+    """Attention of ``N`` new tokens per sequence over its paged prefix plus the new tokens (ancestor mask).
+
+    query: ``[B, H, N, D]``; key, value: ``[B, H_kv, N, D]`` (the new tokens' K/V, rotary applied);
+    k_pool, v_pool: ``[num_blocks, H_kv, block_size, D]``; block_tables: ``[B, max_blocks]`` int;
+    prefix_lens: ``[B]`` int (cached tokens per sequence; 0 allowed); tree_mask: ``[B, N, N]`` bool;
+    scale: the softmax scale (``D ** -0.5`` for Llama). Returns ``[B, N, H, D]`` (transformers' layout).
+
+    Computed KV-head major (``[H_kv, B, G * N, ...]``) so the gathered prefix needs no second copy.
+    Example: with ``prefix_lens = [0]`` and a causal ``tree_mask`` this is plain causal self-attention.
+    """
+    b, h, n, d = query.shape
+    hkv = key.shape[1]
+    g = h // hkv
+    q = query.reshape(b, hkv, g * n, d).transpose(0, 1)  # [H_kv, B, G*N, D], rows ordered (group, node)
+    tree_scores = torch.matmul(q, key.transpose(0, 1).transpose(-1, -2)) * scale  # [H_kv, B, G*N, N]
+    allowed = tree_mask[None, :, None]  # [1, B, 1, N, N]
+    tree_scores = tree_scores.view(hkv, b, g, n, n).masked_fill(~allowed, float("-inf")).view(hkv, b, g * n, n)
+    v_tree = value.transpose(0, 1)  # [H_kv, B, N, D]
+    if block_tables.shape[1] == 0 or int(prefix_lens.max()) == 0:
+        out = torch.matmul(torch.softmax(tree_scores, dim=-1), v_tree)
+    else:
+        k_prefix = gather_prefix(k_pool, block_tables)  # [H_kv, B, P, D]
+        v_prefix = gather_prefix(v_pool, block_tables)
+        p = k_prefix.shape[2]
+        prefix_scores = torch.matmul(q, k_prefix.transpose(-1, -2)) * scale  # [H_kv, B, G*N, P]
+        past = torch.arange(p, device=query.device)[None, :] >= prefix_lens[:, None].to(query.device)  # [B, P]
+        prefix_scores = prefix_scores.masked_fill(past[None, :, None, :], float("-inf"))
+        probs = torch.softmax(torch.cat([prefix_scores, tree_scores], dim=-1), dim=-1)
+        out = torch.matmul(probs[..., :p], v_prefix) + torch.matmul(probs[..., p:], v_tree)
+    return out.transpose(0, 1).reshape(b, h, n, d).transpose(1, 2)
+
+
+def dense_reference(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, k_pool: torch.Tensor,
+                    v_pool: torch.Tensor, block_tables: torch.Tensor, prefix_lens: torch.Tensor,
+                    tree_mask: torch.Tensor, scale: float) -> torch.Tensor:
+    """The same function through dense SDPA, one sequence at a time with K/V repeated per query head (tests only)."""
+    b, h, n, _ = query.shape
+    g = h // key.shape[1]
+    outs = []
+    for i in range(b):
+        L = int(prefix_lens[i])
+        k_prefix = gather_prefix(k_pool, block_tables[i:i + 1]).transpose(0, 1)[..., :L, :]
+        v_prefix = gather_prefix(v_pool, block_tables[i:i + 1]).transpose(0, 1)[..., :L, :]
+        k = torch.cat([k_prefix, key[i:i + 1]], dim=2).repeat_interleave(g, dim=1)
+        v = torch.cat([v_prefix, value[i:i + 1]], dim=2).repeat_interleave(g, dim=1)
+        mask = torch.cat([torch.ones(n, L, dtype=torch.bool, device=query.device), tree_mask[i]], dim=1)
+        outs.append(torch.nn.functional.scaled_dot_product_attention(query[i:i + 1], k, v, attn_mask=mask,
+                                                                      scale=scale))
+    return torch.cat(outs).transpose(1, 2)
