@@ -15,6 +15,7 @@ import torch
 
 from specdec import checkpoint, cpu_gemm, models, registry
 from specdec.acceptance import LOSSY, get_rule
+from specdec.batch import BatchEngine, DrafterPool
 from specdec.errors import PromptError, SpecdecError, VocabularyMismatchError
 from specdec.loop import decode
 from specdec.protocols import check_capabilities
@@ -37,7 +38,8 @@ class SpecDecoder:
 
     def __init__(self, target=None, tokenizer=None, *, drafter="ngram", verifier: str = "hf",
                  acceptance: str | None = None, max_nodes: int = DEFAULT_MAX_NODES, dtype=None,
-                 drafter_kwargs: dict | None = None, small_batch_linear: bool | None = None) -> None:
+                 drafter_kwargs: dict | None = None, small_batch_linear: bool | None = None,
+                 verifier_kwargs: dict | None = None, max_batch_size: int = 8) -> None:
         if target is None or isinstance(target, str):
             target, loaded_tok = models.load_target(target, dtype=dtype or "float32")
             tokenizer = tokenizer or loaded_tok
@@ -45,15 +47,19 @@ class SpecDecoder:
         self.tokenizer = tokenizer
         if drafter is None:
             drafter = "none"
+        self._drafter_spec = None  # (kind, kwargs): how to build one more drafter for batched requests
         if isinstance(drafter, str) and checkpoint.is_checkpoint(drafter):  # a trained drafter's directory
             kind = checkpoint.read_meta(drafter)["kind"]
-            drafter = registry.build_drafter(kind, target, tokenizer, **{"path": drafter, **(drafter_kwargs or {})})
+            self._drafter_spec = (kind, {"path": drafter, **(drafter_kwargs or {})})
         elif isinstance(drafter, str):
-            drafter = registry.build_drafter(drafter, target, tokenizer, **(drafter_kwargs or {}))
+            self._drafter_spec = (drafter, dict(drafter_kwargs or {}))
         elif drafter_kwargs:
             raise SpecdecError("drafter_kwargs apply to a drafter given by name; configure the object directly.")
+        if self._drafter_spec is not None:
+            drafter = registry.build_drafter(self._drafter_spec[0], target, tokenizer, **self._drafter_spec[1])
         self.drafter = drafter
-        self.verifier = registry.build_verifier(verifier, target)
+        self.verifier = registry.build_verifier(verifier, target, **(verifier_kwargs or {}))
+        self.max_batch_size = max_batch_size
         if acceptance is not None:
             get_rule(acceptance)  # an unknown name fails now, not at the first generate()
         self.acceptance = acceptance  # None: greedy, or rejection when sampling
@@ -68,14 +74,25 @@ class SpecDecoder:
     def generate(self, input_ids=None, *, prompt=None, chat: bool = True, max_new_tokens: int = 128,
                  eos_token_id="default", stop_strings: str | Sequence[str] | None = None, streamer=None,
                  do_sample: bool = False, temperature: float | None = None, top_k: int | None = None,
-                 top_p: float | None = None, seed: int | None = None) -> GenerationOutput:
+                 top_p: float | None = None, seed: int | None = None,
+                 max_batch_size: int | None = None) -> GenerationOutput | list[GenerationOutput]:
         """Generate up to ``max_new_tokens`` tokens after ``input_ids [1, T]`` (or ``prompt`` text).
 
         Stops like ``model.generate``: at EOS (kept), at a stop string (the completing token kept), or at exactly
         ``max_new_tokens``. ``streamer`` (e.g. a ``TextStreamer``) gets the prompt, then each token, then ``end()``.
         Sampling (``do_sample=True``) warps like transformers (temperature, top_k, top_p; unset values come from the
         target's generation config) and is reproducible for a fixed ``seed``.
+
+        A batch of prompts (see :func:`is_batch`) goes to :meth:`generate_batch` and returns a list.
         """
+        if is_batch(input_ids, prompt):
+            if streamer is not None:
+                raise SpecdecError("streamer works with one request; for a batch, drive specdec.batch.BatchEngine "
+                                   "and read the tokens each step() emits.")
+            return self.generate_batch(input_ids, prompt=prompt, chat=chat, max_new_tokens=max_new_tokens,
+                                       eos_token_id=eos_token_id, stop_strings=stop_strings, do_sample=do_sample,
+                                       temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                                       max_batch_size=max_batch_size)
         sampling = self._sampling(do_sample, temperature, top_k, top_p)
         rule = get_rule(self._rule_name(do_sample))
         ids = self._input_ids(input_ids, prompt, chat)
@@ -108,9 +125,70 @@ class SpecDecoder:
         stats.new_tokens = len(new_tokens)
         if streamer is not None:
             streamer.end()
+        return self._output(ids, new_tokens, stats)
+
+    def generate_batch(self, input_ids=None, *, prompt=None, chat: bool = True, max_new_tokens: int = 128,
+                       eos_token_id="default", stop_strings: str | Sequence[str] | None = None,
+                       do_sample: bool = False, temperature: float | None = None, top_k: int | None = None,
+                       top_p: float | None = None, seed: int | None = None,
+                       max_batch_size: int | None = None) -> list[GenerationOutput]:
+        """Generate for many requests at once (continuous batching); one :class:`GenerationOutput` per request,
+        in order. Needs ``verifier="paged"``.
+
+        input_ids: a list of token-id lists / 1-D tensors (any lengths), or a ``[B, T]`` tensor; or ``prompt``: a
+        list of texts or of chat-message lists. Up to ``max_batch_size`` requests (default: the decoder's) run in
+        each verify step; the rest wait and join as others finish. Request i samples with seed ``seed + i``. Each
+        output equals that request generated alone (greedy: token for token). A request that runs out of KV
+        blocks under ``preemption="refuse"`` ends with ``stats.finish_reason == "kv_exhausted"`` (the tokens it
+        made are kept; the others are unaffected).
+        """
+        if not hasattr(self.verifier, "score_batch"):
+            raise SpecdecError("batched generation needs the paged verifier: SpecDecoder(..., verifier='paged') "
+                               "(or verifier=paged in Hydra).")
+        sampling = self._sampling(do_sample, temperature, top_k, top_p)
+        rule = get_rule(self._rule_name(do_sample))
+        requests = self._batch_input_ids(input_ids, prompt, chat)
+        for ids in requests:  # every request checked before any runs: bad input loses nothing
+            self._check_lengths(ids, max_new_tokens)
+        max_batch_size = max_batch_size or self.max_batch_size
+        if self._drafter_spec is None and len(requests) > 1 and max_batch_size > 1:
+            raise SpecdecError("a batch of more than one request needs one drafter per request: pass the drafter "
+                               "by name or checkpoint path (not as an object), or max_batch_size=1.")
+        if eos_token_id == "default":
+            eos_token_id = getattr(self.target.generation_config, "eos_token_id", None)
+        engine = BatchEngine(self.verifier, self._drafter_pool(), rule, max_nodes=self.max_nodes,
+                             max_batch_size=max_batch_size, sampling=sampling,
+                             needs_hidden=bool(getattr(self.drafter, "needs_hidden_states", False)))
+        for i, ids in enumerate(requests):
+            stopper = Stopper(ids[0].tolist(), max_new_tokens, eos_token_id, stop_strings, self.tokenizer)
+            generator = torch.Generator().manual_seed(seed + i) if seed is not None else None
+            engine.add(ids, max_new_tokens=max_new_tokens, stopper=stopper, generator=generator)
+        with cpu_gemm.small_batch_linear(self.target, enabled=self.small_batch_linear):
+            finished = engine.run()
+        return [self._output(r.prompt, r.tokens, r.stats, r.error) for r in finished]
+
+    def _drafter_pool(self) -> DrafterPool:
+        def build():
+            return registry.build_drafter(self._drafter_spec[0], self.target, self.tokenizer, **self._drafter_spec[1])
+
+        return DrafterPool(build, first=self.drafter)
+
+    def _output(self, ids: torch.Tensor, new_tokens: list[int], stats: GenerationStats,
+                error: str | None = None) -> GenerationOutput:
         sequences = torch.cat([ids, torch.tensor([new_tokens], dtype=ids.dtype, device=ids.device)], dim=1)
         text = self.tokenizer.decode(new_tokens, skip_special_tokens=True) if self.tokenizer is not None else None
-        return GenerationOutput(sequences=sequences, new_tokens=new_tokens, stats=stats, text=text)
+        return GenerationOutput(sequences=sequences, new_tokens=new_tokens, stats=stats, text=text, error=error)
+
+    def _batch_input_ids(self, input_ids, prompt, chat: bool) -> list[torch.Tensor]:
+        if (input_ids is None) == (prompt is None):
+            raise PromptError("pass exactly one of input_ids (token ids) or prompt (texts or chats).")
+        if prompt is not None:
+            return [self._input_ids(None, p, chat) for p in prompt]
+        if isinstance(input_ids, torch.Tensor):
+            input_ids = list(input_ids) if input_ids.dim() == 2 else [input_ids]
+        if not input_ids:
+            raise PromptError("the batch is empty; pass at least one prompt.")
+        return [self._input_ids(ids, None, chat) for ids in input_ids]
 
     def _sampling(self, do_sample: bool, temperature, top_k, top_p) -> SamplingParams:
         if not do_sample:
@@ -147,8 +225,8 @@ class SpecDecoder:
             ids = ids[None]
         if ids.dim() != 2 or ids.shape[0] != 1:
             raise PromptError(
-                f"input_ids must be [1, T] (one request); got shape {tuple(ids.shape)}. Batched requests come "
-                "with the paged verifier; call generate() once per prompt for now."
+                f"input_ids must be [1, T] for one request; got shape {tuple(ids.shape)}. For a batch pass a list "
+                "of id lists (any lengths) or a [B, T] tensor with verifier='paged'."
             )
         if ids.shape[1] == 0:
             raise PromptError("the prompt is empty (0 tokens); pass at least one token.")
@@ -169,6 +247,18 @@ class SpecDecoder:
             )
 
 
+def is_batch(input_ids, prompt) -> bool:
+    """True for several requests: a list of texts, of chats (lists of messages), of id lists or 1-D tensors, or a
+    ``[B, T]`` tensor with B > 1 (a single chat is a list of message dicts, not a batch)."""
+    if prompt is not None:
+        return isinstance(prompt, (list, tuple)) and len(prompt) > 0 and \
+            all(isinstance(p, (str, list, tuple)) for p in prompt)
+    if isinstance(input_ids, torch.Tensor):
+        return input_ids.dim() == 2 and input_ids.shape[0] > 1
+    return isinstance(input_ids, (list, tuple)) and len(input_ids) > 0 and \
+        all(isinstance(x, (list, tuple, torch.Tensor)) for x in input_ids)
+
+
 def check_vocabulary(drafter, target) -> None:
     """Refuse a drafter whose token ids mean something else than the target's."""
     draft_vocab = getattr(drafter, "vocab_size", None)
@@ -185,7 +275,8 @@ def check_vocabulary(drafter, target) -> None:
 def generate(target=None, input_ids=None, *, tokenizer=None, drafter="ngram", verifier: str = "hf",
              acceptance: str | None = None, max_nodes: int = DEFAULT_MAX_NODES, dtype=None,
              drafter_kwargs: dict | None = None, small_batch_linear: bool | None = None,
-             **generation_kwargs) -> GenerationOutput:
+             verifier_kwargs: dict | None = None, max_batch_size: int = 8,
+             **generation_kwargs) -> GenerationOutput | list[GenerationOutput]:
     """Speculatively decode one request; output identical to ``target.generate`` (greedy: token for token;
     sampling: in distribution).
 
@@ -195,8 +286,15 @@ def generate(target=None, input_ids=None, *, tokenizer=None, drafter="ngram", ve
     ``streamer``, ``do_sample``, ``temperature``, ``top_k``, ``top_p``, ``seed``. Returns a
     :class:`~specdec.types.GenerationOutput` with ``sequences [1, T + new]``, ``new_tokens``, ``text`` and ``stats``
     (verify steps, drafted/accepted per step, tau, acceptance by depth, wall time).
+
+    A batch (a list of prompts or of id lists, any lengths) returns a list of outputs, one per request, decoded with
+    continuous batching (``max_batch_size`` at a time) over the paged KV cache (``verifier="paged"``, the default
+    for a batch); ``verifier_kwargs`` configure it (``num_blocks``, ``block_size``, ``kernel``, ``preemption``).
     """
+    if is_batch(input_ids, generation_kwargs.get("prompt")) and verifier == "hf":
+        verifier = "paged"
     decoder = SpecDecoder(target, tokenizer, drafter=drafter, verifier=verifier, acceptance=acceptance,
                           max_nodes=max_nodes, dtype=dtype, drafter_kwargs=drafter_kwargs,
-                          small_batch_linear=small_batch_linear)
+                          small_batch_linear=small_batch_linear, verifier_kwargs=verifier_kwargs,
+                          max_batch_size=max_batch_size)
     return decoder.generate(input_ids, **generation_kwargs)

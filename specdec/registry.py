@@ -23,6 +23,7 @@ DRAFTERS: dict[str, str] = {
 }
 VERIFIERS: dict[str, str] = {
     "hf": "verifiers.hf:HFVerifier",
+    "paged": "verifiers.paged:PagedVerifier",
 }
 
 

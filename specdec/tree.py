@@ -252,6 +252,31 @@ def limit_depth(tree: DraftTree, max_depth: int) -> DraftTree:
     return DraftTree(tree.tokens, parents, tree.draft_probs)
 
 
+def pad_trees(trees: Sequence[DraftTree], num_nodes: int | None = None) -> DraftTree:
+    """Stack one-request trees into one batch, padding each to ``num_nodes`` (default: the largest) with dead nodes.
+
+    Dead nodes get token 0 and parent -2; ``draft_probs`` are padded with zeros (all trees must have them, or none).
+
+    >>> t = pad_trees([chain(5, [6, 7]), chain(9, [])])
+    >>> t.tokens.tolist(), t.parents.tolist()
+    ([[5, 6, 7], [9, 0, 0]], [[-1, 0, 1], [-1, -2, -2]])
+    """
+    n = num_nodes or max(t.num_nodes for t in trees)
+    with_probs = [t.draft_probs is not None for t in trees]
+    if any(with_probs) and not all(with_probs):
+        raise SpecdecError("pad_trees: either every tree carries draft_probs or none does.")
+    tokens, parents, probs = [], [], []
+    for t in trees:
+        pad = n - t.num_nodes
+        if pad < 0:
+            raise SpecdecError(f"a tree has {t.num_nodes} nodes, more than the batch's node budget {n}.")
+        tokens.append(torch.nn.functional.pad(t.tokens, (0, pad)))
+        parents.append(torch.nn.functional.pad(t.parents, (0, pad), value=DEAD))
+        if t.draft_probs is not None:
+            probs.append(torch.nn.functional.pad(t.draft_probs, (0, 0, 0, pad)))
+    return DraftTree(torch.cat(tokens), torch.cat(parents), torch.cat(probs) if probs else None)
+
+
 def choices_from_accuracy(accuracy: Sequence[Sequence[float]], max_nodes: int) -> list[list[int]]:
     """The draft tree ("choices") with the most expected accepted tokens within ``max_nodes`` (root included).
 

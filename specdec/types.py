@@ -218,3 +218,4 @@ class GenerationOutput:
     new_tokens: list[int]
     stats: GenerationStats
     text: str | None = None  # decoded new tokens, when a tokenizer was available
+    error: str | None = None  # why a batched request was cut short (finish_reason "kv_exhausted"), else None

@@ -252,8 +252,12 @@ def test_bad_max_new_tokens(target, max_new):
 
 
 def test_batch_of_two_prompts(target):
-    with pytest.raises(PromptError, match="call generate\\(\\) once per prompt"):
-        specdec.generate(target, torch.tensor([[4, 5, 6], [7, 8, 9]]), max_new_tokens=2)
+    """A [B, T] tensor is a batch: generate() serves it with the paged verifier and returns one output each."""
+    outs = specdec.generate(target, torch.tensor([[4, 5, 6], [7, 8, 9]]), max_new_tokens=2, eos_token_id=None)
+    assert [o.new_tokens for o in outs] == [greedy_reference(target, torch.tensor([p]), 2, eos_token_id=None)
+                                            for p in ([4, 5, 6], [7, 8, 9])]
+    with pytest.raises(PromptError, match="for one request"):
+        specdec.SpecDecoder(target, drafter="none")._input_ids(torch.tensor([[4, 5], [6, 7]]), None, False)
 
 
 def chat_tokenizer():
@@ -264,9 +268,13 @@ def chat_tokenizer():
 
 @pytest.mark.parametrize("with_template", [False, True])
 def test_batch_of_two_text_prompts(target, with_template):
+    """A list of texts is a batch: one output per prompt, each as if generated alone."""
     tok = chat_tokenizer() if with_template else tiny_tokenizer()
-    with pytest.raises(PromptError, match="once per prompt"):
-        specdec.generate(target, prompt=["w4 w5", "w6 w7"], tokenizer=tok, max_new_tokens=2)
+    outs = specdec.generate(target, prompt=["w4 w5", "w6 w7"], tokenizer=tok, max_new_tokens=3, eos_token_id=None)
+    for text, out in zip(["w4 w5", "w6 w7"], outs):
+        alone = specdec.generate(target, prompt=text, tokenizer=tok, max_new_tokens=3, eos_token_id=None)
+        assert out.new_tokens == alone.new_tokens and out.text == alone.text
+        assert torch.equal(out.sequences, alone.sequences)
 
 
 @pytest.mark.parametrize("prompt", [[], [{"role": "user", "content": ""}]])

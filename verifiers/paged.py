@@ -1,0 +1,261 @@
+"""The paged verifier: draft trees of many requests through the target in one forward, over a paged KV cache.
+
+It plugs into any transformers model whose attention layers call ``ALL_ATTENTION_FUNCTIONS`` (Llama, Qwen2, Mistral,
+...): :data:`ATTENTION_NAME` is registered with transformers' ``AttentionInterface``, and only while one of our
+forwards runs is the model's ``config._attn_implementation`` switched to it — no copied modeling code, and the model
+behaves as before outside. Each forward passes a :class:`PagedForward` through the model's ``**kwargs`` to every
+attention layer, which writes the new tokens' K/V into their slots and attends over the paged prefix plus the tree
+(:func:`verifiers.paged_attention.paged_tree_attention_torch`, or the Triton kernel on a GPU).
+
+Two faces:
+
+* the :class:`~specdec.protocols.Verifier` protocol for one request (``prefill`` / ``score`` / ``commit``), so
+  ``verifier=paged`` works wherever ``verifier=hf`` does;
+* a batched one keyed by request id (``start`` / ``score_batch`` / ``commit_request`` / ``release``) that the
+  batched decode loop (:mod:`specdec.batch`) drives.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+from specdec import tree as tree_ops
+from specdec.errors import ConfigError, SpecdecError
+from specdec.paged_cache import PagedKVCache
+from specdec.scheduler import POLICIES
+from specdec.types import DEAD, Acceptance, DraftTree, VerifyOutput
+from verifiers.paged_attention import paged_tree_attention_torch
+
+ATTENTION_NAME = "specdec_paged"
+KERNELS = ("auto", "torch", "triton")
+
+
+@dataclass(frozen=True)
+class PagedForward:
+    """What every attention layer needs for one forward over ``B`` sequences of ``N`` tree nodes each.
+
+    The model itself sees only the ``T`` **live** nodes, packed into one row ``[1, T]`` (dead padding nodes cost
+    nothing in the linear layers, which dominate); attention unpacks them to ``[B, N]`` for the kernel.
+    """
+
+    cache: PagedKVCache
+    slots: torch.Tensor  # [T] physical slots the live nodes' K/V go to
+    unpack: torch.Tensor  # [B, N] index of each (sequence, node) in the packed row (dead nodes: any live index)
+    pack: torch.Tensor  # [T] index of each packed node in the flattened [B * N] grid
+    block_tables: torch.Tensor  # [B, max_blocks]
+    prefix_lens: torch.Tensor  # [B] cached positions before the new tokens
+    tree_mask: torch.Tensor  # [B, N, N] bool, node i may attend node j
+    kernel: Callable
+
+
+def paged_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """transformers attention function: query ``[1, H, T, D]``, key/value ``[1, H_kv, T, D]`` (packed live nodes)
+    -> ``[1, T, H, D]``. Without a ``specdec_paged`` keyword (a forward that is not ours) it is plain SDPA.
+    """
+    step: PagedForward | None = kwargs.pop("specdec_paged", None)
+    if step is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
+                                      **kwargs)
+    layer = module.layer_idx
+    q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # [T, heads, D]
+    step.cache.write(layer, step.slots, k, v)
+    b, n = step.unpack.shape
+    q, k, v = (x[step.unpack].transpose(1, 2) for x in (q, k, v))  # [B, heads, N, D]
+    out = step.kernel(q, k, v, step.cache.k[layer], step.cache.v[layer], step.block_tables, step.prefix_lens,
+                      step.tree_mask, scaling if scaling is not None else q.shape[-1] ** -0.5)  # [B, N, H, D]
+    return out.reshape(b * n, *out.shape[2:])[step.pack][None], None
+
+
+AttentionInterface.register(ATTENTION_NAME, paged_attention)
+
+
+@contextmanager
+def paged_attention_on(model):
+    """Route ``model``'s attention through :func:`paged_attention` inside the block; restored after."""
+    before = model.config._attn_implementation
+    model.config._attn_implementation = ATTENTION_NAME
+    try:
+        yield
+    finally:
+        model.config._attn_implementation = before
+
+
+def pick_kernel(name: str, device: torch.device) -> Callable:
+    """``torch`` (the reference; CPU default), ``triton`` (GPU, or CPU under ``TRITON_INTERPRET=1``), ``auto``."""
+    if name not in KERNELS:
+        raise ConfigError(f"unknown paged attention kernel {name!r}; choose one of {list(KERNELS)}.")
+    if name == "torch" or (name == "auto" and device.type != "cuda"):
+        return paged_tree_attention_torch
+    from verifiers import triton_attention
+
+    if not triton_attention.available():
+        if name == "auto":
+            return paged_tree_attention_torch
+        raise ConfigError("kernel=triton needs Triton with a CUDA GPU (or TRITON_INTERPRET=1 for CPU tensors); "
+                          "use kernel=torch.")
+    return triton_attention.paged_tree_attention_triton
+
+
+def causal_mask(n: int, device=None) -> torch.Tensor:
+    """``[1, n, n]`` bool lower-triangular: a chain's ancestor mask."""
+    return torch.ones(n, n, dtype=torch.bool, device=device).tril()[None]
+
+
+def unpacked(x: torch.Tensor, pack: torch.Tensor, b: int, n: int) -> torch.Tensor:
+    """Packed rows ``[T, F]`` back into the padded layout ``[B, N, F]`` (zeros at dead nodes)."""
+    out = x.new_zeros(b * n, x.shape[-1])
+    out[pack] = x
+    return out.view(b, n, -1)
+
+
+class PagedVerifier:
+    """Tree verification over a :class:`~specdec.paged_cache.PagedKVCache` shared by all requests.
+
+    num_blocks x block_size positions are available in all (per layer, K and V); share_prefixes lets requests with
+    a common prompt prefix share its blocks; kernel: ``auto`` | ``torch`` | ``triton``; preemption: what the
+    batched decoder does when a request runs out of KV blocks, ``recompute`` or ``refuse`` (:mod:`specdec.scheduler`).
+    """
+
+    gives_hidden = True
+    SINGLE = "single"  # request id used by the one-request protocol
+
+    def __init__(self, model, num_blocks: int = 1024, block_size: int = 16, kernel: str = "auto",
+                 share_prefixes: bool = True, preemption: str = "recompute") -> None:
+        if preemption not in POLICIES:
+            raise ConfigError(f"unknown preemption policy {preemption!r}; choose one of {list(POLICIES)}.")
+        self.preemption = preemption
+        cfg = model.config
+        self.model = model
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+        self.cache = PagedKVCache(cfg.num_hidden_layers, kv_heads, head_dim, num_blocks, block_size,
+                                  dtype=model.dtype, device=model.device, share_prefixes=share_prefixes)
+        self.kernel = pick_kernel(kernel, model.device)
+        self._pending: dict[Hashable, DraftTree] = {}
+
+    # --- the batched face ------------------------------------------------------------------------------------
+
+    def start(self, request_id: Hashable, input_ids: torch.Tensor, output_hidden: bool = False) -> torch.Tensor | None:
+        """Cache ``input_ids [1, T]`` for a new request (the prompt minus its last token, the first tree's root).
+
+        Leading blocks another live request already holds are shared, not recomputed (not when ``output_hidden``:
+        the caller needs every position's hidden state). Returns hidden ``[1, T, H]`` if asked.
+        """
+        tokens = input_ids[0].tolist()
+        cached = self.cache.add(request_id, [] if output_hidden else tokens)
+        try:
+            new = input_ids[:, cached:]
+            hidden = None
+            if new.shape[1] > 0:
+                self.cache.reserve(request_id, new.shape[1])
+                out = self._forward([request_id], new, causal_mask(new.shape[1], new.device),
+                                    torch.arange(cached, cached + new.shape[1], device=new.device)[None],
+                                    output_hidden, logits_to_keep=1)
+                self.cache.commit(request_id, range(new.shape[1]))
+                hidden = out.hidden
+            self.cache.register_prefix(request_id, tokens)
+        except BaseException:
+            self.cache.free(request_id)
+            raise
+        if output_hidden and hidden is None:
+            hidden = input_ids.new_zeros(1, 0, self.model.config.hidden_size, dtype=self.model.dtype)
+        return hidden
+
+    def score_batch(self, request_ids: Sequence[Hashable], trees: Sequence[DraftTree],
+                    output_hidden: bool = False) -> VerifyOutput:
+        """One forward over every request's tree (each ``[1, n_i]``), padded to one node budget with dead nodes
+        (which the dense layers never see: only live nodes are packed into the model's input).
+
+        Reserves KV for every request first: on :class:`~specdec.blocks.KVBlocksExhausted` nothing was reserved
+        (the requests reserved before the failing one are rolled back) and the error names the request in
+        ``.request_id``. Returns logits ``[B, N, V]`` (hidden ``[B, N, H]``); rows past a tree's size are padding.
+        """
+        batch = tree_ops.pad_trees(trees)
+        done = []
+        try:
+            for rid in request_ids:
+                self.cache.reserve(rid, batch.num_nodes)
+                done.append(rid)
+        except SpecdecError as e:
+            for rid in done:
+                self.cache.seqs[rid].reserved = 0  # blocks stay with the request; the next reserve reuses them
+            e.request_id = request_ids[len(done)]
+            raise
+        prefix = torch.tensor([self.cache.length(r) for r in request_ids], device=batch.tokens.device)
+        out = self._forward(request_ids, batch.tokens, tree_ops.ancestor_mask(batch.parents),
+                            tree_ops.position_ids(batch.parents, prefix), output_hidden,
+                            live=batch.parents != DEAD)
+        for rid, t in zip(request_ids, trees):
+            self._pending[rid] = t
+        return out
+
+    def commit_request(self, request_id: Hashable, keep: Sequence[int]) -> None:
+        """Keep the accepted nodes ``keep`` (root first) of the request's last scored tree."""
+        if self._pending.pop(request_id, None) is None:
+            raise SpecdecError(f"commit for request {request_id!r} without a score before it.")
+        self.cache.commit(request_id, list(keep))
+
+    def release(self, request_id: Hashable) -> None:
+        """The request is finished (or preempted): its blocks go back to the pool."""
+        self._pending.pop(request_id, None)
+        if request_id in self.cache.seqs:
+            self.cache.free(request_id)
+
+    def cached_tokens(self, request_id: Hashable) -> int:
+        return self.cache.length(request_id)
+
+    # --- the one-request Verifier protocol -----------------------------------------------------------------
+
+    def prefill(self, input_ids: torch.Tensor, output_hidden: bool = False) -> torch.Tensor | None:
+        if input_ids.shape[0] != 1:
+            raise SpecdecError("prefill() takes one request [1, T]; batches go through specdec.batch.")
+        self.release(self.SINGLE)
+        return self.start(self.SINGLE, input_ids, output_hidden)
+
+    def score(self, tree: DraftTree, output_hidden: bool = False) -> VerifyOutput:
+        return self.score_batch([self.SINGLE], [tree], output_hidden)
+
+    def commit(self, tree: DraftTree, acceptance: Acceptance) -> None:
+        self.commit_request(self.SINGLE, acceptance.accepted_nodes(0))
+
+    @property
+    def cached_length(self) -> int:
+        return self.cache.length(self.SINGLE) if self.SINGLE in self.cache.seqs else 0
+
+    # --- the forward -------------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def _forward(self, request_ids: Sequence[Hashable], tokens: torch.Tensor, tree_mask: torch.Tensor,
+                 position_ids: torch.Tensor, output_hidden: bool, logits_to_keep: int = 0,
+                 live: torch.Tensor | None = None) -> VerifyOutput:
+        """``tokens [B, N]`` at ``position_ids [B, N]`` after each request's cached prefix, into reserved slots.
+
+        Only ``live [B, N]`` nodes (default: all) run through the model, packed into one row; logits ``[B, N, V]``
+        (hidden ``[B, N, H]``) come back in the padded layout, zeros at dead nodes. ``logits_to_keep=1`` (a
+        one-sequence prefill) returns the last node's logits only.
+        """
+        b, n = tokens.shape
+        dev = tokens.device
+        live = torch.ones(b, n, dtype=torch.bool, device=dev) if live is None else live
+        pack = live.reshape(-1).nonzero().flatten()  # [T]
+        unpack = (live.reshape(-1).cumsum(0) - 1).clamp(min=0).view(b, n)  # dead nodes read a live one (masked)
+        slots = torch.stack([self.cache.slots(r, self.cache.length(r), n) for r in request_ids]).to(dev)
+        step = PagedForward(
+            cache=self.cache, slots=slots.reshape(-1)[pack], unpack=unpack, pack=pack,
+            block_tables=self.cache.block_tables(request_ids).to(dev),
+            prefix_lens=torch.tensor([self.cache.length(r) for r in request_ids], device=dev),
+            tree_mask=tree_mask.expand(b, n, n), kernel=self.kernel)
+        with paged_attention_on(self.model):
+            out = self.model(input_ids=tokens.reshape(-1)[pack][None],
+                             position_ids=position_ids.reshape(-1)[pack][None], use_cache=False,
+                             output_hidden_states=output_hidden, logits_to_keep=logits_to_keep, specdec_paged=step)
+        if logits_to_keep:
+            return VerifyOutput(logits=out.logits, hidden=out.hidden_states[-1] if output_hidden else None)
+        return VerifyOutput(logits=unpacked(out.logits[0], pack, b, n),
+                            hidden=unpacked(out.hidden_states[-1][0], pack, b, n) if output_hidden else None)
