@@ -5,12 +5,21 @@
     python -m specdec.bench bench.limit=10 bench.categories=[coding,math] tree=large bench.output=out.json
     python -m specdec.bench drafter=draft_model drafter.path=<small LM> target=custom target.name=<LM>
 
+    python -m specdec.bench verifier=paged bench.batch_size=8 "bench.methods=[hf,specdec:ngram]"   # batched
+    python -m specdec.bench "bench.methods=[hf,specdec:ngram,specdec:ngram@paged]"        # verifiers side by side
+
 Methods (``bench.methods``): ``hf`` (``model.generate``, greedy: the reference every other method is timed and
 token-compared against), ``hf_pld`` (with ``prompt_lookup_num_tokens``), ``hf_assisted`` (with ``assistant_model`` =
 the draft model of ``drafter.path``), ``specdec:<drafter>`` (a :class:`specdec.SpecDecoder` with that drafter's
-``conf/drafter/<drafter>.yaml`` options, or the chosen ``drafter`` group's with its overrides).
+``conf/drafter/<drafter>.yaml`` options, or the chosen ``drafter`` group's with its overrides), optionally
+``specdec:<drafter>@<verifier>`` to use another verifier than the ``verifier`` group's.
 For each prompt every method runs in turn (so slow drift of the machine hits all alike); only the generate call
 is timed. Results: a progress bar, tables, and JSON at ``bench.output``.
+
+With ``bench.batch_size`` B > 1 the prompts are served as a batch: ``hf`` is ``model.generate`` on B prompts at a
+time (left-padded), ``specdec:<drafter>`` is continuous batching over all prompts with up to B running at once
+(``verifier=paged``). Each method's whole run is timed and throughput is total new tokens / total time; per-category
+timing does not exist in a batch, so the category table shows tau only.
 """
 
 from __future__ import annotations
@@ -18,6 +27,7 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import hydra
@@ -36,6 +46,8 @@ HF_METHODS = ("hf", "hf_pld", "hf_assisted")
 
 # a method: (input ids [1, T], seed) -> (new tokens, (verify steps, drafted, accepted) or None for HF methods)
 Runner = Callable[[torch.Tensor, int], tuple[list[int], "tuple[int, int, int] | None"]]
+# a batched method: (every prompt's input ids, seed) -> one (new tokens, counts) per prompt
+BatchRunner = Callable[[list[torch.Tensor], int], list[tuple[list[int], "tuple[int, int, int] | None"]]]
 
 
 def default_methods(drafter: str) -> list[str]:
@@ -44,8 +56,16 @@ def default_methods(drafter: str) -> list[str]:
     return methods + ([f"specdec:{drafter}"] if drafter != "none" else [])
 
 
-def method_drafters(cfg: DictConfig) -> dict[str, DictConfig]:
-    """The methods to run, each with its drafter config (None for HF methods), checked before any model loads."""
+@dataclass(frozen=True)
+class MethodSpec:
+    """A bench method's drafter and verifier configs (both None for HF methods)."""
+
+    drafter: DictConfig | None
+    verifier: DictConfig | None
+
+
+def method_drafters(cfg: DictConfig) -> dict[str, MethodSpec]:
+    """The methods to run, each with its drafter and verifier config, checked before any model loads."""
     methods = list(cfg.bench.methods) if cfg.bench.methods is not None else default_methods(cfg.drafter.name)
     if len(set(methods)) != len(methods):
         raise ConfigError(f"bench.methods lists a method twice: {methods}.")
@@ -54,19 +74,35 @@ def method_drafters(cfg: DictConfig) -> dict[str, DictConfig]:
                           f"measured against it. Add it, e.g. bench.methods=[hf,{','.join(methods)}].")
     out = {}
     for m in methods:
-        kind, _, drafter = m.partition(":")
+        kind, _, rest = m.partition(":")
+        drafter, _, verifier = rest.partition("@")
         if m in HF_METHODS:
-            out[m] = None
+            out[m] = MethodSpec(None, None)
         elif kind == "specdec" and drafter:
             node = cfg.drafter if drafter == cfg.drafter.name else config.load_drafter_config(drafter)
             config.check_drafter(node)
-            out[m] = node
+            verifier = verifier or cfg.verifier.name
+            vnode = cfg.verifier if verifier == cfg.verifier.name else config.load_verifier_config(verifier)
+            out[m] = MethodSpec(node, vnode)
         else:
-            raise ConfigError(f"unknown bench method {m!r}; use {list(HF_METHODS)} or specdec:<drafter> with a "
-                              f"drafter from {config.group_options('drafter')}.")
+            raise ConfigError(f"unknown bench method {m!r}; use {list(HF_METHODS)} or specdec:<drafter>[@<verifier>] "
+                              f"with a drafter from {config.group_options('drafter')}.")
     if "hf_assisted" in out and cfg.drafter.name != "draft_model":
         raise ConfigError("hf_assisted needs a draft model: set drafter=draft_model drafter.path=<hub id or path>.")
+    if cfg.bench.batch_size > 1:
+        check_batched(out)
     return out
+
+
+def check_batched(methods: dict[str, MethodSpec]) -> None:
+    """With bench.batch_size > 1: only ``hf`` and paged ``specdec:*`` methods can serve a batch."""
+    for m, spec in methods.items():
+        if m in HF_METHODS and m != "hf":
+            raise ConfigError(f"{m} runs one request at a time in transformers; with bench.batch_size > 1 use "
+                              "bench.methods=[hf,specdec:<drafter>].")
+        if spec.verifier is not None and spec.verifier.name != "paged":
+            raise ConfigError(f"{m} uses verifier={spec.verifier.name}, which serves one request at a time; "
+                              "batched runs need verifier=paged (or the method specdec:<drafter>@paged).")
 
 
 def sampling_kwargs(b: DictConfig) -> dict:
@@ -92,6 +128,49 @@ def hf_runner(model, max_new_tokens: int, sampling: dict, **extra) -> Runner:
     return run
 
 
+def hf_batch_runner(model, max_new_tokens: int, sampling: dict, batch_size: int) -> BatchRunner:
+    """``model.generate`` on ``batch_size`` prompts at a time, left-padded; each row cut after its first EOS."""
+    gen = model.generation_config
+    eos = gen.eos_token_id
+    eos_ids = set(eos if isinstance(eos, list) else [eos]) if eos is not None else set()
+    pad = gen.pad_token_id if gen.pad_token_id is not None else (eos[0] if isinstance(eos, list) else eos)
+    options = sampling or {"do_sample": False}
+
+    def run(inputs: list[torch.Tensor], seed: int):
+        torch.manual_seed(seed)
+        results = []
+        for start in range(0, len(inputs), batch_size):
+            chunk = inputs[start:start + batch_size]
+            width = max(ids.shape[1] for ids in chunk)
+            ids = torch.full((len(chunk), width), pad if pad is not None else 0, dtype=torch.long,
+                             device=chunk[0].device)
+            mask = torch.zeros_like(ids)
+            for row, x in enumerate(chunk):
+                ids[row, width - x.shape[1]:] = x[0]
+                mask[row, width - x.shape[1]:] = 1
+            out = model.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens, eos_token_id=eos,
+                                 pad_token_id=pad, **options)
+            for row in out[:, width:].tolist():
+                cut = next((i + 1 for i, t in enumerate(row) if t in eos_ids), len(row))
+                results.append((row[:cut], None))
+        return results
+
+    return run
+
+
+def specdec_batch_runner(decoder: SpecDecoder, max_new_tokens: int, sampling: dict,
+                         batch_size: int) -> BatchRunner:
+    """Continuous batching over all the prompts, ``batch_size`` running at once."""
+
+    def run(inputs: list[torch.Tensor], seed: int):
+        outs = decoder.generate_batch(inputs, max_new_tokens=max_new_tokens, seed=seed,
+                                      max_batch_size=batch_size, **sampling)
+        return [(list(o.new_tokens), (o.stats.verify_steps, sum(o.stats.drafted), sum(o.stats.accepted)))
+                for o in outs]
+
+    return run
+
+
 def specdec_runner(decoder: SpecDecoder, max_new_tokens: int, sampling: dict) -> Runner:
     """A :class:`SpecDecoder` built once and reused for every prompt."""
 
@@ -103,13 +182,17 @@ def specdec_runner(decoder: SpecDecoder, max_new_tokens: int, sampling: dict) ->
     return run
 
 
-def build_runners(cfg: DictConfig, model, tokenizer, drafters: dict) -> dict[str, Runner]:
-    """One runner per method, all sharing the loaded target."""
+def build_runners(cfg: DictConfig, model, tokenizer, drafters: dict[str, MethodSpec]) -> dict[str, Runner]:
+    """One runner per method, all sharing the loaded target (batched runners when bench.batch_size > 1)."""
     n = cfg.bench.max_new_tokens
     sampling = sampling_kwargs(cfg.bench)
+    batch = cfg.bench.batch_size
     runners: dict[str, Runner] = {}
-    for method, node in drafters.items():
-        if method == "hf":
+    for method, spec in drafters.items():
+        node = spec.drafter
+        if method == "hf" and batch > 1:
+            runners[method] = hf_batch_runner(model, n, sampling, batch)
+        elif method == "hf":
             runners[method] = hf_runner(model, n, sampling)
         elif method == "hf_pld":
             runners[method] = hf_runner(model, n, sampling, prompt_lookup_num_tokens=cfg.bench.pld_tokens)
@@ -118,9 +201,10 @@ def build_runners(cfg: DictConfig, model, tokenizer, drafters: dict) -> dict[str
             runners[method] = hf_runner(model, n, sampling, assistant_model=draft)
         else:
             decoder = SpecDecoder(model, tokenizer, drafter=node.name, drafter_kwargs=config.drafter_kwargs(node),
-                                  verifier=cfg.verifier.name, acceptance=cfg.acceptance.name,
-                                  max_nodes=cfg.tree.max_nodes)
-            runners[method] = specdec_runner(decoder, n, sampling)
+                                  verifier=spec.verifier.name, verifier_kwargs=config.verifier_kwargs(spec.verifier),
+                                  acceptance=cfg.acceptance.name, max_nodes=cfg.tree.max_nodes, max_batch_size=batch)
+            runners[method] = (specdec_batch_runner(decoder, n, sampling, batch) if batch > 1
+                               else specdec_runner(decoder, n, sampling))
     return runners
 
 
@@ -165,6 +249,28 @@ def run_interleaved(runners: dict[str, Runner], prompts: list[Prompt], inputs: l
     return measurements
 
 
+def run_batched(runners: dict[str, BatchRunner], prompts: list[Prompt], inputs: list[torch.Tensor],
+                batch_size: int, warmup: int = 1, seed: int = 0) -> list[report.Measurement]:
+    """Warm each method up on one small batch, then time each method's whole run over all the prompts.
+
+    A request's measurement carries the run's time divided evenly (a batch has no per-request time), so totals
+    give the run's throughput. Request i samples with seed ``seed + i`` in specdec; HF samples from one stream.
+    """
+    for run in runners.values():
+        for _ in range(warmup):
+            run(inputs[:min(2, batch_size)], seed)
+    measurements = []
+    for method, run in tqdm(runners.items(), desc=f"methods (batch {batch_size})", unit="method", file=sys.stderr):
+        start = time.perf_counter()
+        results = run(inputs, seed)
+        share = (time.perf_counter() - start) / len(inputs)
+        for i, (p, (tokens, counts)) in enumerate(zip(prompts, results)):
+            steps, drafted, accepted = counts if counts is not None else (None, 0, 0)
+            measurements.append(report.Measurement(method, i, p.category, tuple(tokens), share, steps,
+                                                   drafted, accepted))
+    return measurements
+
+
 def bench_prompts(b: DictConfig) -> tuple[list[Prompt], str]:
     """The selected prompts and their source; a note when the default file is absent and built-ins stand in."""
     prompts, source = load_prompts(b.prompts, b.categories, b.limit, b.all_turns)
@@ -185,18 +291,23 @@ def run_bench(cfg: DictConfig) -> dict:
     runners = build_runners(cfg, model, tokenizer, drafters)
     inputs = encode(prompts, tokenizer, model, b.chat, b.max_new_tokens)
     with torch.inference_mode():
-        measurements = run_interleaved(runners, prompts, inputs, b.warmup, b.seed)
+        if b.batch_size > 1:
+            measurements = run_batched(runners, prompts, inputs, b.batch_size, b.warmup, b.seed)
+        else:
+            measurements = run_interleaved(runners, prompts, inputs, b.warmup, b.seed)
     sampling = sampling_kwargs(b)
-    runs = report.summarize(measurements, list(runners), sampled=bool(sampling))
-    for run in runs:  # which drafter options and rule each speculative method ran with
-        if drafters[run["method"]] is not None:
-            run["drafter"] = OmegaConf.to_container(drafters[run["method"]], resolve=True)
+    runs = report.summarize(measurements, list(runners), sampled=bool(sampling), batch_size=b.batch_size)
+    for run in runs:  # which drafter options, verifier and rule each speculative method ran with
+        spec = drafters[run["method"]]
+        if spec.drafter is not None:
+            run["drafter"] = OmegaConf.to_container(spec.drafter, resolve=True)
+            run["verifier"] = OmegaConf.to_container(spec.verifier, resolve=True)
             run["acceptance"] = cfg.acceptance.name
             run["lossy"] = cfg.acceptance.name in LOSSY
     result = {
         "target": cfg.target.name or models.DEFAULT_TARGET, "dtype": cfg.target.dtype,
         "device": cfg.target.device, "threads": b.threads, "prompts": len(prompts), "prompts_file": source,
-        "max_new_tokens": b.max_new_tokens, "sampling": sampling or None, "runs": runs, "config": OmegaConf.to_container(cfg, resolve=True),
+        "max_new_tokens": b.max_new_tokens, "batch_size": b.batch_size, "sampling": sampling or None, "runs": runs, "config": OmegaConf.to_container(cfg, resolve=True),
     }
     path = report.write_json(b.output, result)
     print(report.text_report(result) + f"\n\nwrote {path}")

@@ -40,7 +40,14 @@ class TargetConfig:
 
 @dataclass
 class VerifierConfig:
+    """``hf`` (reference) or ``paged``; the other keys are the paged verifier's (``conf/verifier/paged.yaml``)."""
+
     name: str = "hf"
+    num_blocks: Optional[int] = None
+    block_size: Optional[int] = None
+    kernel: Optional[str] = None
+    share_prefixes: Optional[bool] = None
+    preemption: Optional[str] = None
 
 
 @dataclass
@@ -72,6 +79,7 @@ class BenchConfig:
     top_k: int = 0
     top_p: float = 1.0
     seed: int = 0
+    batch_size: int = 1  # > 1: batched requests (verifier=paged) against HF batched generate
 
 
 @dataclass
@@ -113,6 +121,20 @@ def drafter_kwargs(node) -> dict[str, Any]:
     """A drafter config node as constructor options: every key but ``name``."""
     opts = OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else dict(node)
     return {k: v for k, v in opts.items() if k != "name"}
+
+
+def verifier_kwargs(node) -> dict[str, Any]:
+    """A verifier config node as constructor options: every set key but ``name``."""
+    opts = OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else dict(node)
+    return {k: v for k, v in opts.items() if k != "name" and v is not None}
+
+
+def load_verifier_config(name: str) -> DictConfig:
+    """``conf/verifier/<name>.yaml``, for a bench method ``specdec:<drafter>@<name>``."""
+    path = CONF_DIR / "verifier" / f"{name}.yaml"
+    if not path.exists():
+        raise ConfigError(f"no verifier config {name!r} (no {path}); choose one of {group_options('verifier')}.")
+    return OmegaConf.load(path)
 
 
 def _unknown_key(section: str, key: str, valid: list[str]) -> ConfigError:
@@ -217,6 +239,8 @@ def _check_names(cfg: DictConfig) -> None:
     for key in ("max_new_tokens", "threads", "pld_tokens"):
         if b[key] < 1:
             raise ConfigError(f"bench.{key} must be >= 1; got {b[key]}.")
+    if b.batch_size < 1:
+        raise ConfigError(f"bench.batch_size must be >= 1; got {b.batch_size}.")
     if b.warmup < 0 or (b.limit is not None and b.limit < 1):
         raise ConfigError("bench.warmup must be >= 0 and bench.limit null or >= 1.")
     if b.temperature < 0:

@@ -60,10 +60,12 @@ def count_mismatches(ms: Sequence[Measurement], reference: Sequence[Measurement]
 
 
 def summarize(measurements: Sequence[Measurement], methods: Sequence[str], reference: str = REFERENCE,
-              sampled: bool = False) -> list[dict]:
+              sampled: bool = False, batch_size: int = 1) -> list[dict]:
     """One run dict per method (in ``methods`` order), with totals, speedup, mismatches and a per-category split.
 
     ``sampled``: outputs were sampled, so token-for-token comparison means nothing and mismatches are None.
+    ``batch_size`` > 1: requests were served together, so there is no per-category time (tokens/s and speedup per
+    category are None; tau per category stays). Each run records its ``batch_size``.
     """
     by_method = {name: [m for m in measurements if m.method == name] for name in methods}
     ref = by_method.get(reference, [])
@@ -72,14 +74,16 @@ def summarize(measurements: Sequence[Measurement], methods: Sequence[str], refer
     runs = []
     for name in methods:
         ms = by_method[name]
-        run = {"method": name, **totals(ms)}
+        run = {"method": name, "batch_size": batch_size, **totals(ms)}
         run["speedup_vs_hf"] = _speedup(run["tokens_per_s"], ref_all)
         run["mismatches"] = None if sampled else count_mismatches(ms, ref)
         run["per_category"] = {}
         for cat in sorted({m.category for m in ms}):
             t = totals([m for m in ms if m.category == cat])
-            run["per_category"][cat] = {"tokens_per_s": t["tokens_per_s"], "tau": t["tau"],
-                                        "speedup_vs_hf": _speedup(t["tokens_per_s"], ref_cat.get(cat))}
+            timed = batch_size == 1
+            run["per_category"][cat] = {"tokens_per_s": t["tokens_per_s"] if timed else None, "tau": t["tau"],
+                                        "speedup_vs_hf": _speedup(t["tokens_per_s"], ref_cat.get(cat)) if timed
+                                        else None}
         runs.append(run)
     return runs
 
@@ -136,6 +140,8 @@ def text_report(result: dict) -> str:
     """The bench's printed summary: a header line, the headline table and the per-category table."""
     head = (f"{result['target']} ({result['dtype']}, {result['device']}, {result['threads']} threads), "
             f"{result['prompts']} prompts, up to {result['max_new_tokens']} new tokens each")
+    if result.get("batch_size", 1) > 1:
+        head += f"; batch size {result['batch_size']}: tokens/s is total throughput over all requests"
     if result.get("sampling"):
         s = result["sampling"]
         head += (f"; sampled (temperature {s['temperature']}, top_k {s['top_k']}, top_p {s['top_p']}): "

@@ -97,7 +97,7 @@ def test_cli_end_to_end(files, tmp_path):
 def test_cli_unknown_key_is_one_clear_line(files, tmp_path):
     proc = cli(*base_overrides(files, tmp_path / "out.json"), "bench.bogus=1")
     assert proc.returncode == 2
-    assert proc.stderr.strip().startswith("error: unknown key 'bogus' in bench; valid keys: ['all_turns'")
+    assert proc.stderr.strip().startswith("error: unknown key 'bogus' in bench; valid keys: ['all_turns', 'batch_size'")
     assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
 
 
@@ -120,6 +120,43 @@ def test_categories_limit_and_drafter_none(files, tmp_path):
     result = run_in_process(files, tmp_path, "drafter=none", "bench.categories=[code]", "bench.limit=1")
     assert [r["method"] for r in result["runs"]] == ["hf", "hf_pld", "specdec:none"]
     assert result["prompts"] == 1 and all(set(r["per_category"]) == {"code"} for r in result["runs"])
+
+
+def test_verifiers_side_by_side(files, tmp_path):
+    """specdec:<drafter>@paged runs beside the default verifier's method in the same run, with the same output."""
+    result = run_in_process(files, tmp_path, "bench.methods=[hf,specdec:ngram,specdec:ngram@paged]",
+                            "bench.warmup=0", "tree=small")
+    check_schema(result)
+    runs = {r["method"]: r for r in result["runs"]}
+    assert runs["specdec:ngram"]["verifier"]["name"] == "hf"
+    assert runs["specdec:ngram@paged"]["verifier"] == {"name": "paged", "num_blocks": 1024, "block_size": 16,
+                                                      "kernel": "auto", "share_prefixes": True,
+                                                      "preemption": "recompute"}
+    assert runs["specdec:ngram@paged"]["mismatches"] == 0 and runs["specdec:ngram@paged"]["batch_size"] == 1
+
+
+def test_batched_bench(files, tmp_path):
+    """bench.batch_size=2: HF batched generate (left-padded) beside specdec's continuous batching."""
+    result = run_in_process(files, tmp_path, "verifier=paged", "verifier.block_size=4", "bench.batch_size=2",
+                            "bench.methods=[hf,specdec:none,specdec:ngram]", "bench.all_turns=true",
+                            "bench.warmup=0")
+    assert result["batch_size"] == 2 and result["prompts"] == 4
+    for run in result["runs"]:
+        assert run["batch_size"] == 2 and run["mismatches"] == 0 and run["tokens_per_s"] > 0
+        assert all(c["tokens_per_s"] is None for c in run["per_category"].values())
+    assert "batch size 2" in bench.report.text_report(result)
+
+
+@pytest.mark.parametrize("overrides, fragment", [
+    (["bench.batch_size=2", "bench.methods=[hf,specdec:ngram]"], "batched runs need verifier=paged"),
+    (["bench.batch_size=2", "verifier=paged", "bench.methods=[hf,hf_pld]"], "hf_pld runs one request at a time"),
+    (["bench.batch_size=0"], "bench.batch_size must be >= 1"),
+    (["bench.methods=[hf,specdec:ngram@fast]"], "no verifier config 'fast'"),
+    (["verifier=paged", "verifier.kernel=cuda"], "unknown paged attention kernel 'cuda'"),
+])
+def test_bad_batch_options_fail_clearly(files, tmp_path, overrides, fragment):
+    with pytest.raises(ConfigError, match=fragment):
+        run_in_process(files, tmp_path, *overrides)
 
 
 def test_default_methods():
@@ -171,7 +208,7 @@ MS = [
 
 def test_summarize_golden():
     hf, spec = report.summarize(MS, ["hf", "specdec:ngram"])
-    assert hf == {"method": "hf", "new_tokens": 6, "time_s": 3.0, "tokens_per_s": 2.0, "tau": None,
+    assert hf == {"method": "hf", "batch_size": 1, "new_tokens": 6, "time_s": 3.0, "tokens_per_s": 2.0, "tau": None,
                   "acceptance_rate": None, "speedup_vs_hf": 1.0, "mismatches": 0,
                   "per_category": {"code": {"tokens_per_s": 2.0, "tau": None, "speedup_vs_hf": 1.0},
                                    "math": {"tokens_per_s": 2.0, "tau": None, "speedup_vs_hf": 1.0}}}
@@ -179,6 +216,12 @@ def test_summarize_golden():
     assert spec["acceptance_rate"] == 0.25 and spec["mismatches"] == 1  # prompt 1: (1, 3) != (1, 2)
     assert spec["per_category"]["math"] == {"tokens_per_s": 4.0, "tau": 2.0, "speedup_vs_hf": 2.0}
     assert spec["per_category"]["code"] == {"tokens_per_s": 4.0, "tau": 1.0, "speedup_vs_hf": 2.0}
+
+
+def test_summarize_batched_has_no_per_category_time():
+    hf, spec = report.summarize(MS, ["hf", "specdec:ngram"], batch_size=8)
+    assert hf["batch_size"] == spec["batch_size"] == 8 and spec["speedup_vs_hf"] == 2.0
+    assert spec["per_category"]["math"] == {"tokens_per_s": None, "tau": 2.0, "speedup_vs_hf": None}
 
 
 def test_mismatch_counts_length_differences():
