@@ -79,7 +79,8 @@ class DrafterPool:
 
 
 class BatchEngine:
-    """Runs requests through a batched verifier (:class:`verifiers.paged.PagedVerifier`) with continuous batching."""
+    """Runs requests through a :class:`~specdec.protocols.BatchVerifier` (:class:`verifiers.paged.PagedVerifier`)
+    with continuous batching."""
 
     def __init__(self, verifier, drafters: DrafterPool, rule: AcceptanceRule, *, max_nodes: int,
                  max_batch_size: int, sampling: SamplingParams | None = None, needs_hidden: bool = False) -> None:
@@ -104,10 +105,13 @@ class BatchEngine:
         self.scheduler.add(self.requests[rid])
         return rid
 
-    def run(self) -> list[Request]:
-        """Step until every request has finished; requests in arrival order."""
+    def run(self, on_finish: Callable[[Request], None] | None = None) -> list[Request]:
+        """Step until every request has finished (``on_finish`` is called as each one does, e.g. to advance a
+        progress bar); requests in arrival order."""
         while not self.done:
-            self.step()
+            for event in self.step():
+                if event.finished and on_finish is not None:
+                    on_finish(self.requests[event.request_id])
         return list(self.requests.values())
 
     def step(self) -> list[Event]:
@@ -126,12 +130,15 @@ class BatchEngine:
     # --- the parts of a step ---------------------------------------------------------------------------------
 
     def _admit(self) -> list[Event]:
-        cache = self.verifier.cache
-        need = lambda r: cache.allocator.blocks_for(self._context(r).shape[1] - 1 + self.max_nodes)
-        admitted, too_large = self.scheduler.admit(cache.num_free_blocks, cache.allocator.num_blocks, need)
+        v = self.verifier
+
+        def need(r: Request) -> int:  # prefill (all but the root) + one tree
+            return v.blocks_for(self._context(r).shape[1] - 1 + self.max_nodes)
+
+        admitted, too_large = self.scheduler.admit(v.num_free_blocks, v.num_blocks, need)
         events = [self._refuse(r, f"request {r.request_id} needs {need(r)} KV blocks for its prompt and one tree, "
-                                  f"more than the {cache.allocator.num_blocks} the cache has; raise "
-                                  "verifier.num_blocks or shorten the prompt.", queued=True) for r in too_large]
+                                  f"more than the {v.num_blocks} the cache has; raise verifier.num_blocks or "
+                                  "shorten the prompt.", queued=True) for r in too_large]
         for r in admitted:
             r.drafter = self.drafters.acquire()
             r.committed = self._context(r)

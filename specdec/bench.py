@@ -139,7 +139,9 @@ def hf_batch_runner(model, max_new_tokens: int, sampling: dict, batch_size: int)
     def run(inputs: list[torch.Tensor], seed: int):
         torch.manual_seed(seed)
         results = []
-        for start in range(0, len(inputs), batch_size):
+        starts = range(0, len(inputs), batch_size)
+        for start in tqdm(starts, desc=f"hf batches of {batch_size}", unit="batch", file=sys.stderr,
+                          disable=len(starts) < 2):
             chunk = inputs[start:start + batch_size]
             width = max(ids.shape[1] for ids in chunk)
             ids = torch.full((len(chunk), width), pad if pad is not None else 0, dtype=torch.long,
@@ -164,7 +166,7 @@ def specdec_batch_runner(decoder: SpecDecoder, max_new_tokens: int, sampling: di
 
     def run(inputs: list[torch.Tensor], seed: int):
         outs = decoder.generate_batch(inputs, max_new_tokens=max_new_tokens, seed=seed,
-                                      max_batch_size=batch_size, **sampling)
+                                      max_batch_size=batch_size, progress=len(inputs) > batch_size, **sampling)
         return [(list(o.new_tokens), (o.stats.verify_steps, sum(o.stats.drafted), sum(o.stats.accepted)))
                 for o in outs]
 
@@ -260,7 +262,8 @@ def run_batched(runners: dict[str, BatchRunner], prompts: list[Prompt], inputs: 
         for _ in range(warmup):
             run(inputs[:min(2, batch_size)], seed)
     measurements = []
-    for method, run in tqdm(runners.items(), desc=f"methods (batch {batch_size})", unit="method", file=sys.stderr):
+    for method, run in runners.items():
+        print(f"{method}: {len(inputs)} requests, batch size {batch_size}", file=sys.stderr)
         start = time.perf_counter()
         results = run(inputs, seed)
         share = (time.perf_counter() - start) / len(inputs)

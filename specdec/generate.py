@@ -7,11 +7,13 @@
 
 from __future__ import annotations
 
+import sys
 import time
 import warnings
 from collections.abc import Sequence
 
 import torch
+from tqdm import tqdm
 
 from specdec import checkpoint, cpu_gemm, models, registry
 from specdec.acceptance import LOSSY, get_rule
@@ -131,7 +133,7 @@ class SpecDecoder:
                        eos_token_id="default", stop_strings: str | Sequence[str] | None = None,
                        do_sample: bool = False, temperature: float | None = None, top_k: int | None = None,
                        top_p: float | None = None, seed: int | None = None,
-                       max_batch_size: int | None = None) -> list[GenerationOutput]:
+                       max_batch_size: int | None = None, progress: bool = False) -> list[GenerationOutput]:
         """Generate for many requests at once (continuous batching); one :class:`GenerationOutput` per request,
         in order. Needs ``verifier="paged"``.
 
@@ -140,7 +142,7 @@ class SpecDecoder:
         each verify step; the rest wait and join as others finish. Request i samples with seed ``seed + i``. Each
         output equals that request generated alone (greedy: token for token). A request that runs out of KV
         blocks under ``preemption="refuse"`` ends with ``stats.finish_reason == "kv_exhausted"`` (the tokens it
-        made are kept; the others are unaffected).
+        made are kept; the others are unaffected). ``progress``: a progress bar over finished requests.
         """
         if not hasattr(self.verifier, "score_batch"):
             raise SpecdecError("batched generation needs the paged verifier: SpecDecoder(..., verifier='paged') "
@@ -163,8 +165,10 @@ class SpecDecoder:
             stopper = Stopper(ids[0].tolist(), max_new_tokens, eos_token_id, stop_strings, self.tokenizer)
             generator = torch.Generator().manual_seed(seed + i) if seed is not None else None
             engine.add(ids, max_new_tokens=max_new_tokens, stopper=stopper, generator=generator)
-        with cpu_gemm.small_batch_linear(self.target, enabled=self.small_batch_linear):
-            finished = engine.run()
+        bar = tqdm(total=len(requests), desc=f"requests (batch {max_batch_size})", unit="request",
+                   file=sys.stderr, disable=not progress)
+        with cpu_gemm.small_batch_linear(self.target, enabled=self.small_batch_linear), bar:
+            finished = engine.run(on_finish=lambda r: bar.update(1))
         return [self._output(r.prompt, r.tokens, r.stats, r.error) for r in finished]
 
     def _drafter_pool(self) -> DrafterPool:

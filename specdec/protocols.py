@@ -67,6 +67,35 @@ class Verifier(Protocol):
         """Number of tokens whose KV the cache holds."""
 
 
+@runtime_checkable
+class BatchVerifier(Protocol):
+    """A verifier serving many requests at once, keyed by request id (driven by :mod:`specdec.batch`).
+
+    KV memory comes in blocks: ``num_blocks`` in all, ``num_free_blocks`` now, ``blocks_for(n)`` to hold n tokens.
+    ``score_batch`` raises :class:`specdec.blocks.KVBlocksExhausted` (with ``.request_id``) when a request's tree
+    does not fit, having reserved nothing.
+    """
+
+    num_blocks: int
+
+    @property
+    def num_free_blocks(self) -> int: ...
+
+    def blocks_for(self, num_tokens: int) -> int: ...
+
+    def start(self, request_id, input_ids: torch.Tensor, output_hidden: bool = False) -> torch.Tensor | None:
+        """Cache a new request's ``input_ids [1, T]``; hidden ``[1, T, H]`` if asked."""
+
+    def score_batch(self, request_ids, trees, output_hidden: bool = False) -> VerifyOutput:
+        """One forward over each request's tree; logits ``[B, N, V]`` padded to the largest tree."""
+
+    def commit_request(self, request_id, keep) -> None:
+        """Keep the accepted nodes (root first) of the request's last scored tree."""
+
+    def release(self, request_id) -> None:
+        """Free the request's KV (finished or preempted)."""
+
+
 def check_capabilities(drafter: Drafter, *, verifier_gives_hidden: bool, rule_needs_probs: bool) -> None:
     """Fail early, naming the fix, when a drafter's declared needs are not met."""
     if getattr(drafter, "needs_hidden_states", False) and not verifier_gives_hidden:

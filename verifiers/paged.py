@@ -46,8 +46,8 @@ class PagedForward:
 
     cache: PagedKVCache
     slots: torch.Tensor  # [T] physical slots the live nodes' K/V go to
-    unpack: torch.Tensor  # [B, N] index of each (sequence, node) in the packed row (dead nodes: any live index)
-    pack: torch.Tensor  # [T] index of each packed node in the flattened [B * N] grid
+    unpack: torch.Tensor | None  # [B, N] index of each (sequence, node) in the packed row (dead: any live one)
+    pack: torch.Tensor | None  # [T] index of each packed node in the [B * N] grid; both None: every node is live
     block_tables: torch.Tensor  # [B, max_blocks]
     prefix_lens: torch.Tensor  # [B] cached positions before the new tokens
     tree_mask: torch.Tensor  # [B, N, N] bool, node i may attend node j
@@ -65,11 +65,15 @@ def paged_attention(module, query, key, value, attention_mask, scaling=None, dro
     layer = module.layer_idx
     q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # [T, heads, D]
     step.cache.write(layer, step.slots, k, v)
-    b, n = step.unpack.shape
-    q, k, v = (x[step.unpack].transpose(1, 2) for x in (q, k, v))  # [B, heads, N, D]
+    b, n = step.tree_mask.shape[:2]
+    if step.unpack is None:  # every node live: the packed row is the [B, N] grid, flattened
+        q, k, v = (x.view(b, n, *x.shape[1:]).transpose(1, 2) for x in (q, k, v))
+    else:
+        q, k, v = (x[step.unpack].transpose(1, 2) for x in (q, k, v))  # [B, heads, N, D]
     out = step.kernel(q, k, v, step.cache.k[layer], step.cache.v[layer], step.block_tables, step.prefix_lens,
                       step.tree_mask, scaling if scaling is not None else q.shape[-1] ** -0.5)  # [B, N, H, D]
-    return out.reshape(b * n, *out.shape[2:])[step.pack][None], None
+    out = out.reshape(b * n, *out.shape[2:])
+    return (out if step.pack is None else out[step.pack])[None], None
 
 
 AttentionInterface.register(ATTENTION_NAME, paged_attention)
@@ -107,8 +111,15 @@ def causal_mask(n: int, device=None) -> torch.Tensor:
     return torch.ones(n, n, dtype=torch.bool, device=device).tril()[None]
 
 
-def unpacked(x: torch.Tensor, pack: torch.Tensor, b: int, n: int) -> torch.Tensor:
+def packed(x: torch.Tensor, pack: torch.Tensor | None) -> torch.Tensor:
+    """``[B, N]`` -> the live entries as one row ``[1, T]`` (all of them when ``pack`` is None)."""
+    return x.reshape(1, -1) if pack is None else x.reshape(-1)[pack][None]
+
+
+def unpacked(x: torch.Tensor, pack: torch.Tensor | None, b: int, n: int) -> torch.Tensor:
     """Packed rows ``[T, F]`` back into the padded layout ``[B, N, F]`` (zeros at dead nodes)."""
+    if pack is None:
+        return x.view(b, n, -1)
     out = x.new_zeros(b * n, x.shape[-1])
     out[pack] = x
     return out.view(b, n, -1)
@@ -210,6 +221,17 @@ class PagedVerifier:
     def cached_tokens(self, request_id: Hashable) -> int:
         return self.cache.length(request_id)
 
+    @property
+    def num_blocks(self) -> int:
+        return self.cache.allocator.num_blocks
+
+    @property
+    def num_free_blocks(self) -> int:
+        return self.cache.num_free_blocks
+
+    def blocks_for(self, num_tokens: int) -> int:
+        return self.cache.allocator.blocks_for(num_tokens)
+
     # --- the one-request Verifier protocol -----------------------------------------------------------------
 
     def prefill(self, input_ids: torch.Tensor, output_hidden: bool = False) -> torch.Tensor | None:
@@ -242,18 +264,18 @@ class PagedVerifier:
         """
         b, n = tokens.shape
         dev = tokens.device
-        live = torch.ones(b, n, dtype=torch.bool, device=dev) if live is None else live
-        pack = live.reshape(-1).nonzero().flatten()  # [T]
-        unpack = (live.reshape(-1).cumsum(0) - 1).clamp(min=0).view(b, n)  # dead nodes read a live one (masked)
-        slots = torch.stack([self.cache.slots(r, self.cache.length(r), n) for r in request_ids]).to(dev)
+        if live is not None and bool(live.all()):
+            live = None
+        pack = None if live is None else live.reshape(-1).nonzero().flatten()  # [T]
+        unpack = None if live is None else (live.reshape(-1).cumsum(0) - 1).clamp(min=0).view(b, n)
+        slots = torch.cat([self.cache.slots(r, self.cache.length(r), n) for r in request_ids]).to(dev)
         step = PagedForward(
-            cache=self.cache, slots=slots.reshape(-1)[pack], unpack=unpack, pack=pack,
+            cache=self.cache, slots=slots if pack is None else slots[pack], unpack=unpack, pack=pack,
             block_tables=self.cache.block_tables(request_ids).to(dev),
             prefix_lens=torch.tensor([self.cache.length(r) for r in request_ids], device=dev),
             tree_mask=tree_mask.expand(b, n, n), kernel=self.kernel)
         with paged_attention_on(self.model):
-            out = self.model(input_ids=tokens.reshape(-1)[pack][None],
-                             position_ids=position_ids.reshape(-1)[pack][None], use_cache=False,
+            out = self.model(input_ids=packed(tokens, pack), position_ids=packed(position_ids, pack), use_cache=False,
                              output_hidden_states=output_hidden, logits_to_keep=logits_to_keep, specdec_paged=step)
         if logits_to_keep:
             return VerifyOutput(logits=out.logits, hidden=out.hidden_states[-1] if output_hidden else None)
