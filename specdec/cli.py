@@ -2,6 +2,7 @@
 
     specdec generate "Write a haiku about caches" [--drafter ngram] [--max-new-tokens 128] [--target PATH_OR_ID]
     specdec bench [hydra overrides ...]          # same as python -m specdec.bench
+    specdec profile [--target PATH_OR_ID] [--dtype float32] [--threads 2] [--verifier hf] [--remeasure]
 """
 
 from __future__ import annotations
@@ -41,6 +42,28 @@ def _generate(argv: list[str]) -> int:
     return 0
 
 
+def _profile(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="specdec profile",
+                                     description="Print (measuring once, then cached) the verify-cost profile.")
+    parser.add_argument("--target", default=None, help="hub id or local path (default: SmolLM2-135M-Instruct)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--verifier", default="hf", help="hf | paged")
+    parser.add_argument("--remeasure", action="store_true", help="measure again even when a profile is cached")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    from specdec import models, profiler
+
+    torch.set_num_threads(args.threads)
+    model, _ = models.load_target(args.target, dtype=args.dtype)
+    profile, path, measured = profiler.load_or_measure(model, args.verifier, remeasure=args.remeasure)
+    print(profiler.format_profile(profile))
+    print(f"\n{'measured now, written to' if measured else 'cached in'} {path}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
@@ -50,6 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if command == "generate":
             return _generate(rest)
+        if command == "profile":
+            return _profile(rest)
         if command == "bench":
             from specdec import bench
 
@@ -59,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     except SpecdecError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"unknown command {command!r}; use `specdec generate` or `specdec bench` (see specdec --help).",
+    print(f"unknown command {command!r}; use `specdec generate`, `specdec bench` or `specdec profile` (see specdec --help).",
           file=sys.stderr)
     return 2
 

@@ -1,0 +1,110 @@
+"""Measure a :class:`~specdec.cost.CostProfile` and cache it per (model, dtype, threads, device, versions).
+
+    specdec profile [--target PATH_OR_ID] [--dtype float32] [--threads 2] [--verifier hf] [--remeasure]
+
+``load_or_measure(model)`` returns the cached profile when one exists for exactly this setting (the key says what
+was measured; any difference — another model, dtype, thread count, device, torch or transformers version — means a
+new measurement), otherwise measures one (a few seconds: verify steps over chains of 1..64 nodes after a 256-token
+prefix, median of a few repetitions) and writes it as JSON under ``$SPECDEC_CACHE/profiles/``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import statistics
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import transformers
+
+from specdec import cpu_gemm, models, registry, report
+from specdec import tree as tree_ops
+from specdec.checkpoint import target_fingerprint
+from specdec.cost import CostProfile
+from specdec.types import Acceptance
+
+SIZES = (1, 2, 4, 8, 16, 32, 64)
+
+
+def profile_key(model, verifier: str = "hf") -> dict:
+    """What a profile is valid for: the target, its dtype and device, the thread count, the verifier and versions."""
+    p = next(model.parameters())
+    return {"target": target_fingerprint(model), "dtype": str(p.dtype).replace("torch.", ""),
+            "device": p.device.type, "threads": torch.get_num_threads(), "verifier": verifier,
+            "torch": torch.__version__, "transformers": transformers.__version__}
+
+
+def profile_path(key: dict, root: Path | None = None) -> Path:
+    digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+    return (root or models.cache_dir() / "profiles") / f"cost-{digest}.json"
+
+
+def measure_verify(model, sizes: Sequence[int] = SIZES, prefix_len: int = 256, reps: int = 5,
+                   verifier: str = "hf") -> dict[int, float]:
+    """Median milliseconds of one verify step (score + commit of the root) over a chain of each size."""
+    g = torch.Generator().manual_seed(0)
+    vocab = model.get_input_embeddings().weight.shape[0]
+    v = registry.build_verifier(verifier, model)
+    prompt = torch.randint(0, vocab, (1, prefix_len), generator=g).to(model.device)
+    out = {}
+    with torch.inference_mode(), cpu_gemm.small_batch_linear(model, enabled=cpu_gemm.wanted(model)):
+        v.prefill(prompt)
+        for n in sizes:
+            tokens = torch.randint(0, vocab, (n,), generator=g).tolist()
+            tree = tree_ops.chain(tokens[0], tokens[1:])
+            keep_root = Acceptance.from_paths([[0]], [tokens[0]])
+            times = []
+            for _ in range(reps + 1):  # the first is a warm-up
+                start = time.perf_counter()
+                v.score(tree)
+                v.commit(tree, keep_root)
+                times.append(1000 * (time.perf_counter() - start))
+            out[n] = statistics.median(times[1:])
+    return out
+
+
+def save(profile: CostProfile, path: Path) -> Path:
+    data = {"key": dict(profile.key), "verify_ms": {str(k): v for k, v in profile.verify_ms.items()},
+            "draft_ms": dict(profile.draft_ms)}
+    return report.write_json(path, data)
+
+
+def load(path: Path, key: dict | None = None) -> CostProfile | None:
+    """The profile at ``path``, or None when it is missing, unreadable, or measured for another ``key``."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        profile = CostProfile(key=data["key"], verify_ms={int(k): float(v) for k, v in data["verify_ms"].items()},
+                              draft_ms={str(k): float(v) for k, v in data.get("draft_ms", {}).items()})
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+    if key is not None and json.loads(json.dumps(key)) != profile.key:
+        return None
+    return profile
+
+
+def load_or_measure(model, verifier: str = "hf", root: Path | None = None, remeasure: bool = False,
+                    sizes: Sequence[int] = SIZES, reps: int = 5) -> tuple[CostProfile, Path, bool]:
+    """The cached profile for this setting, or a fresh measurement (then cached). Returns (profile, path,
+    measured_now)."""
+    key = profile_key(model, verifier)
+    path = profile_path(key, root)
+    if not remeasure:
+        cached = load(path, key)
+        if cached is not None:
+            return cached, path, False
+    profile = CostProfile(key=key, verify_ms=measure_verify(model, sizes, reps=reps, verifier=verifier))
+    save(profile, path)
+    return profile, path, True
+
+
+def format_profile(profile: CostProfile) -> str:
+    """The profile as a table: nodes, milliseconds, cost relative to one node."""
+    base = profile.verify(1)
+    rows = [[str(n), ms, f"{ms / base:.2f}x"] for n, ms in sorted(profile.verify_ms.items())]
+    head = ", ".join(f"{k}={v}" for k, v in profile.key.items() if k != "target")
+    table = report.format_table(["nodes", "verify ms", "vs 1 node"], rows)
+    drafts = "".join(f"\ndraft call {k}: {v:.2f} ms" for k, v in profile.draft_ms.items())
+    return f"{head}\n\n{table}{drafts}"
