@@ -23,6 +23,7 @@ import torch
 
 from specdec import tree as tree_ops
 from specdec.acceptance import AcceptanceRule
+from specdec.adaptive import AdaptiveBudget
 from specdec.blocks import KVBlocksExhausted
 from specdec.protocols import Drafter, Feedback
 from specdec.sampling import SamplingParams
@@ -45,11 +46,13 @@ class Request:
     finish_reason: str | None = None
     error: str | None = None
     preemptions: int = 0
+    budget: AdaptiveBudget | None = None  # per-request adaptive node budget (None: the engine's max_nodes)
     # while running:
     drafter: Drafter | None = None
     committed: torch.Tensor | None = None  # [1, T + generated]
     hidden: torch.Tensor | None = None  # [1, t, H] target hidden states the drafter has not seen yet
     started: float | None = None
+    draft_ms: float | None = None  # the last propose() call's time, when it drafted
 
 
 @dataclass(frozen=True)
@@ -98,10 +101,11 @@ class BatchEngine:
         return self.scheduler.done
 
     def add(self, input_ids: torch.Tensor, *, max_new_tokens: int, stopper: Stopper,
-            generator: torch.Generator | None = None) -> int:
-        """Queue a request ``input_ids [1, T]``; returns its id (the order of arrival)."""
+            generator: torch.Generator | None = None, budget: AdaptiveBudget | None = None) -> int:
+        """Queue a request ``input_ids [1, T]``; returns its id (the order of arrival). ``budget``: its own
+        adaptive node budget (re-decided each step, knowing how many other requests share the step)."""
         rid = len(self.requests)
-        self.requests[rid] = Request(rid, input_ids, max_new_tokens, stopper, generator)
+        self.requests[rid] = Request(rid, input_ids, max_new_tokens, stopper, generator, budget=budget)
         self.scheduler.add(self.requests[rid])
         return rid
 
@@ -120,7 +124,7 @@ class BatchEngine:
         running = list(self.scheduler.running)
         if not running:
             return events
-        trees = [self._propose(r) for r in running]
+        trees = [self._propose(r, len(running) - 1) for r in running]
         out, running, trees = self._score(running, trees, events)
         for i, (r, t) in enumerate(zip(running, trees)):
             events.append(self._accept(r, t, out.logits[i:i + 1, :t.num_nodes],
@@ -154,11 +158,15 @@ class BatchEngine:
         new = torch.tensor([r.tokens], dtype=r.prompt.dtype, device=r.prompt.device)
         return torch.cat([r.prompt, new], dim=1)
 
-    def _propose(self, r: Request) -> DraftTree:
+    def _propose(self, r: Request, others: int) -> DraftTree:
         remaining = r.max_new_tokens - len(r.tokens)
-        ctx = DraftContext(input_ids=r.committed, prompt_len=r.prompt.shape[1], max_nodes=self.max_nodes,
+        nodes = r.budget.nodes(batch_rows=others) if r.budget is not None else self.max_nodes
+        ctx = DraftContext(input_ids=r.committed, prompt_len=r.prompt.shape[1], max_nodes=nodes,
                            max_depth=remaining - 1, hidden=r.hidden, sampling=self.sampling, generator=r.generator)
-        return tree_ops.limit_depth(r.drafter.propose(ctx), remaining - 1)
+        start = time.perf_counter()
+        tree = tree_ops.limit_depth(r.drafter.propose(ctx), remaining - 1)
+        r.draft_ms = 1000 * (time.perf_counter() - start) if nodes > 1 else None
+        return tree
 
     def _score(self, running: list[Request], trees: list[DraftTree], events: list[Event]):
         """One verify forward; out of KV blocks, preempt or refuse (by policy) until the rest fits."""
@@ -182,6 +190,8 @@ class BatchEngine:
 
     def _accept(self, r: Request, tree: DraftTree, logits: torch.Tensor, hidden: torch.Tensor | None) -> Event:
         acceptance = self.rule(tree, logits, self.sampling, r.generator)
+        if r.budget is not None:
+            r.budget.observe(tree, acceptance, r.draft_ms)
         path = acceptance.accepted_nodes(0)
         self.verifier.commit_request(r.request_id, path)
         new_tokens = tree.tokens[0, path[1:]].tolist() + [int(acceptance.next_token[0])]

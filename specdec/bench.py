@@ -12,7 +12,9 @@ Methods (``bench.methods``): ``hf`` (``model.generate``, greedy: the reference e
 token-compared against), ``hf_pld`` (with ``prompt_lookup_num_tokens``), ``hf_assisted`` (with ``assistant_model`` =
 the draft model of ``drafter.path``), ``specdec:<drafter>`` (a :class:`specdec.SpecDecoder` with that drafter's
 ``conf/drafter/<drafter>.yaml`` options, or the chosen ``drafter`` group's with its overrides), optionally
-``specdec:<drafter>@<verifier>`` to use another verifier than the ``verifier`` group's.
+``specdec:<drafter>@<verifier>`` to use another verifier than the ``verifier`` group's, and ``+adaptive`` to
+re-decide each request's node budget (up to ``tree.max_nodes``) every step from the measured cost profile and its
+acceptance so far (e.g. ``specdec:ngram+adaptive``, ``specdec:ngram@paged+adaptive``).
 For each prompt every method runs in turn (so slow drift of the machine hits all alike); only the generate call
 is timed. Results: a progress bar, tables, and JSON at ``bench.output``.
 
@@ -62,6 +64,7 @@ class MethodSpec:
 
     drafter: DictConfig | None
     verifier: DictConfig | None
+    adaptive: bool = False  # "+adaptive": node budgets re-decided per step from the cost profile
 
 
 def method_drafters(cfg: DictConfig) -> dict[str, MethodSpec]:
@@ -75,6 +78,9 @@ def method_drafters(cfg: DictConfig) -> dict[str, MethodSpec]:
     out = {}
     for m in methods:
         kind, _, rest = m.partition(":")
+        rest, plus, modifier = rest.partition("+")
+        if plus and modifier != "adaptive":
+            raise ConfigError(f"unknown modifier +{modifier} in bench method {m!r}; the only one is +adaptive.")
         drafter, _, verifier = rest.partition("@")
         if m in HF_METHODS:
             out[m] = MethodSpec(None, None)
@@ -83,7 +89,7 @@ def method_drafters(cfg: DictConfig) -> dict[str, MethodSpec]:
             config.check_drafter(node)
             verifier = verifier or cfg.verifier.name
             vnode = cfg.verifier if verifier == cfg.verifier.name else config.load_verifier_config(verifier)
-            out[m] = MethodSpec(node, vnode)
+            out[m] = MethodSpec(node, vnode, adaptive=bool(plus))
         else:
             raise ConfigError(f"unknown bench method {m!r}; use {list(HF_METHODS)} or specdec:<drafter>[@<verifier>] "
                               f"with a drafter from {config.group_options('drafter')}.")
@@ -204,7 +210,8 @@ def build_runners(cfg: DictConfig, model, tokenizer, drafters: dict[str, MethodS
         else:
             decoder = SpecDecoder(model, tokenizer, drafter=node.name, drafter_kwargs=config.drafter_kwargs(node),
                                   verifier=spec.verifier.name, verifier_kwargs=config.verifier_kwargs(spec.verifier),
-                                  acceptance=cfg.acceptance.name, max_nodes=cfg.tree.max_nodes, max_batch_size=batch)
+                                  acceptance=cfg.acceptance.name, max_nodes=cfg.tree.max_nodes, max_batch_size=batch,
+                                  adaptive=spec.adaptive)
             runners[method] = (specdec_batch_runner(decoder, n, sampling, batch) if batch > 1
                                else specdec_runner(decoder, n, sampling))
     return runners
@@ -306,6 +313,7 @@ def run_bench(cfg: DictConfig) -> dict:
             run["drafter"] = OmegaConf.to_container(spec.drafter, resolve=True)
             run["verifier"] = OmegaConf.to_container(spec.verifier, resolve=True)
             run["acceptance"] = cfg.acceptance.name
+            run["adaptive"] = spec.adaptive
             run["lossy"] = cfg.acceptance.name in LOSSY
     result = {
         "target": cfg.target.name or models.DEFAULT_TARGET, "dtype": cfg.target.dtype,

@@ -15,9 +15,11 @@ from collections.abc import Sequence
 import torch
 from tqdm import tqdm
 
-from specdec import checkpoint, cpu_gemm, models, registry
+from specdec import checkpoint, cpu_gemm, models, profiler, registry
 from specdec.acceptance import LOSSY, get_rule
+from specdec.adaptive import AdaptiveBudget
 from specdec.batch import BatchEngine, DrafterPool
+from specdec.cost import CostProfile
 from specdec.errors import PromptError, SpecdecError, VocabularyMismatchError
 from specdec.loop import decode
 from specdec.protocols import check_capabilities
@@ -34,14 +36,18 @@ class SpecDecoder:
     target: a transformers causal LM, a hub id, a local path, or None for the default target.
     drafter: a config name (``none``, ``ngram``, ``draft_model``, ``eagle``, ``medusa``, ``layerskip``), the
     directory of a checkpoint a ``train/`` job wrote (its kind is read from it), or a Drafter object;
-    ``drafter_kwargs`` go to the drafter's constructor. small_batch_linear: route the target's few-row float32 matmuls through the
+    ``drafter_kwargs`` go to the drafter's constructor. adaptive: re-decide each request's node budget (up to
+    ``max_nodes``) before every step from the measured cost profile (``cost_profile``, or the cached / freshly
+    measured one for this target and machine, see :mod:`specdec.profiler`) and the request's acceptance so far
+    (:mod:`specdec.adaptive`); outputs are unchanged, only speed. small_batch_linear: route the target's few-row float32 matmuls through the
     faster CPU kernel (:mod:`specdec.cpu_gemm`); None = on for a float32 model on CPU.
     """
 
     def __init__(self, target=None, tokenizer=None, *, drafter="ngram", verifier: str = "hf",
                  acceptance: str | None = None, max_nodes: int = DEFAULT_MAX_NODES, dtype=None,
                  drafter_kwargs: dict | None = None, small_batch_linear: bool | None = None,
-                 verifier_kwargs: dict | None = None, max_batch_size: int = 8) -> None:
+                 verifier_kwargs: dict | None = None, max_batch_size: int = 8, adaptive: bool = False,
+                 cost_profile: CostProfile | None = None) -> None:
         if target is None or isinstance(target, str):
             target, loaded_tok = models.load_target(target, dtype=dtype or "float32")
             tokenizer = tokenizer or loaded_tok
@@ -62,6 +68,10 @@ class SpecDecoder:
         self.drafter = drafter
         self.verifier = registry.build_verifier(verifier, target, **(verifier_kwargs or {}))
         self.max_batch_size = max_batch_size
+        self.adaptive = adaptive
+        self.cost_profile = cost_profile
+        if adaptive and cost_profile is None:
+            self.cost_profile, _, _ = profiler.load_or_measure(target, verifier if isinstance(verifier, str) else "hf")
         if acceptance is not None:
             get_rule(acceptance)  # an unknown name fails now, not at the first generate()
         self.acceptance = acceptance  # None: greedy, or rejection when sampling
@@ -109,7 +119,7 @@ class SpecDecoder:
             streamer.put(ids.cpu())
         start = time.perf_counter()
         steps = decode(self.verifier, self.drafter, rule, ids, max_new_tokens=max_new_tokens,
-                       max_nodes=self.max_nodes, sampling=sampling, generator=generator)
+                       max_nodes=self.max_nodes, sampling=sampling, generator=generator, budget=self._budget())
         with cpu_gemm.small_batch_linear(self.target, enabled=self.small_batch_linear):
             for step in steps:
                 kept, reason = stopper.cut(step.new_tokens)
@@ -164,12 +174,20 @@ class SpecDecoder:
         for i, ids in enumerate(requests):
             stopper = Stopper(ids[0].tolist(), max_new_tokens, eos_token_id, stop_strings, self.tokenizer)
             generator = torch.Generator().manual_seed(seed + i) if seed is not None else None
-            engine.add(ids, max_new_tokens=max_new_tokens, stopper=stopper, generator=generator)
+            engine.add(ids, max_new_tokens=max_new_tokens, stopper=stopper, generator=generator,
+                       budget=self._budget())
         bar = tqdm(total=len(requests), desc=f"requests (batch {max_batch_size})", unit="request",
                    file=sys.stderr, disable=not progress)
         with cpu_gemm.small_batch_linear(self.target, enabled=self.small_batch_linear), bar:
             finished = engine.run(on_finish=lambda r: bar.update(1))
         return [self._output(r.prompt, r.tokens, r.stats, r.error) for r in finished]
+
+    def _budget(self) -> AdaptiveBudget | None:
+        """A fresh per-request budget controller when adaptive (None: every tree gets ``max_nodes``)."""
+        if not self.adaptive:
+            return None
+        kind = self._drafter_spec[0] if self._drafter_spec is not None else type(self.drafter).__name__
+        return AdaptiveBudget(self.cost_profile, kind, max_nodes=self.max_nodes)
 
     def _drafter_pool(self) -> DrafterPool:
         def build():
@@ -279,8 +297,8 @@ def check_vocabulary(drafter, target) -> None:
 def generate(target=None, input_ids=None, *, tokenizer=None, drafter="ngram", verifier: str = "hf",
              acceptance: str | None = None, max_nodes: int = DEFAULT_MAX_NODES, dtype=None,
              drafter_kwargs: dict | None = None, small_batch_linear: bool | None = None,
-             verifier_kwargs: dict | None = None, max_batch_size: int = 8,
-             **generation_kwargs) -> GenerationOutput | list[GenerationOutput]:
+             verifier_kwargs: dict | None = None, max_batch_size: int = 8, adaptive: bool = False,
+             cost_profile: CostProfile | None = None, **generation_kwargs) -> GenerationOutput | list[GenerationOutput]:
     """Speculatively decode one request; output identical to ``target.generate`` (greedy: token for token;
     sampling: in distribution).
 
@@ -300,5 +318,5 @@ def generate(target=None, input_ids=None, *, tokenizer=None, drafter="ngram", ve
     decoder = SpecDecoder(target, tokenizer, drafter=drafter, verifier=verifier, acceptance=acceptance,
                           max_nodes=max_nodes, dtype=dtype, drafter_kwargs=drafter_kwargs,
                           small_batch_linear=small_batch_linear, verifier_kwargs=verifier_kwargs,
-                          max_batch_size=max_batch_size)
+                          max_batch_size=max_batch_size, adaptive=adaptive, cost_profile=cost_profile)
     return decoder.generate(input_ids, **generation_kwargs)

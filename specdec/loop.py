@@ -8,6 +8,7 @@ Greedy and sampling share it; only the acceptance rule differs. Stopping on EOS 
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -15,6 +16,7 @@ import torch
 
 from specdec import tree as tree_ops
 from specdec.acceptance import AcceptanceRule
+from specdec.adaptive import AdaptiveBudget
 from specdec.protocols import Drafter, Feedback, Verifier
 from specdec.sampling import SamplingParams
 from specdec.types import Acceptance, DraftContext, DraftTree
@@ -39,10 +41,13 @@ def decode(
     max_nodes: int,
     sampling: SamplingParams | None = None,
     generator: torch.Generator | None = None,
+    budget: AdaptiveBudget | None = None,
 ) -> Iterator[Step]:
     """Speculatively decode from ``input_ids [1, T]`` until ``max_new_tokens`` tokens are committed.
 
     The last prompt token is the first tree's root; the cache holds every committed token but the current root.
+    ``budget`` (optional) re-decides the node budget before each step from measured costs and this request's
+    acceptance so far (:mod:`specdec.adaptive`); otherwise every tree gets ``max_nodes``.
     Yields one :class:`Step` per verify step; a caller may stop iterating at any time.
     """
     sampling = sampling or SamplingParams()
@@ -53,12 +58,17 @@ def decode(
     produced = 0
     while produced < max_new_tokens:
         remaining = max_new_tokens - produced
-        ctx = DraftContext(input_ids=committed, prompt_len=input_ids.shape[1], max_nodes=max_nodes,
+        nodes = budget.nodes() if budget is not None else max_nodes
+        ctx = DraftContext(input_ids=committed, prompt_len=input_ids.shape[1], max_nodes=nodes,
                            max_depth=remaining - 1, hidden=hidden, sampling=sampling, generator=generator)
+        start = time.perf_counter()
         tree = tree_ops.limit_depth(drafter.propose(ctx), remaining - 1)
+        draft_ms = 1000 * (time.perf_counter() - start)
         out = verifier.score(tree, output_hidden=needs_hidden)
         acceptance = rule(tree, out.logits, sampling, generator)
         verifier.commit(tree, acceptance)
+        if budget is not None:
+            budget.observe(tree, acceptance, draft_ms if nodes > 1 else None)
 
         path = acceptance.accepted_nodes(0)
         new_tokens = tree.tokens[0, path[1:]].tolist() + [int(acceptance.next_token[0])]

@@ -135,6 +135,17 @@ def test_verifiers_side_by_side(files, tmp_path):
     assert runs["specdec:ngram@paged"]["mismatches"] == 0 and runs["specdec:ngram@paged"]["batch_size"] == 1
 
 
+def test_adaptive_method_beside_static(files, tmp_path, monkeypatch):
+    """specdec:<drafter>+adaptive runs beside the static method (a profile is measured once and cached)."""
+    monkeypatch.setenv("SPECDEC_CACHE", str(tmp_path / "cache"))
+    result = run_in_process(files, tmp_path, "bench.methods=[hf,specdec:ngram,specdec:ngram+adaptive]",
+                            "bench.warmup=0")
+    runs = {r["method"]: r for r in result["runs"]}
+    assert runs["specdec:ngram+adaptive"]["adaptive"] and not runs["specdec:ngram"]["adaptive"]
+    assert runs["specdec:ngram+adaptive"]["mismatches"] == 0
+    assert list((tmp_path / "cache" / "profiles").glob("cost-*.json"))
+
+
 def test_batched_bench(files, tmp_path):
     """bench.batch_size=2: HF batched generate (left-padded) beside specdec's continuous batching."""
     result = run_in_process(files, tmp_path, "verifier=paged", "verifier.block_size=4", "bench.batch_size=2",
@@ -152,6 +163,7 @@ def test_batched_bench(files, tmp_path):
     (["bench.batch_size=2", "verifier=paged", "bench.methods=[hf,hf_pld]"], "hf_pld runs one request at a time"),
     (["bench.batch_size=0"], "bench.batch_size must be >= 1"),
     (["bench.methods=[hf,specdec:ngram@fast]"], "no verifier config 'fast'"),
+    (["bench.methods=[hf,specdec:ngram+fast]"], "unknown modifier \\+fast"),
     (["verifier=paged", "verifier.kernel=cuda"], "unknown paged attention kernel 'cuda'"),
 ])
 def test_bad_batch_options_fail_clearly(files, tmp_path, overrides, fragment):

@@ -1,0 +1,185 @@
+"""The cost model (golden budget choices), acceptance statistics, the per-request adaptive budget, the profile cache,
+and losslessness with adaptive budgets (greedy, batched, and the sampling distribution)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import specdec
+from specdec import profiler
+from specdec import tree as tree_ops
+from specdec.adaptive import AcceptanceStats, AdaptiveBudget
+from specdec.cost import CostProfile, chain_node_values, choose_budget
+from specdec.types import Acceptance
+from tests.conftest import DRAFTER_FACTORIES, get_tiny, greedy_reference
+from tests.tiny import random_prompt, tiny_tokenizer
+
+TOK = tiny_tokenizer()
+# a CPU-like profile: 2-4 nodes cost little more than 1, 16 cost 2x, 64 cost 5x
+CPU = CostProfile(key={}, verify_ms={1: 50.0, 2: 52.0, 4: 55.0, 8: 65.0, 16: 100.0, 32: 150.0, 64: 250.0},
+                  draft_ms={"ngram": 0.5, "draft_model": 15.0})
+
+# ---------------------------------------------------------------- cost profile and budget choice (golden)
+
+
+def test_verify_interpolates_and_is_monotone():
+    p = CostProfile(key={}, verify_ms={1: 50.0, 2: 60.0, 4: 55.0, 8: 80.0})  # 2 measured above 4: noise
+    assert [round(p.verify(n), 2) for n in (1, 2, 3, 4, 6, 8, 16)] == [50.0, 55.0, 55.0, 55.0, 67.5, 80.0, 160.0]
+
+
+@pytest.mark.parametrize("values, drafter, cap, base_rows, nodes", [
+    ([0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3], "ngram", 32, 0, 8),  # good drafts: a mid-size chain pays
+    ([0.05, 0.02, 0.01], "ngram", 32, 0, 1),  # drafts never accepted: plain decoding
+    ([0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3], "ngram", 4, 0, 4),  # capped
+    ([0.2, 0.05], "draft_model", 32, 0, 1),  # a 15 ms drafter call is not worth 0.25 expected tokens
+    ([0.2, 0.05], "ngram", 32, 0, 3),  # ... a 0.5 ms one is
+    # in a batch of 8 the extra rows must earn the batch's own rate (8 tokens / 65 ms): good drafts still do here
+    ([0.9, 0.8, 0.7, 0.6], "ngram", 32, 7, 5),
+    ([0.5, 0.3], "ngram", 32, 7, 1),
+])
+def test_choose_budget_golden(values, drafter, cap, base_rows, nodes):
+    assert choose_budget(CPU, values, drafter, cap, base_rows=base_rows).nodes == nodes
+
+
+def test_choose_budget_maximises_tokens_per_second():
+    values = [0.8, 0.6, 0.5, 0.2, 0.1]
+    best = choose_budget(CPU, values, "ngram")
+    for n in range(1, len(values) + 2):
+        tokens = 1 + sum(values[:n - 1])
+        ms = CPU.verify(n) + (CPU.draft("ngram") if n > 1 else 0)
+        assert best.tokens_per_s >= 1000 * tokens / ms - 1e-9
+
+
+def test_chain_node_values_and_stats():
+    assert chain_node_values([0.5, 0.5]) == [0.5, 0.25]
+    s = AcceptanceStats(decay=0.5, prior=0.5)
+    s.update(drafted_depth=2, accepted=2)  # both depths hit
+    s.update(drafted_depth=3, accepted=0)  # depth 1 missed; depths 2, 3 never reached: no evidence
+    assert s.rates == [0.375, 0.75] and s.rate(5) == 0.5 and s.steps == 2
+
+
+def _step(budget: AdaptiveBudget, depth: int, accepted: int) -> None:
+    tree = tree_ops.chain(5, [6] * depth)
+    budget.observe(tree, Acceptance.from_paths([list(range(accepted + 1))], [7]), draft_ms=0.5)
+
+
+def test_budget_grows_with_acceptance_and_switches_off_then_probes():
+    b = AdaptiveBudget(CPU, "ngram", max_nodes=16, probe_every=3, probe_nodes=2)
+    for _ in range(20):
+        _step(b, depth=b.nodes() - 1, accepted=b.history[-1] - 1)  # everything accepted
+    assert b.history[0] == 4 and b.history[-1] == 8  # prior 0.5 -> 4 nodes; ~all accepted -> 8 (16 cost 2x)
+    for _ in range(40):
+        n = b.nodes()
+        _step(b, depth=n - 1, accepted=0)  # nothing accepted
+    tail = b.history[-9:]
+    assert tail.count(1) == 6 and tail.count(2) == 3  # off, with a 2-node probe every third step
+
+
+# ---------------------------------------------------------------- the profile cache
+
+
+def test_profile_is_cached_and_invalidated_when_the_setting_changes(tmp_path):
+    model = get_tiny(0, dtype=torch.float32)
+    kw = {"root": tmp_path, "sizes": (1, 2, 4), "reps": 1}
+    p1, path1, measured = profiler.load_or_measure(model, **kw)
+    assert measured and path1.exists() and set(p1.verify_ms) == {1, 2, 4}
+    assert json.loads(path1.read_text())["key"]["threads"] == torch.get_num_threads()
+    p2, path2, measured = profiler.load_or_measure(model, **kw)
+    assert not measured and path2 == path1 and p2 == p1
+    threads = torch.get_num_threads()
+    try:  # another thread count: another key, a new measurement
+        torch.set_num_threads(threads + 1)
+        _, path3, measured = profiler.load_or_measure(model, **kw)
+        assert measured and path3 != path1
+    finally:
+        torch.set_num_threads(threads)
+    _, path4, measured = profiler.load_or_measure(get_tiny(0, dtype=torch.float64), **kw)  # another dtype
+    assert measured and path4 != path1
+    _, path5, measured = profiler.load_or_measure(get_tiny(1, dtype=torch.float32), **kw)  # another model
+    assert measured and path5 != path1
+    # a file whose key says another device is not used for this one (e.g. copied from a GPU machine)
+    data = json.loads(path1.read_text())
+    data["key"]["device"] = "cuda"
+    path1.write_text(json.dumps(data))
+    assert profiler.load(path1, profiler.profile_key(model)) is None
+    path1.write_text("{not json")
+    assert profiler.load(path1, profiler.profile_key(model)) is None
+    assert "nodes" in profiler.format_profile(p1)
+
+
+# ---------------------------------------------------------------- lossless with adaptive budgets
+
+
+@pytest.mark.parametrize("seed", [0, 4])
+def test_adaptive_greedy_is_lossless(drafter_factory, seed):
+    target = get_tiny(seed)
+    prompt = random_prompt(seed, 24, repeat=True)
+    dec = specdec.SpecDecoder(target, TOK, drafter=drafter_factory.build(target, TOK), adaptive=True,
+                              cost_profile=CPU, max_nodes=16)
+    out = dec.generate(prompt, max_new_tokens=40)
+    assert out.new_tokens == greedy_reference(target, prompt, 40)
+
+
+def test_adaptive_batch_is_lossless_and_budgets_differ_per_request():
+    target = get_tiny(2)
+    prompts = [random_prompt(i, 20, repeat=i % 2 == 0)[0].tolist() for i in range(5)]
+    dec = specdec.SpecDecoder(target, TOK, drafter="ngram", verifier="paged", adaptive=True, cost_profile=CPU,
+                              max_batch_size=3)
+    budgets = []
+    make = dec._budget
+    dec._budget = lambda: budgets.append(make()) or budgets[-1]
+    outs = dec.generate(prompts, max_new_tokens=30)
+    assert [o.new_tokens for o in outs] == [greedy_reference(target, torch.tensor([p]), 30) for p in prompts]
+    assert len(budgets) == 5 and len({tuple(b.history) for b in budgets}) > 1
+
+
+def test_sampling_with_adaptive_budgets_keeps_the_target_distribution():
+    """History-dependent tree sizes (the budget after a rejection differs from the one after an acceptance) must
+    not bias the sampled tokens: same chi-square check as tests/test_sampling_e2e.py."""
+    from tests.test_sampling_e2e import (
+        N_SAMPLES,
+        PROMPT,
+        assert_matches,
+        build_drafter,
+        exact_joint,
+        params,
+        target,
+    )
+
+    profile = CostProfile(key={}, verify_ms={1: 50.0, 2: 50.5, 3: 75.0}, draft_ms={})
+    dec = specdec.SpecDecoder(target(), None, drafter=build_drafter("chain"), adaptive=True, cost_profile=profile,
+                              max_nodes=3)
+    histories = set()
+    make = dec._budget
+
+    def recording():
+        b = make()
+        b.stats.decay = 0.3
+        histories.add(id(b))
+        recording.last = b
+        return b
+
+    dec._budget = recording
+    counts = torch.zeros(8, 8, dtype=torch.long)
+    shapes = set()
+    for i in range(N_SAMPLES):
+        out = dec.generate(PROMPT, max_new_tokens=4, do_sample=True, seed=50_000 + i, eos_token_id=None)
+        counts[out.new_tokens[0], out.new_tokens[1]] += 1
+        shapes.add(tuple(recording.last.history))
+    assert len(shapes) > 1  # the budget really followed each sample's own history
+    assert_matches(counts, exact_joint(target(), PROMPT, params(False)), "adaptive")
+
+
+def test_adaptive_needs_no_profile_argument(tmp_path, monkeypatch):
+    """Without cost_profile the decoder measures one (cached under $SPECDEC_CACHE) and uses it."""
+    monkeypatch.setenv("SPECDEC_CACHE", str(tmp_path))
+    monkeypatch.setattr(profiler, "SIZES", (1, 2))
+    target = get_tiny(0, dtype=torch.float32)
+    dec = specdec.SpecDecoder(target, TOK, drafter="ngram", adaptive=True)
+    assert list((tmp_path / "profiles").glob("cost-*.json"))
+    prompt = random_prompt(0, 12, repeat=True)
+    assert dec.generate(prompt, max_new_tokens=10).new_tokens == greedy_reference(target, prompt, 10)
+    assert DRAFTER_FACTORIES  # the lossless test above covers every registered drafter
