@@ -14,6 +14,7 @@ and LM head, which are the target's own and are taken from it at load time (:fun
 from __future__ import annotations
 
 import copy
+import math
 from pathlib import Path
 
 import torch
@@ -45,9 +46,13 @@ class DraftModelDrafter:
 
     needs_hidden_states = False
     returns_probs = True  # when sampling
+    dynamic = False  # grow trees by expected acceptance (EAGLE-2 style) instead of a fixed shape
+    top_k = 4
+    dynamic_depth = 6
 
     def __init__(self, target=None, tokenizer=None, path: str | None = None, model=None, depth: int | None = None,
-                 width: int | None = None, choices: list[list[int]] | None = None, dtype: str | None = None) -> None:
+                 width: int | None = None, choices: list[list[int]] | None = None, dtype: str | None = None,
+                 dynamic: bool = False, top_k: int = 4) -> None:
         recommended: dict = {}
         if model is None:
             if not path:
@@ -66,6 +71,7 @@ class DraftModelDrafter:
             raise ConfigError(f"draft_model needs depth >= 1 and width >= 1; got depth={depth}, width={width}.")
         self.model = model.eval()
         self.vocab_size = models.vocab_size(self.model)
+        set_dynamic(self, dynamic, top_k, depth)
         choices = choices if choices is not None else tree_ops.choices_for_shape(depth, width)
         self.parents, self.ranks = tree_ops.topology_from_choices(choices)
         check_contiguous_ranks(self.parents, self.ranks)
@@ -89,6 +95,9 @@ class DraftModelDrafter:
         if ids.shape[0] != 1:
             raise ConfigError(f"the {type(self).__name__} proposes for one request at a time (input_ids [1, T]).")
         root_logits = self._advance(ctx)  # [1, V]
+        self._run_of = None
+        if self.dynamic:
+            return self._grow_dynamic(int(ids[0, -1]), root_logits, ctx.max_nodes, ctx.max_depth)
         parents, ranks = self._shape(ctx.max_nodes, ctx.max_depth)
         tokens = [int(ids[0, -1])] + [0] * (len(parents) - 1)
         self._ran = 0
@@ -136,6 +145,44 @@ class DraftModelDrafter:
                         cands[i] = self._candidates(logits[0, i - lo], k, sampling, generator, probs, i)
             lo = hi
 
+    def _grow_dynamic(self, root: int, root_logits: torch.Tensor, max_nodes: int, max_depth: int) -> DraftTree:
+        """EAGLE-2's dynamic tree: expand, level by level, the ``top_k`` most probable new nodes (value = product
+        of draft probabilities along the path), each offering its ``top_k`` tokens as children; then keep the best
+        ``max_nodes`` of every node created by that value (:func:`specdec.tree.best_subtree`).
+
+        Candidates are the draft's top-k tokens whether or not the request samples, and no ``draft_probs`` are
+        reported: the rejection rule then treats them as deterministic candidates (point masses), which is lossless
+        however they were chosen.
+        """
+        k, depth_limit = self.top_k, min(self.dynamic_depth, max_depth)
+        run_tokens, run_parents = [root], [-1]  # the nodes run through the draft model (its cache, in order)
+        tokens, parents, values, run = [root], [-1], [1.0], [0]  # every created node; run: its run index
+        frontier = [(0, torch.log_softmax(root_logits[0].float(), dim=-1))]
+        self._ran = 0
+        for d in range(1, depth_limit + 1 if max_nodes > 1 else 1):
+            created = []
+            for node, logp in frontier:
+                top = logp.topk(k)
+                for lp, t in zip(top.values.tolist(), top.indices.tolist()):
+                    tokens.append(t)
+                    parents.append(node)
+                    values.append(values[node] * math.exp(lp))
+                    run.append(None)
+                    created.append(len(tokens) - 1)
+            if d == depth_limit:
+                break
+            expand = sorted(sorted(created, key=lambda i: (-values[i], i))[:k])
+            lo = len(run_tokens)
+            for i in expand:
+                run_tokens.append(tokens[i])
+                run_parents.append(run[parents[i]])
+                run[i] = len(run_tokens) - 1
+            logits = self._forward_level(run_tokens, torch.tensor([run_parents]), lo, len(run_tokens))
+            frontier = [(i, torch.log_softmax(logits[0, j].float(), dim=-1)) for j, i in enumerate(expand)]
+        keep = tree_ops.best_subtree(parents, values, max_nodes)
+        self._run_of = [run[i] for i in keep]
+        return DraftTree(torch.tensor([[tokens[i] for i in keep]]), torch.tensor([tree_ops.subtree(parents, keep)]))
+
     @staticmethod
     def _candidates(logits: torch.Tensor, k: int, sampling, generator, probs: torch.Tensor | None,
                     node: int) -> list[int]:
@@ -160,9 +207,19 @@ class DraftModelDrafter:
     def observe(self, feedback: Feedback) -> None:
         """Keep the accepted nodes the draft model already ran; drop the rest of the tree from its cache."""
         path = feedback.acceptance.accepted_nodes(0)[1:]
+        if getattr(self, "_run_of", None) is not None:  # a dynamic tree: nodes sit in the cache in run order
+            path = [r for r in (self._run_of[n] for n in path) if r is not None]
         keep = [node - 1 for node in path if node - 1 < self._ran]
         hf_cache.keep_positions(self.cache, self._prefix, keep)
         self._ran = 0
+
+
+def set_dynamic(drafter, dynamic: bool, top_k: int, depth: int | None) -> None:
+    """Configure EAGLE-2-style dynamic trees on a drafter (``depth``: levels grown, default 6)."""
+    if top_k < 1:
+        raise ConfigError(f"top_k must be >= 1; got {top_k}.")
+    drafter.dynamic, drafter.top_k = bool(dynamic), int(top_k)
+    drafter.dynamic_depth = int(depth) if depth else 6
 
 
 def check_contiguous_ranks(parents: list[int], ranks: list[int]) -> None:

@@ -18,7 +18,7 @@ import copy
 import torch
 from torch import nn
 
-from drafters.draft_model import DraftModelDrafter, check_contiguous_ranks, decoder
+from drafters.draft_model import DraftModelDrafter, check_contiguous_ranks, decoder, set_dynamic
 from specdec import checkpoint, hf_cache, models
 from specdec import tree as tree_ops
 from specdec.errors import ConfigError, SpecdecError
@@ -120,6 +120,8 @@ class EagleDrafter(DraftModelDrafter):
     choices: tree shape (default: the tree the training job chose from validation accuracy, best paths first);
     ``depth``/``width`` build a simple shape instead. max_nodes: this drafter's own node budget (root included),
     when smaller than the decoder's (small trees pay off when verifying many nodes costs more than one).
+    dynamic: grow each tree by expected acceptance instead (EAGLE-2; ``top_k`` children per expanded node,
+    ``depth`` levels, default 6), cut to the step's node budget.
     """
 
     needs_hidden_states = True
@@ -127,9 +129,11 @@ class EagleDrafter(DraftModelDrafter):
 
     def __init__(self, target=None, tokenizer=None, path: str | None = None, head: EagleHead | None = None,
                  choices: list[list[int]] | None = None, depth: int | None = None, width: int = 1,
-                 dtype: str | None = None, max_nodes: int | None = None) -> None:
+                 dtype: str | None = None, max_nodes: int | None = None, dynamic: bool = False,
+                 top_k: int = 4) -> None:
         if target is None:
             raise ConfigError("the eagle drafter runs on the target's features: pass target=... .")
+        set_dynamic(self, dynamic, top_k, depth)
         meta_choices = None
         if head is None:
             path = path or checkpoint.shipped(KIND)

@@ -12,6 +12,8 @@ through ``d2t``), initialised from the target's LM-head rows.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -110,7 +112,10 @@ class MedusaDrafter:
 
     path: a checkpoint written by ``python -m train.medusa`` (None: the one shipped for the default target).
     choices: tree shape (default: the tree the training job chose from validation accuracy); ``depth``/``width``
-    build a simple shape instead. dtype: the heads' dtype (default: the target's).
+    build a simple shape instead. dtype: the heads' dtype (default: the target's). dynamic: grow each tree by
+    expected acceptance instead (EAGLE-2 style over the heads' top-``top_k`` tokens; a path's value is the product
+    of its tokens' head probabilities), cut to the step's node budget; its candidates are deterministic, so no
+    ``draft_probs`` are reported (the rejection rule treats them as point masses: lossless).
     """
 
     needs_hidden_states = True
@@ -118,9 +123,13 @@ class MedusaDrafter:
 
     def __init__(self, target=None, tokenizer=None, path: str | None = None, heads: MedusaHeads | None = None,
                  choices: list[list[int]] | None = None, depth: int | None = None, width: int = 1,
-                 dtype: str | None = None, max_nodes: int | None = None) -> None:
+                 dtype: str | None = None, max_nodes: int | None = None, dynamic: bool = False,
+                 top_k: int = 4) -> None:
         if target is None:
             raise ConfigError("the medusa drafter runs on the target's hidden states: pass target=... .")
+        if top_k < 1:
+            raise ConfigError(f"top_k must be >= 1; got {top_k}.")
+        self.dynamic, self.top_k = bool(dynamic), int(top_k)
         meta_choices = None
         if heads is None:
             path = path or checkpoint.shipped(KIND)
@@ -166,6 +175,8 @@ class MedusaDrafter:
             raise ConfigError("the medusa drafter proposes for one request at a time (input_ids [1, T]).")
         if ctx.hidden is None:
             raise SpecdecError("the medusa drafter needs the target's hidden states; the verifier returned none.")
+        if self.dynamic:
+            return self._dynamic(int(ids[0, -1]), ctx)
         parents, ranks, depths = self._shape(ctx.max_nodes, ctx.max_depth)
         if ctx.hidden.shape[1] == 0:  # a one-token prompt: no hidden state before the root yet
             parents, ranks, depths = parents[:1], ranks[:1], depths[:1]
@@ -193,6 +204,28 @@ class MedusaDrafter:
                 else:
                     parents[i] = DEAD
         return DraftTree(torch.tensor([tokens]), torch.tensor([parents]), probs)
+
+    def _dynamic(self, root: int, ctx: DraftContext) -> DraftTree:
+        """Level by level, the ``top_k`` most valuable new nodes get head ``d+1``'s top-``top_k`` tokens as
+        children; then the best ``max_nodes`` nodes by value are kept (:func:`specdec.tree.best_subtree`)."""
+        cap = min(ctx.max_nodes, self.max_nodes or ctx.max_nodes)
+        depth = min(self.heads.num_heads, ctx.max_depth) if ctx.hidden.shape[1] > 0 and cap > 1 else 0
+        tokens, parents, values = [root], [-1], [1.0]
+        if depth:
+            logp = torch.log_softmax(self.heads.full_logits(ctx.hidden[0, -1], self.vocab_size).float(), dim=-1)
+            top = logp.topk(self.top_k, dim=-1)
+            frontier = [0]
+            for d in range(depth):
+                created = []
+                for node in frontier:
+                    for lp, t in zip(top.values[d].tolist(), top.indices[d].tolist()):
+                        tokens.append(t)
+                        parents.append(node)
+                        values.append(values[node] * math.exp(lp))
+                        created.append(len(tokens) - 1)
+                frontier = sorted(sorted(created, key=lambda i: (-values[i], i))[:self.top_k])
+        keep = tree_ops.best_subtree(parents, values, cap)
+        return DraftTree(torch.tensor([[tokens[i] for i in keep]]), torch.tensor([tree_ops.subtree(parents, keep)]))
 
     def observe(self, feedback: Feedback) -> None:
         """Nothing to roll back: the next tree reads the hidden states the loop passes in."""

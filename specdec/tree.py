@@ -277,6 +277,36 @@ def pad_trees(trees: Sequence[DraftTree], num_nodes: int | None = None) -> Draft
     return DraftTree(torch.cat(tokens), torch.cat(parents), torch.cat(probs) if probs else None)
 
 
+def best_subtree(parents: Sequence[int], values: Sequence[float], max_nodes: int) -> list[int]:
+    """The ``max_nodes`` best nodes by value (root included, ascending indices), closed under ancestors.
+
+    ``values`` must not increase from a node to its children (e.g. the product of draft probabilities along the
+    path, EAGLE-2's ranking) and parents must come before children; ties go to the lower index, so a parent is
+    always taken before its child.
+
+    >>> best_subtree([-1, 0, 0, 1, 1], [1.0, 0.6, 0.3, 0.5, 0.05], 3)
+    [0, 1, 3]
+    """
+    order = sorted(range(1, len(parents)), key=lambda i: (-values[i], i))
+    kept = {0}
+    for i in order:
+        if len(kept) >= max(1, max_nodes):
+            break
+        if parents[i] in kept:
+            kept.add(i)
+    return sorted(kept)
+
+
+def subtree(parents: Sequence[int], keep: Sequence[int]) -> list[int]:
+    """Parents of the nodes ``keep`` (ascending, ancestor-closed, root first), renumbered.
+
+    >>> subtree([-1, 0, 0, 1, 1], [0, 1, 3])
+    [-1, 0, 1]
+    """
+    new = {old: j for j, old in enumerate(keep)}
+    return [-1] + [new[parents[i]] for i in keep[1:]]
+
+
 def choices_from_accuracy(accuracy: Sequence[Sequence[float]], max_nodes: int) -> list[list[int]]:
     """The draft tree ("choices") with the most expected accepted tokens within ``max_nodes`` (root included).
 

@@ -62,11 +62,11 @@ def _draft_model_available() -> bool:
 
 if _draft_model_available():
 
-    def _draft_model(target, tok, *, depth: int, width: int, self_draft: bool = False):
+    def _draft_model(target, tok, *, depth: int, width: int, self_draft: bool = False, dynamic: bool = False):
         from drafters.draft_model import DraftModelDrafter
 
         model = target if self_draft else tiny_llama(DRAFT_MODEL_SEED, dtype=target.dtype, layers=1)
-        return DraftModelDrafter(target, tok, model=model, depth=depth, width=width)
+        return DraftModelDrafter(target, tok, model=model, depth=depth, width=width, dynamic=dynamic, top_k=3)
 
     DRAFTER_FACTORIES += [
         DrafterFactory("draft_model-chain", lambda t, k: _draft_model(t, k, depth=4, width=1)),
@@ -74,13 +74,15 @@ if _draft_model_available():
         # the target drafting for itself: a chain whose every token the target accepts
         DrafterFactory("draft_model-self", lambda t, k: _draft_model(t, k, depth=4, width=1, self_draft=True),
                        self_draft=True),
+        # EAGLE-2-style dynamic tree: grown by cumulative draft probability, cut to the step's budget
+        DrafterFactory("draft_model-dynamic", lambda t, k: _draft_model(t, k, depth=4, width=1, dynamic=True)),
     ]
 
 
 # ---- trained drafters, held to losslessness with random weights (training only changes how much is accepted)
 
 
-def _eagle(target, tok, *, choices, vocab: int | None = None):
+def _eagle(target, tok, *, choices=None, vocab: int | None = None, dynamic: bool = False):
     from drafters.eagle import EagleDrafter, EagleHead
 
     torch.manual_seed(7)
@@ -89,10 +91,11 @@ def _eagle(target, tok, *, choices, vocab: int | None = None):
     with torch.no_grad():
         for p in head.parameters():
             p.normal_(0, 0.2)
-    return EagleDrafter(target, tok, head=head.eval(), choices=choices)
+    return EagleDrafter(target, tok, head=head.eval(), choices=choices, dynamic=dynamic, top_k=3,
+                        depth=4 if dynamic else None)
 
 
-def _medusa(target, tok, *, choices):
+def _medusa(target, tok, *, choices=None, dynamic: bool = False):
     from drafters.medusa import MedusaDrafter, MedusaHeads
 
     heads = MedusaHeads.for_target(target, 3, 1, torch.arange(target.config.vocab_size))
@@ -101,14 +104,16 @@ def _medusa(target, tok, *, choices):
     with torch.no_grad():
         for block in heads.blocks:
             block[0].linear.weight.copy_(torch.randn(block[0].linear.weight.shape, generator=g))
-    return MedusaDrafter(target, tok, heads=heads.to(target.dtype), choices=choices)
+    return MedusaDrafter(target, tok, heads=heads.to(target.dtype), choices=choices, dynamic=dynamic, top_k=3)
 
 
 _TREE = [[0], [1], [0, 0], [0, 1], [1, 0], [0, 0, 0]]
 DRAFTER_FACTORIES += [
     DrafterFactory("eagle-chain", lambda t, k: _eagle(t, k, choices=[[0], [0, 0], [0, 0, 0]])),
     DrafterFactory("eagle-tree-reduced-vocab", lambda t, k: _eagle(t, k, choices=_TREE, vocab=48)),
+    DrafterFactory("eagle-dynamic", lambda t, k: _eagle(t, k, vocab=48, dynamic=True)),
     DrafterFactory("medusa-tree", lambda t, k: _medusa(t, k, choices=_TREE)),
+    DrafterFactory("medusa-dynamic", lambda t, k: _medusa(t, k, dynamic=True)),
     # tiny targets have 2 layers: skip the attention of layer 1 (layer 0 is always kept)
     DrafterFactory("layerskip-tree", lambda t, k: registry.build_drafter("layerskip", t, k, skip_attention=[1],
                                                                          depth=3, width=2)),

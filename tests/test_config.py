@@ -25,7 +25,8 @@ def compose_cfg(*overrides: str):
 
 def test_every_group_has_options():
     assert {g for g, _ in GROUP_OPTIONS} == set(GROUPS)
-    assert config.group_options("drafter") == ["draft_model", "eagle", "layerskip", "medusa", "ngram", "none"]
+    assert config.group_options("drafter") == ["draft_model", "eagle", "eagle_dynamic", "layerskip", "medusa",
+                                              "medusa_dynamic", "ngram", "none"]
 
 
 @pytest.mark.parametrize("group, option", GROUP_OPTIONS, ids=[f"{g}={o}" for g, o in GROUP_OPTIONS])
@@ -33,7 +34,8 @@ def test_every_option_composes_and_validates(group, option):
     cfg = validate(compose_cfg(f"{group}={option}", *REQUIRED.get((group, option), [])))
     node = cfg[group]
     if group == "drafter":
-        assert node.name == option and node.name in registry.DRAFTERS  # file name = registry name
+        # file name = registry name, or a variant of one (eagle_dynamic: the eagle drafter with dynamic trees)
+        assert node.name in registry.DRAFTERS and (node.name == option or option.startswith(node.name + "_"))
     else:
         schema = config.SECTIONS[group]
         assert OmegaConf.get_type(node) is schema
@@ -125,5 +127,5 @@ def test_unknown_drafter_group_option_is_hydras_error():
 
 
 def test_load_drafter_config_unknown_names_the_options():
-    with pytest.raises(ConfigError, match=r"no drafter config 'bogus'.*\['draft_model', 'eagle', 'layerskip', 'medusa', 'ngram', 'none'\]"):
+    with pytest.raises(ConfigError, match=r"no drafter config 'bogus'.*\['draft_model', 'eagle', 'eagle_dynamic', 'layerskip'"):
         config.load_drafter_config("bogus")

@@ -1,0 +1,112 @@
+"""EAGLE-2-style dynamic tree growth: golden cases with fixed draft probabilities (which nodes are kept at budget N)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from drafters.draft_model import DraftModelDrafter
+from specdec import tree as tree_ops
+from specdec.types import DraftContext
+
+V = 8
+# next-token probabilities of the draft after each path (root token 0)
+TABLE = {
+    (): {1: 0.6, 2: 0.3, 3: 0.1},
+    (1,): {4: 0.9, 5: 0.1},
+    (2,): {1: 0.5, 4: 0.5},
+    (1, 4): {6: 1.0},
+    (2, 1): {7: 0.8, 6: 0.2},
+    (2, 4): {7: 0.6, 5: 0.4},
+}
+
+
+def logits(path: tuple[int, ...]) -> torch.Tensor:
+    probs = torch.full((V,), 1e-9)
+    for t, p in TABLE.get(path, {7: 1.0}).items():
+        probs[t] = p
+    return probs.log()
+
+
+class FixedDraft(DraftModelDrafter):
+    """A drafter whose distributions come from TABLE; records the levels it was asked to run."""
+
+    def __init__(self, top_k: int, depth: int) -> None:
+        self.dynamic, self.top_k, self.dynamic_depth = True, top_k, depth
+        self.levels: list[list[tuple[int, ...]]] = []
+        self.reset()
+
+    def reset(self) -> None:
+        self._ran, self._prefix = 0, 1
+
+    def _advance(self, ctx: DraftContext) -> torch.Tensor:
+        return logits(())[None]
+
+    def _forward_level(self, tokens, parents_t, lo, hi):
+        parents = parents_t[0].tolist()
+        paths = [tuple(tokens[j] for j in tree_ops.path_to(parents, i)[1:]) for i in range(lo, hi)]
+        self.levels.append(paths)
+        self._ran = hi - 1
+        return torch.stack([logits(p) for p in paths])[None]
+
+
+def grow(max_nodes: int, top_k: int = 2, depth: int = 3):
+    d = FixedDraft(top_k, depth)
+    tree = d.propose(DraftContext(input_ids=torch.tensor([[5, 0]]), prompt_len=2, max_nodes=max_nodes,
+                                  max_depth=depth))
+    paths = sorted(tuple(int(tree.tokens[0, j]) for j in tree_ops.path_to(tree.parents[0].tolist(), i)[1:])
+                   for i in range(1, tree.num_nodes))
+    return d, tree, paths
+
+
+def test_expands_the_most_probable_frontier_nodes():
+    d, _, _ = grow(max_nodes=16, top_k=2, depth=3)
+    # level 1 creates 1 (.6) and 2 (.3): both expanded; level 2 creates (1,4) .54, (1,5) .06, (2,1) .15, (2,4) .15:
+    # the best two by cumulative probability are expanded: (1,4) and (2,1) (tie with (2,4) goes to the earlier)
+    assert d.levels == [[(1,), (2,)], [(1, 4), (2, 1)]]
+
+
+@pytest.mark.parametrize("budget, kept", [
+    (1, []),
+    (2, [(1,)]),
+    (4, [(1,), (1, 4), (1, 4, 6)]),  # .6, .54, .54 (the path through 1 -> 4 -> 6 keeps its full value)
+    (6, [(1,), (1, 4), (1, 4, 6), (2,), (2, 1)]),  # then .3 and .15
+])
+def test_keeps_the_best_nodes_by_cumulative_probability(budget, kept):
+    _, tree, paths = grow(max_nodes=budget)
+    assert tree.num_nodes == budget and paths == sorted(kept) and tree.draft_probs is None
+
+
+def test_values_are_path_products():
+    _, tree, _ = grow(max_nodes=16)
+    assert tree.num_nodes == 1 + 2 + 4 + 4  # 2 at depth 1, 2x2 at depth 2, 2 expanded x2 at depth 3
+    assert math.isclose(0.6 * 0.9 * 1.0, 0.54)
+
+
+class FixedHeads:
+    """Two Medusa heads with fixed distributions (they do not see the parent token)."""
+
+    num_heads = 2
+
+    def full_logits(self, hidden, vocab_size):
+        head1 = torch.full((V,), 1e-9)
+        head1[1], head1[2], head1[3] = 0.5, 0.4, 0.1
+        head2 = torch.full((V,), 1e-9)
+        head2[4], head2[5] = 0.7, 0.3
+        return torch.stack([head1, head2]).log()
+
+
+def test_medusa_dynamic_tree_golden():
+    from drafters.medusa import MedusaDrafter
+
+    d = MedusaDrafter.__new__(MedusaDrafter)
+    d.heads, d.vocab_size, d.max_nodes, d.dynamic, d.top_k = FixedHeads(), V, None, True, 2
+    ctx = DraftContext(input_ids=torch.tensor([[5, 0]]), prompt_len=2, max_nodes=5, max_depth=4,
+                       hidden=torch.zeros(1, 1, 4))
+    tree = d.propose(ctx)
+    paths = sorted(tuple(int(tree.tokens[0, j]) for j in tree_ops.path_to(tree.parents[0].tolist(), i)[1:])
+                   for i in range(1, tree.num_nodes))
+    # values: 1 .5, 2 .4, (1,4) .35, (2,4) .28, (1,5) .15, (2,5) .12 -> the best four
+    assert paths == [(1,), (1, 4), (2,), (2, 4)] and tree.draft_probs is None
