@@ -14,7 +14,9 @@ the draft model of ``drafter.path``), ``specdec:<drafter>`` (a :class:`specdec.S
 ``conf/drafter/<drafter>.yaml`` options, or the chosen ``drafter`` group's with its overrides), optionally
 ``specdec:<drafter>@<verifier>`` to use another verifier than the ``verifier`` group's, and ``+adaptive`` to
 re-decide each request's node budget (up to ``tree.max_nodes``) every step from the measured cost profile and its
-acceptance so far (e.g. ``specdec:ngram+adaptive``, ``specdec:ngram@paged+adaptive``).
+acceptance so far (e.g. ``specdec:ngram+adaptive``, ``specdec:ngram@paged+adaptive``). ``specdec:adaptive`` is
+the recommended setting: ``specdec:hybrid+adaptive`` (n-gram + the EAGLE-style head's dynamic trees in one tree,
+with the adaptive budget; ``conf/drafter/hybrid.yaml``).
 For each prompt every method runs in turn (so slow drift of the machine hits all alike); only the generate call
 is timed. Results: a progress bar, tables, and JSON at ``bench.output``.
 
@@ -78,6 +80,8 @@ def method_drafters(cfg: DictConfig) -> dict[str, MethodSpec]:
     out = {}
     for m in methods:
         kind, _, rest = m.partition(":")
+        if rest.split("@")[0] == "adaptive":  # the recommended setting: hybrid drafters, dynamic trees, cost model
+            rest = rest.replace("adaptive", "hybrid", 1) + "+adaptive"
         rest, plus, modifier = rest.partition("+")
         if plus and modifier != "adaptive":
             raise ConfigError(f"unknown modifier +{modifier} in bench method {m!r}; the only one is +adaptive.")

@@ -20,6 +20,7 @@ DRAFTERS: dict[str, str] = {
     "eagle": "drafters.eagle:EagleDrafter",
     "medusa": "drafters.medusa:MedusaDrafter",
     "layerskip": "drafters.layerskip:LayerSkipDrafter",
+    "hybrid": "drafters.hybrid:HybridDrafter",
 }
 VERIFIERS: dict[str, str] = {
     "hf": "verifiers.hf:HFVerifier",

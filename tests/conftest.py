@@ -107,6 +107,15 @@ def _medusa(target, tok, *, choices=None, dynamic: bool = False):
     return MedusaDrafter(target, tok, heads=heads.to(target.dtype), choices=choices, dynamic=dynamic, top_k=3)
 
 
+def _hybrid(target, tok):
+    from drafters.hybrid import HybridDrafter
+
+    hybrid = HybridDrafter(target, tok, drafters=[{"name": "ngram", "min_ngram": 1}, {"name": "none"}])
+    hybrid.parts[1] = _eagle(target, tok, vocab=48, dynamic=True)  # a random head (nothing shipped for tiny targets)
+    hybrid.needs_hidden_states = True
+    return hybrid
+
+
 _TREE = [[0], [1], [0, 0], [0, 1], [1, 0], [0, 0, 0]]
 DRAFTER_FACTORIES += [
     DrafterFactory("eagle-chain", lambda t, k: _eagle(t, k, choices=[[0], [0, 0], [0, 0, 0]])),
@@ -114,6 +123,8 @@ DRAFTER_FACTORIES += [
     DrafterFactory("eagle-dynamic", lambda t, k: _eagle(t, k, vocab=48, dynamic=True)),
     DrafterFactory("medusa-tree", lambda t, k: _medusa(t, k, choices=_TREE)),
     DrafterFactory("medusa-dynamic", lambda t, k: _medusa(t, k, dynamic=True)),
+    # n-gram beside a (random) EAGLE-style head with dynamic trees, merged into one tree
+    DrafterFactory("hybrid-ngram-eagle", lambda t, k: _hybrid(t, k)),
     # tiny targets have 2 layers: skip the attention of layer 1 (layer 0 is always kept)
     DrafterFactory("layerskip-tree", lambda t, k: registry.build_drafter("layerskip", t, k, skip_attention=[1],
                                                                          depth=3, width=2)),

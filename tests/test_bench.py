@@ -146,6 +146,19 @@ def test_adaptive_method_beside_static(files, tmp_path, monkeypatch):
     assert list((tmp_path / "cache" / "profiles").glob("cost-*.json"))
 
 
+def test_adaptive_alias_is_hybrid_plus_adaptive(files, tmp_path):
+    cfg_methods = bench.method_drafters(_compose(files, tmp_path, "bench.methods=[hf,specdec:adaptive]"))
+    spec = cfg_methods["specdec:adaptive"]
+    assert spec.adaptive and spec.drafter.name == "hybrid"
+    assert [d["name"] for d in spec.drafter.drafters] == ["ngram", "eagle"] and spec.drafter.drafters[1].dynamic
+
+
+def _compose(files, tmp_path, *overrides):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        cfg = compose("config", overrides=base_overrides(files, tmp_path / "out.json") + list(overrides))
+    return bench.config.validate(cfg)
+
+
 def test_batched_bench(files, tmp_path):
     """bench.batch_size=2: HF batched generate (left-padded) beside specdec's continuous batching."""
     result = run_in_process(files, tmp_path, "verifier=paged", "verifier.block_size=4", "bench.batch_size=2",

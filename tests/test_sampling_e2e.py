@@ -68,6 +68,12 @@ def exact_joint(model, ids: torch.Tensor, params: SamplingParams) -> torch.Tenso
 def build_drafter(kind: str):
     if kind == "ngram":
         return "ngram"
+    if kind == "hybrid":  # n-gram + a draft-model tree merged into one tree (deterministic candidates)
+        from drafters.hybrid import HybridDrafter
+
+        hybrid = HybridDrafter(target(), None, drafters=[{"name": "ngram", "min_ngram": 1}, "none"])
+        hybrid.parts[1] = DraftModelDrafter(target(), None, model=draft_model(), depth=2, width=2)
+        return hybrid
     if kind == "dynamic":  # EAGLE-2-style dynamic tree: top-k candidates chosen by draft probability, no q
         return DraftModelDrafter(target(), None, model=draft_model(), depth=2, dynamic=True, top_k=3)
     width = {"chain": 1, "tree": 2, "self": 1}[kind]
@@ -101,7 +107,8 @@ def test_target_distribution_is_not_degenerate():
     assert float(p1.max()) < 0.5 and float(p1.min()) > 0.02  # every token plausible, none dominant
 
 
-@pytest.mark.parametrize("kind,seed0", [("ngram", 0), ("chain", 10_000), ("tree", 20_000), ("dynamic", 60_000)])
+@pytest.mark.parametrize("kind,seed0", [("ngram", 0), ("chain", 10_000), ("tree", 20_000), ("dynamic", 60_000),
+                                        ("hybrid", 70_000)])
 def test_first_two_tokens_have_the_target_distribution(kind, seed0):
     counts, drafted, accepted = specdec_samples(kind, seed0=seed0)
     assert_matches(counts, exact_joint(target(), PROMPT, params(False)), kind)

@@ -1,0 +1,122 @@
+"""The hybrid drafter: several drafters proposing into one tree, the budget following what each gets accepted.
+
+Each step every part drafts with its share of the node budget; their root-to-leaf paths are merged into one trie
+(:func:`specdec.tree.from_sequences`: a continuation two parts agree on is verified once). After the step each
+part is told what was accepted *of its own tree* (the longest prefix of the accepted path its tree contained), so
+stateful parts (a draft model's KV cache) stay in step, and a moving average of the tokens each part got accepted
+sets the next shares (never below ``min_share``, so a part that fell behind can come back).
+
+The merged tree carries no draft probabilities: its nodes are deterministic candidates for the acceptance rule
+(point masses), which is lossless whichever part proposed them.
+
+Example (``conf/drafter/hybrid.yaml``): n-gram continuations from the context beside the trained EAGLE-style head's
+dynamic tree.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from specdec import registry
+from specdec import tree as tree_ops
+from specdec.errors import ConfigError
+from specdec.protocols import Feedback
+from specdec.types import Acceptance, DraftContext, DraftTree
+
+
+def split_budget(draft_nodes: int, rates: list[float], min_share: float) -> list[int]:
+    """Draft nodes per part: proportional to ``rates``, each share at least ``min_share`` of the total.
+
+    >>> split_budget(10, [3.0, 1.0], 0.2), split_budget(10, [0.0, 0.0], 0.2), split_budget(1, [1.0, 5.0], 0.2)
+    ([8, 2], [5, 5], [0, 1])
+    """
+    n = len(rates)
+    total = sum(rates)
+    shares = [r / total if total > 0 else 1 / n for r in rates]
+    shares = [max(s, min_share) for s in shares]
+    norm = sum(shares)
+    exact = [draft_nodes * s / norm for s in shares]
+    out = [int(x) for x in exact]
+    for i in sorted(range(n), key=lambda i: (-(exact[i] - out[i]), -rates[i], i))[:draft_nodes - sum(out)]:
+        out[i] += 1
+    return out
+
+
+def matched_path(tree: DraftTree, tokens: list[int]) -> list[int]:
+    """Node indices (root first) of the longest prefix of ``tokens`` that ``tree`` (batch row 0) contains."""
+    parents = tree.parents[0].tolist()
+    toks = tree.tokens[0].tolist()
+    children: dict[int, dict[int, int]] = {}
+    for i in range(1, len(parents)):
+        if parents[i] >= 0:
+            children.setdefault(parents[i], {}).setdefault(toks[i], i)
+    path = [0]
+    for t in tokens:
+        nxt = children.get(path[-1], {}).get(t)
+        if nxt is None:
+            break
+        path.append(nxt)
+    return path
+
+
+class HybridDrafter:
+    """Merges the trees of several drafters (``drafters``: names, or dicts ``{name: ..., **options}``)."""
+
+    returns_probs = False
+
+    def __init__(self, target=None, tokenizer=None, drafters: list | None = None, min_share: float = 0.2,
+                 decay: float = 0.9) -> None:
+        specs = list(drafters or ["ngram", "eagle"])
+        if len(specs) < 2:
+            raise ConfigError("the hybrid drafter mixes at least two drafters, e.g. drafters=[ngram,eagle].")
+        if not 0 <= min_share <= 1 / len(specs):
+            raise ConfigError(f"min_share must be between 0 and 1/{len(specs)}; got {min_share}.")
+        self.parts, self.names = [], []
+        for spec in specs:
+            opts = dict(spec) if isinstance(spec, dict) or hasattr(spec, "items") else {"name": spec}
+            name = opts.pop("name", None)
+            if name is None or name == "hybrid":
+                raise ConfigError(f"hybrid drafter part {spec!r} needs a name of another drafter (e.g. ngram).")
+            self.parts.append(registry.build_drafter(name, target, tokenizer, **opts))
+            self.names.append(name)
+        self.needs_hidden_states = any(getattr(p, "needs_hidden_states", False) for p in self.parts)
+        vocabs = {getattr(p, "vocab_size", None) for p in self.parts} - {None}
+        if len(vocabs) > 1:
+            raise ConfigError(f"hybrid drafter parts have different vocabularies {sorted(vocabs)}.")
+        if vocabs:
+            self.vocab_size = vocabs.pop()
+        self.min_share, self.decay = min_share, decay
+        self.reset()
+
+    def reset(self) -> None:
+        for p in self.parts:
+            p.reset()
+        self.rates = [1.0] * len(self.parts)  # moving average of tokens accepted per step, per part
+        self._trees: list[DraftTree] = []
+
+    def propose(self, ctx: DraftContext) -> DraftTree:
+        budgets = split_budget(max(ctx.max_nodes - 1, 0), self.rates, self.min_share)
+        self._trees = [p.propose(replace(ctx, max_nodes=b + 1)) for p, b in zip(self.parts, budgets)]
+        root = int(ctx.input_ids[0, -1])
+        seqs, weights = [], []
+        for tree, rate in zip(self._trees, self.rates):
+            toks = tree.tokens[0].tolist()
+            for path in tree_ops.root_to_leaf_paths(tree.parents)[0]:
+                if len(path) > 1:
+                    seqs.append([toks[i] for i in path[1:]])
+                    weights.append(rate + 1e-6)
+        return tree_ops.from_sequences(root, seqs, max(ctx.max_nodes, 1), weights)
+
+    def observe(self, feedback: Feedback) -> None:
+        committed = feedback.new_tokens[0].tolist()  # accepted draft tokens, then the bonus token
+        accepted = committed[:-1]
+        for i, (part, tree) in enumerate(zip(self.parts, self._trees)):
+            path = matched_path(tree, accepted)
+            acc = Acceptance.from_paths([path], [committed[len(path) - 1]], device=tree.tokens.device)
+            part.observe(Feedback(tree=tree, acceptance=acc, new_tokens=feedback.new_tokens, hidden=feedback.hidden))
+            self.rates[i] = self.decay * self.rates[i] + (1 - self.decay) * (len(path) - 1)
+
+    @property
+    def shares(self) -> list[float]:
+        total = sum(self.rates)
+        return [r / total if total else 1 / len(self.rates) for r in self.rates]
