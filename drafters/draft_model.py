@@ -154,12 +154,13 @@ class DraftModelDrafter:
         reported: the rejection rule then treats them as deterministic candidates (point masses), which is lossless
         however they were chosen.
         """
-        k, depth_limit = self.top_k, min(self.dynamic_depth, max_depth)
+        # a tree of max_nodes nodes is at most max_nodes - 1 deep and never needs more expanded nodes per level
+        k, depth_limit = min(self.top_k, max(max_nodes - 1, 1)), min(self.dynamic_depth, max_depth, max_nodes - 1)
         run_tokens, run_parents = [root], [-1]  # the nodes run through the draft model (its cache, in order)
         tokens, parents, values, run = [root], [-1], [1.0], [0]  # every created node; run: its run index
         frontier = [(0, torch.log_softmax(root_logits[0].float(), dim=-1))]
         self._ran = 0
-        for d in range(1, depth_limit + 1 if max_nodes > 1 else 1):
+        for d in range(1, depth_limit + 1):
             created = []
             for node, logp in frontier:
                 top = logp.topk(k)

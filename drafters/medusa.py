@@ -209,7 +209,7 @@ class MedusaDrafter:
         """Level by level, the ``top_k`` most valuable new nodes get head ``d+1``'s top-``top_k`` tokens as
         children; then the best ``max_nodes`` nodes by value are kept (:func:`specdec.tree.best_subtree`)."""
         cap = min(ctx.max_nodes, self.max_nodes or ctx.max_nodes)
-        depth = min(self.heads.num_heads, ctx.max_depth) if ctx.hidden.shape[1] > 0 and cap > 1 else 0
+        depth = min(self.heads.num_heads, ctx.max_depth, cap - 1) if ctx.hidden.shape[1] > 0 else 0
         tokens, parents, values = [root], [-1], [1.0]
         if depth:
             logp = torch.log_softmax(self.heads.full_logits(ctx.hidden[0, -1], self.vocab_size).float(), dim=-1)
