@@ -40,6 +40,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from specdec import config, models, report
+from specdec import plots as plots_mod
 from specdec.acceptance import LOSSY
 from specdec.errors import ConfigError, PromptError, SpecdecError
 from specdec.generate import SpecDecoder
@@ -48,7 +49,8 @@ from specdec.prompts import DEFAULT_PROMPTS, Prompt, load_prompts
 CONF_PATH = str(Path(__file__).resolve().parent.parent / "conf")
 HF_METHODS = ("hf", "hf_pld", "hf_assisted")
 
-# a method: (input ids [1, T], seed) -> (new tokens, (verify steps, drafted, accepted) or None for HF methods)
+# a method: (input ids [1, T], seed) -> (new tokens, (verify steps, drafted, accepted, accepted by depth) or None
+# for HF methods)
 Runner = Callable[[torch.Tensor, int], tuple[list[int], "tuple[int, int, int] | None"]]
 # a batched method: (every prompt's input ids, seed) -> one (new tokens, counts) per prompt
 BatchRunner = Callable[[list[torch.Tensor], int], list[tuple[list[int], "tuple[int, int, int] | None"]]]
@@ -177,8 +179,8 @@ def specdec_batch_runner(decoder: SpecDecoder, max_new_tokens: int, sampling: di
     def run(inputs: list[torch.Tensor], seed: int):
         outs = decoder.generate_batch(inputs, max_new_tokens=max_new_tokens, seed=seed,
                                       max_batch_size=batch_size, progress=len(inputs) > batch_size, **sampling)
-        return [(list(o.new_tokens), (o.stats.verify_steps, sum(o.stats.drafted), sum(o.stats.accepted)))
-                for o in outs]
+        return [(list(o.new_tokens), (o.stats.verify_steps, sum(o.stats.drafted), sum(o.stats.accepted),
+                                      tuple(o.stats.accepted_by_depth))) for o in outs]
 
     return run
 
@@ -189,7 +191,7 @@ def specdec_runner(decoder: SpecDecoder, max_new_tokens: int, sampling: dict) ->
     def run(ids: torch.Tensor, seed: int):
         out = decoder.generate(ids, max_new_tokens=max_new_tokens, seed=seed, **sampling)
         s = out.stats
-        return list(out.new_tokens), (s.verify_steps, sum(s.drafted), sum(s.accepted))
+        return list(out.new_tokens), (s.verify_steps, sum(s.drafted), sum(s.accepted), tuple(s.accepted_by_depth))
 
     return run
 
@@ -252,9 +254,9 @@ def run_interleaved(runners: dict[str, Runner], prompts: list[Prompt], inputs: l
             start = time.perf_counter()
             tokens, counts = run(ids, seed + i)
             elapsed = time.perf_counter() - start
-            steps, drafted, accepted = counts if counts is not None else (None, 0, 0)
+            steps, drafted, accepted, depth = counts if counts is not None else (None, 0, 0, ())
             measurements.append(report.Measurement(method, i, p.category, tuple(tokens), elapsed, steps,
-                                                   drafted, accepted))
+                                                   drafted, accepted, depth))
             sums[method][0] += len(tokens)
             sums[method][1] += elapsed
         bar.set_postfix({m: f"{t / s:.1f}" for m, (t, s) in sums.items() if s > 0})
@@ -279,9 +281,9 @@ def run_batched(runners: dict[str, BatchRunner], prompts: list[Prompt], inputs: 
         results = run(inputs, seed)
         share = (time.perf_counter() - start) / len(inputs)
         for i, (p, (tokens, counts)) in enumerate(zip(prompts, results)):
-            steps, drafted, accepted = counts if counts is not None else (None, 0, 0)
+            steps, drafted, accepted, depth = counts if counts is not None else (None, 0, 0, ())
             measurements.append(report.Measurement(method, i, p.category, tuple(tokens), share, steps,
-                                                   drafted, accepted))
+                                                   drafted, accepted, depth))
     return measurements
 
 
@@ -325,7 +327,8 @@ def run_bench(cfg: DictConfig) -> dict:
         "max_new_tokens": b.max_new_tokens, "batch_size": b.batch_size, "sampling": sampling or None, "runs": runs, "config": OmegaConf.to_container(cfg, resolve=True),
     }
     path = report.write_json(b.output, result)
-    print(report.text_report(result) + f"\n\nwrote {path}")
+    plots = plots_mod.write_plots(result, path) if b.plots else []
+    print(report.text_report(result) + f"\n\nwrote {path}" + "".join(f"\nwrote {p}" for p in plots))
     return result
 
 

@@ -80,6 +80,7 @@ class BenchConfig:
     top_p: float = 1.0
     seed: int = 0
     batch_size: int = 1  # > 1: batched requests (verifier=paged) against HF batched generate
+    plots: bool = False  # PNG plots next to the JSON (speedup per category and method, acceptance by depth)
 
 
 @dataclass

@@ -31,6 +31,7 @@ class Measurement:
     verify_steps: int | None = None  # None for HF methods (no verify steps to count)
     drafted: int = 0
     accepted: int = 0
+    accepted_by_depth: tuple[int, ...] = ()  # [d] verify steps whose accepted path reached depth d+1
 
 
 def totals(ms: Sequence[Measurement]) -> dict:
@@ -40,12 +41,17 @@ def totals(ms: Sequence[Measurement]) -> dict:
     speculative = bool(ms) and all(m.verify_steps is not None for m in ms)
     steps = sum(m.verify_steps or 0 for m in ms)
     drafted = sum(m.drafted for m in ms)
+    depth = [0] * max((len(m.accepted_by_depth) for m in ms), default=0)
+    for m in ms:
+        for d, c in enumerate(m.accepted_by_depth):
+            depth[d] += c
     return {
         "new_tokens": new_tokens,
         "time_s": time_s,
         "tokens_per_s": new_tokens / time_s if time_s > 0 else 0.0,
         "tau": (new_tokens / steps if steps else None) if speculative else None,
         "acceptance_rate": (sum(m.accepted for m in ms) / drafted if drafted else 0.0) if speculative else None,
+        "acceptance_by_depth": [c / steps for c in depth] if speculative and steps else None,
     }
 
 

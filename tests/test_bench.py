@@ -234,13 +234,30 @@ MS = [
 def test_summarize_golden():
     hf, spec = report.summarize(MS, ["hf", "specdec:ngram"])
     assert hf == {"method": "hf", "batch_size": 1, "new_tokens": 6, "time_s": 3.0, "tokens_per_s": 2.0, "tau": None,
-                  "acceptance_rate": None, "speedup_vs_hf": 1.0, "mismatches": 0,
+                  "acceptance_rate": None, "acceptance_by_depth": None, "speedup_vs_hf": 1.0, "mismatches": 0,
                   "per_category": {"code": {"tokens_per_s": 2.0, "tau": None, "speedup_vs_hf": 1.0},
                                    "math": {"tokens_per_s": 2.0, "tau": None, "speedup_vs_hf": 1.0}}}
     assert spec["tokens_per_s"] == 4.0 and spec["speedup_vs_hf"] == 2.0 and spec["tau"] == 1.5
     assert spec["acceptance_rate"] == 0.25 and spec["mismatches"] == 1  # prompt 1: (1, 3) != (1, 2)
     assert spec["per_category"]["math"] == {"tokens_per_s": 4.0, "tau": 2.0, "speedup_vs_hf": 2.0}
     assert spec["per_category"]["code"] == {"tokens_per_s": 4.0, "tau": 1.0, "speedup_vs_hf": 2.0}
+
+
+def test_acceptance_by_depth_aggregates_over_prompts():
+    ms = [Measurement("hf", 0, "c", (1,), 1.0),
+          Measurement("s", 0, "c", (1, 2, 3), 1.0, verify_steps=2, drafted=4, accepted=2, accepted_by_depth=(2,)),
+          Measurement("s", 1, "c", (1, 2, 3), 1.0, verify_steps=2, drafted=4, accepted=2, accepted_by_depth=(1, 1))]
+    spec = report.summarize(ms, ["hf", "s"])[1]
+    assert spec["acceptance_by_depth"] == [0.75, 0.25]  # 3 of 4 steps reached depth 1, one reached depth 2
+
+
+def test_plots_next_to_the_json(files, tmp_path):
+    result = run_in_process(files, tmp_path, "bench.methods=[hf,specdec:ngram]", "bench.plots=true",
+                            "bench.warmup=0")
+    for suffix in (".speedup.png", ".acceptance.png"):
+        png = tmp_path / f"out{suffix}"
+        assert png.exists() and png.read_bytes()[:4] == b"\x89PNG"
+    assert result["runs"][1]["acceptance_by_depth"] is not None
 
 
 def test_summarize_batched_has_no_per_category_time():
@@ -292,9 +309,9 @@ def test_write_json_is_atomic_and_replaces(tmp_path):
 @pytest.mark.parametrize("job", ["eagle", "medusa", "layerskip", "draft_model"])
 def test_trained_drafter_in_the_bench(files, tmp_path, job):
     """A checkpoint from a train/ job runs as ``specdec:<kind>`` with ``drafter=<kind> drafter.path=...``, lossless."""
+    from tests.train_fixtures import job_config
     from train import draft_model, eagle, layerskip, medusa
     from train.job import run
-    from tests.train_fixtures import job_config
 
     specs = {"eagle": eagle.SPEC, "medusa": medusa.SPEC, "layerskip": layerskip.SPEC, "draft_model": draft_model.SPEC}
     extra = {"eagle": ["drafter.draft_vocab_size=64"], "medusa": ["drafter.draft_vocab_size=64"],
