@@ -82,14 +82,6 @@ class PagedKVCache:
     def num_free_blocks(self) -> int:
         return self.allocator.num_free
 
-    def blocks_needed(self, seq_id: Hashable | None, length: int, n: int) -> int:
-        """Fresh blocks a ``reserve(n)`` would take for a sequence at ``length`` (None: a new sequence)."""
-        have = 0 if seq_id is None else len(self.seqs[seq_id].blocks)
-        need = max(0, self.allocator.blocks_for(length + n) - have)
-        if seq_id is not None:
-            need += len(self._shared_in_range(self.seqs[seq_id], length, n))
-        return need
-
     # --- writing ---------------------------------------------------------------------------------------------
 
     def reserve(self, seq_id: Hashable, n: int) -> torch.Tensor:

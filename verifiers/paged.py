@@ -218,9 +218,6 @@ class PagedVerifier:
         if request_id in self.cache.seqs:
             self.cache.free(request_id)
 
-    def cached_tokens(self, request_id: Hashable) -> int:
-        return self.cache.length(request_id)
-
     @property
     def num_blocks(self) -> int:
         return self.cache.allocator.num_blocks
