@@ -14,7 +14,6 @@ and LM head, which are the target's own and are taken from it at load time (:fun
 from __future__ import annotations
 
 import copy
-import math
 from pathlib import Path
 
 import torch
@@ -146,9 +145,8 @@ class DraftModelDrafter:
             lo = hi
 
     def _grow_dynamic(self, root: int, root_logits: torch.Tensor, max_nodes: int, max_depth: int) -> DraftTree:
-        """EAGLE-2's dynamic tree: expand, level by level, the ``top_k`` most probable new nodes (value = product
-        of draft probabilities along the path), each offering its ``top_k`` tokens as children; then keep the best
-        ``max_nodes`` of every node created by that value (:func:`specdec.tree.best_subtree`).
+        """EAGLE-2's dynamic tree (:func:`specdec.tree.grow_dynamic`): each level's expanded nodes run through the
+        draft model in one forward, which gives their children's distributions.
 
         Candidates are the draft's top-k tokens whether or not the request samples, and no ``draft_probs`` are
         reported: the rejection rule then treats them as deterministic candidates (point masses), which is lossless
@@ -157,32 +155,25 @@ class DraftModelDrafter:
         # a tree of max_nodes nodes is at most max_nodes - 1 deep and never needs more expanded nodes per level
         k, depth_limit = min(self.top_k, max(max_nodes - 1, 1)), min(self.dynamic_depth, max_depth, max_nodes - 1)
         run_tokens, run_parents = [root], [-1]  # the nodes run through the draft model (its cache, in order)
-        tokens, parents, values, run = [root], [-1], [1.0], [0]  # every created node; run: its run index
-        frontier = [(0, torch.log_softmax(root_logits[0].float(), dim=-1))]
-        self._ran = 0
-        for d in range(1, depth_limit + 1):
-            created = []
-            for node, logp in frontier:
-                top = logp.topk(k)
-                for lp, t in zip(top.values.tolist(), top.indices.tolist()):
-                    tokens.append(t)
-                    parents.append(node)
-                    values.append(values[node] * math.exp(lp))
-                    run.append(None)
-                    created.append(len(tokens) - 1)
-            if d == depth_limit:
-                break
-            expand = sorted(sorted(created, key=lambda i: (-values[i], i))[:k])
+        run = {0: 0}  # created node -> its index in the run
+
+        def expand(level, tokens, parents, chosen):
             lo = len(run_tokens)
-            for i in expand:
+            for i in chosen:
                 run_tokens.append(tokens[i])
                 run_parents.append(run[parents[i]])
                 run[i] = len(run_tokens) - 1
             logits = self._forward_level(run_tokens, torch.tensor([run_parents]), lo, len(run_tokens))
-            frontier = [(i, torch.log_softmax(logits[0, j].float(), dim=-1)) for j, i in enumerate(expand)]
-        keep = tree_ops.best_subtree(parents, values, max_nodes)
-        self._run_of = [run[i] for i in keep]
-        return DraftTree(torch.tensor([[tokens[i] for i in keep]]), torch.tensor([tree_ops.subtree(parents, keep)]))
+            return [torch.log_softmax(logits[0, j].float(), dim=-1) for j in range(len(chosen))]
+
+        self._ran = 0
+        if depth_limit < 1:
+            self._run_of = [0]
+            return tree_ops.chain(root, [])
+        root_logp = torch.log_softmax(root_logits[0].float(), dim=-1)
+        tree, keep = tree_ops.grow_dynamic(root, root_logp, expand, top_k=k, depth=depth_limit, max_nodes=max_nodes)
+        self._run_of = [run.get(i) for i in keep]
+        return tree
 
     @staticmethod
     def _candidates(logits: torch.Tensor, k: int, sampling, generator, probs: torch.Tensor | None,

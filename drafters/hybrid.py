@@ -1,10 +1,13 @@
 """The hybrid drafter: several drafters proposing into one tree, the budget following what each gets accepted.
 
 Each step every part drafts with its share of the node budget; their root-to-leaf paths are merged into one trie
-(:func:`specdec.tree.from_sequences`: a continuation two parts agree on is verified once). After the step each
-part is told what was accepted *of its own tree* (the longest prefix of the accepted path its tree contained), so
-stateful parts (a draft model's KV cache) stay in step, and a moving average of the tokens each part got accepted
-sets the next shares (never below ``min_share``, so a part that fell behind can come back).
+(:func:`specdec.tree.from_sequences`: a continuation two parts agree on is verified once). Each part's node
+confidences (its tree's ``scores``) are calibrated against what that part gets accepted (one
+:class:`specdec.adaptive.Calibrator` per part), a merged node is worth the best calibrated value any part gives
+its path, and the best ``max_nodes`` nodes by that value are kept; they are the merged tree's ``scores``. After
+the step each part is told what was accepted *of its own tree* (the longest prefix of the accepted path its tree
+contained), so stateful parts (a draft model's KV cache) stay in step, and a moving average of the tokens each
+part got accepted sets the next shares (never below ``min_share``, so a part that fell behind can come back).
 
 The merged tree carries no draft probabilities: its nodes are deterministic candidates for the acceptance rule
 (point masses), which is lossless whichever part proposed them.
@@ -17,8 +20,11 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import torch
+
 from specdec import registry
 from specdec import tree as tree_ops
+from specdec.adaptive import Calibrator
 from specdec.errors import ConfigError
 from specdec.protocols import Feedback
 from specdec.types import Acceptance, DraftContext, DraftTree
@@ -89,23 +95,38 @@ class HybridDrafter:
         self.reset()
 
     def reset(self) -> None:
+        """A new request: parts reset and shares start even; the calibrations (what each part's confidence is
+        worth) are kept, they describe the drafters, not the request."""
         for p in self.parts:
             p.reset()
         self.rates = [1.0] * len(self.parts)  # moving average of tokens accepted per step, per part
+        if not hasattr(self, "calibrators"):
+            self.calibrators = [Calibrator() for _ in self.parts]
         self._trees: list[DraftTree] = []
 
     def propose(self, ctx: DraftContext) -> DraftTree:
         budgets = split_budget(max(ctx.max_nodes - 1, 0), self.rates, self.min_share)
         self._trees = [p.propose(replace(ctx, max_nodes=b + 1)) for p, b in zip(self.parts, budgets)]
         root = int(ctx.input_ids[0, -1])
-        seqs, weights = [], []
-        for tree, rate in zip(self._trees, self.rates):
-            toks = tree.tokens[0].tolist()
-            for path in tree_ops.root_to_leaf_paths(tree.parents)[0]:
-                if len(path) > 1:
-                    seqs.append([toks[i] for i in path[1:]])
-                    weights.append(rate + 1e-6)
-        return tree_ops.from_sequences(root, seqs, max(ctx.max_nodes, 1), weights)
+        seqs, value_of = [], {}  # token path -> the best calibrated value a part gives it
+        for tree, calibrator in zip(self._trees, self.calibrators):
+            toks, parents = tree.tokens[0].tolist(), tree.parents[0].tolist()
+            values = calibrator.values(_raw_scores(tree), tree_ops.depths(tree.parents)[0].tolist(), parents)
+            paths: list[tuple[int, ...]] = [()]
+            for i in range(1, len(toks)):
+                paths.append(paths[parents[i]] + (toks[i],) if parents[i] >= 0 else ())
+                if parents[i] >= 0:
+                    value_of[paths[i]] = max(value_of.get(paths[i], 0.0), values[i])
+            seqs += [[toks[i] for i in path[1:]] for path in tree_ops.root_to_leaf_paths(tree.parents)[0]
+                     if len(path) > 1]
+        merged = tree_ops.from_sequences(root, seqs, max_nodes=1 + len(value_of))
+        toks, parents = merged.tokens[0].tolist(), merged.parents[0].tolist()
+        paths, values = [()], [1.0]
+        for i in range(1, len(toks)):
+            paths.append(paths[parents[i]] + (toks[i],))
+            values.append(value_of[paths[i]])
+        keep = tree_ops.best_subtree(parents, values, max(ctx.max_nodes, 1))
+        return tree_ops.keep_nodes(replace(merged, scores=torch.tensor([values])), keep)
 
     def observe(self, feedback: Feedback) -> None:
         committed = feedback.new_tokens[0].tolist()  # accepted draft tokens, then the bonus token
@@ -115,8 +136,17 @@ class HybridDrafter:
             acc = Acceptance.from_paths([path], [committed[len(path) - 1]], device=tree.tokens.device)
             part.observe(Feedback(tree=tree, acceptance=acc, new_tokens=feedback.new_tokens, hidden=feedback.hidden))
             self.rates[i] = self.decay * self.rates[i] + (1 - self.decay) * (len(path) - 1)
+            on_path = set(path)
+            self.calibrators[i].update(_raw_scores(tree), tree_ops.depths(tree.parents)[0].tolist(),
+                                       [n in on_path for n in range(tree.num_nodes)])
 
     @property
     def shares(self) -> list[float]:
         total = sum(self.rates)
         return [r / total if total else 1 / len(self.rates) for r in self.rates]
+
+
+def _raw_scores(tree: DraftTree) -> list[float]:
+    """A part tree's node confidences (1.0 for a part that does not score its nodes: its calibration then learns
+    its acceptance by depth alone)."""
+    return tree.scores[0].tolist() if tree.scores is not None else [1.0] * tree.num_nodes

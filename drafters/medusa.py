@@ -12,8 +12,6 @@ through ``d2t``), initialised from the target's LM-head rows.
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
@@ -206,26 +204,16 @@ class MedusaDrafter:
         return DraftTree(torch.tensor([tokens]), torch.tensor([parents]), probs)
 
     def _dynamic(self, root: int, ctx: DraftContext) -> DraftTree:
-        """Level by level, the ``top_k`` most valuable new nodes get head ``d+1``'s top-``top_k`` tokens as
-        children; then the best ``max_nodes`` nodes by value are kept (:func:`specdec.tree.best_subtree`)."""
+        """:func:`specdec.tree.grow_dynamic` with head ``d+1``'s log-probabilities as every depth-``d`` node's
+        children (Medusa heads do not depend on the path above them)."""
         cap = min(ctx.max_nodes, self.max_nodes or ctx.max_nodes)
         depth = min(self.heads.num_heads, ctx.max_depth, cap - 1) if ctx.hidden.shape[1] > 0 else 0
-        tokens, parents, values = [root], [-1], [1.0]
-        if depth:
-            logp = torch.log_softmax(self.heads.full_logits(ctx.hidden[0, -1], self.vocab_size).float(), dim=-1)
-            top = logp.topk(self.top_k, dim=-1)
-            frontier = [0]
-            for d in range(depth):
-                created = []
-                for node in frontier:
-                    for lp, t in zip(top.values[d].tolist(), top.indices[d].tolist()):
-                        tokens.append(t)
-                        parents.append(node)
-                        values.append(values[node] * math.exp(lp))
-                        created.append(len(tokens) - 1)
-                frontier = sorted(sorted(created, key=lambda i: (-values[i], i))[:self.top_k])
-        keep = tree_ops.best_subtree(parents, values, cap)
-        return DraftTree(torch.tensor([[tokens[i] for i in keep]]), torch.tensor([tree_ops.subtree(parents, keep)]))
+        if not depth:
+            return tree_ops.chain(root, [])
+        logp = torch.log_softmax(self.heads.full_logits(ctx.hidden[0, -1], self.vocab_size).float(), dim=-1)
+        tree, _ = tree_ops.grow_dynamic(root, logp[0], lambda level, tokens, parents, chosen: [logp[level]] * len(chosen),
+                                        top_k=self.top_k, depth=depth, max_nodes=cap)
+        return tree
 
     def observe(self, feedback: Feedback) -> None:
         """Nothing to roll back: the next tree reads the hidden states the loop passes in."""

@@ -8,6 +8,12 @@ machine, treating the drafter's best nodes as a chain (node k accepted with the 
 rates). A drafter that is not being accepted is thus switched off (budget 1: plain decoding) and re-tried now and
 then (every ``probe_every`` steps it gets a small tree again, so its statistics can recover).
 
+Drafters that score their nodes (``DraftTree.scores``: dynamic trees' path probabilities, n-gram support) are
+budgeted per step instead: they propose up to ``max_nodes`` and :meth:`AdaptiveBudget.cut` keeps the nodes that
+pay on this step's own confidences, calibrated against what was accepted (:class:`Calibrator`). A confident step
+keeps a deep chain, an unsure one a few siblings or nothing. Only trees without ``draft_probs`` (deterministic
+candidates) are cut, which is lossless for any choice of nodes; sampled trees keep their size.
+
 The output never depends on the budget (every budget is lossless); only the speed does.
 """
 
@@ -18,6 +24,61 @@ from dataclasses import dataclass, field
 from specdec import tree as tree_ops
 from specdec.cost import CostProfile, chain_node_values, choose_budget
 from specdec.types import Acceptance, DraftTree
+
+
+class Calibrator:
+    """A drafter's raw node confidence -> the probability that the node is accepted, learned from what is accepted.
+
+    Cells are (confidence bin, depth); each holds decayed counts of drafted and accepted nodes plus ``prior_weight``
+    pseudo-nodes accepted at the raw confidence itself (a calibrated drafter needs no correction). A node's value is
+    never above its parent's, so values stay ancestor-monotone. One calibrator can serve many requests of the same
+    drafter (the decoder shares one), so what was learned carries over to the next request.
+
+    >>> c = Calibrator(bins=2, max_depth=2, prior_weight=1.0, decay=1.0)
+    >>> c.update([1.0, 0.9, 0.9], [0, 1, 2], [True, False, False])
+    >>> [round(v, 3) for v in c.values([1.0, 0.9, 0.9], [0, 1, 2], [-1, 0, 1])]
+    [1.0, 0.45, 0.45]
+    """
+
+    def __init__(self, bins: int = 10, max_depth: int = 8, prior_weight: float = 2.0, decay: float = 0.998) -> None:
+        self.bins, self.max_depth, self.prior_weight, self.decay = bins, max_depth, prior_weight, decay
+        self.drafted = [[0.0] * bins for _ in range(max_depth)]
+        self.accepted = [[0.0] * bins for _ in range(max_depth)]
+
+    def _cell(self, score: float, depth: int) -> tuple[int, int]:
+        return min(depth, self.max_depth) - 1, min(int(max(score, 0.0) * self.bins + 1e-6), self.bins - 1)  # float32-safe
+
+    def value(self, score: float, depth: int) -> float:
+        """Estimated P(accepted) of a node at ``depth`` >= 1 with raw confidence ``score``."""
+        d, b = self._cell(score, depth)
+        w = self.prior_weight
+        return (self.accepted[d][b] + w * float(score)) / (self.drafted[d][b] + w)
+
+    def values(self, scores: list[float], depths: list[int], parents: list[int]) -> list[float]:
+        """Calibrated values of a tree's nodes (root 1.0; parents before children; dead nodes 0)."""
+        out = [1.0] * len(scores)
+        for i in range(1, len(scores)):
+            p = parents[i]
+            out[i] = 0.0 if p < 0 else min(out[p], self.value(scores[i], depths[i]))
+        return out
+
+    def update(self, scores: list[float], depths: list[int], accepted: list[bool]) -> None:
+        """One verified tree: every non-root node's raw score, depth and whether it is on the accepted path."""
+        for row in (*self.drafted, *self.accepted):
+            for b in range(self.bins):
+                row[b] *= self.decay
+        for score, depth, hit in zip(scores[1:], depths[1:], accepted[1:]):
+            if depth >= 1:
+                d, b = self._cell(score, depth)
+                self.drafted[d][b] += 1.0
+                self.accepted[d][b] += float(hit)
+
+
+def uncut(acceptance: Acceptance, keep: list[int]) -> Acceptance:
+    """An acceptance over a cut tree renumbered to the tree it was cut from (``keep``: the kept nodes' indices
+    there), so a drafter is told what was accepted of its own tree."""
+    path = [keep[i] for i in acceptance.accepted_nodes(0)]
+    return Acceptance.from_paths([path], [int(acceptance.next_token[0])], device=acceptance.path.device)
 
 
 @dataclass
@@ -61,19 +122,37 @@ class AdaptiveBudget:
     """
 
     def __init__(self, profile: CostProfile, drafter: str, max_nodes: int = 32, decay: float = 0.9,
-                 prior: float = 0.5, probe_every: int = 8, probe_nodes: int = 2) -> None:
+                 prior: float = 0.5, probe_every: int = 8, probe_nodes: int = 2,
+                 calibrator: Calibrator | None = None, off_after: int = 4) -> None:
         self.profile = profile
         self.drafter = drafter
         self.max_nodes = max_nodes
         self.stats = AcceptanceStats(decay=decay, prior=prior)
+        self.calibrator = calibrator if calibrator is not None else Calibrator()
         self.draft_ms: float | None = profile.draft_ms.get(drafter)
         self.probe_every = probe_every
         self.probe_nodes = probe_nodes
+        self.off_after = off_after  # scored drafters: after this many steps cut to the root, stop drafting
         self._idle = 0
-        self.history: list[int] = []  # budgets used, one per step
+        self._scored = False  # the drafter's trees carry scores: budget each step by cutting
+        self._unpaid = 0  # consecutive steps whose scored tree was cut to the root
+        self._probing = False
+        self.history: list[int] = []  # budgets used, one per step (after the cut, for scored trees)
 
     def nodes(self, batch_rows: int = 0) -> int:
-        """The budget for the next step; ``batch_rows``: rows the other requests of the batch put in the same step."""
+        """The budget for the next step; ``batch_rows``: rows the other requests of the batch put in the same step.
+
+        For a drafter that scores its nodes this is an upper bound (``max_nodes``, or 1 while drafting does not
+        pay) and :meth:`cut` decides the step's tree."""
+        if self._scored:
+            n = self.max_nodes
+            if self._unpaid >= self.off_after:
+                self._idle += 1
+                n = 1
+                if self._idle >= self.probe_every:
+                    self._idle, n, self._probing = 0, self.max_nodes, True
+            self.history.append(n)
+            return n
         values = chain_node_values([self.stats.rate(d) for d in range(self.max_nodes - 1)])
         profile = self._profile()
         n = choose_budget(profile, values, self.drafter, self.max_nodes, base_rows=batch_rows).nodes
@@ -87,10 +166,38 @@ class AdaptiveBudget:
         self.history.append(n)
         return n
 
+    def cut(self, tree: DraftTree, batch_rows: int = 0) -> tuple[DraftTree, list[int] | None]:
+        """This step's tree: the proposed one cut to the nodes that pay, by calibrated confidence and the cost
+        model (:func:`specdec.cost.choose_budget`, then :func:`specdec.tree.best_subtree`). Returns the tree and
+        the kept nodes' indices in the proposed tree (None when nothing was cut). Trees without scores, or with
+        ``draft_probs`` (sampled drafts, whose rejection rule needs every drawn sibling), are returned as they are.
+        """
+        if tree.scores is None or tree.draft_probs is not None or tree.num_nodes < 2:
+            return tree, None
+        self._scored = True
+        parents = tree.parents[0].tolist()
+        values = self.calibrator.values(tree.scores[0].tolist(), tree_ops.depths(tree.parents)[0].tolist(), parents)
+        n = choose_budget(self._profile(), values[1:], self.drafter, tree.num_nodes, base_rows=batch_rows).nodes
+        self._unpaid = self._unpaid + 1 if n == 1 else 0
+        if self._probing:  # a probe verifies a few nodes whatever the calibration says, so it can learn it was wrong
+            self._probing = False
+            n = max(n, min(self.probe_nodes, tree.num_nodes))
+        if self.history:
+            self.history[-1] = n
+        if n >= tree.num_nodes:
+            return tree, None
+        keep = tree_ops.best_subtree(parents, values, n)
+        return tree_ops.keep_nodes(tree, keep), keep
+
     def observe(self, tree: DraftTree, acceptance: Acceptance, draft_ms: float | None = None) -> None:
-        """Record one verify step of this request (``tree`` and ``acceptance`` for batch row 0)."""
-        depth = int(tree_ops.depths(tree.parents)[0].max()) if tree.num_nodes > 1 else 0
+        """Record one verify step of this request (``tree`` — as verified, after any cut — and ``acceptance`` for
+        batch row 0)."""
+        depths = tree_ops.depths(tree.parents)[0].tolist()
+        depth = max(depths) if tree.num_nodes > 1 else 0
         self.stats.update(depth, int(acceptance.num_accepted[0]))
+        if tree.scores is not None and tree.num_nodes > 1:
+            on_path = set(acceptance.accepted_nodes(0))
+            self.calibrator.update(tree.scores[0].tolist(), depths, [i in on_path for i in range(tree.num_nodes)])
         if draft_ms is not None:
             self.draft_ms = draft_ms if self.draft_ms is None else 0.8 * self.draft_ms + 0.2 * draft_ms
 

@@ -23,7 +23,7 @@ import torch
 
 from specdec import tree as tree_ops
 from specdec.acceptance import AcceptanceRule
-from specdec.adaptive import AdaptiveBudget
+from specdec.adaptive import AdaptiveBudget, uncut
 from specdec.blocks import KVBlocksExhausted
 from specdec.protocols import Drafter, Feedback
 from specdec.sampling import SamplingParams
@@ -53,6 +53,8 @@ class Request:
     hidden: torch.Tensor | None = None  # [1, t, H] target hidden states the drafter has not seen yet
     started: float | None = None
     draft_ms: float | None = None  # the last propose() call's time, when it drafted
+    proposed: DraftTree | None = None  # the drafter's last tree, before the adaptive budget's cut
+    kept: list[int] | None = None  # the cut's nodes in ``proposed`` (None: not cut)
 
 
 @dataclass(frozen=True)
@@ -164,8 +166,12 @@ class BatchEngine:
         ctx = DraftContext(input_ids=r.committed, prompt_len=r.prompt.shape[1], max_nodes=nodes,
                            max_depth=remaining - 1, hidden=r.hidden, sampling=self.sampling, generator=r.generator)
         start = time.perf_counter()
-        tree = tree_ops.limit_depth(r.drafter.propose(ctx), remaining - 1)
+        r.proposed = tree_ops.limit_depth(r.drafter.propose(ctx), remaining - 1)
         r.draft_ms = 1000 * (time.perf_counter() - start) if nodes > 1 else None
+        if r.budget is None:
+            r.kept = None
+            return r.proposed
+        tree, r.kept = r.budget.cut(r.proposed, batch_rows=others)
         return tree
 
     def _score(self, running: list[Request], trees: list[DraftTree], events: list[Event]):
@@ -197,7 +203,8 @@ class BatchEngine:
         new_tokens = tree.tokens[0, path[1:]].tolist() + [int(acceptance.next_token[0])]
         new = torch.tensor([new_tokens], dtype=r.committed.dtype, device=r.committed.device)
         r.hidden = None if hidden is None else hidden[:, path]
-        r.drafter.observe(Feedback(tree=tree, acceptance=acceptance, new_tokens=new, hidden=r.hidden))
+        own = acceptance if r.kept is None else uncut(acceptance, r.kept)  # the drafter hears about its own tree
+        r.drafter.observe(Feedback(tree=r.proposed, acceptance=own, new_tokens=new, hidden=r.hidden))
         r.committed = torch.cat([r.committed, new], dim=1)
         kept, reason = r.stopper.cut(new_tokens)
         r.stats.record(drafted=int(tree.num_draft_nodes[0]), accepted=int(acceptance.num_accepted[0]))

@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from specdec import checkpoint, cpu_gemm, models, profiler, registry
 from specdec.acceptance import LOSSY, get_rule
-from specdec.adaptive import AdaptiveBudget
+from specdec.adaptive import AdaptiveBudget, Calibrator
 from specdec.batch import BatchEngine, DrafterPool
 from specdec.cost import CostProfile
 from specdec.errors import PromptError, SpecdecError, VocabularyMismatchError
@@ -39,8 +39,9 @@ class SpecDecoder:
     ``drafter_kwargs`` go to the drafter's constructor. adaptive: re-decide each request's node budget (up to
     ``max_nodes``) before every step from the measured cost profile (``cost_profile``, or the cached / freshly
     measured one for this target and machine, see :mod:`specdec.profiler`) and the request's acceptance so far
-    (:mod:`specdec.adaptive`); outputs are unchanged, only speed. small_batch_linear: route the target's few-row float32 matmuls through the
-    faster CPU kernel (:mod:`specdec.cpu_gemm`); None = on for a float32 model on CPU.
+    (:mod:`specdec.adaptive`); a drafter that scores its nodes gets each step's tree cut to the nodes worth their
+    verify cost. Outputs are unchanged, only speed. small_batch_linear: route the target's few-row float32
+    matmuls through the faster CPU kernel (:mod:`specdec.cpu_gemm`); None = on for a float32 model on CPU.
     """
 
     def __init__(self, target=None, tokenizer=None, *, drafter="ngram", verifier: str = "hf",
@@ -70,6 +71,7 @@ class SpecDecoder:
         self.max_batch_size = max_batch_size
         self.adaptive = adaptive
         self.cost_profile = cost_profile
+        self.calibrator = Calibrator()  # the drafter's confidence calibration, shared by this decoder's requests
         if adaptive and cost_profile is None:
             self.cost_profile, _, _ = profiler.load_or_measure(target, verifier if isinstance(verifier, str) else "hf")
         if acceptance is not None:
@@ -187,7 +189,7 @@ class SpecDecoder:
         if not self.adaptive:
             return None
         kind = self._drafter_spec[0] if self._drafter_spec is not None else type(self.drafter).__name__
-        return AdaptiveBudget(self.cost_profile, kind, max_nodes=self.max_nodes)
+        return AdaptiveBudget(self.cost_profile, kind, max_nodes=self.max_nodes, calibrator=self.calibrator)
 
     def _drafter_pool(self) -> DrafterPool:
         def build():

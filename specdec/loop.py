@@ -16,7 +16,7 @@ import torch
 
 from specdec import tree as tree_ops
 from specdec.acceptance import AcceptanceRule
-from specdec.adaptive import AdaptiveBudget
+from specdec.adaptive import AdaptiveBudget, uncut
 from specdec.protocols import Drafter, Feedback, Verifier
 from specdec.sampling import SamplingParams
 from specdec.types import Acceptance, DraftContext, DraftTree
@@ -62,8 +62,9 @@ def decode(
         ctx = DraftContext(input_ids=committed, prompt_len=input_ids.shape[1], max_nodes=nodes,
                            max_depth=remaining - 1, hidden=hidden, sampling=sampling, generator=generator)
         start = time.perf_counter()
-        tree = tree_ops.limit_depth(drafter.propose(ctx), remaining - 1)
+        proposed = tree_ops.limit_depth(drafter.propose(ctx), remaining - 1)
         draft_ms = 1000 * (time.perf_counter() - start)
+        tree, keep = budget.cut(proposed) if budget is not None else (proposed, None)
         out = verifier.score(tree, output_hidden=needs_hidden)
         acceptance = rule(tree, out.logits, sampling, generator)
         verifier.commit(tree, acceptance)
@@ -74,7 +75,8 @@ def decode(
         new_tokens = tree.tokens[0, path[1:]].tolist() + [int(acceptance.next_token[0])]
         new = torch.tensor([new_tokens], dtype=committed.dtype, device=committed.device)
         hidden = None if out.hidden is None else out.hidden[:, path]
-        drafter.observe(Feedback(tree=tree, acceptance=acceptance, new_tokens=new, hidden=hidden))
+        own = acceptance if keep is None else uncut(acceptance, keep)  # the drafter hears about its own tree
+        drafter.observe(Feedback(tree=proposed, acceptance=own, new_tokens=new, hidden=hidden))
         committed = torch.cat([committed, new], dim=1)
         produced += len(new_tokens)
         yield Step(tree=tree, acceptance=acceptance, new_tokens=new_tokens)

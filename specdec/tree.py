@@ -7,7 +7,8 @@ every live parent index is smaller than its child's). Everything else is derived
 from __future__ import annotations
 
 import heapq
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -34,7 +35,8 @@ def from_sequences(root: int, sequences: Sequence[Sequence[int]], max_nodes: int
 
     A node's score is the summed weight of the continuations that pass through it, so a parent always scores at
     least as high as its children; nodes are taken best-first (ties: shallower, then earlier), which keeps every
-    chosen node's parent in the tree. Node order is the order taken, so parents precede children.
+    chosen node's parent in the tree. Node order is the order taken, so parents precede children. The tree's
+    ``scores`` are each node's share of the total weight (the fraction of candidates that agree with its path).
 
     Example: ``from_sequences(0, [[5, 6], [5, 7], [9]], max_nodes=4)`` takes 5 (weight 2), then 9 (weight 1,
     shallower than 6 and 7), then 6 (inserted before 7): tokens ``[[0, 5, 9, 6]]``, parents ``[[-1, 0, 0, 1]]``.
@@ -62,7 +64,8 @@ def from_sequences(root: int, sequences: Sequence[Sequence[int]], max_nodes: int
             score[nxt] += w
             node = nxt
     # best-first selection
-    out_tokens, out_parents = [int(root)], [-1]
+    out_tokens, out_parents, out_scores = [int(root)], [-1], [1.0]
+    total = sum(weights) or 1.0
     heap = [(-score[c], depth[c], c, 0) for c in children[0].values()]
     heapq.heapify(heap)
     while heap and len(out_tokens) < max_nodes:
@@ -70,9 +73,10 @@ def from_sequences(root: int, sequences: Sequence[Sequence[int]], max_nodes: int
         pos = len(out_tokens)
         out_tokens.append(token[node])
         out_parents.append(parent_pos)
+        out_scores.append(min(1.0, score[node] / total))
         for c in children[node].values():
             heapq.heappush(heap, (-score[c], depth[c], c, pos))
-    return DraftTree(torch.tensor([out_tokens]), torch.tensor([out_parents]))
+    return DraftTree(torch.tensor([out_tokens]), torch.tensor([out_parents]), scores=torch.tensor([out_scores]))
 
 
 def topology_from_choices(choices: Sequence[Sequence[int]]) -> tuple[list[int], list[int]]:
@@ -247,9 +251,24 @@ def limit_depth(tree: DraftTree, max_depth: int) -> DraftTree:
         parents = tree.parents[0, keep]
         parents = torch.where(parents >= 0, remap[parents.clamp(min=0)], parents)
         probs = None if tree.draft_probs is None else tree.draft_probs[:, keep]
-        return DraftTree(tree.tokens[:, keep], parents[None], probs)
+        scores = None if tree.scores is None else tree.scores[:, keep]
+        return DraftTree(tree.tokens[:, keep], parents[None], probs, scores)
     parents = torch.where(keep_mask, tree.parents, torch.full_like(tree.parents, DEAD))
-    return DraftTree(tree.tokens, parents, tree.draft_probs)
+    return DraftTree(tree.tokens, parents, tree.draft_probs, tree.scores)
+
+
+def keep_nodes(tree: DraftTree, keep: Sequence[int]) -> DraftTree:
+    """The one-request tree cut to the nodes ``keep`` (ascending, ancestor-closed, root first), renumbered;
+    tokens, draft probabilities and scores follow their nodes.
+
+    >>> keep_nodes(from_sequences(0, [[5, 6], [9]], max_nodes=4), [0, 1, 3]).tokens.tolist()
+    [[0, 5, 6]]
+    """
+    idx = torch.tensor(list(keep), dtype=torch.long, device=tree.tokens.device)
+    parents = torch.tensor([subtree(tree.parents[0].tolist(), list(keep))], device=tree.parents.device)
+    probs = None if tree.draft_probs is None else tree.draft_probs[:, idx]
+    scores = None if tree.scores is None else tree.scores[:, idx]
+    return DraftTree(tree.tokens[:, idx], parents, probs, scores)
 
 
 def pad_trees(trees: Sequence[DraftTree], num_nodes: int | None = None) -> DraftTree:
@@ -295,6 +314,44 @@ def best_subtree(parents: Sequence[int], values: Sequence[float], max_nodes: int
         if parents[i] in kept:
             kept.add(i)
     return sorted(kept)
+
+
+def grow_dynamic(root: int, root_logp: torch.Tensor,
+                 expand: Callable[[int, list[int], list[int], list[int]], list[torch.Tensor]],
+                 *, top_k: int, depth: int, max_nodes: int) -> tuple[DraftTree, list[int]]:
+    """EAGLE-2's dynamic tree: level by level, the ``top_k`` most valuable new nodes are expanded, each offering
+    its ``top_k`` most probable tokens as children (value = product of draft probabilities along the path); then
+    the best ``max_nodes`` of all nodes created are kept (:func:`best_subtree`). Returns the tree (its ``scores``
+    are those values) and, for each of its nodes, the index it had among the nodes created.
+
+    root_logp: ``[V]`` draft log-probabilities of the root's next token. expand(level, tokens, parents, chosen):
+    the ``[V]`` log-probabilities of the next token after each ``chosen`` node (level = their depth), given every
+    node created so far; a drafter with a cache runs the chosen nodes through its model there.
+
+    >>> lp = torch.log(torch.tensor([0.6, 0.3, 0.1]))
+    >>> t, keep = grow_dynamic(9, lp, lambda d, tok, par, ch: [lp] * len(ch), top_k=2, depth=2, max_nodes=4)
+    >>> t.tokens.tolist(), t.parents.tolist(), [round(v, 2) for v in t.scores[0].tolist()], keep
+    ([[9, 0, 1, 0]], [[-1, 0, 0, 1]], [1.0, 0.6, 0.3, 0.36], [0, 1, 2, 3])
+    """
+    tokens, parents, values = [int(root)], [-1], [1.0]
+    frontier = [(0, root_logp)]
+    for level in range(1, depth + 1):
+        created = []
+        for node, logp in frontier:
+            top = logp.float().topk(min(top_k, logp.shape[-1]))
+            for lp, t in zip(top.values.tolist(), top.indices.tolist()):
+                tokens.append(t)
+                parents.append(node)
+                values.append(values[node] * math.exp(lp))
+                created.append(len(tokens) - 1)
+        if level == depth:
+            break
+        chosen = sorted(sorted(created, key=lambda i: (-values[i], i))[:top_k])
+        frontier = list(zip(chosen, expand(level, tokens, parents, chosen)))
+    keep = best_subtree(parents, values, max_nodes)
+    tree = DraftTree(torch.tensor([[tokens[i] for i in keep]]), torch.tensor([subtree(parents, keep)]),
+                     scores=torch.tensor([[values[i] for i in keep]]))
+    return tree, keep
 
 
 def subtree(parents: Sequence[int], keep: Sequence[int]) -> list[int]:

@@ -23,6 +23,10 @@ class DraftTree:
             A dead (padding) node has parent ``-2`` and is never attended to or accepted.
         draft_probs: ``[B, N, V]`` float or ``None``. Row i is the drafter's distribution q *from which node i's
             children were drawn* (None for deterministic drafters such as n-gram lookup).
+        scores: ``[B, N]`` float or ``None``. The drafter's confidence that node i is accepted (its whole path is),
+            in [0, 1] and never larger than its parent's (the root's is 1); ``None`` when the drafter does not
+            estimate it. An adaptive budget calibrates these against what is accepted and cuts each tree to the
+            nodes that pay for their verify cost (:mod:`specdec.adaptive`).
 
     Example: the chain ``root -> 5 -> 7`` is ``tokens=[[r, 5, 7]]``, ``parents=[[-1, 0, 1]]``;
     a root with two children ``5`` and ``9`` is ``tokens=[[r, 5, 9]]``, ``parents=[[-1, 0, 0]]``.
@@ -31,9 +35,13 @@ class DraftTree:
     tokens: torch.Tensor  # [B, N]
     parents: torch.Tensor  # [B, N]
     draft_probs: torch.Tensor | None = None  # [B, N, V]
+    scores: torch.Tensor | None = None  # [B, N]
 
     def __post_init__(self) -> None:
         validate_tree(self.tokens, self.parents, self.draft_probs)
+        if self.scores is not None and self.scores.shape != self.tokens.shape:
+            raise SpecdecError(f"DraftTree scores must be [B, N] matching tokens {tuple(self.tokens.shape)}; got "
+                               f"{tuple(self.scores.shape)}.")
 
     @property
     def batch_size(self) -> int:

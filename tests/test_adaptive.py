@@ -11,9 +11,9 @@ import torch
 import specdec
 from specdec import profiler
 from specdec import tree as tree_ops
-from specdec.adaptive import AcceptanceStats, AdaptiveBudget
+from specdec.adaptive import AcceptanceStats, AdaptiveBudget, Calibrator, uncut
 from specdec.cost import CostProfile, chain_node_values, choose_budget
-from specdec.types import Acceptance
+from specdec.types import Acceptance, DraftTree
 from tests.conftest import DRAFTER_FACTORIES, get_tiny, greedy_reference
 from tests.tiny import random_prompt, tiny_tokenizer
 
@@ -78,6 +78,77 @@ def test_budget_grows_with_acceptance_and_switches_off_then_probes():
     assert tail.count(1) == 6 and tail.count(2) == 3  # off, with a 2-node probe every third step
 
 
+# ---------------------------------------------------------------- per-step cuts of scored trees
+
+
+def _scored(parents: list[int], scores: list[float]) -> DraftTree:
+    return DraftTree(torch.arange(len(parents))[None] + 10, torch.tensor([parents]), scores=torch.tensor([scores]))
+
+
+# root -> a (0.9) -> b (0.8) -> c (0.7) -> d (0.2); root -> e (0.05)
+DEEP = ([-1, 0, 1, 2, 3, 0], [1.0, 0.9, 0.8, 0.7, 0.2, 0.05])
+
+
+@pytest.mark.parametrize("scores, base_rows, kept", [
+    (DEEP[1], 0, [0, 1, 2, 3, 4]),  # a confident chain is kept deep (5 nodes cost 1.15x one)
+    ([1.0, 0.3, 0.1, 0.05, 0.02, 0.3], 0, [0, 1, 2, 5]),  # unsure: both likely first tokens, then one more
+    ([1.0, 0.04, 0.03, 0.02, 0.01, 0.01], 0, [0]),  # nothing worth its cost: the root alone
+    (DEEP[1], 7, [0, 1, 2, 3]),  # in a batch of 8 the 0.2 node no longer earns the batch's rate
+])
+def test_cut_keeps_the_nodes_that_pay_golden(scores, base_rows, kept):
+    # a calibrator that trusts the raw scores (no observations, prior only)
+    b = AdaptiveBudget(CPU, "ngram", max_nodes=16, calibrator=Calibrator(prior_weight=1.0))
+    tree = _scored(DEEP[0], scores)
+    cut, keep = b.cut(tree, batch_rows=base_rows)
+    assert (keep or list(range(tree.num_nodes))) == kept
+    assert cut.tokens[0].tolist() == [10 + i for i in kept]
+    assert cut.scores[0].tolist() == pytest.approx([scores[i] for i in kept])
+
+
+def test_cut_leaves_sampled_and_unscored_trees_alone():
+    b = AdaptiveBudget(CPU, "ngram", max_nodes=16)
+    unscored = tree_ops.chain(5, [6, 7])
+    assert b.cut(unscored) == (unscored, None)
+    sampled = DraftTree(torch.tensor([[5, 6]]), torch.tensor([[-1, 0]]), torch.full((1, 2, 4), 0.25),
+                        scores=torch.tensor([[1.0, 0.01]]))
+    assert b.cut(sampled) == (sampled, None)  # cutting drawn siblings would bias the rejection rule
+
+
+def test_uncut_renumbers_the_accepted_path_to_the_proposed_tree():
+    acc = Acceptance.from_paths([[0, 1, 2]], [42])
+    back = uncut(acc, [0, 2, 5, 7])
+    assert back.accepted_nodes(0) == [0, 2, 5] and int(back.next_token[0]) == 42
+
+
+def test_calibrator_learns_overconfident_scores_and_cuts_follow():
+    c = Calibrator(prior_weight=2.0, decay=1.0)
+    for i in range(200):  # scores claim 0.9 at depth 1, but only one node in four is accepted
+        c.update([1.0, 0.9], [0, 1], [True, i % 4 == 0])
+    assert c.value(0.9, 1) == pytest.approx((50 + 1.8) / 202)
+    assert c.value(0.9, 2) == pytest.approx(0.9)  # depth 2 never observed: the prior (the raw score)
+    assert c.values([1.0, 0.9, 0.9], [0, 1, 2], [-1, 0, 1])[2] == pytest.approx(c.value(0.9, 1))  # <= its parent
+    trusting = AdaptiveBudget(CPU, "draft_model", max_nodes=16, calibrator=Calibrator())
+    learned = AdaptiveBudget(CPU, "draft_model", max_nodes=16, calibrator=c)
+    tree = _scored([-1, 0], [1.0, 0.9])
+    assert trusting.cut(tree)[1] is None and learned.cut(tree)[1] == [0]  # 0.26 tokens do not pay a 15 ms call
+
+
+def test_scored_drafter_is_switched_off_then_probed_with_a_small_tree():
+    b = AdaptiveBudget(CPU, "ngram", max_nodes=16, probe_every=3, probe_nodes=2, off_after=2,
+                       calibrator=Calibrator(prior_weight=1.0, decay=1.0))
+    hopeless = _scored([-1, 0, 1], [1.0, 0.01, 0.01])
+    sizes = []
+    for _ in range(10):
+        cap = b.nodes()
+        tree, _ = b.cut(hopeless) if cap > 1 else (tree_ops.chain(5, []), None)
+        b.observe(tree, Acceptance.from_paths([[0]], [7]))
+        sizes.append((cap, tree.num_nodes))
+    # (the first step, before the budget has seen a scored tree, uses the acceptance statistics' budget: 4)
+    # two steps cut to the root, then off (no drafting) with a forced 2-node probe every third step
+    assert sizes == [(4, 1), (16, 1), (1, 1), (1, 1), (16, 2), (1, 1), (1, 1), (16, 2), (1, 1), (1, 1)]
+    assert b.history == [n for _, n in sizes]
+
+
 # ---------------------------------------------------------------- the profile cache
 
 
@@ -136,9 +207,12 @@ def test_adaptive_batch_is_lossless_and_budgets_differ_per_request():
     assert len(budgets) == 5 and len({tuple(b.history) for b in budgets}) > 1
 
 
-def test_sampling_with_adaptive_budgets_keeps_the_target_distribution():
+@pytest.mark.parametrize("kind", ["chain", "dynamic"])
+def test_sampling_with_adaptive_budgets_keeps_the_target_distribution(kind):
     """History-dependent tree sizes (the budget after a rejection differs from the one after an acceptance) must
-    not bias the sampled tokens: same chi-square check as tests/test_sampling_e2e.py."""
+    not bias the sampled tokens: same chi-square check as tests/test_sampling_e2e.py. ``chain``: sampled drafts
+    (budgeted by the acceptance statistics); ``dynamic``: scored deterministic candidates, cut every step by the
+    calibrated confidences (the calibration is shared across samples, so it changes as they run)."""
     from tests.test_sampling_e2e import (
         N_SAMPLES,
         PROMPT,
@@ -150,7 +224,7 @@ def test_sampling_with_adaptive_budgets_keeps_the_target_distribution():
     )
 
     profile = CostProfile(key={}, verify_ms={1: 50.0, 2: 50.5, 3: 75.0}, draft_ms={})
-    dec = specdec.SpecDecoder(target(), None, drafter=build_drafter("chain"), adaptive=True, cost_profile=profile,
+    dec = specdec.SpecDecoder(target(), None, drafter=build_drafter(kind), adaptive=True, cost_profile=profile,
                               max_nodes=3)
     histories = set()
     make = dec._budget
