@@ -48,10 +48,11 @@ class DraftModelDrafter:
     dynamic = False  # grow trees by expected acceptance (EAGLE-2 style) instead of a fixed shape
     top_k = 4
     dynamic_depth = 6
+    min_value = 0.0
 
     def __init__(self, target=None, tokenizer=None, path: str | None = None, model=None, depth: int | None = None,
                  width: int | None = None, choices: list[list[int]] | None = None, dtype: str | None = None,
-                 dynamic: bool = False, top_k: int = 4) -> None:
+                 dynamic: bool = False, top_k: int = 4, min_value: float = 0.0) -> None:
         recommended: dict = {}
         if model is None:
             if not path:
@@ -70,7 +71,7 @@ class DraftModelDrafter:
             raise ConfigError(f"draft_model needs depth >= 1 and width >= 1; got depth={depth}, width={width}.")
         self.model = model.eval()
         self.vocab_size = models.vocab_size(self.model)
-        set_dynamic(self, dynamic, top_k, depth)
+        set_dynamic(self, dynamic, top_k, depth, min_value)
         choices = choices if choices is not None else tree_ops.choices_for_shape(depth, width)
         self.parents, self.ranks = tree_ops.topology_from_choices(choices)
         check_contiguous_ranks(self.parents, self.ranks)
@@ -171,7 +172,8 @@ class DraftModelDrafter:
             self._run_of = [0]
             return tree_ops.chain(root, [])
         root_logp = torch.log_softmax(root_logits[0].float(), dim=-1)
-        tree, keep = tree_ops.grow_dynamic(root, root_logp, expand, top_k=k, depth=depth_limit, max_nodes=max_nodes)
+        tree, keep = tree_ops.grow_dynamic(root, root_logp, expand, top_k=k, depth=depth_limit, max_nodes=max_nodes,
+                                           min_value=self.min_value)
         self._run_of = [run.get(i) for i in keep]
         return tree
 
@@ -206,11 +208,14 @@ class DraftModelDrafter:
         self._ran = 0
 
 
-def set_dynamic(drafter, dynamic: bool, top_k: int, depth: int | None) -> None:
-    """Configure EAGLE-2-style dynamic trees on a drafter (``depth``: levels grown, default 6)."""
+def set_dynamic(drafter, dynamic: bool, top_k: int, depth: int | None, min_value: float = 0.0) -> None:
+    """Configure EAGLE-2-style dynamic trees on a drafter (``depth``: levels grown at most, default 6; growth
+    stops at a level whose best path value is below ``min_value``)."""
     if top_k < 1:
         raise ConfigError(f"top_k must be >= 1; got {top_k}.")
-    drafter.dynamic, drafter.top_k = bool(dynamic), int(top_k)
+    if not 0.0 <= min_value < 1.0:
+        raise ConfigError(f"min_value is a path probability threshold in [0, 1); got {min_value}.")
+    drafter.dynamic, drafter.top_k, drafter.min_value = bool(dynamic), int(top_k), float(min_value)
     drafter.dynamic_depth = int(depth) if depth else 6
 
 

@@ -121,7 +121,8 @@ class EagleDrafter(DraftModelDrafter):
     ``depth``/``width`` build a simple shape instead. max_nodes: this drafter's own node budget (root included),
     when smaller than the decoder's (small trees pay off when verifying many nodes costs more than one).
     dynamic: grow each tree by expected acceptance instead (EAGLE-2; ``top_k`` children per expanded node,
-    ``depth`` levels, default 6), cut to the step's node budget.
+    ``depth`` levels at most, default 6, fewer when a level's best path value is below ``min_value``), cut to the
+    step's node budget.
     """
 
     needs_hidden_states = True
@@ -130,10 +131,10 @@ class EagleDrafter(DraftModelDrafter):
     def __init__(self, target=None, tokenizer=None, path: str | None = None, head: EagleHead | None = None,
                  choices: list[list[int]] | None = None, depth: int | None = None, width: int = 1,
                  dtype: str | None = None, max_nodes: int | None = None, dynamic: bool = False,
-                 top_k: int = 4) -> None:
+                 top_k: int = 4, min_value: float = 0.0) -> None:
         if target is None:
             raise ConfigError("the eagle drafter runs on the target's features: pass target=... .")
-        set_dynamic(self, dynamic, top_k, depth)
+        set_dynamic(self, dynamic, top_k, depth, min_value)
         meta_choices = None
         if head is None:
             path = path or checkpoint.shipped(KIND)

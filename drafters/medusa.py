@@ -118,16 +118,17 @@ class MedusaDrafter:
 
     needs_hidden_states = True
     returns_probs = True
+    min_value = 0.0  # dynamic trees: stop growing at a level whose best path value is below this
 
     def __init__(self, target=None, tokenizer=None, path: str | None = None, heads: MedusaHeads | None = None,
                  choices: list[list[int]] | None = None, depth: int | None = None, width: int = 1,
                  dtype: str | None = None, max_nodes: int | None = None, dynamic: bool = False,
-                 top_k: int = 4) -> None:
+                 top_k: int = 4, min_value: float = 0.0) -> None:
         if target is None:
             raise ConfigError("the medusa drafter runs on the target's hidden states: pass target=... .")
         if top_k < 1:
             raise ConfigError(f"top_k must be >= 1; got {top_k}.")
-        self.dynamic, self.top_k = bool(dynamic), int(top_k)
+        self.dynamic, self.top_k, self.min_value = bool(dynamic), int(top_k), float(min_value)
         meta_choices = None
         if heads is None:
             path = path or checkpoint.shipped(KIND)
@@ -212,7 +213,8 @@ class MedusaDrafter:
             return tree_ops.chain(root, [])
         logp = torch.log_softmax(self.heads.full_logits(ctx.hidden[0, -1], self.vocab_size).float(), dim=-1)
         tree, _ = tree_ops.grow_dynamic(root, logp[0], lambda level, tokens, parents, chosen: [logp[level]] * len(chosen),
-                                        top_k=self.top_k, depth=depth, max_nodes=cap)
+                                        top_k=self.top_k, depth=depth, max_nodes=cap,
+                                        min_value=self.min_value)
         return tree
 
     def observe(self, feedback: Feedback) -> None:

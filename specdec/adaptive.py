@@ -167,8 +167,10 @@ class AdaptiveBudget:
         return n
 
     def cut(self, tree: DraftTree, batch_rows: int = 0) -> tuple[DraftTree, list[int] | None]:
-        """This step's tree: the proposed one cut to the nodes that pay, by calibrated confidence and the cost
-        model (:func:`specdec.cost.choose_budget`, then :func:`specdec.tree.best_subtree`). Returns the tree and
+        """This step's tree: the proposed one cut to the nodes that pay for their verify cost, by calibrated
+        confidence and the cost model (:func:`specdec.cost.choose_budget`, then :func:`specdec.tree.best_subtree`).
+        After ``off_after`` steps in a row where drafting did not pay for its call too, the next steps do not draft
+        (probed every ``probe_every`` steps). Returns the tree and
         the kept nodes' indices in the proposed tree (None when nothing was cut). Trees without scores, or with
         ``draft_probs`` (sampled drafts, whose rejection rule needs every drawn sibling), are returned as they are.
         """
@@ -177,8 +179,14 @@ class AdaptiveBudget:
         self._scored = True
         parents = tree.parents[0].tolist()
         values = self.calibrator.values(tree.scores[0].tolist(), tree_ops.depths(tree.parents)[0].tolist(), parents)
-        n = choose_budget(self._profile(), values[1:], self.drafter, tree.num_nodes, base_rows=batch_rows).nodes
-        self._unpaid = self._unpaid + 1 if n == 1 else 0
+        # the drafter's call is spent by now: keep what pays for its verify cost alone; whether drafting paid at all
+        # (its call cost included) decides if the next steps draft
+        profile = self._profile()
+        budget = choose_budget(profile, values[1:], None, tree.num_nodes, base_rows=batch_rows)
+        n = budget.nodes
+        plain = (1.0 + batch_rows) / profile.verify(1 + batch_rows)
+        paid = n > 1 and budget.expected_tokens / (budget.step_ms + profile.draft(self.drafter)) > plain
+        self._unpaid = 0 if paid else self._unpaid + 1
         if self._probing:  # a probe verifies a few nodes whatever the calibration says, so it can learn it was wrong
             self._probing = False
             n = max(n, min(self.probe_nodes, tree.num_nodes))

@@ -318,11 +318,12 @@ def best_subtree(parents: Sequence[int], values: Sequence[float], max_nodes: int
 
 def grow_dynamic(root: int, root_logp: torch.Tensor,
                  expand: Callable[[int, list[int], list[int], list[int]], list[torch.Tensor]],
-                 *, top_k: int, depth: int, max_nodes: int) -> tuple[DraftTree, list[int]]:
+                 *, top_k: int, depth: int, max_nodes: int, min_value: float = 0.0) -> tuple[DraftTree, list[int]]:
     """EAGLE-2's dynamic tree: level by level, the ``top_k`` most valuable new nodes are expanded, each offering
     its ``top_k`` most probable tokens as children (value = product of draft probabilities along the path); then
     the best ``max_nodes`` of all nodes created are kept (:func:`best_subtree`). Returns the tree (its ``scores``
-    are those values) and, for each of its nodes, the index it had among the nodes created.
+    are those values) and, for each of its nodes, the index it had among the nodes created. Growth stops early
+    when no node of the new level is worth ``min_value`` (an unsure step does not pay for deep draft calls).
 
     root_logp: ``[V]`` draft log-probabilities of the root's next token. expand(level, tokens, parents, chosen):
     the ``[V]`` log-probabilities of the next token after each ``chosen`` node (level = their depth), given every
@@ -344,7 +345,7 @@ def grow_dynamic(root: int, root_logp: torch.Tensor,
                 parents.append(node)
                 values.append(values[node] * math.exp(lp))
                 created.append(len(tokens) - 1)
-        if level == depth:
+        if level == depth or max(values[i] for i in created) < min_value:
             break
         chosen = sorted(sorted(created, key=lambda i: (-values[i], i))[:top_k])
         frontier = list(zip(chosen, expand(level, tokens, parents, chosen)))

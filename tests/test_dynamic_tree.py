@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch
@@ -33,8 +32,8 @@ def logits(path: tuple[int, ...]) -> torch.Tensor:
 class FixedDraft(DraftModelDrafter):
     """A drafter whose distributions come from TABLE; records the levels it was asked to run."""
 
-    def __init__(self, top_k: int, depth: int) -> None:
-        self.dynamic, self.top_k, self.dynamic_depth = True, top_k, depth
+    def __init__(self, top_k: int, depth: int, min_value: float = 0.0) -> None:
+        self.dynamic, self.top_k, self.dynamic_depth, self.min_value = True, top_k, depth, min_value
         self.levels: list[list[tuple[int, ...]]] = []
         self.reset()
 
@@ -52,8 +51,8 @@ class FixedDraft(DraftModelDrafter):
         return torch.stack([logits(p) for p in paths])[None]
 
 
-def grow(max_nodes: int, top_k: int = 2, depth: int = 3):
-    d = FixedDraft(top_k, depth)
+def grow(max_nodes: int, top_k: int = 2, depth: int = 3, min_value: float = 0.0):
+    d = FixedDraft(top_k, depth, min_value)
     tree = d.propose(DraftContext(input_ids=torch.tensor([[5, 0]]), prompt_len=2, max_nodes=max_nodes,
                                   max_depth=depth))
     paths = sorted(tuple(int(tree.tokens[0, j]) for j in tree_ops.path_to(tree.parents[0].tolist(), i)[1:])
@@ -79,10 +78,24 @@ def test_keeps_the_best_nodes_by_cumulative_probability(budget, kept):
     assert tree.num_nodes == budget and paths == sorted(kept) and tree.draft_probs is None
 
 
-def test_values_are_path_products():
-    _, tree, _ = grow(max_nodes=16)
+def test_values_are_path_products_and_become_the_scores():
+    _, tree, paths = grow(max_nodes=16)
     assert tree.num_nodes == 1 + 2 + 4 + 4  # 2 at depth 1, 2x2 at depth 2, 2 expanded x2 at depth 3
-    assert math.isclose(0.6 * 0.9 * 1.0, 0.54)
+    by_path = {p: float(s) for p, s in zip(
+        [tuple(int(tree.tokens[0, j]) for j in tree_ops.path_to(tree.parents[0].tolist(), i)[1:])
+         for i in range(tree.num_nodes)], tree.scores[0])}
+    assert by_path[()] == 1.0
+    assert by_path[(1, 4, 6)] == pytest.approx(0.6 * 0.9 * 1.0) and by_path[(2, 1, 7)] == pytest.approx(0.3 * 0.5 * 0.8)
+
+
+@pytest.mark.parametrize("min_value, levels, depth", [
+    (0.0, 2, 3),
+    (0.55, 1, 2),  # level 2's best path is worth .54: it is not expanded (one draft forward saved)
+    (0.61, 0, 1),  # level 1's best is .6: no draft forward at all
+])
+def test_min_value_stops_growth_on_unsure_levels(min_value, levels, depth):
+    d, tree, _ = grow(max_nodes=16, min_value=min_value)
+    assert len(d.levels) == levels and int(tree_ops.depths(tree.parents).max()) == depth
 
 
 class FixedHeads:
