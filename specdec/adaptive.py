@@ -118,7 +118,9 @@ class AdaptiveBudget:
 
     profile: measured verify costs (and drafter call costs, updated online here); drafter: its kind (the key of
     ``profile.draft_ms``); max_nodes: the largest budget allowed; probe_every: after this many steps at budget 1,
-    give the drafter a ``probe_nodes`` tree to see whether it is being accepted again.
+    give the drafter a ``probe_nodes`` tree to see whether it is being accepted again. calibrator: what the
+    drafter's node scores are worth (shared across requests; a fresh one if None). off_after: for scored drafters,
+    the unpaid steps in a row after which drafting stops until the next probe.
     """
 
     def __init__(self, profile: CostProfile, drafter: str, max_nodes: int = 32, decay: float = 0.9,
