@@ -164,10 +164,10 @@ class PagedVerifier:
             new = input_ids[:, cached:]
             hidden = None
             if new.shape[1] > 0:
-                self.cache.reserve(request_id, new.shape[1])
+                slots = self.cache.reserve(request_id, new.shape[1])
                 out = self._forward([request_id], new, causal_mask(new.shape[1], new.device),
                                     torch.arange(cached, cached + new.shape[1], device=new.device)[None],
-                                    output_hidden, logits_to_keep=1)
+                                    slots, torch.tensor([cached]), output_hidden, logits_to_keep=1)
                 self.cache.commit(request_id, range(new.shape[1]))
                 hidden = out.hidden
             self.cache.register_prefix(request_id, tokens)
@@ -188,10 +188,10 @@ class PagedVerifier:
         ``.request_id``. Returns logits ``[B, N, V]`` (hidden ``[B, N, H]``); rows past a tree's size are padding.
         """
         batch = tree_ops.pad_trees(trees)
-        done = []
+        done, slots = [], []
         try:
             for rid in request_ids:
-                self.cache.reserve(rid, batch.num_nodes)
+                slots.append(self.cache.reserve(rid, batch.num_nodes))
                 done.append(rid)
         except SpecdecError as e:
             for rid in done:
@@ -200,7 +200,7 @@ class PagedVerifier:
             raise
         prefix = torch.tensor([self.cache.length(r) for r in request_ids], device=batch.tokens.device)
         out = self._forward(request_ids, batch.tokens, tree_ops.ancestor_mask(batch.parents),
-                            tree_ops.position_ids(batch.parents, prefix), output_hidden,
+                            tree_ops.position_ids(batch.parents, prefix), torch.cat(slots), prefix, output_hidden,
                             live=batch.parents != DEAD)
         for rid, t in zip(request_ids, trees):
             self._pending[rid] = t
@@ -251,9 +251,10 @@ class PagedVerifier:
 
     @torch.inference_mode()
     def _forward(self, request_ids: Sequence[Hashable], tokens: torch.Tensor, tree_mask: torch.Tensor,
-                 position_ids: torch.Tensor, output_hidden: bool, logits_to_keep: int = 0,
-                 live: torch.Tensor | None = None) -> VerifyOutput:
-        """``tokens [B, N]`` at ``position_ids [B, N]`` after each request's cached prefix, into reserved slots.
+                 position_ids: torch.Tensor, slots: torch.Tensor, prefix_lens: torch.Tensor, output_hidden: bool,
+                 logits_to_keep: int = 0, live: torch.Tensor | None = None) -> VerifyOutput:
+        """``tokens [B, N]`` at ``position_ids [B, N]`` after each request's ``prefix_lens [B]`` cached positions,
+        into the slots ``[B * N]`` that :meth:`PagedKVCache.reserve` returned.
 
         Only ``live [B, N]`` nodes (default: all) run through the model, packed into one row; logits ``[B, N, V]``
         (hidden ``[B, N, H]``) come back in the padded layout, zeros at dead nodes. ``logits_to_keep=1`` (a
@@ -265,11 +266,11 @@ class PagedVerifier:
             live = None
         pack = None if live is None else live.reshape(-1).nonzero().flatten()  # [T]
         unpack = None if live is None else (live.reshape(-1).cumsum(0) - 1).clamp(min=0).view(b, n)
-        slots = torch.cat([self.cache.slots(r, self.cache.length(r), n) for r in request_ids]).to(dev)
+        slots = slots.to(dev)
         step = PagedForward(
             cache=self.cache, slots=slots if pack is None else slots[pack], unpack=unpack, pack=pack,
             block_tables=self.cache.block_tables(request_ids).to(dev),
-            prefix_lens=torch.tensor([self.cache.length(r) for r in request_ids], device=dev),
+            prefix_lens=prefix_lens.to(dev),
             tree_mask=tree_mask.expand(b, n, n), kernel=self.kernel)
         with paged_attention_on(self.model):
             out = self.model(input_ids=packed(tokens, pack), position_ids=packed(position_ids, pack), use_cache=False,
