@@ -168,9 +168,6 @@ class DraftModelDrafter:
             return [torch.log_softmax(logits[0, j].float(), dim=-1) for j in range(len(chosen))]
 
         self._ran = 0
-        if depth_limit < 1:
-            self._run_of = [0]
-            return tree_ops.chain(root, [])
         root_logp = torch.log_softmax(root_logits[0].float(), dim=-1)
         tree, keep = tree_ops.grow_dynamic(root, root_logp, expand, top_k=k, depth=depth_limit, max_nodes=max_nodes,
                                            min_value=self.min_value)

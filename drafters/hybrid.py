@@ -92,6 +92,7 @@ class HybridDrafter:
         if vocabs:
             self.vocab_size = vocabs.pop()
         self.min_share, self.decay = min_share, decay
+        self.calibrators = [Calibrator() for _ in self.parts]  # kept across requests: they describe the parts
         self.reset()
 
     def reset(self) -> None:
@@ -100,8 +101,6 @@ class HybridDrafter:
         for p in self.parts:
             p.reset()
         self.rates = [1.0] * len(self.parts)  # moving average of tokens accepted per step, per part
-        if not hasattr(self, "calibrators"):
-            self.calibrators = [Calibrator() for _ in self.parts]
         self._trees: list[DraftTree] = []
 
     def propose(self, ctx: DraftContext) -> DraftTree:

@@ -134,10 +134,10 @@ class AdaptiveBudget:
         self.draft_ms: float | None = profile.draft_ms.get(drafter)
         self.probe_every = probe_every
         self.probe_nodes = probe_nodes
-        self.off_after = off_after  # scored drafters: after this many steps cut to the root, stop drafting
+        self.off_after = off_after  # scored drafters: after this many unpaid steps in a row, stop drafting
         self._idle = 0
         self._scored = False  # the drafter's trees carry scores: budget each step by cutting
-        self._unpaid = 0  # consecutive steps whose scored tree was cut to the root
+        self._unpaid = 0  # consecutive steps where drafting, its call included, did not beat plain decoding
         self._probing = False
         self.history: list[int] = []  # budgets used, one per step (after the cut, for scored trees)
 

@@ -21,10 +21,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from specdec import tree as tree_ops
 from specdec.acceptance import AcceptanceRule
-from specdec.adaptive import AdaptiveBudget, uncut
+from specdec.adaptive import AdaptiveBudget
 from specdec.blocks import KVBlocksExhausted
+from specdec.loop import Drafted, draft
 from specdec.protocols import Drafter, Feedback
 from specdec.sampling import SamplingParams
 from specdec.scheduler import Scheduler
@@ -52,9 +52,7 @@ class Request:
     committed: torch.Tensor | None = None  # [1, T + generated]
     hidden: torch.Tensor | None = None  # [1, t, H] target hidden states the drafter has not seen yet
     started: float | None = None
-    draft_ms: float | None = None  # the last propose() call's time, when it drafted
-    proposed: DraftTree | None = None  # the drafter's last tree, before the adaptive budget's cut
-    kept: list[int] | None = None  # the cut's nodes in ``proposed`` (None: not cut)
+    drafted: Drafted | None = None  # this step's draft (the drafter's tree and the verified cut of it)
 
 
 @dataclass(frozen=True)
@@ -165,14 +163,8 @@ class BatchEngine:
         nodes = r.budget.nodes(batch_rows=others) if r.budget is not None else self.max_nodes
         ctx = DraftContext(input_ids=r.committed, prompt_len=r.prompt.shape[1], max_nodes=nodes,
                            max_depth=remaining - 1, hidden=r.hidden, sampling=self.sampling, generator=r.generator)
-        start = time.perf_counter()
-        r.proposed = tree_ops.limit_depth(r.drafter.propose(ctx), remaining - 1)
-        r.draft_ms = 1000 * (time.perf_counter() - start) if nodes > 1 else None
-        if r.budget is None:
-            r.kept = None
-            return r.proposed
-        tree, r.kept = r.budget.cut(r.proposed, batch_rows=others)
-        return tree
+        r.drafted = draft(r.drafter, ctx, r.budget, batch_rows=others)
+        return r.drafted.tree
 
     def _score(self, running: list[Request], trees: list[DraftTree], events: list[Event]):
         """One verify forward; out of KV blocks, preempt or refuse (by policy) until the rest fits."""
@@ -197,14 +189,14 @@ class BatchEngine:
     def _accept(self, r: Request, tree: DraftTree, logits: torch.Tensor, hidden: torch.Tensor | None) -> Event:
         acceptance = self.rule(tree, logits, self.sampling, r.generator)
         if r.budget is not None:
-            r.budget.observe(tree, acceptance, r.draft_ms)
+            r.budget.observe(tree, acceptance, r.drafted.draft_ms)
         path = acceptance.accepted_nodes(0)
         self.verifier.commit_request(r.request_id, path)
         new_tokens = tree.tokens[0, path[1:]].tolist() + [int(acceptance.next_token[0])]
         new = torch.tensor([new_tokens], dtype=r.committed.dtype, device=r.committed.device)
         r.hidden = None if hidden is None else hidden[:, path]
-        own = acceptance if r.kept is None else uncut(acceptance, r.kept)  # the drafter hears about its own tree
-        r.drafter.observe(Feedback(tree=r.proposed, acceptance=own, new_tokens=new, hidden=r.hidden))
+        r.drafter.observe(Feedback(tree=r.drafted.proposed, acceptance=r.drafted.own(acceptance), new_tokens=new,
+                                   hidden=r.hidden))
         r.committed = torch.cat([r.committed, new], dim=1)
         kept, reason = r.stopper.cut(new_tokens)
         r.stats.record(drafted=int(tree.num_draft_nodes[0]), accepted=int(acceptance.num_accepted[0]))

@@ -23,6 +23,35 @@ from specdec.types import Acceptance, DraftContext, DraftTree
 
 
 @dataclass(frozen=True)
+class Drafted:
+    """One request's draft for a step: the drafter's tree and the one that is verified.
+
+    proposed: the drafter's tree (depth-limited); tree: what is verified (the adaptive budget's cut of it, or the
+    same tree); kept: the cut's nodes in ``proposed`` (None: not cut); draft_ms: the ``propose`` call's time when
+    it was asked to draft (a budget above 1 node), else None.
+    """
+
+    proposed: DraftTree
+    tree: DraftTree
+    kept: list[int] | None
+    draft_ms: float | None
+
+    def own(self, acceptance: Acceptance) -> Acceptance:
+        """``acceptance`` (over ``tree``) as the drafter must hear it: over its own ``proposed`` tree."""
+        return acceptance if self.kept is None else uncut(acceptance, self.kept)
+
+
+def draft(drafter: Drafter, ctx: DraftContext, budget: AdaptiveBudget | None = None, batch_rows: int = 0) -> Drafted:
+    """Propose (timed), limit to ``ctx.max_depth``, and let ``budget`` (if any) cut the tree to what pays;
+    ``batch_rows``: rows the batch's other requests put in the same verify step."""
+    start = time.perf_counter()
+    proposed = tree_ops.limit_depth(drafter.propose(ctx), ctx.max_depth)
+    draft_ms = 1000 * (time.perf_counter() - start) if ctx.max_nodes > 1 else None
+    tree, kept = budget.cut(proposed, batch_rows=batch_rows) if budget is not None else (proposed, None)
+    return Drafted(proposed, tree, kept, draft_ms)
+
+
+@dataclass(frozen=True)
 class Step:
     """One verify step: the tree, the rule's outcome and the tokens it committed (``[k]``, bonus last)."""
 
@@ -61,22 +90,20 @@ def decode(
         nodes = budget.nodes() if budget is not None else max_nodes
         ctx = DraftContext(input_ids=committed, prompt_len=input_ids.shape[1], max_nodes=nodes,
                            max_depth=remaining - 1, hidden=hidden, sampling=sampling, generator=generator)
-        start = time.perf_counter()
-        proposed = tree_ops.limit_depth(drafter.propose(ctx), remaining - 1)
-        draft_ms = 1000 * (time.perf_counter() - start)
-        tree, keep = budget.cut(proposed) if budget is not None else (proposed, None)
+        drafted = draft(drafter, ctx, budget)
+        tree = drafted.tree
         out = verifier.score(tree, output_hidden=needs_hidden)
         acceptance = rule(tree, out.logits, sampling, generator)
         verifier.commit(tree, acceptance)
         if budget is not None:
-            budget.observe(tree, acceptance, draft_ms if nodes > 1 else None)
+            budget.observe(tree, acceptance, drafted.draft_ms)
 
         path = acceptance.accepted_nodes(0)
         new_tokens = tree.tokens[0, path[1:]].tolist() + [int(acceptance.next_token[0])]
         new = torch.tensor([new_tokens], dtype=committed.dtype, device=committed.device)
         hidden = None if out.hidden is None else out.hidden[:, path]
-        own = acceptance if keep is None else uncut(acceptance, keep)  # the drafter hears about its own tree
-        drafter.observe(Feedback(tree=proposed, acceptance=own, new_tokens=new, hidden=hidden))
+        drafter.observe(Feedback(tree=drafted.proposed, acceptance=drafted.own(acceptance), new_tokens=new,
+                                 hidden=hidden))
         committed = torch.cat([committed, new], dim=1)
         produced += len(new_tokens)
         yield Step(tree=tree, acceptance=acceptance, new_tokens=new_tokens)

@@ -245,14 +245,7 @@ def limit_depth(tree: DraftTree, max_depth: int) -> DraftTree:
         return tree
     keep_mask = d <= max_depth
     if tree.batch_size == 1:
-        keep = keep_mask[0].nonzero().flatten()
-        remap = torch.full((tree.num_nodes,), -1, dtype=torch.long)
-        remap[keep] = torch.arange(len(keep))
-        parents = tree.parents[0, keep]
-        parents = torch.where(parents >= 0, remap[parents.clamp(min=0)], parents)
-        probs = None if tree.draft_probs is None else tree.draft_probs[:, keep]
-        scores = None if tree.scores is None else tree.scores[:, keep]
-        return DraftTree(tree.tokens[:, keep], parents[None], probs, scores)
+        return keep_nodes(tree, keep_mask[0].nonzero().flatten().tolist())
     parents = torch.where(keep_mask, tree.parents, torch.full_like(tree.parents, DEAD))
     return DraftTree(tree.tokens, parents, tree.draft_probs, tree.scores)
 
@@ -356,13 +349,14 @@ def grow_dynamic(root: int, root_logp: torch.Tensor,
 
 
 def subtree(parents: Sequence[int], keep: Sequence[int]) -> list[int]:
-    """Parents of the nodes ``keep`` (ascending, ancestor-closed, root first), renumbered.
+    """Parents of the nodes ``keep`` (ascending, ancestor-closed, root first), renumbered; a kept dead node
+    (parent -2) stays dead.
 
-    >>> subtree([-1, 0, 0, 1, 1], [0, 1, 3])
-    [-1, 0, 1]
+    >>> subtree([-1, 0, 0, 1, 1], [0, 1, 3]), subtree([-1, 0, -2, 1], [0, 1, 2, 3])
+    ([-1, 0, 1], [-1, 0, -2, 1])
     """
     new = {old: j for j, old in enumerate(keep)}
-    return [-1] + [new[parents[i]] for i in keep[1:]]
+    return [-1] + [new[parents[i]] if parents[i] >= 0 else parents[i] for i in keep[1:]]
 
 
 def choices_from_accuracy(accuracy: Sequence[Sequence[float]], max_nodes: int) -> list[list[int]]:
