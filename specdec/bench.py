@@ -10,7 +10,9 @@
 
 Methods (``bench.methods``): ``hf`` (``model.generate``, greedy: the reference every other method is timed and
 token-compared against), ``hf_pld`` (with ``prompt_lookup_num_tokens``), ``hf_assisted`` (with ``assistant_model`` =
-the draft model of ``drafter.path``), ``specdec:<drafter>`` (a :class:`specdec.SpecDecoder` with that drafter's
+the draft model of ``drafter.path``), each optionally ``+fast`` (e.g. ``hf+fast``: the same ``model.generate`` with
+specdec's float32 CPU linear kernel, :mod:`specdec.cpu_gemm`, which every ``specdec:*`` method uses: it shows how
+much of a speedup is the kernel and how much is drafting), ``specdec:<drafter>`` (a :class:`specdec.SpecDecoder` with that drafter's
 ``conf/drafter/<drafter>.yaml`` options, or the chosen ``drafter`` group's with its overrides), optionally
 ``specdec:<drafter>@<verifier>`` to use another verifier than the ``verifier`` group's, and ``+adaptive`` to
 re-decide each request's node budget (up to ``tree.max_nodes``) every step from the measured cost profile and its
@@ -39,7 +41,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from specdec import config, models, report
+from specdec import config, cpu_gemm, models, report
 from specdec import plots as plots_mod
 from specdec.acceptance import LOSSY
 from specdec.errors import ConfigError, PromptError, SpecdecError
@@ -57,8 +59,9 @@ BatchRunner = Callable[[list[torch.Tensor], int], list[tuple[list[int], "tuple[i
 
 
 def default_methods(drafter: str) -> list[str]:
-    """``[hf, hf_pld, (hf_assisted), specdec:none, specdec:<drafter>]``; hf_assisted only for a draft model."""
-    methods = ["hf", "hf_pld"] + (["hf_assisted"] if drafter == "draft_model" else []) + ["specdec:none"]
+    """``[hf, hf+fast, hf_pld, (hf_assisted), specdec:none, specdec:<drafter>]``; hf_assisted only for a draft
+    model."""
+    methods = ["hf", "hf+fast", "hf_pld"] + (["hf_assisted"] if drafter == "draft_model" else []) + ["specdec:none"]
     return methods + ([f"specdec:{drafter}"] if drafter != "none" else [])
 
 
@@ -69,6 +72,7 @@ class MethodSpec:
     drafter: DictConfig | None
     verifier: DictConfig | None
     adaptive: bool = False  # "+adaptive": node budgets re-decided per step from the cost profile
+    fast_linears: bool = False  # "+fast" on an HF method: model.generate with specdec's linear kernel (cpu_gemm)
 
 
 def method_drafters(cfg: DictConfig) -> dict[str, MethodSpec]:
@@ -81,6 +85,13 @@ def method_drafters(cfg: DictConfig) -> dict[str, MethodSpec]:
                           f"measured against it. Add it, e.g. bench.methods=[hf,{','.join(methods)}].")
     out = {}
     for m in methods:
+        base, plus, modifier = m.partition("+")
+        if base in HF_METHODS:
+            if plus and modifier != "fast":
+                raise ConfigError(f"unknown modifier +{modifier} in bench method {m!r}; HF methods take +fast "
+                                  "(model.generate with specdec's CPU linear kernel).")
+            out[m] = MethodSpec(None, None, fast_linears=bool(plus))
+            continue
         kind, _, rest = m.partition(":")
         if rest.split("@")[0] == "adaptive":  # the recommended setting: hybrid drafters, dynamic trees, cost model
             rest = rest.replace("adaptive", "hybrid", 1) + "+adaptive"
@@ -88,18 +99,17 @@ def method_drafters(cfg: DictConfig) -> dict[str, MethodSpec]:
         if plus and modifier != "adaptive":
             raise ConfigError(f"unknown modifier +{modifier} in bench method {m!r}; the only one is +adaptive.")
         drafter, _, verifier = rest.partition("@")
-        if m in HF_METHODS:
-            out[m] = MethodSpec(None, None)
-        elif kind == "specdec" and drafter:
+        if kind == "specdec" and drafter:
             node = cfg.drafter if drafter == cfg.drafter.name else config.load_drafter_config(drafter)
             config.check_drafter(node)
             verifier = verifier or cfg.verifier.name
             vnode = cfg.verifier if verifier == cfg.verifier.name else config.load_verifier_config(verifier)
             out[m] = MethodSpec(node, vnode, adaptive=bool(plus))
         else:
-            raise ConfigError(f"unknown bench method {m!r}; use {list(HF_METHODS)} or specdec:<drafter>[@<verifier>] "
-                              f"with a drafter from {config.group_options('drafter')}.")
-    if "hf_assisted" in out and cfg.drafter.name != "draft_model":
+            raise ConfigError(f"unknown bench method {m!r}; use {list(HF_METHODS)} (optionally +fast) or "
+                              f"specdec:<drafter>[@<verifier>][+adaptive] with a drafter from "
+                              f"{config.group_options('drafter')}.")
+    if any(m.partition("+")[0] == "hf_assisted" for m in out) and cfg.drafter.name != "draft_model":
         raise ConfigError("hf_assisted needs a draft model: set drafter=draft_model drafter.path=<hub id or path>.")
     if cfg.bench.batch_size > 1:
         check_batched(out)
@@ -109,7 +119,7 @@ def method_drafters(cfg: DictConfig) -> dict[str, MethodSpec]:
 def check_batched(methods: dict[str, MethodSpec]) -> None:
     """With bench.batch_size > 1: only ``hf`` and paged ``specdec:*`` methods can serve a batch."""
     for m, spec in methods.items():
-        if m in HF_METHODS and m != "hf":
+        if m.partition("+")[0] in HF_METHODS and m.partition("+")[0] != "hf":
             raise ConfigError(f"{m} runs one request at a time in transformers; with bench.batch_size > 1 use "
                               "bench.methods=[hf,specdec:<drafter>].")
         if spec.verifier is not None and spec.verifier.name != "paged":
@@ -204,15 +214,18 @@ def build_runners(cfg: DictConfig, model, tokenizer, drafters: dict[str, MethodS
     runners: dict[str, Runner] = {}
     for method, spec in drafters.items():
         node = spec.drafter
-        if method == "hf" and batch > 1:
+        base = method.partition("+")[0]
+        if base == "hf" and batch > 1:
             runners[method] = hf_batch_runner(model, n, sampling, batch)
-        elif method == "hf":
+        elif base == "hf":
             runners[method] = hf_runner(model, n, sampling)
-        elif method == "hf_pld":
+        elif base == "hf_pld":
             runners[method] = hf_runner(model, n, sampling, prompt_lookup_num_tokens=cfg.bench.pld_tokens)
-        elif method == "hf_assisted":
+        elif base == "hf_assisted":
             draft, _ = models.load_target(cfg.drafter.path, dtype=cfg.drafter.dtype, device=cfg.target.device)
             runners[method] = hf_runner(model, n, sampling, assistant_model=draft)
+            if spec.fast_linears:
+                runners[method] = with_fast_linears(runners[method], model, draft)
         else:
             decoder = SpecDecoder(model, tokenizer, drafter=node.name, drafter_kwargs=config.drafter_kwargs(node),
                                   verifier=spec.verifier.name, verifier_kwargs=config.verifier_kwargs(spec.verifier),
@@ -220,7 +233,20 @@ def build_runners(cfg: DictConfig, model, tokenizer, drafters: dict[str, MethodS
                                   adaptive=spec.adaptive)
             runners[method] = (specdec_batch_runner(decoder, n, sampling, batch) if batch > 1
                                else specdec_runner(decoder, n, sampling))
+        if spec.fast_linears and base != "hf_assisted":
+            runners[method] = with_fast_linears(runners[method], model)
     return runners
+
+
+def with_fast_linears(run: Runner, *modules) -> Runner:
+    """``run`` with specdec's CPU linear kernel (:mod:`specdec.cpu_gemm`) in ``modules``: the ``+fast`` HF
+    methods, which show how much of specdec's speed comes from the kernel rather than from drafting."""
+
+    def wrapped(*args):
+        with cpu_gemm.fast_linears(*modules, enabled=all(cpu_gemm.wanted(m) for m in modules)):
+            return run(*args)
+
+    return wrapped
 
 
 def encode(prompts: list[Prompt], tokenizer, model, chat: bool, max_new_tokens: int) -> list[torch.Tensor]:

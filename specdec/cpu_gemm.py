@@ -1,32 +1,62 @@
-"""A faster matrix product for verify steps on CPU in float32 (kernel choice only; the model code is untouched).
+"""Faster float32 linear layers on CPU for decoding (kernel choice only; the model code is untouched).
 
-Measured on this project's CPU (2 threads, SmolLM2-135M, torch 2.13): ``F.linear`` on 2-8 rows of float32 costs
-1.5-2x one row, because the BLAS path for ``x @ W.T`` with few rows is slow, while the same product computed as
-``(W @ x.T).T`` costs about one row's time. A whole target forward over 2 tokens then drops from ~1.55x to ~1.0x
-one token, and over 8 tokens from ~1.7x to ~1.4x: the price of a draft token falls, so more drafting pays.
+Measured on this project's CPU (AMD EPYC, 2 threads, SmolLM2-135M, torch 2.13), all the model's linears, in order
+(the weights stream from memory as in a forward):
 
-``small_batch_linear(model)`` swaps the forward of the model's ``nn.Linear`` modules, only while the context is
-active, for one that takes the ``W @ x.T`` route when 2 <= rows <= ``max_rows`` and the input is float32 on CPU,
-and calls ``F.linear`` otherwise. Results differ from ``F.linear`` only by float32 rounding (summation order).
+    rows                      1      2      4      8     16     32    300
+    F.linear (MKL)           40     60     57     52     68     94    523   ms
+    (W @ x.T).T (MKL)        40     24     25     48     59     82      -   ms
+    oneDNN, packed weights   15     16     15     23     24     36    218   ms
+
+``F.linear`` with few rows takes a slow BLAS path; a verify step over 8 tree nodes then costs ~1.8x one token.
+oneDNN's matmul on weights reordered once into its blocked layout (``torch.ops.mkldnn``, the kernel Inductor
+uses on CPU) makes one row ~2.5x cheaper and 16 rows cost ~1.6x one row: a draft token's price falls, so more
+drafting pays. The reordered weights are a second copy of the weights (540 MB for the default target), made on
+first use and kept while the module lives (re-made when a weight changes, e.g. during training).
+
+Where oneDNN is missing (some non-x86 builds) the route is ``(W @ x.T).T`` for 2..``MAX_ROWS`` rows, made
+contiguous: a transposed result would reach attention with a last-dim stride other than 1, which sends
+``scaled_dot_product_attention`` to its slow math kernel.
+
+``fast_linears(*modules)`` swaps the forward of the ``nn.Linear`` modules of the target (and of a drafter's own
+modules, see :func:`drafter_modules`), only while the context is active. Results differ from ``F.linear`` only by
+float32 rounding (summation order). :func:`kernel` names the route, e.g. for a cost profile's key.
 """
 
 from __future__ import annotations
 
+import functools
 import types
+import weakref
+from collections.abc import Iterable
 from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
 
-MAX_ROWS = 32
+MAX_ROWS = 32  # the (W @ x.T).T fallback's range
+PACK_HINT = 16  # the row count oneDNN's weight layout is chosen for (measured: 16-64 are alike here)
+
+_packs: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # nn.Linear -> ((ptr, version), packed weight)
 
 
-def _small_batch_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    rows = x.numel() // x.shape[-1] if x.numel() else 0
-    if 2 <= rows <= MAX_ROWS and x.dtype == torch.float32 and x.device.type == "cpu":
-        y = torch.matmul(self.weight, x.reshape(rows, x.shape[-1]).T).T.reshape(*x.shape[:-1], -1)
-        return y if self.bias is None else y + self.bias
-    return F.linear(x, self.weight, self.bias)
+@functools.cache
+def onednn_available() -> bool:
+    """True when this torch build has oneDNN's packed linear (checked once on a tiny product)."""
+    try:
+        w, x = torch.ones(2, 3), torch.ones(1, 3)
+        packed = torch.ops.mkldnn._reorder_linear_weight(w, PACK_HINT)
+        y = torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+        return bool(torch.equal(y, x @ w.T))
+    except (AttributeError, RuntimeError, NotImplementedError):
+        return False
+
+
+def kernel(model) -> str:
+    """Which route :func:`fast_linears` takes for ``model``: ``onednn``, ``wxt`` or ``off``."""
+    if not wanted(model):
+        return "off"
+    return "onednn" if onednn_available() else "wxt"
 
 
 def wanted(model) -> bool:
@@ -35,17 +65,69 @@ def wanted(model) -> bool:
     return p is not None and p.device.type == "cpu" and p.dtype == torch.float32
 
 
+def _packed(m: torch.nn.Linear) -> torch.Tensor:
+    w = m.weight
+    key = (w.data_ptr(), w._version, tuple(w.shape))
+    cached = _packs.get(m)
+    if cached is None or cached[0] != key:
+        with torch.no_grad():
+            cached = (key, torch.ops.mkldnn._reorder_linear_weight(w.detach(), PACK_HINT))
+        _packs[m] = cached
+    return cached[1]
+
+
+def _onednn_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    if x.dtype == torch.float32 and x.device.type == "cpu" and x.numel() and not torch.is_grad_enabled():
+        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), _packed(self), self.bias, "none", [], "")
+    return F.linear(x, self.weight, self.bias)
+
+
+def _wxt_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    rows = x.numel() // x.shape[-1] if x.numel() else 0
+    if 2 <= rows <= MAX_ROWS and x.dtype == torch.float32 and x.device.type == "cpu":
+        y = torch.matmul(self.weight, x.reshape(rows, x.shape[-1]).T).T.contiguous().reshape(*x.shape[:-1], -1)
+        return y if self.bias is None else y + self.bias
+    return F.linear(x, self.weight, self.bias)
+
+
+def _linears(modules: Iterable[torch.nn.Module]) -> list[torch.nn.Linear]:
+    seen, out = set(), []
+    for module in modules:
+        for m in module.modules():
+            if type(m) is torch.nn.Linear and id(m) not in seen:
+                seen.add(id(m))
+                out.append(m)
+    return out
+
+
+def drafter_modules(drafter) -> list[torch.nn.Module]:
+    """The ``nn.Module`` attributes of a drafter (and of a hybrid's parts): the modules its forwards run."""
+    out = []
+    for value in vars(drafter).values() if hasattr(drafter, "__dict__") else ():
+        if isinstance(value, torch.nn.Module):
+            out.append(value)
+        elif isinstance(value, list):
+            out.extend(m for part in value if not isinstance(part, torch.nn.Module) and hasattr(part, "propose")
+                       for m in drafter_modules(part))
+    return out
+
+
 @contextmanager
-def small_batch_linear(model, enabled: bool = True):
-    """Use the small-batch route in ``model``'s linear layers inside the ``with`` block."""
+def fast_linears(*modules: torch.nn.Module, enabled: bool = True, route: str | None = None):
+    """Use the fast route (``route``: ``onednn`` or ``wxt``; None = the best this build has) in the float32
+    ``nn.Linear`` layers of ``modules`` inside the ``with`` block. Gradients enabled: ``F.linear`` as usual."""
     if not enabled:
         yield
         return
-    patched = [m for m in model.modules() if type(m) is torch.nn.Linear and "forward" not in m.__dict__]
+    route = route or ("onednn" if onednn_available() else "wxt")
+    forward = {"onednn": _onednn_forward, "wxt": _wxt_forward}[route]
+    patched = [m for m in _linears(modules) if "forward" not in m.__dict__]
     for m in patched:
-        m.forward = types.MethodType(_small_batch_forward, m)
+        m.forward = types.MethodType(forward, m)
     try:
         yield
     finally:
         for m in patched:
             m.__dict__.pop("forward", None)
+
+

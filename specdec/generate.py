@@ -40,13 +40,14 @@ class SpecDecoder:
     ``max_nodes``) before every step from the measured cost profile (``cost_profile``, or the cached / freshly
     measured one for this target and machine, see :mod:`specdec.profiler`) and the request's acceptance so far
     (:mod:`specdec.adaptive`); a drafter that scores its nodes gets each step's tree cut to the nodes worth their
-    verify cost. Outputs are unchanged, only speed. small_batch_linear: route the target's few-row float32
-    matmuls through the faster CPU kernel (:mod:`specdec.cpu_gemm`); None = on for a float32 model on CPU.
+    verify cost. Outputs are unchanged, only speed. fast_linears: run the target's (and the drafter's) float32
+    linear layers on the faster CPU kernel of :mod:`specdec.cpu_gemm` (oneDNN on reordered weights, a second
+    copy of them in memory); None = on for a float32 model on CPU.
     """
 
     def __init__(self, target=None, tokenizer=None, *, drafter="ngram", verifier: str = "hf",
                  acceptance: str | None = None, max_nodes: int = DEFAULT_MAX_NODES, dtype=None,
-                 drafter_kwargs: dict | None = None, small_batch_linear: bool | None = None,
+                 drafter_kwargs: dict | None = None, fast_linears: bool | None = None,
                  verifier_kwargs: dict | None = None, max_batch_size: int = 8, adaptive: bool = False,
                  cost_profile: CostProfile | None = None) -> None:
         if target is None or isinstance(target, str):
@@ -72,15 +73,16 @@ class SpecDecoder:
         self.adaptive = adaptive
         self.cost_profile = cost_profile
         self.calibrator = Calibrator()  # the drafter's confidence calibration, shared by this decoder's requests
+        self.fast_linears = cpu_gemm.wanted(target) if fast_linears is None else fast_linears
         if adaptive and cost_profile is None:
-            self.cost_profile, _, _ = profiler.load_or_measure(target, verifier if isinstance(verifier, str) else "hf")
+            self.cost_profile, _, _ = profiler.load_or_measure(target, verifier if isinstance(verifier, str) else "hf",
+                                                               fast_linears=self.fast_linears)
         if acceptance is not None:
             get_rule(acceptance)  # an unknown name fails now, not at the first generate()
         self.acceptance = acceptance  # None: greedy, or rejection when sampling
         if max_nodes < 1:
             raise SpecdecError(f"max_nodes must be >= 1 (the root); got {max_nodes}.")
         self.max_nodes = max_nodes
-        self.small_batch_linear = cpu_gemm.wanted(target) if small_batch_linear is None else small_batch_linear
         check_capabilities(self.drafter, verifier_gives_hidden=getattr(self.verifier, "gives_hidden", False),
                            rule_needs_probs=False)
         check_vocabulary(self.drafter, target)
@@ -122,7 +124,7 @@ class SpecDecoder:
         start = time.perf_counter()
         steps = decode(self.verifier, self.drafter, rule, ids, max_new_tokens=max_new_tokens,
                        max_nodes=self.max_nodes, sampling=sampling, generator=generator, budget=self._budget())
-        with cpu_gemm.small_batch_linear(self.target, enabled=self.small_batch_linear):
+        with self._fast_linears():
             for step in steps:
                 kept, reason = stopper.cut(step.new_tokens)
                 stats.record(drafted=int(step.tree.num_draft_nodes[0]),
@@ -180,9 +182,14 @@ class SpecDecoder:
                        budget=self._budget())
         bar = tqdm(total=len(requests), desc=f"requests (batch {max_batch_size})", unit="request",
                    file=sys.stderr, disable=not progress)
-        with cpu_gemm.small_batch_linear(self.target, enabled=self.small_batch_linear), bar:
+        with self._fast_linears(), bar:
             finished = engine.run(on_finish=lambda r: bar.update(1))
         return [self._output(r.prompt, r.tokens, r.stats, r.error) for r in finished]
+
+    def _fast_linears(self):
+        """The few-row route (:mod:`specdec.cpu_gemm`) in the target's and the drafter's linear layers."""
+        return cpu_gemm.fast_linears(self.target, *cpu_gemm.drafter_modules(self.drafter),
+                                     enabled=self.fast_linears)
 
     def _budget(self) -> AdaptiveBudget | None:
         """A fresh per-request budget controller when adaptive (None: every tree gets ``max_nodes``)."""
@@ -298,7 +305,7 @@ def check_vocabulary(drafter, target) -> None:
 
 def generate(target=None, input_ids=None, *, tokenizer=None, drafter="ngram", verifier: str = "hf",
              acceptance: str | None = None, max_nodes: int = DEFAULT_MAX_NODES, dtype=None,
-             drafter_kwargs: dict | None = None, small_batch_linear: bool | None = None,
+             drafter_kwargs: dict | None = None, fast_linears: bool | None = None,
              verifier_kwargs: dict | None = None, max_batch_size: int = 8, adaptive: bool = False,
              cost_profile: CostProfile | None = None, **generation_kwargs) -> GenerationOutput | list[GenerationOutput]:
     """Speculatively decode one request; output identical to ``target.generate`` (greedy: token for token;
@@ -319,6 +326,6 @@ def generate(target=None, input_ids=None, *, tokenizer=None, drafter="ngram", ve
         verifier = "paged"
     decoder = SpecDecoder(target, tokenizer, drafter=drafter, verifier=verifier, acceptance=acceptance,
                           max_nodes=max_nodes, dtype=dtype, drafter_kwargs=drafter_kwargs,
-                          small_batch_linear=small_batch_linear, verifier_kwargs=verifier_kwargs,
+                          fast_linears=fast_linears, verifier_kwargs=verifier_kwargs,
                           max_batch_size=max_batch_size, adaptive=adaptive, cost_profile=cost_profile)
     return decoder.generate(input_ids, **generation_kwargs)

@@ -29,11 +29,13 @@ from specdec.types import Acceptance
 SIZES = (1, 2, 4, 8, 16, 32, 64)
 
 
-def profile_key(model, verifier: str = "hf") -> dict:
-    """What a profile is valid for: the target, its dtype and device, the thread count, the verifier and versions."""
+def profile_key(model, verifier: str = "hf", fast_linears: bool = True) -> dict:
+    """What a profile is valid for: the target, its dtype and device, the thread count, the verifier, the
+    linear-layer kernel (:mod:`specdec.cpu_gemm`) and versions."""
     p = next(model.parameters())
     return {"target": target_fingerprint(model), "dtype": str(p.dtype).replace("torch.", ""),
             "device": p.device.type, "threads": torch.get_num_threads(), "verifier": verifier,
+            "linears": cpu_gemm.kernel(model) if fast_linears else "off",
             "torch": torch.__version__, "transformers": transformers.__version__}
 
 
@@ -43,14 +45,15 @@ def profile_path(key: dict, root: Path | None = None) -> Path:
 
 
 def measure_verify(model, sizes: Sequence[int] = SIZES, prefix_len: int = 256, reps: int = 5,
-                   verifier: str = "hf") -> dict[int, float]:
-    """Median milliseconds of one verify step (score + commit of the root) over a chain of each size."""
+                   verifier: str = "hf", fast_linears: bool = True) -> dict[int, float]:
+    """Median milliseconds of one verify step (score + commit of the root) over a chain of each size, with or
+    without the fast linear kernel (:mod:`specdec.cpu_gemm`)."""
     g = torch.Generator().manual_seed(0)
     vocab = model.get_input_embeddings().weight.shape[0]
     v = registry.build_verifier(verifier, model)
     prompt = torch.randint(0, vocab, (1, prefix_len), generator=g).to(model.device)
     out = {}
-    with torch.inference_mode(), cpu_gemm.small_batch_linear(model, enabled=cpu_gemm.wanted(model)):
+    with torch.inference_mode(), cpu_gemm.fast_linears(model, enabled=fast_linears and cpu_gemm.wanted(model)):
         v.prefill(prompt)
         for n in sizes:
             tokens = torch.randint(0, vocab, (n,), generator=g).tolist()
@@ -86,16 +89,18 @@ def load(path: Path, key: dict | None = None) -> CostProfile | None:
 
 
 def load_or_measure(model, verifier: str = "hf", root: Path | None = None, remeasure: bool = False,
-                    sizes: Sequence[int] = SIZES, reps: int = 5) -> tuple[CostProfile, Path, bool]:
+                    sizes: Sequence[int] = SIZES, reps: int = 5,
+                    fast_linears: bool = True) -> tuple[CostProfile, Path, bool]:
     """The cached profile for this setting, or a fresh measurement (then cached). Returns (profile, path,
-    measured_now)."""
-    key = profile_key(model, verifier)
+    measured_now). ``fast_linears``: whether the decoder uses the fast linear kernel (:mod:`specdec.cpu_gemm`)."""
+    key = profile_key(model, verifier, fast_linears)
     path = profile_path(key, root)
     if not remeasure:
         cached = load(path, key)
         if cached is not None:
             return cached, path, False
-    profile = CostProfile(key=key, verify_ms=measure_verify(model, sizes, reps=reps, verifier=verifier))
+    profile = CostProfile(key=key, verify_ms=measure_verify(model, sizes, reps=reps, verifier=verifier,
+                                                                      fast_linears=fast_linears))
     save(profile, path)
     return profile, path, True
 

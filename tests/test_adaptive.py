@@ -175,6 +175,10 @@ def test_profile_is_cached_and_invalidated_when_the_setting_changes(tmp_path):
     assert measured and path4 != path1
     _, path5, measured = profiler.load_or_measure(get_tiny(1, dtype=torch.float32), **kw)  # another model
     assert measured and path5 != path1
+    # the plain F.linear kernel instead of the fast one (specdec.cpu_gemm): verify costs differ
+    _, path6, measured = profiler.load_or_measure(model, fast_linears=False, **kw)
+    assert measured and path6 != path1
+    assert profiler.load_or_measure(model, fast_linears=False, **kw)[1:] == (path6, False)
     # a file whose key says another device is not used for this one (e.g. copied from a GPU machine)
     data = json.loads(path1.read_text())
     data["key"]["device"] = "cuda"

@@ -79,7 +79,7 @@ def test_cli_end_to_end(files, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
     check_schema(result)
-    assert [r["method"] for r in result["runs"]] == ["hf", "hf_pld", "specdec:none", "specdec:ngram"]
+    assert [r["method"] for r in result["runs"]] == ["hf", "hf+fast", "hf_pld", "specdec:none", "specdec:ngram"]
     assert result["prompts"] == 3 and result["max_new_tokens"] == 16 and result["threads"] == 1
     assert result["target"] == str(files["target"]) and result["config"]["drafter"]["name"] == "ngram"
     for run in result["runs"]:
@@ -102,14 +102,14 @@ def test_cli_unknown_key_is_one_clear_line(files, tmp_path):
 
 
 def test_every_method_with_a_draft_model(files, tmp_path):
-    methods = "[hf,hf_pld,hf_assisted,specdec:none,specdec:ngram,specdec:draft_model]"
+    methods = "[hf,hf_pld,hf_assisted,hf_assisted+fast,specdec:none,specdec:ngram,specdec:draft_model]"
     result = run_in_process(files, tmp_path, "drafter=draft_model", f"drafter.path={files['draft']}",
                             "drafter.dtype=float64", "drafter.depth=3", f"bench.methods={methods}",
                             "bench.all_turns=true", "bench.warmup=0", "tree=small")
     check_schema(result)
     runs = {r["method"]: r for r in result["runs"]}
     assert list(runs) == methods.strip("[]").split(",") and result["prompts"] == 4  # all turns: 2 + 1 + 1
-    for method in SPECULATIVE + ("hf_pld", "hf_assisted"):
+    for method in SPECULATIVE + ("hf_pld", "hf_assisted", "hf_assisted+fast"):
         assert runs[method]["mismatches"] == 0, method
     assert runs["specdec:draft_model"]["drafter"]["depth"] == 3  # the drafter group's overrides
     assert runs["specdec:ngram"]["drafter"]["max_ngram"] == 3  # conf/drafter/ngram.yaml
@@ -118,7 +118,7 @@ def test_every_method_with_a_draft_model(files, tmp_path):
 
 def test_categories_limit_and_drafter_none(files, tmp_path):
     result = run_in_process(files, tmp_path, "drafter=none", "bench.categories=[code]", "bench.limit=1")
-    assert [r["method"] for r in result["runs"]] == ["hf", "hf_pld", "specdec:none"]
+    assert [r["method"] for r in result["runs"]] == ["hf", "hf+fast", "hf_pld", "specdec:none"]
     assert result["prompts"] == 1 and all(set(r["per_category"]) == {"code"} for r in result["runs"])
 
 
@@ -185,15 +185,16 @@ def test_bad_batch_options_fail_clearly(files, tmp_path, overrides, fragment):
 
 
 def test_default_methods():
-    assert bench.default_methods("ngram") == ["hf", "hf_pld", "specdec:none", "specdec:ngram"]
-    assert bench.default_methods("none") == ["hf", "hf_pld", "specdec:none"]
-    assert bench.default_methods("draft_model") == ["hf", "hf_pld", "hf_assisted", "specdec:none",
+    assert bench.default_methods("ngram") == ["hf", "hf+fast", "hf_pld", "specdec:none", "specdec:ngram"]
+    assert bench.default_methods("none") == ["hf", "hf+fast", "hf_pld", "specdec:none"]
+    assert bench.default_methods("draft_model") == ["hf", "hf+fast", "hf_pld", "hf_assisted", "specdec:none",
                                                     "specdec:draft_model"]
 
 
 @pytest.mark.parametrize("overrides, error, fragment", [
     (["bench.methods=[hf_pld,specdec:ngram]"], ConfigError, "bench.methods must include 'hf'"),
     (["bench.methods=[hf,hf]"], ConfigError, "lists a method twice"),
+    (["bench.methods=[hf,hf+adaptive]"], ConfigError, "unknown modifier +adaptive in bench method 'hf+adaptive'; HF"),
     (["bench.methods=[hf,fast]"], ConfigError, "unknown bench method 'fast'; use ['hf', 'hf_pld', 'hf_assisted']"),
     (["bench.methods=[hf,specdec:bogus]"], ConfigError, "no drafter config 'bogus'"),
     (["bench.methods=[hf,hf_assisted]"], ConfigError, "hf_assisted needs a draft model"),

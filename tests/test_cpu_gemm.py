@@ -1,0 +1,91 @@
+"""The fast CPU linear kernel (specdec.cpu_gemm): same products as F.linear, contiguous outputs, packed weights
+re-made when a weight changes, and patched only inside the context."""
+
+from __future__ import annotations
+
+import gc
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from specdec import cpu_gemm
+from tests.conftest import _hybrid, _medusa
+from tests.tiny import tiny_llama, tiny_tokenizer
+
+ROUTES = ["onednn", "wxt"] if cpu_gemm.onednn_available() else ["wxt"]
+
+
+@pytest.mark.parametrize("route", ROUTES)
+@pytest.mark.parametrize("rows", [1, 2, 3, 16, 33, 70])
+@pytest.mark.parametrize("bias", [False, True])
+def test_route_equals_linear_and_is_contiguous(route, rows, bias):
+    g = torch.Generator().manual_seed(rows)
+    layer = torch.nn.Linear(24, 40, bias=bias)
+    x = torch.randn(1, rows, 24, generator=g)
+    with torch.inference_mode(), cpu_gemm.fast_linears(layer, route=route):
+        y = layer(x)
+        y_t = layer(torch.randn(24, rows, generator=g).T)  # a transposed (non-contiguous) input
+    assert y.shape == (1, rows, 40) and y_t.shape == (rows, 40)
+    torch.testing.assert_close(y, F.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-5)
+    # a transposed (W @ x.T).T would reach attention with a last-dim stride != 1 and send SDPA to its math kernel
+    assert y.is_contiguous()
+
+
+@pytest.mark.parametrize("route", ROUTES)
+def test_other_dtypes_gradients_and_empty_inputs_take_f_linear(route):
+    layer = torch.nn.Linear(8, 4).double()
+    x = torch.randn(3, 8, dtype=torch.float64)
+    with cpu_gemm.fast_linears(layer, route=route):
+        assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
+        assert layer(torch.zeros(0, 8, dtype=torch.float64)).shape == (0, 4)
+    layer = torch.nn.Linear(8, 4)
+    with cpu_gemm.fast_linears(layer, route=route):
+        y = layer(torch.randn(3, 8))  # gradients on: trainable as usual
+        y.sum().backward()
+    assert layer.weight.grad is not None
+
+
+@pytest.mark.skipif(not cpu_gemm.onednn_available(), reason="this torch build has no oneDNN")
+def test_packed_weights_are_remade_when_a_weight_changes_and_freed_with_the_module():
+    layer = torch.nn.Linear(16, 8, bias=False)
+    x = torch.randn(2, 16)
+    with torch.inference_mode(), cpu_gemm.fast_linears(layer):
+        first = layer(x)
+    with torch.no_grad():
+        layer.weight.mul_(2)  # e.g. an optimizer step between two validation runs
+    with torch.inference_mode(), cpu_gemm.fast_linears(layer):
+        torch.testing.assert_close(layer(x), 2 * first)
+    assert layer in cpu_gemm._packs
+    del layer
+    gc.collect()
+    assert len([m for m in cpu_gemm._packs if m.in_features == 16 and m.out_features == 8]) == 0
+
+
+def test_kernel_names_the_route():
+    assert cpu_gemm.kernel(tiny_llama(0, dtype=torch.float64)) == "off"
+    assert cpu_gemm.kernel(tiny_llama(0, dtype=torch.float32)) == ("onednn" if cpu_gemm.onednn_available() else "wxt")
+
+
+def test_context_patches_target_and_drafter_linears_only_inside():
+    target = tiny_llama(0, dtype=torch.float32)
+    drafter = _medusa(target, tiny_tokenizer())
+    modules = cpu_gemm.drafter_modules(drafter)
+    assert modules and all(isinstance(m, torch.nn.Module) for m in modules)
+    linears = cpu_gemm._linears([target, *modules])
+    assert any(id(m) not in {id(t) for t in target.modules()} for m in linears)  # the heads' own layers
+    with torch.inference_mode(), cpu_gemm.fast_linears(target, *modules):
+        assert all("forward" in m.__dict__ for m in linears)
+        x = torch.randn(1, 3, target.config.hidden_size)
+        torch.testing.assert_close(target.lm_head(x), F.linear(x, target.lm_head.weight), rtol=1e-5, atol=1e-5)
+    assert not any("forward" in m.__dict__ for m in linears)
+    with cpu_gemm.fast_linears(target, enabled=False):
+        assert not any("forward" in m.__dict__ for m in linears)
+
+
+def test_hybrid_drafter_modules_include_its_parts():
+    target = tiny_llama(0, dtype=torch.float32)
+    tok = tiny_tokenizer()
+    hybrid = _hybrid(target, tok)
+    assert any(m is hybrid.parts[1].head for m in cpu_gemm.drafter_modules(hybrid))  # the EAGLE part's head
+    assert cpu_gemm.drafter_modules(hybrid.parts[0]) == []  # n-gram: no modules
