@@ -44,29 +44,29 @@ def profile_path(key: dict, root: Path | None = None) -> Path:
     return (root or models.cache_dir() / "profiles") / f"cost-{digest}.json"
 
 
-def measure_verify(model, sizes: Sequence[int] = SIZES, prefix_len: int = 256, reps: int = 5,
+def measure_verify(model, sizes: Sequence[int] = SIZES, prefix_len: int = 256, reps: int = 9,
                    verifier: str = "hf", fast_linears: bool = True) -> dict[int, float]:
     """Median milliseconds of one verify step (score + commit of the root) over a chain of each size, with or
-    without the fast linear kernel (:mod:`specdec.cpu_gemm`)."""
+    without the fast linear kernel (:mod:`specdec.cpu_gemm`). The sizes are measured in turn, ``reps`` rounds,
+    so that a slow moment of a shared machine spreads over all of them instead of inflating one size."""
     g = torch.Generator().manual_seed(0)
     vocab = model.get_input_embeddings().weight.shape[0]
     v = registry.build_verifier(verifier, model)
     prompt = torch.randint(0, vocab, (1, prefix_len), generator=g).to(model.device)
-    out = {}
+    times: dict[int, list[float]] = {n: [] for n in sizes}
     with torch.inference_mode(), cpu_gemm.fast_linears(model, enabled=fast_linears and cpu_gemm.wanted(model)):
         v.prefill(prompt)
-        for n in sizes:
-            tokens = torch.randint(0, vocab, (n,), generator=g).tolist()
-            tree = tree_ops.chain(tokens[0], tokens[1:])
-            keep_root = Acceptance.from_paths([[0]], [tokens[0]])
-            times = []
-            for _ in range(reps + 1):  # the first is a warm-up
+        for rep in range(reps + 1):  # the first round is a warm-up
+            for n in sizes:
+                tokens = torch.randint(0, vocab, (n,), generator=g).tolist()
+                tree = tree_ops.chain(tokens[0], tokens[1:])
+                keep_root = Acceptance.from_paths([[0]], [tokens[0]])
                 start = time.perf_counter()
                 v.score(tree)
                 v.commit(tree, keep_root)
-                times.append(1000 * (time.perf_counter() - start))
-            out[n] = statistics.median(times[1:])
-    return out
+                if rep:
+                    times[n].append(1000 * (time.perf_counter() - start))
+    return {n: statistics.median(t) for n, t in times.items()}
 
 
 def save(profile: CostProfile, path: Path) -> Path:
@@ -89,7 +89,7 @@ def load(path: Path, key: dict | None = None) -> CostProfile | None:
 
 
 def load_or_measure(model, verifier: str = "hf", root: Path | None = None, remeasure: bool = False,
-                    sizes: Sequence[int] = SIZES, reps: int = 5,
+                    sizes: Sequence[int] = SIZES, reps: int = 9,
                     fast_linears: bool = True) -> tuple[CostProfile, Path, bool]:
     """The cached profile for this setting, or a fresh measurement (then cached). Returns (profile, path,
     measured_now). ``fast_linears``: whether the decoder uses the fast linear kernel (:mod:`specdec.cpu_gemm`)."""
