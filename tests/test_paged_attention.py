@@ -1,4 +1,4 @@
-"""Paged tree attention (torch reference) == dense SDPA with the same mask, over random trees, block sizes, GQA
+"""Paged tree attention (torch reference and the fused-SDPA CPU default) == dense SDPA with the same mask, over random trees, block sizes, GQA
 ratios and prefix lengths; and the stale-memory case (blocks holding leftovers must not leak into the result)."""
 
 from __future__ import annotations
@@ -12,8 +12,11 @@ from specdec.tree import ancestor_mask
 from verifiers.paged_attention import (
     dense_reference,
     gather_prefix,
+    paged_tree_attention_sdpa,
     paged_tree_attention_torch,
 )
+
+CPU_KERNELS = [paged_tree_attention_torch, paged_tree_attention_sdpa]
 
 
 def random_parents(g: torch.Generator, n: int, dead: int) -> list[int]:
@@ -38,37 +41,40 @@ def make_case(seed: int, b: int, hkv: int, group: int, n: int, d: int, bs: int, 
     return q, k, v, kp, vp, perm, torch.tensor(prefix), ancestor_mask(parents), d ** -0.5
 
 
+@pytest.mark.parametrize("kernel", CPU_KERNELS, ids=["torch", "sdpa"])
 @given(seed=st.integers(0, 10_000), b=st.integers(1, 3), hkv=st.integers(1, 3), group=st.sampled_from([1, 3]),
        n=st.integers(2, 9), bs=st.sampled_from([1, 2, 4, 16]), data=st.data())
-def test_torch_reference_equals_dense_sdpa(seed, b, hkv, group, n, bs, data):
+def test_cpu_kernels_equal_dense_sdpa(kernel, seed, b, hkv, group, n, bs, data):
     prefix = data.draw(st.lists(st.integers(0, 40), min_size=b, max_size=b))
     case = make_case(seed, b, hkv, group, n, 8, bs, prefix)
-    got = paged_tree_attention_torch(*case)
+    got = kernel(*case)
     want = dense_reference(*case)
     assert got.shape == (b, n, hkv * group, 8)
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
 
 
-def test_chain_without_prefix_is_causal_attention():
+@pytest.mark.parametrize("kernel", CPU_KERNELS, ids=["torch", "sdpa"])
+def test_chain_without_prefix_is_causal_attention(kernel):
     q, k, v, kp, vp, table, _, _, scale = make_case(0, 1, 3, 3, 6, 16, 4, [0])
     causal = torch.ones(6, 6, dtype=torch.bool).tril()[None]
-    got = paged_tree_attention_torch(q, k, v, kp, vp, table, torch.tensor([0]), causal, scale)
+    got = kernel(q, k, v, kp, vp, table, torch.tensor([0]), causal, scale)
     want = torch.nn.functional.scaled_dot_product_attention(q, k.repeat_interleave(3, 1), v.repeat_interleave(3, 1),
                                                             is_causal=True, scale=scale).transpose(1, 2)
     torch.testing.assert_close(got, want)
 
 
-def test_positions_past_the_prefix_are_ignored():
+@pytest.mark.parametrize("kernel", CPU_KERNELS, ids=["torch", "sdpa"])
+def test_positions_past_the_prefix_are_ignored(kernel):
     """Leftover values in a sequence's last block (past its length) or in padding table entries change nothing."""
     case = list(make_case(1, 2, 2, 3, 5, 8, 4, [6, 3]))
-    before = paged_tree_attention_torch(*case)
+    before = kernel(*case)
     kp, vp, table = case[3].clone(), case[4].clone(), case[5]
     for b, length in enumerate([6, 3]):
         for p in range(length, table.shape[1] * 4):
             kp[table[b, p // 4], :, p % 4] = 1e3
             vp[table[b, p // 4], :, p % 4] = -1e3
     case[3], case[4] = kp, vp
-    torch.testing.assert_close(paged_tree_attention_torch(*case), before)
+    torch.testing.assert_close(kernel(*case), before)
 
 
 def test_gather_prefix_orders_blocks_by_table():
@@ -77,10 +83,11 @@ def test_gather_prefix_orders_blocks_by_table():
     assert got[..., 0].tolist() == [[[6, 7, 0, 1], [2, 3, 4, 5]]]  # [H_kv=1, B=2, P=4]
 
 
+@pytest.mark.parametrize("kernel", CPU_KERNELS, ids=["torch", "sdpa"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_lower_precision_dtypes(dtype):
+def test_lower_precision_dtypes(kernel, dtype):
     case = make_case(3, 2, 3, 3, 7, 64, 16, [20, 33], dtype=dtype)
-    got = paged_tree_attention_torch(*case)
+    got = kernel(*case)
     assert got.dtype == dtype
     want = dense_reference(*[c.double() if isinstance(c, torch.Tensor) and c.is_floating_point() else c for c in case])
     tol = 1e-5 if dtype == torch.float32 else 3e-2

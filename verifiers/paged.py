@@ -30,10 +30,13 @@ from specdec.errors import ConfigError, SpecdecError
 from specdec.paged_cache import PagedKVCache
 from specdec.scheduler import POLICIES
 from specdec.types import DEAD, Acceptance, DraftTree, VerifyOutput
-from verifiers.paged_attention import paged_tree_attention_torch
+from verifiers.paged_attention import (
+    paged_tree_attention_sdpa,
+    paged_tree_attention_torch,
+)
 
 ATTENTION_NAME = "specdec_paged"
-KERNELS = ("auto", "torch", "triton")
+KERNELS = ("auto", "sdpa", "torch", "triton")
 
 
 @dataclass(frozen=True)
@@ -91,16 +94,19 @@ def paged_attention_on(model):
 
 
 def pick_kernel(name: str, device: torch.device) -> Callable:
-    """``torch`` (the reference; CPU default), ``triton`` (GPU, or CPU under ``TRITON_INTERPRET=1``), ``auto``."""
+    """``sdpa`` (torch's fused attention on the gathered blocks; CPU default), ``torch`` (the reference: separate
+    matmuls and one softmax), ``triton`` (GPU, or CPU under ``TRITON_INTERPRET=1``), ``auto``."""
     if name not in KERNELS:
         raise ConfigError(f"unknown paged attention kernel {name!r}; choose one of {list(KERNELS)}.")
-    if name == "torch" or (name == "auto" and device.type != "cuda"):
+    if name == "torch":
         return paged_tree_attention_torch
+    if name == "sdpa" or (name == "auto" and device.type != "cuda"):
+        return paged_tree_attention_sdpa
     from verifiers import triton_attention
 
     if not triton_attention.available():
         if name == "auto":
-            return paged_tree_attention_torch
+            return paged_tree_attention_sdpa
         raise ConfigError("kernel=triton needs Triton with a CUDA GPU (or TRITON_INTERPRET=1 for CPU tensors); "
                           "use kernel=torch.")
     return triton_attention.paged_tree_attention_triton
