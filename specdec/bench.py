@@ -85,8 +85,8 @@ def method_drafters(cfg: DictConfig) -> dict[str, MethodSpec]:
                           f"measured against it. Add it, e.g. bench.methods=[hf,{','.join(methods)}].")
     out = {}
     for m in methods:
-        base, plus, modifier = m.partition("+")
-        if base in HF_METHODS:
+        if hf_method(m):
+            plus, modifier = m.partition("+")[1:]
             if plus and modifier != "fast":
                 raise ConfigError(f"unknown modifier +{modifier} in bench method {m!r}; HF methods take +fast "
                                   "(model.generate with specdec's CPU linear kernel).")
@@ -109,17 +109,23 @@ def method_drafters(cfg: DictConfig) -> dict[str, MethodSpec]:
             raise ConfigError(f"unknown bench method {m!r}; use {list(HF_METHODS)} (optionally +fast) or "
                               f"specdec:<drafter>[@<verifier>][+adaptive] with a drafter from "
                               f"{config.group_options('drafter')}.")
-    if any(m.partition("+")[0] == "hf_assisted" for m in out) and cfg.drafter.name != "draft_model":
+    if any(hf_method(m) == "hf_assisted" for m in out) and cfg.drafter.name != "draft_model":
         raise ConfigError("hf_assisted needs a draft model: set drafter=draft_model drafter.path=<hub id or path>.")
     if cfg.bench.batch_size > 1:
         check_batched(out)
     return out
 
 
+def hf_method(method: str) -> str | None:
+    """The transformers method a bench method runs (``hf_pld+fast`` -> ``hf_pld``), or None for specdec ones."""
+    base = method.partition("+")[0]
+    return base if base in HF_METHODS else None
+
+
 def check_batched(methods: dict[str, MethodSpec]) -> None:
     """With bench.batch_size > 1: only ``hf`` and paged ``specdec:*`` methods can serve a batch."""
     for m, spec in methods.items():
-        if m.partition("+")[0] in HF_METHODS and m.partition("+")[0] != "hf":
+        if hf_method(m) not in (None, "hf"):
             raise ConfigError(f"{m} runs one request at a time in transformers; with bench.batch_size > 1 use "
                               "bench.methods=[hf,specdec:<drafter>].")
         if spec.verifier is not None and spec.verifier.name != "paged":
@@ -214,7 +220,8 @@ def build_runners(cfg: DictConfig, model, tokenizer, drafters: dict[str, MethodS
     runners: dict[str, Runner] = {}
     for method, spec in drafters.items():
         node = spec.drafter
-        base = method.partition("+")[0]
+        base = hf_method(method)
+        fast_modules = [model]  # "+fast": the modules whose linears take specdec's kernel
         if base == "hf" and batch > 1:
             runners[method] = hf_batch_runner(model, n, sampling, batch)
         elif base == "hf":
@@ -224,8 +231,7 @@ def build_runners(cfg: DictConfig, model, tokenizer, drafters: dict[str, MethodS
         elif base == "hf_assisted":
             draft, _ = models.load_target(cfg.drafter.path, dtype=cfg.drafter.dtype, device=cfg.target.device)
             runners[method] = hf_runner(model, n, sampling, assistant_model=draft)
-            if spec.fast_linears:
-                runners[method] = with_fast_linears(runners[method], model, draft)
+            fast_modules.append(draft)
         else:
             decoder = SpecDecoder(model, tokenizer, drafter=node.name, drafter_kwargs=config.drafter_kwargs(node),
                                   verifier=spec.verifier.name, verifier_kwargs=config.verifier_kwargs(spec.verifier),
@@ -233,8 +239,8 @@ def build_runners(cfg: DictConfig, model, tokenizer, drafters: dict[str, MethodS
                                   adaptive=spec.adaptive)
             runners[method] = (specdec_batch_runner(decoder, n, sampling, batch) if batch > 1
                                else specdec_runner(decoder, n, sampling))
-        if spec.fast_linears and base != "hf_assisted":
-            runners[method] = with_fast_linears(runners[method], model)
+        if spec.fast_linears:
+            runners[method] = with_fast_linears(runners[method], *fast_modules)
     return runners
 
 

@@ -52,11 +52,14 @@ def onednn_available() -> bool:
         return False
 
 
+def best_route() -> str:
+    """The route :func:`fast_linears` takes by default: ``onednn`` where this build has it, else ``wxt``."""
+    return "onednn" if onednn_available() else "wxt"
+
+
 def kernel(model) -> str:
     """Which route :func:`fast_linears` takes for ``model``: ``onednn``, ``wxt`` or ``off``."""
-    if not wanted(model):
-        return "off"
-    return "onednn" if onednn_available() else "wxt"
+    return best_route() if wanted(model) else "off"
 
 
 def wanted(model) -> bool:
@@ -119,7 +122,7 @@ def fast_linears(*modules: torch.nn.Module, enabled: bool = True, route: str | N
     if not enabled:
         yield
         return
-    route = route or ("onednn" if onednn_available() else "wxt")
+    route = route or best_route()
     forward = {"onednn": _onednn_forward, "wxt": _wxt_forward}[route]
     patched = [m for m in _linears(modules) if "forward" not in m.__dict__]
     for m in patched:

@@ -187,7 +187,7 @@ class SpecDecoder:
         return [self._output(r.prompt, r.tokens, r.stats, r.error) for r in finished]
 
     def _fast_linears(self):
-        """The few-row route (:mod:`specdec.cpu_gemm`) in the target's and the drafter's linear layers."""
+        """The fast CPU linear kernel (:mod:`specdec.cpu_gemm`) in the target's and the drafter's linear layers."""
         return cpu_gemm.fast_linears(self.target, *cpu_gemm.drafter_modules(self.drafter),
                                      enabled=self.fast_linears)
 
