@@ -48,6 +48,7 @@ class VerifierConfig:
     kernel: Optional[str] = None
     share_prefixes: Optional[bool] = None
     preemption: Optional[str] = None
+    group_attention: Optional[bool] = None
 
 
 @dataclass

@@ -112,9 +112,9 @@ class PagedKVCache:
 
     def write(self, layer: int, slots: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
         """Store ``key``/``value`` ``[M, H_kv, D]`` at physical ``slots [M]`` of ``layer``."""
-        blocks, offsets = slots // self.block_size, slots % self.block_size
-        self.k[layer][blocks, :, offsets] = key.to(self.k[layer].dtype)
-        self.v[layer][blocks, :, offsets] = value.to(self.v[layer].dtype)
+        for pool, x in ((self.k[layer], key), (self.v[layer], value)):  # storage [H_kv, num_blocks, bs, D]
+            flat = pool.transpose(0, 1).view(pool.shape[1], -1, pool.shape[3])  # [H_kv, num_blocks * bs, D]
+            flat.index_copy_(1, slots, x.transpose(0, 1).to(pool.dtype))
 
     def commit(self, seq_id: Hashable, keep: Sequence[int]) -> None:
         """After a verify step written at ``length ..``: keep nodes ``keep`` (ascending, root 0) as the next

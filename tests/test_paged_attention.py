@@ -12,11 +12,34 @@ from specdec.tree import ancestor_mask
 from verifiers.paged_attention import (
     dense_reference,
     gather_prefix,
+    in_place_mask,
     paged_tree_attention_sdpa,
     paged_tree_attention_torch,
 )
 
-CPU_KERNELS = [paged_tree_attention_torch, paged_tree_attention_sdpa]
+
+def sdpa_in_place(query, key, value, k_pool, v_pool, block_tables, prefix_lens, tree_mask, scale):
+    """:func:`paged_tree_attention_sdpa` called as the paged verifier does: the new tokens' K/V written to the pool
+    right after each prefix first (on copies; fresh blocks appended where the tables end), then the whole mask."""
+    b, hkv, n, d = key.shape
+    bs = k_pool.shape[2]
+    width = max(-(-(int(p) + n) // bs) for p in prefix_lens)
+    extra = b * width
+    k_pool = torch.cat([k_pool, torch.zeros(extra, hkv, bs, d, dtype=k_pool.dtype)])
+    v_pool = torch.cat([v_pool, torch.zeros(extra, hkv, bs, d, dtype=v_pool.dtype)])
+    fresh = iter(range(k_pool.shape[0] - extra, k_pool.shape[0]))
+    tables = torch.tensor([[int(block_tables[i, j]) if j < block_tables.shape[1] and j * bs < int(prefix_lens[i])
+                            else next(fresh) for j in range(width)] for i in range(b)])
+    for i in range(b):
+        pos = torch.arange(int(prefix_lens[i]), int(prefix_lens[i]) + n)
+        blocks, offsets = tables[i, pos // bs], pos % bs
+        k_pool[blocks, :, offsets] = key[i].transpose(0, 1)
+        v_pool[blocks, :, offsets] = value[i].transpose(0, 1)
+    mask = in_place_mask(prefix_lens, tree_mask, width * bs, query.shape[1] // hkv)
+    return paged_tree_attention_sdpa(query, k_pool, v_pool, tables, mask, scale)
+
+
+CPU_KERNELS = [paged_tree_attention_torch, sdpa_in_place]
 
 
 def random_parents(g: torch.Generator, n: int, dead: int) -> list[int]:

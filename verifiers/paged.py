@@ -30,7 +30,9 @@ from specdec.errors import ConfigError, SpecdecError
 from specdec.paged_cache import PagedKVCache
 from specdec.scheduler import POLICIES
 from specdec.types import DEAD, Acceptance, DraftTree, VerifyOutput
+from verifiers.attention_groups import plan_groups
 from verifiers.paged_attention import (
+    in_place_mask,
     paged_tree_attention_sdpa,
     paged_tree_attention_torch,
 )
@@ -40,21 +42,32 @@ KERNELS = ("auto", "sdpa", "torch", "triton")
 
 
 @dataclass(frozen=True)
+class AttentionGroup:
+    """Requests that share one attention call (:mod:`verifiers.attention_groups`), on a grid ``[b, n]`` of their
+    own: ``n`` is the group's largest tree, ``block_tables`` hold only the blocks its prefixes use."""
+
+    unpack: torch.Tensor | None  # [b, n] packed-row index of each (request, node) (dead: any live one); None: the
+    #                              packed row is this grid, flattened (one group, every node live)
+    pack: torch.Tensor | None  # [t] grid index ([b * n]) of each of the group's live nodes, in packed-row order
+    rows: torch.Tensor | None  # [t] their places in the packed row; None: the whole row, in order (one group)
+    block_tables: torch.Tensor  # [b, blocks]: the prefixes' blocks (with the in-place kernel: and the trees')
+    prefix_lens: torch.Tensor  # [b] cached positions before the new tokens
+    tree_mask: torch.Tensor  # [b, n, n] bool, node i may attend node j
+    mask: torch.Tensor | None = None  # the in-place kernel's whole mask (paged_attention.in_place_mask), built once
+
+
+@dataclass(frozen=True)
 class PagedForward:
-    """What every attention layer needs for one forward over ``B`` sequences of ``N`` tree nodes each.
+    """What every attention layer needs for one forward over ``B`` sequences of up to ``N`` tree nodes each.
 
     The model itself sees only the ``T`` **live** nodes, packed into one row ``[1, T]`` (dead padding nodes cost
-    nothing in the linear layers, which dominate); attention unpacks them to ``[B, N]`` for the kernel.
+    nothing in the linear layers, which dominate); attention unpacks them per :class:`AttentionGroup`.
     """
 
     cache: PagedKVCache
     slots: torch.Tensor  # [T] physical slots the live nodes' K/V go to
-    unpack: torch.Tensor | None  # [B, N] index of each (sequence, node) in the packed row (dead: any live one)
-    pack: torch.Tensor | None  # [T] index of each packed node in the [B * N] grid; both None: every node is live
-    block_tables: torch.Tensor  # [B, max_blocks]
-    prefix_lens: torch.Tensor  # [B] cached positions before the new tokens
-    tree_mask: torch.Tensor  # [B, N, N] bool, node i may attend node j
-    kernel: Callable
+    groups: tuple[AttentionGroup, ...]
+    kernel: Callable  # paged_tree_attention_sdpa (in place: reads the new K/V from the pool), or one taking them
 
 
 def paged_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -68,15 +81,27 @@ def paged_attention(module, query, key, value, attention_mask, scaling=None, dro
     layer = module.layer_idx
     q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # [T, heads, D]
     step.cache.write(layer, step.slots, k, v)
-    b, n = step.tree_mask.shape[:2]
-    if step.unpack is None:  # every node live: the packed row is the [B, N] grid, flattened
-        q, k, v = (x.view(b, n, *x.shape[1:]).transpose(1, 2) for x in (q, k, v))
-    else:
-        q, k, v = (x[step.unpack].transpose(1, 2) for x in (q, k, v))  # [B, heads, N, D]
-    out = step.kernel(q, k, v, step.cache.k[layer], step.cache.v[layer], step.block_tables, step.prefix_lens,
-                      step.tree_mask, scaling if scaling is not None else q.shape[-1] ** -0.5)  # [B, N, H, D]
-    out = out.reshape(b * n, *out.shape[2:])
-    return (out if step.pack is None else out[step.pack])[None], None
+    scale = scaling if scaling is not None else q.shape[-1] ** -0.5
+    out = None if len(step.groups) == 1 else q.new_empty(q.shape)
+    for g in step.groups:
+        b, n = g.tree_mask.shape[:2]
+        pools = step.cache.k[layer], step.cache.v[layer]
+        if g.mask is not None:  # the in-place kernel: the new K/V are in the pool already
+            qg = q.view(b, n, *q.shape[1:]) if g.unpack is None else q[g.unpack]
+            o = step.kernel(qg.transpose(1, 2), *pools, g.block_tables, g.mask, scale)  # [b, n, H, D]
+        else:
+            if g.unpack is None:  # the packed row is the [b, n] grid, flattened
+                qg, kg, vg = (x.view(b, n, *x.shape[1:]).transpose(1, 2) for x in (q, k, v))
+            else:
+                qg, kg, vg = (x[g.unpack].transpose(1, 2) for x in (q, k, v))  # [b, heads, n, D]
+            o = step.kernel(qg, kg, vg, *pools, g.block_tables, g.prefix_lens, g.tree_mask, scale)
+        o = o.reshape(b * n, *o.shape[2:])
+        o = o if g.pack is None else o[g.pack]
+        if out is None:
+            out = o
+        else:
+            out[g.rows] = o
+    return out[None], None
 
 
 AttentionInterface.register(ATTENTION_NAME, paged_attention)
@@ -135,15 +160,17 @@ class PagedVerifier:
     """Tree verification over a :class:`~specdec.paged_cache.PagedKVCache` shared by all requests.
 
     num_blocks x block_size positions are available in all (per layer, K and V); share_prefixes lets requests with
-    a common prompt prefix share its blocks; kernel: ``auto`` | ``torch`` | ``triton``; preemption: what the
-    batched decoder does when a request runs out of KV blocks, ``recompute`` or ``refuse`` (:mod:`specdec.scheduler`).
+    a common prompt prefix share its blocks; kernel: ``auto`` | ``sdpa`` | ``torch`` | ``triton``; preemption: what
+    the batched decoder does when a request runs out of KV blocks, ``recompute`` or ``refuse``
+    (:mod:`specdec.scheduler`); group_attention: in a batch, attend in groups of similar requests (tree size, prefix
+    length; :mod:`verifiers.attention_groups`) rather than padding all of them to the largest (same outputs).
     """
 
     gives_hidden = True
     SINGLE = "single"  # request id used by the one-request protocol
 
     def __init__(self, model, num_blocks: int = 1024, block_size: int = 16, kernel: str = "auto",
-                 share_prefixes: bool = True, preemption: str = "recompute") -> None:
+                 share_prefixes: bool = True, preemption: str = "recompute", group_attention: bool = True) -> None:
         if preemption not in POLICIES:
             raise ConfigError(f"unknown preemption policy {preemption!r}; choose one of {list(POLICIES)}.")
         self.preemption = preemption
@@ -154,6 +181,8 @@ class PagedVerifier:
         self.cache = PagedKVCache(cfg.num_hidden_layers, kv_heads, head_dim, num_blocks, block_size,
                                   dtype=model.dtype, device=model.device, share_prefixes=share_prefixes)
         self.kernel = pick_kernel(kernel, model.device)
+        self.heads_per_kv = cfg.num_attention_heads // kv_heads
+        self.group_attention = group_attention
         self._pending: dict[Hashable, DraftTree] = {}
 
     # --- the batched face ------------------------------------------------------------------------------------
@@ -271,13 +300,10 @@ class PagedVerifier:
         if live is not None and bool(live.all()):
             live = None
         pack = None if live is None else live.reshape(-1).nonzero().flatten()  # [T]
-        unpack = None if live is None else (live.reshape(-1).cumsum(0) - 1).clamp(min=0).view(b, n)
         slots = slots.to(dev)
-        step = PagedForward(
-            cache=self.cache, slots=slots if pack is None else slots[pack], unpack=unpack, pack=pack,
-            block_tables=self.cache.block_tables(request_ids).to(dev),
-            prefix_lens=prefix_lens.to(dev),
-            tree_mask=tree_mask.expand(b, n, n), kernel=self.kernel)
+        step = PagedForward(cache=self.cache, slots=slots if pack is None else slots[pack],
+                            groups=self._groups(request_ids, tree_mask.expand(b, n, n), prefix_lens.to(dev), live),
+                            kernel=self.kernel)
         with paged_attention_on(self.model):
             out = self.model(input_ids=packed(tokens, pack), position_ids=packed(position_ids, pack), use_cache=False,
                              output_hidden_states=output_hidden, logits_to_keep=logits_to_keep, specdec_paged=step)
@@ -285,3 +311,42 @@ class PagedVerifier:
             return VerifyOutput(logits=out.logits, hidden=out.hidden_states[-1] if output_hidden else None)
         return VerifyOutput(logits=unpacked(out.logits[0], pack, b, n),
                             hidden=unpacked(out.hidden_states[-1][0], pack, b, n) if output_hidden else None)
+
+    def _groups(self, request_ids: Sequence[Hashable], tree_mask: torch.Tensor, prefix_lens: torch.Tensor,
+                live: torch.Tensor | None) -> tuple[AttentionGroup, ...]:
+        """The forward's attention groups (:func:`verifiers.attention_groups.plan_groups`): ``tree_mask [B, N, N]``,
+        ``prefix_lens [B]``, ``live [B, N]`` (None: every node live)."""
+        b, n = tree_mask.shape[:2]
+        dev = tree_mask.device
+        tables = self.cache.block_tables(request_ids).to(dev)
+        bs = self.cache.block_size
+        prefixes = prefix_lens.tolist()
+        in_place = self.kernel is paged_tree_attention_sdpa
+
+        def group(members: list[int] | None, m: int, unpack, pack, rows) -> AttentionGroup:
+            lens = prefixes if members is None else [prefixes[i] for i in members]
+            idx = slice(None) if members is None else torch.tensor(members, device=dev)
+            pl, tm = prefix_lens[idx], tree_mask[idx, :m, :m]
+            width = -(-max(lens) // bs) * bs  # the blocks the prefixes use; in place: and the trees after them
+            if in_place:
+                width = -(-(max(lens) + m) // bs) * bs
+            return AttentionGroup(unpack, pack, rows, tables[idx, :width // bs], pl, tm,
+                                  in_place_mask(pl, tm, width, self.heads_per_kv) if in_place else None)
+
+        if live is None:
+            sizes = [n] * b
+            if not self.group_attention or b == 1:
+                return (group(None, n, None, None, None),)
+        else:
+            sizes = (live * torch.arange(1, n + 1, device=dev)).amax(1).tolist()  # last live node + 1
+        plan = plan_groups(sizes, prefixes, bs) if self.group_attention else [list(range(b))]
+        live = torch.ones(b, n, dtype=torch.bool, device=dev) if live is None else live
+        pos = (live.reshape(-1).cumsum(0) - 1).view(b, n)  # place of each live node in the packed row
+        out = []
+        for members in plan:
+            m = max(sizes[i] for i in members)
+            idx = torch.tensor(members, device=dev)
+            pack = live[idx, :m].reshape(-1).nonzero().flatten()
+            unpack = pos[idx, :m].clamp(min=0)
+            out.append(group(members, m, unpack, pack, None if len(plan) == 1 else unpack.reshape(-1)[pack]))
+        return tuple(out)

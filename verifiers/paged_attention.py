@@ -1,4 +1,4 @@
-"""Tree attention over a paged KV cache: the plain-torch reference (the oracle, and the CPU default).
+"""Tree attention over a paged KV cache: the plain-torch reference (the oracle) and the fused-SDPA CPU default.
 
 The queries are a verify step's (or a prefill chunk's) new tokens, ``N`` per sequence. Each attends to
 
@@ -10,10 +10,11 @@ The queries are a verify step's (or a prefill chunk's) new tokens, ``N`` per seq
 Both parts go through one softmax (exact, not approximated). Grouped-query attention is computed by viewing the
 ``H`` query heads as ``H_kv`` groups of ``G = H / H_kv`` rows each, so K/V are never repeated in memory.
 
-:func:`paged_tree_attention_sdpa` computes the same function with torch's fused attention on the gathered prefix
-plus the new tokens (the CPU default: ~4x faster per layer than the reference's separate matmuls and softmax on
-this project's CPU). The Triton kernel (:mod:`verifiers.triton_attention`) computes it on GPUs; tests compare all
-three with dense SDPA under the same mask.
+:func:`paged_tree_attention_sdpa` computes the same function with torch's fused attention over the gathered
+blocks, once the new tokens' K/V are written to the pool right after the prefix (the CPU default: several times
+faster per layer than the reference's separate matmuls and softmax on this project's CPU). The Triton kernel
+(:mod:`verifiers.triton_attention`) computes it on GPUs; tests compare all three with dense SDPA under the same
+mask.
 """
 
 from __future__ import annotations
@@ -70,26 +71,44 @@ def paged_tree_attention_torch(query: torch.Tensor, key: torch.Tensor, value: to
     return out.transpose(0, 1).reshape(b, h, n, d).transpose(1, 2)
 
 
-def paged_tree_attention_sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                              k_pool: torch.Tensor, v_pool: torch.Tensor, block_tables: torch.Tensor,
-                              prefix_lens: torch.Tensor, tree_mask: torch.Tensor, scale: float) -> torch.Tensor:
-    """:func:`paged_tree_attention_torch` (same arguments and result ``[B, N, H, D]``) through
-    ``scaled_dot_product_attention``: the prefix blocks are gathered once, the new tokens' K/V appended, and the
-    fused kernel runs under a ``[B, 1, N, P + N]`` mask with ``enable_gqa`` (K/V are not repeated per query head)."""
-    b, h, n, _ = query.shape
-    if block_tables.shape[1] == 0 or int(prefix_lens.max()) == 0:
-        k, v, mask = key, value, tree_mask
-    else:
-        k_prefix = gather_prefix(k_pool, block_tables).transpose(0, 1)  # [B, H_kv, P, D]
-        v_prefix = gather_prefix(v_pool, block_tables).transpose(0, 1)
-        p = k_prefix.shape[2]
-        k = torch.cat([k_prefix, key], dim=2)  # [B, H_kv, P + N, D]
-        v = torch.cat([v_prefix, value], dim=2)
-        cached = torch.arange(p, device=query.device)[None, :] < prefix_lens[:, None].to(query.device)  # [B, P]
-        mask = torch.cat([cached[:, None, :].expand(b, n, p), tree_mask], dim=-1)  # [B, N, P + N]
-    out = torch.nn.functional.scaled_dot_product_attention(query, k, v, attn_mask=mask[:, None], scale=scale,
-                                                           enable_gqa=key.shape[1] != h)
-    return out.transpose(1, 2)
+def in_place_mask(prefix_lens: torch.Tensor, tree_mask: torch.Tensor, width: int, heads_per_kv: int = 1) -> torch.Tensor:
+    """The attention mask of :func:`paged_tree_attention_sdpa`: ``[B, 1, G * N, width]`` bool.
+
+    Query row ``(g, i)`` (head ``g`` of its KV head's group, node ``i``) of sequence ``b`` sees positions
+    ``0 .. L_b - 1`` (its cached prefix) and position ``L_b + j`` where ``tree_mask[b, i, j]`` (node ``j`` of its
+    tree, stored right after the prefix); nothing else. prefix_lens: ``[B]``; tree_mask: ``[B, N, N]`` bool.
+
+    >>> in_place_mask(torch.tensor([2]), torch.tensor([[[True, False], [True, True]]]), width=5)[0, 0].int().tolist()
+    [[1, 1, 1, 0, 0], [1, 1, 1, 1, 0]]
+    """
+    b, n, _ = tree_mask.shape
+    rel = torch.arange(width, device=tree_mask.device)[None, :] - prefix_lens[:, None].to(tree_mask.device)  # [B, W]
+    in_tree = (rel >= 0) & (rel < n)
+    tree = tree_mask.gather(2, rel.clamp(0, n - 1)[:, None, :].expand(b, n, width)) & in_tree[:, None, :]
+    mask = (rel < 0)[:, None, :] | tree  # [B, N, W]
+    return (mask if heads_per_kv == 1 else mask.repeat(1, heads_per_kv, 1))[:, None]
+
+
+def paged_tree_attention_sdpa(query: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
+                              block_tables: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
+    """The function of :func:`paged_tree_attention_torch` through ``scaled_dot_product_attention``, with the new
+    tokens' K/V **already written to the pool** right after each prefix (the paged verifier writes them first):
+    one gather of the blocks ``block_tables [B, blocks]`` cover (prefix and tree), no concatenation.
+
+    query: ``[B, H, N, D]``; k_pool, v_pool: ``[num_blocks, H_kv, block_size, D]``; mask: :func:`in_place_mask`
+    for ``width = blocks * block_size`` and ``G = H / H_kv``. Returns ``[B, N, H, D]``.
+
+    Grouped-query attention is folded into the query rows: the ``G`` query heads that share a KV head become
+    ``G * N`` rows of one ``[B, H_kv, G * N, D]`` query, so K/V are not repeated and each KV head's keys are read
+    once per call (~30% faster here than SDPA's ``enable_gqa``).
+    """
+    b, h, n, d = query.shape
+    hkv = k_pool.shape[1]
+    k = gather_prefix(k_pool, block_tables).transpose(0, 1)  # [B, H_kv, W, D]
+    v = gather_prefix(v_pool, block_tables).transpose(0, 1)
+    q = query.reshape(b, hkv, (h // hkv) * n, d)  # rows ordered (head in group, node)
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    return out.view(b, h, n, d).transpose(1, 2)
 
 
 def dense_reference(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, k_pool: torch.Tensor,
