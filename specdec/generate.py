@@ -11,6 +11,7 @@ import sys
 import time
 import warnings
 from collections.abc import Sequence
+from contextlib import ExitStack
 
 import torch
 from tqdm import tqdm
@@ -172,7 +173,8 @@ class SpecDecoder:
                                "by name or checkpoint path (not as an object), or max_batch_size=1.")
         if eos_token_id == "default":
             eos_token_id = getattr(self.target.generation_config, "eos_token_id", None)
-        engine = BatchEngine(self.verifier, self._drafter_pool(), rule, max_nodes=self.max_nodes,
+        fast = ExitStack()  # the fast linear kernel, also in the drafters the pool builds for later requests
+        engine = BatchEngine(self.verifier, self._drafter_pool(fast), rule, max_nodes=self.max_nodes,
                              max_batch_size=max_batch_size, sampling=sampling,
                              needs_hidden=bool(getattr(self.drafter, "needs_hidden_states", False)))
         for i, ids in enumerate(requests):
@@ -182,7 +184,7 @@ class SpecDecoder:
                        budget=self._budget())
         bar = tqdm(total=len(requests), desc=f"requests (batch {max_batch_size})", unit="request",
                    file=sys.stderr, disable=not progress)
-        with self._fast_linears(), bar:
+        with fast, self._fast_linears(), bar:
             finished = engine.run(on_finish=lambda r: bar.update(1))
         return [self._output(r.prompt, r.tokens, r.stats, r.error) for r in finished]
 
@@ -198,9 +200,14 @@ class SpecDecoder:
         kind = self._drafter_spec[0] if self._drafter_spec is not None else type(self.drafter).__name__
         return AdaptiveBudget(self.cost_profile, kind, max_nodes=self.max_nodes, calibrator=self.calibrator)
 
-    def _drafter_pool(self) -> DrafterPool:
+    def _drafter_pool(self, fast: ExitStack) -> DrafterPool:
+        """One drafter per running request: the decoder's own first, then new ones built from its spec, each with
+        the fast linear kernel until ``fast`` closes."""
+
         def build():
-            return registry.build_drafter(self._drafter_spec[0], self.target, self.tokenizer, **self._drafter_spec[1])
+            d = registry.build_drafter(self._drafter_spec[0], self.target, self.tokenizer, **self._drafter_spec[1])
+            fast.enter_context(cpu_gemm.fast_linears(*cpu_gemm.drafter_modules(d), enabled=self.fast_linears))
+            return d
 
         return DrafterPool(build, first=self.drafter)
 

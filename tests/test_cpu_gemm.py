@@ -89,3 +89,32 @@ def test_hybrid_drafter_modules_include_its_parts():
     hybrid = _hybrid(target, tok)
     assert any(m is hybrid.parts[1].head for m in cpu_gemm.drafter_modules(hybrid))  # the EAGLE part's head
     assert cpu_gemm.drafter_modules(hybrid.parts[0]) == []  # n-gram: no modules
+
+
+def test_batched_generation_gives_every_pooled_drafter_the_kernel(monkeypatch):
+    """Batched requests past the first get drafters built during the run: their linears take the kernel too, and
+    are restored afterwards."""
+    from specdec import registry
+    from specdec.generate import SpecDecoder
+
+    target, tok = tiny_llama(0, dtype=torch.float32), tiny_tokenizer()
+    built, saw = [], []
+
+    def build(name, target_, tokenizer=None, **kwargs):
+        d = _medusa(target_, tok)
+        propose = d.propose
+
+        def watched(ctx):
+            saw.append(all("forward" in m.__dict__ for m in cpu_gemm._linears(cpu_gemm.drafter_modules(d))))
+            return propose(ctx)
+
+        d.propose = watched
+        built.append(d)
+        return d
+
+    monkeypatch.setattr(registry, "build_drafter", build)
+    dec = SpecDecoder(target, tok, drafter="medusa", verifier="paged", max_batch_size=3)
+    dec.generate_batch([[5, 6, 7], [8, 9], [10, 11, 12, 13]], max_new_tokens=4, eos_token_id=None)
+    assert len(built) == 3 and saw and all(saw)
+    assert not any("forward" in m.__dict__ for d in built
+                   for m in cpu_gemm._linears(cpu_gemm.drafter_modules(d)))
