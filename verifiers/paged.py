@@ -5,7 +5,8 @@ It plugs into any transformers model whose attention layers call ``ALL_ATTENTION
 forwards runs is the model's ``config._attn_implementation`` switched to it — no copied modeling code, and the model
 behaves as before outside. Each forward passes a :class:`PagedForward` through the model's ``**kwargs`` to every
 attention layer, which writes the new tokens' K/V into their slots and attends over the paged prefix plus the tree
-(:func:`verifiers.paged_attention.paged_tree_attention_torch`, or the Triton kernel on a GPU).
+(:func:`verifiers.paged_attention.paged_tree_attention_sdpa` on a CPU, the Triton kernel on a GPU, or the plain-torch
+reference), one call per attention group of similar requests (:mod:`verifiers.attention_groups`).
 
 Two faces:
 
