@@ -46,6 +46,9 @@ class DraftModelDrafter:
     needs_hidden_states = False
     returns_probs = True  # when sampling
     dynamic = False  # grow trees by expected acceptance (EAGLE-2 style) instead of a fixed shape
+    # the target id of each logit the draft model returns, when it scores a draft vocabulary (EAGLE's reduced
+    # LM head) rather than the target's; None: logit i is token i
+    draft_ids: torch.Tensor | None = None
     top_k = 4
     dynamic_depth = 6
     min_value = 0.0
@@ -102,7 +105,8 @@ class DraftModelDrafter:
         tokens = [int(ids[0, -1])] + [0] * (len(parents) - 1)
         self._ran = 0
         sampling = ctx.sampling if ctx.sampling is not None and ctx.sampling.do_sample else None
-        probs = torch.zeros(1, len(parents), root_logits.shape[-1]) if sampling else None
+        vocab = root_logits.shape[-1] if self.draft_ids is None else self.vocab_size
+        probs = torch.zeros(1, len(parents), vocab) if sampling else None
         if len(parents) > 1:
             self._grow(tokens, parents, ranks, root_logits, sampling, ctx.generator, probs)
         return DraftTree(torch.tensor([tokens]), torch.tensor([parents]), probs)
@@ -170,16 +174,23 @@ class DraftModelDrafter:
         self._ran = 0
         root_logp = torch.log_softmax(root_logits[0].float(), dim=-1)
         tree, keep = tree_ops.grow_dynamic(root, root_logp, expand, top_k=k, depth=depth_limit, max_nodes=max_nodes,
-                                           min_value=self.min_value)
+                                           min_value=self.min_value, vocab=getattr(self, "_draft_list", None))
         self._run_of = [run.get(i) for i in keep]
         return tree
 
-    @staticmethod
-    def _candidates(logits: torch.Tensor, k: int, sampling, generator, probs: torch.Tensor | None,
+    def _candidates(self, logits: torch.Tensor, k: int, sampling, generator, probs: torch.Tensor | None,
                     node: int) -> list[int]:
-        """Top-k tokens (greedy) or k tokens drawn without replacement from the warped q (sampling)."""
+        """Top-k tokens (greedy) or k tokens drawn without replacement from the warped q (sampling).
+
+        logits: over the draft model's vocabulary (``draft_ids``); greedy picks there and maps the ids back, sampling
+        works on the target's vocabulary (-inf outside the draft one), where ``probs`` must report q."""
         if sampling is None:
-            return logits.topk(k).indices.tolist()
+            top = logits.topk(k).indices
+            return (top if self.draft_ids is None else self.draft_ids[top]).tolist()
+        if self.draft_ids is not None:
+            full = logits.new_full((self.vocab_size,), float("-inf"))
+            full[self.draft_ids] = logits
+            logits = full
         q = warp_probs(logits, sampling)
         probs[0, node] = q
         k = min(k, int((q > 0).sum()))

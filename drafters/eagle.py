@@ -18,7 +18,12 @@ import copy
 import torch
 from torch import nn
 
-from drafters.draft_model import DraftModelDrafter, check_contiguous_ranks, decoder, set_dynamic
+from drafters.draft_model import (
+    DraftModelDrafter,
+    check_contiguous_ranks,
+    decoder,
+    set_dynamic,
+)
 from specdec import checkpoint, hf_cache, models
 from specdec import tree as tree_ops
 from specdec.errors import ConfigError, SpecdecError
@@ -85,13 +90,6 @@ class EagleHead(nn.Module):
         """``[..., V_draft]`` draft logits for predicted features ``g [..., H]``."""
         return self.lm_head(g)
 
-    def full_logits(self, g: torch.Tensor, vocab_size: int) -> torch.Tensor:
-        """``[..., V]`` logits over the target vocabulary (-inf outside the draft vocabulary)."""
-        small = self.logits(g)
-        out = small.new_full((*small.shape[:-1], vocab_size), float("-inf"))
-        out[..., self.d2t] = small
-        return out
-
 
 def causal_mask(past: int, n: int, dtype: torch.dtype, device=None) -> torch.Tensor:
     """Additive ``[1, 1, n, past + n]`` mask: query i sees keys ``0..past + i``."""
@@ -104,7 +102,7 @@ def reduced_vocab(counts: torch.Tensor, size: int, always: list[int] = ()) -> to
     v = len(counts)
     if size <= 0 or size >= v:
         return torch.arange(v)
-    keep = set(int(t) for t in always if 0 <= int(t) < v)
+    keep = {int(t) for t in always if 0 <= int(t) < v}
     order = torch.argsort(counts, descending=True, stable=True).tolist()
     for t in order:
         if len(keep) >= size:
@@ -145,6 +143,10 @@ class EagleDrafter(DraftModelDrafter):
         self.head = head.to(models.resolve_dtype(dtype) if dtype else next(target.parameters()).dtype).eval()
         self.embed = target.get_input_embeddings()
         self.vocab_size = int(self.embed.weight.shape[0])
+        d2t = self.head.d2t
+        if not (len(d2t) == self.vocab_size and torch.equal(d2t, torch.arange(self.vocab_size))):
+            # top-k and log-softmax run over the draft vocabulary (4096 rows of logits, not 49152), ids mapped back
+            self.draft_ids, self._draft_list = d2t, d2t.tolist()
         if choices is None:
             choices = tree_ops.choices_for_shape(depth, width) if depth else (meta_choices or
                                                                             tree_ops.choices_for_shape(5, 2))
@@ -188,7 +190,7 @@ class EagleDrafter(DraftModelDrafter):
         g = self.head(ctx.hidden.to(self.dtype), self.embed(nxt), pos, mask, self.cache)
         self._pairs = self._prefix = start + m
         self._g = {0: g[:, -1]}
-        return self.head.full_logits(g[:, -1], self.vocab_size)
+        return self.head.logits(g[:, -1])  # [1, V_draft]
 
     @torch.inference_mode()
     def _forward_level(self, tokens: list[int], parents_t: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
@@ -202,7 +204,7 @@ class EagleDrafter(DraftModelDrafter):
         for j, i in enumerate(range(lo, hi)):
             self._g[i] = g[:, j]
         self._ran = hi - 1
-        return self.head.full_logits(g, self.vocab_size)
+        return self.head.logits(g)  # [1, n, V_draft]
 
     def observe(self, feedback) -> None:
         """Drop every draft node from the head's cache: accepted pairs come back with true features next time."""

@@ -19,7 +19,8 @@ contiguous: a transposed result would reach attention with a last-dim stride oth
 ``scaled_dot_product_attention`` to its slow math kernel.
 
 ``fast_linears(*modules)`` swaps the forward of the ``nn.Linear`` modules of the target (and of a drafter's own
-modules, see :func:`drafter_modules`), only while the context is active. Results differ from ``F.linear`` only by
+modules, see :func:`drafter_modules`), only while the context is active; on the oneDNN route a layer's sibling
+projections that read one input (q/k/v, gate/up) run as one product. Results differ from ``F.linear`` only by
 float32 rounding (summation order). :func:`kernel` names the route, e.g. for a cost profile's key.
 """
 
@@ -58,8 +59,11 @@ def best_route() -> str:
 
 
 def kernel(model) -> str:
-    """Which route :func:`fast_linears` takes for ``model``: ``onednn``, ``wxt`` or ``off``."""
-    return best_route() if wanted(model) else "off"
+    """Which route :func:`fast_linears` takes for ``model`` by default: ``onednn+siblings`` (oneDNN, sibling
+    projections fused), ``wxt`` or ``off``."""
+    if not wanted(model):
+        return "off"
+    return "onednn+siblings" if best_route() == "onednn" else "wxt"
 
 
 def wanted(model) -> bool:
@@ -115,22 +119,104 @@ def drafter_modules(drafter) -> list[torch.nn.Module]:
     return out
 
 
+class _Siblings:
+    """Sibling linears that read the same input (a layer's q/k/v or gate/up projections) run as one product.
+
+    The first member called on an input computes every member's output with one oneDNN call on the concatenated
+    (reordered) weights; the others take theirs when called on the **same tensor object** (the model reads the
+    projections of one hidden state one after the other). Any other call computes afresh, so the results never
+    depend on call order. The concatenated weights are cached per group (:data:`_fused`), re-made when a weight
+    changes.
+    """
+
+    def __init__(self, members: list[torch.nn.Linear]) -> None:
+        self.members = members
+        self.sizes = [m.out_features for m in members]
+        self.input: torch.Tensor | None = None
+        self.outputs: dict[int, torch.Tensor] = {}
+
+    def packed(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        key = tuple((id(m), m.weight.data_ptr(), m.weight._version, tuple(m.weight.shape),
+                     None if m.bias is None else (m.bias.data_ptr(), m.bias._version)) for m in self.members)
+        cached = _fused.get(self.members[0])
+        if cached is None or cached[0] != key:
+            with torch.no_grad():
+                w = torch.cat([m.weight.detach() for m in self.members])
+                biases = [m.bias for m in self.members]
+                bias = None if all(b is None for b in biases) else torch.cat(
+                    [b.detach() if b is not None else w.new_zeros(m.out_features)
+                     for b, m in zip(biases, self.members)])
+                cached = (key, torch.ops.mkldnn._reorder_linear_weight(w, PACK_HINT), bias)
+            _fused[self.members[0]] = cached
+        return cached[1], cached[2]
+
+    def output(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        """Member ``i``'s output for input ``x``."""
+        if self.input is x and i in self.outputs:
+            out = self.outputs.pop(i)
+            if not self.outputs:
+                self.input = None
+            return out
+        if not (x.dtype == torch.float32 and x.device.type == "cpu" and x.numel() and not torch.is_grad_enabled()):
+            return F.linear(x, self.members[i].weight, self.members[i].bias)
+        weight, bias = self.packed()
+        parts = torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight, bias, "none", [], "").split(self.sizes, -1)
+        self.input, self.outputs = x, {j: p for j, p in enumerate(parts) if j != i}
+        return parts[i]
+
+    def clear(self) -> None:
+        self.input, self.outputs = None, {}
+
+
+# projections that read the same input, by attribute name (Llama, Mistral, Qwen2, ... and EAGLE's head layer)
+SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+_fused: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # first member -> (key, packed weight, bias)
+
+
+def sibling_groups(modules: Iterable[torch.nn.Module]) -> list[list[torch.nn.Linear]]:
+    """The :data:`SIBLINGS` groups in ``modules``: float32 ``nn.Linear`` members with one input size."""
+    seen, out = set(), []
+    for module in modules:
+        for m in module.modules():
+            for names in SIBLINGS:
+                members = [getattr(m, n, None) for n in names]
+                if (all(type(x) is torch.nn.Linear for x in members) and len({x.in_features for x in members}) == 1
+                        and all(x.weight.dtype == torch.float32 for x in members)
+                        and not any(id(x) in seen for x in members)):
+                    seen.update(id(x) for x in members)
+                    out.append(members)
+    return out
+
+
 @contextmanager
-def fast_linears(*modules: torch.nn.Module, enabled: bool = True, route: str | None = None):
+def fast_linears(*modules: torch.nn.Module, enabled: bool = True, route: str | None = None, fuse: bool = True):
     """Use the fast route (``route``: ``onednn`` or ``wxt``; None = the best this build has) in the float32
-    ``nn.Linear`` layers of ``modules`` inside the ``with`` block. Gradients enabled: ``F.linear`` as usual."""
+    ``nn.Linear`` layers of ``modules`` inside the ``with`` block. Gradients enabled: ``F.linear`` as usual.
+
+    fuse (oneDNN route): sibling projections that read the same input (q/k/v, gate/up) run as one product
+    (:class:`_Siblings`): measured here on one row, q/k/v ~40 us instead of ~80-110 us a layer, gate/up ~70-85 us
+    instead of ~97.
+    """
     if not enabled:
         yield
         return
     route = route or best_route()
     forward = {"onednn": _onednn_forward, "wxt": _wxt_forward}[route]
     patched = [m for m in _linears(modules) if "forward" not in m.__dict__]
+    free = {id(m) for m in patched}
+    groups = [_Siblings(g) for g in sibling_groups(modules) if all(id(m) in free for m in g)] \
+        if route == "onednn" and fuse else []
+    grouped = {id(m) for g in groups for m in g.members}
     for m in patched:
-        m.forward = types.MethodType(forward, m)
+        if id(m) not in grouped:
+            m.forward = types.MethodType(forward, m)
+    for g in groups:
+        for i, m in enumerate(g.members):
+            m.forward = functools.partial(g.output, i)
     try:
         yield
     finally:
         for m in patched:
             m.__dict__.pop("forward", None)
-
-
+        for g in groups:
+            g.clear()

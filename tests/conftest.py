@@ -87,7 +87,9 @@ def _eagle(target, tok, *, choices=None, vocab: int | None = None, dynamic: bool
 
     torch.manual_seed(7)
     v = target.config.vocab_size
-    head = EagleHead.for_target(target, torch.arange(v)[: vocab or v]).to(target.dtype)
+    # a reduced vocabulary is a shuffled subset: draft index i is not token i, so a missed id mapping shows
+    d2t = torch.arange(v) if vocab is None else torch.randperm(v, generator=torch.Generator().manual_seed(3))[:vocab]
+    head = EagleHead.for_target(target, d2t).to(target.dtype)
     with torch.no_grad():
         for p in head.parameters():
             p.normal_(0, 0.2)

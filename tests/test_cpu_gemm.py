@@ -3,7 +3,9 @@ re-made when a weight changes, and patched only inside the context."""
 
 from __future__ import annotations
 
+import functools
 import gc
+import types
 
 import pytest
 import torch
@@ -64,7 +66,8 @@ def test_packed_weights_are_remade_when_a_weight_changes_and_freed_with_the_modu
 
 def test_kernel_names_the_route():
     assert cpu_gemm.kernel(tiny_llama(0, dtype=torch.float64)) == "off"
-    assert cpu_gemm.kernel(tiny_llama(0, dtype=torch.float32)) == ("onednn" if cpu_gemm.onednn_available() else "wxt")
+    assert cpu_gemm.kernel(tiny_llama(0, dtype=torch.float32)) == ("onednn+siblings" if cpu_gemm.onednn_available()
+                                                                    else "wxt")
 
 
 def test_context_patches_target_and_drafter_linears_only_inside():
@@ -118,3 +121,67 @@ def test_batched_generation_gives_every_pooled_drafter_the_kernel(monkeypatch):
     assert len(built) == 3 and saw and all(saw)
     assert not any("forward" in m.__dict__ for d in built
                    for m in cpu_gemm._linears(cpu_gemm.drafter_modules(d)))
+
+
+# ---------------------------------------------------------------- sibling projections as one product
+
+needs_onednn = pytest.mark.skipif(not cpu_gemm.onednn_available(), reason="this torch build has no oneDNN")
+
+
+class Projections(torch.nn.Module):
+    """q/k/v and gate/up as in a Llama layer (k has a bias, the others none: the fused bias pads with zeros)."""
+
+    def __init__(self, h=24):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.q_proj, self.k_proj, self.v_proj = (torch.nn.Linear(h, o, bias=b) for o, b in ((h, False), (8, True),
+                                                                                           (8, False)))
+        self.gate_proj, self.up_proj = torch.nn.Linear(h, 40, bias=False), torch.nn.Linear(h, 40, bias=False)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=g))
+
+
+@needs_onednn
+@pytest.mark.parametrize("order", [("q_proj", "k_proj", "v_proj"), ("v_proj", "q_proj", "k_proj"), ("k_proj",),
+                                   ("q_proj", "q_proj", "k_proj", "v_proj", "v_proj")])
+@pytest.mark.parametrize("rows", [1, 5, 40])
+def test_siblings_equal_each_linear_in_any_call_order(order, rows):
+    m = Projections()
+    assert [[type(x) for x in g] for g in cpu_gemm.sibling_groups([m])] == [[torch.nn.Linear] * 3, [torch.nn.Linear] * 2]
+    x, y = torch.randn(2, rows, 24), torch.randn(2, rows, 24)
+    with torch.inference_mode(), cpu_gemm.fast_linears(m):
+        assert isinstance(m.q_proj.forward, functools.partial)
+        for name in order:
+            lin = getattr(m, name)
+            for inp in (x, y, x):  # another input in between: computed afresh, never a stale sibling's output
+                torch.testing.assert_close(lin(inp), F.linear(inp, lin.weight, lin.bias), rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(m.gate_proj(x) * m.up_proj(x), F.linear(x, m.gate_proj.weight)
+                                   * F.linear(x, m.up_proj.weight), rtol=1e-5, atol=1e-3)
+    assert not any("forward" in lin.__dict__ for lin in m.modules())
+
+
+@needs_onednn
+def test_siblings_follow_weight_updates_and_can_be_turned_off():
+    m = Projections()
+    x = torch.randn(3, 24)
+    with torch.inference_mode(), cpu_gemm.fast_linears(m):
+        m.q_proj(x)
+    with torch.no_grad():
+        m.k_proj.weight.mul_(2)
+    with torch.inference_mode(), cpu_gemm.fast_linears(m):
+        m.q_proj(x)
+        torch.testing.assert_close(m.k_proj(x), F.linear(x, m.k_proj.weight, m.k_proj.bias), rtol=1e-5, atol=1e-4)
+    with torch.inference_mode(), cpu_gemm.fast_linears(m, fuse=False):
+        assert isinstance(m.q_proj.forward, types.MethodType)
+    x.requires_grad_(True)  # gradients: F.linear
+    with cpu_gemm.fast_linears(m):
+        m.q_proj(x).sum().backward()
+    assert x.grad is not None
+
+
+def test_sibling_groups_in_a_llama_target():
+    target = tiny_llama(0, dtype=torch.float32)
+    groups = cpu_gemm.sibling_groups([target])
+    assert len(groups) == 2 * target.config.num_hidden_layers
+    assert cpu_gemm.sibling_groups([tiny_llama(0, dtype=torch.float64)]) == []  # float32 only

@@ -195,3 +195,26 @@ def test_fine_tune_from_a_trained_head(trained, tmp_path):
     assert all(torch.equal(module.head.state_dict()[k].to(state[k].dtype), state[k]) for k in state)
     out = job.run(eagle.SPEC, cfg, progress=False)
     assert torch.equal(checkpoint.load(out)[0]["d2t"], state["d2t"])
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_reduced_vocab_proposals_are_the_heads_top_tokens_mapped_to_target_ids(dynamic):
+    """Top-k runs over the draft vocabulary; the tree holds the target ids ``d2t`` maps those entries to."""
+    target = tiny_llama(0)
+    d2t = torch.randperm(96, generator=torch.Generator().manual_seed(1))[:40]
+    head = EagleHead.for_target(target, d2t).to(target.dtype)
+    torch.manual_seed(2)
+    with torch.no_grad():
+        for p in head.parameters():
+            p.normal_(0, 0.2)
+    drafter = EagleDrafter(target, head=head.eval(), choices=[[0], [1], [2]], dynamic=dynamic, top_k=3, depth=1)
+    ids = random_prompt(0, 12)
+    with torch.inference_mode():
+        hidden = target(ids[:, :-1], output_hidden_states=True).hidden_states[-1]
+        tree = drafter.propose(specdec.DraftContext(input_ids=ids, prompt_len=12, max_nodes=4, max_depth=4,
+                                                    hidden=hidden))
+        g = head(hidden, target.get_input_embeddings()(ids[:, 1:]), torch.arange(11)[None],
+                 causal_mask(0, 11, target.dtype))
+        want = d2t[head.logits(g[0, -1]).topk(3).indices].tolist()
+    assert tree.tokens[0, 1:].tolist() == want
+    assert set(want) <= set(d2t.tolist())
