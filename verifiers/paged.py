@@ -84,9 +84,9 @@ def paged_attention(module, query, key, value, attention_mask, scaling=None, dro
     step.cache.write(layer, step.slots, k, v)
     scale = scaling if scaling is not None else q.shape[-1] ** -0.5
     out = None if len(step.groups) == 1 else q.new_empty(q.shape)
+    pools = step.cache.k[layer], step.cache.v[layer]
     for g in step.groups:
         b, n = g.tree_mask.shape[:2]
-        pools = step.cache.k[layer], step.cache.v[layer]
         if g.mask is not None:  # the in-place kernel: the new K/V are in the pool already
             qg = q.view(b, n, *q.shape[1:]) if g.unpack is None else q[g.unpack]
             o = step.kernel(qg.transpose(1, 2), *pools, g.block_tables, g.mask, scale)  # [b, n, H, D]
@@ -324,20 +324,18 @@ class PagedVerifier:
         prefixes = prefix_lens.tolist()
         in_place = self.kernel is paged_tree_attention_sdpa
 
-        def group(members: list[int] | None, m: int, unpack, pack, rows) -> AttentionGroup:
-            lens = prefixes if members is None else [prefixes[i] for i in members]
-            idx = slice(None) if members is None else torch.tensor(members, device=dev)
+        def group(idx, longest: int, m: int, unpack, pack, rows) -> AttentionGroup:
+            """Requests ``idx`` (longest prefix ``longest``, largest tree ``m``) as one attention call."""
             pl, tm = prefix_lens[idx], tree_mask[idx, :m, :m]
-            width = -(-max(lens) // bs) * bs  # the blocks the prefixes use; in place: and the trees after them
-            if in_place:
-                width = -(-(max(lens) + m) // bs) * bs
+            # the blocks the prefixes use; in place, also those of the trees written after them
+            width = -(-(longest + (m if in_place else 0)) // bs) * bs
             return AttentionGroup(unpack, pack, rows, tables[idx, :width // bs], pl, tm,
                                   in_place_mask(pl, tm, width, self.heads_per_kv) if in_place else None)
 
         if live is None:
             sizes = [n] * b
             if not self.group_attention or b == 1:
-                return (group(None, n, None, None, None),)
+                return (group(slice(None), max(prefixes), n, None, None, None),)
         else:
             sizes = (live * torch.arange(1, n + 1, device=dev)).amax(1).tolist()  # last live node + 1
         plan = plan_groups(sizes, prefixes, bs) if self.group_attention else [list(range(b))]
@@ -349,5 +347,6 @@ class PagedVerifier:
             idx = torch.tensor(members, device=dev)
             pack = live[idx, :m].reshape(-1).nonzero().flatten()
             unpack = pos[idx, :m].clamp(min=0)
-            out.append(group(members, m, unpack, pack, None if len(plan) == 1 else unpack.reshape(-1)[pack]))
+            out.append(group(idx, max(prefixes[i] for i in members), m, unpack, pack,
+                             None if len(plan) == 1 else unpack.reshape(-1)[pack]))
         return tuple(out)
