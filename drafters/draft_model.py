@@ -174,7 +174,7 @@ class DraftModelDrafter:
         self._ran = 0
         root_logp = torch.log_softmax(root_logits[0].float(), dim=-1)
         tree, keep = tree_ops.grow_dynamic(root, root_logp, expand, top_k=k, depth=depth_limit, max_nodes=max_nodes,
-                                           min_value=self.min_value, vocab=getattr(self, "_draft_list", None))
+                                           min_value=self.min_value, vocab=self.draft_ids)
         self._run_of = [run.get(i) for i in keep]
         return tree
 
@@ -188,9 +188,7 @@ class DraftModelDrafter:
             top = logits.topk(k).indices
             return (top if self.draft_ids is None else self.draft_ids[top]).tolist()
         if self.draft_ids is not None:
-            full = logits.new_full((self.vocab_size,), float("-inf"))
-            full[self.draft_ids] = logits
-            logits = full
+            logits = to_target_vocab(logits, self.draft_ids, self.vocab_size)
         q = warp_probs(logits, sampling)
         probs[0, node] = q
         k = min(k, int((q > 0).sum()))
@@ -214,6 +212,14 @@ class DraftModelDrafter:
         keep = [node - 1 for node in path if node - 1 < self._ran]
         hf_cache.keep_positions(self.cache, self._prefix, keep)
         self._ran = 0
+
+
+def to_target_vocab(logits: torch.Tensor, draft_ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Draft-vocabulary logits ``[..., V_draft]`` as target-vocabulary logits ``[..., vocab_size]``: entry ``i`` goes
+    to token ``draft_ids[i]``, every other token gets -inf."""
+    out = logits.new_full((*logits.shape[:-1], vocab_size), float("-inf"))
+    out[..., draft_ids] = logits
+    return out
 
 
 def set_dynamic(drafter, dynamic: bool, top_k: int, depth: int | None, min_value: float = 0.0) -> None:

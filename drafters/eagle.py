@@ -146,7 +146,7 @@ class EagleDrafter(DraftModelDrafter):
         d2t = self.head.d2t
         if not (len(d2t) == self.vocab_size and torch.equal(d2t, torch.arange(self.vocab_size))):
             # top-k and log-softmax run over the draft vocabulary (4096 rows of logits, not 49152), ids mapped back
-            self.draft_ids, self._draft_list = d2t, d2t.tolist()
+            self.draft_ids = d2t
         if choices is None:
             choices = tree_ops.choices_for_shape(depth, width) if depth else (meta_choices or
                                                                             tree_ops.choices_for_shape(5, 2))

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from drafters.draft_model import check_contiguous_ranks
+from drafters.draft_model import check_contiguous_ranks, to_target_vocab
 from specdec import checkpoint, models
 from specdec import tree as tree_ops
 from specdec.errors import ConfigError, SpecdecError
@@ -82,10 +82,7 @@ class MedusaHeads(nn.Module):
 
     def full_logits(self, h: torch.Tensor, vocab_size: int) -> torch.Tensor:
         """``[K, ..., V]`` logits over the target vocabulary (-inf outside the draft vocabulary)."""
-        small = self.logits(h)
-        out = small.new_full((*small.shape[:-1], vocab_size), float("-inf"))
-        out[..., self.d2t] = small
-        return out
+        return to_target_vocab(self.logits(h), self.d2t, vocab_size)
 
 
 def candidates(logits: torch.Tensor, k: int, sampling: SamplingParams | None,

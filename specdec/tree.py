@@ -312,7 +312,7 @@ def best_subtree(parents: Sequence[int], values: Sequence[float], max_nodes: int
 def grow_dynamic(root: int, root_logp: torch.Tensor,
                  expand: Callable[[int, list[int], list[int], list[int]], list[torch.Tensor]],
                  *, top_k: int, depth: int, max_nodes: int, min_value: float = 0.0,
-                 vocab: Sequence[int] | None = None) -> tuple[DraftTree, list[int]]:
+                 vocab: torch.Tensor | None = None) -> tuple[DraftTree, list[int]]:
     """EAGLE-2's dynamic tree: level by level, the ``top_k`` most valuable new nodes are expanded, each offering
     its ``top_k`` most probable tokens as children (value = product of draft probabilities along the path); then
     the best ``max_nodes`` of all nodes created are kept (:func:`best_subtree`). Returns the tree (its ``scores``
@@ -321,9 +321,9 @@ def grow_dynamic(root: int, root_logp: torch.Tensor,
 
     root_logp: ``[V]`` draft log-probabilities of the root's next token. expand(level, tokens, parents, chosen):
     the ``[V]`` log-probabilities of the next token after each ``chosen`` node (level = their depth), given every
-    node created so far; a drafter with a cache runs the chosen nodes through its model there. vocab: the token id
-    of each log-probability entry, when they cover a draft vocabulary (e.g. EAGLE's most frequent tokens) rather
-    than the target's whole one; None: entry ``i`` is token ``i``.
+    node created so far; a drafter with a cache runs the chosen nodes through its model there. vocab: ``[V]`` the
+    token id of each log-probability entry, when they cover a draft vocabulary (e.g. EAGLE's most frequent tokens)
+    rather than the target's whole one; None: entry ``i`` is token ``i``.
 
     >>> lp = torch.log(torch.tensor([0.6, 0.3, 0.1]))
     >>> t, keep = grow_dynamic(9, lp, lambda d, tok, par, ch: [lp] * len(ch), top_k=2, depth=2, max_nodes=4)
@@ -336,8 +336,9 @@ def grow_dynamic(root: int, root_logp: torch.Tensor,
         created = []
         for node, logp in frontier:
             top = logp.float().topk(min(top_k, logp.shape[-1]))
-            for lp, t in zip(top.values.tolist(), top.indices.tolist()):
-                tokens.append(t if vocab is None else vocab[t])
+            ids = top.indices if vocab is None else vocab[top.indices]
+            for lp, t in zip(top.values.tolist(), ids.tolist()):
+                tokens.append(t)
                 parents.append(node)
                 values.append(values[node] * math.exp(lp))
                 created.append(len(tokens) - 1)
