@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from specdec import cpu_gemm
 from train.data import encode_prompt_ids
 
 
@@ -55,6 +56,7 @@ def generate_answers(model, tokenizer, prompts: list[dict], out_path: str | Path
 
     Greedy by default (``do_sample=True`` samples at ``temperature``). Prompts are batched by length with left
     padding; each batch is written before the next starts. Prompts longer than ``max_prompt_tokens`` are skipped.
+    A float32 target on CPU generates with specdec's linear kernel (:func:`specdec.cpu_gemm.fast_linears`).
     """
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -68,7 +70,7 @@ def generate_answers(model, tokenizer, prompts: list[dict], out_path: str | Path
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     eos = model.generation_config.eos_token_id
     bar = tqdm(total=len(encoded), desc="self-distill answers", disable=not progress, unit="prompt")
-    with out_path.open("a", encoding="utf-8") as f:
+    with out_path.open("a", encoding="utf-8") as f, cpu_gemm.fast_linears(model, enabled=cpu_gemm.wanted(model)):
         for start in range(0, len(encoded), batch_size):
             batch = encoded[start:start + batch_size]
             width = max(len(ids) for _, ids in batch)
