@@ -82,8 +82,8 @@ class EagleHead(nn.Module):
                 mask: torch.Tensor | None = None, cache=None) -> torch.Tensor:
         x = self.fc(torch.cat([embeds, feats.to(embeds.dtype)], dim=-1))
         pos_emb = self.rotary(x, position_ids)
-        out = self.layer(x, attention_mask=mask, position_ids=position_ids, past_key_values=cache,
-                         use_cache=cache is not None, position_embeddings=pos_emb)
+        out = self.layer(x, attention_mask=mask, position_ids=position_ids, use_cache=cache is not None,
+                         position_embeddings=pos_emb, **hf_cache.cache_kwargs(self.layer, cache))
         return out[0] if isinstance(out, tuple) else out
 
     def logits(self, g: torch.Tensor) -> torch.Tensor:

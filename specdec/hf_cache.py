@@ -6,12 +6,27 @@ Tested against plain decoding in ``tests/test_hf_cache.py``. Works with ``Dynami
 
 from __future__ import annotations
 
+import functools
+import inspect
+
 import torch
 from transformers import DynamicCache
 
 
 def new_cache() -> DynamicCache:
     return DynamicCache()
+
+
+@functools.cache
+def _cache_keyword(forward) -> str:
+    params = inspect.signature(forward).parameters
+    return "cache" if "cache" in params and "past_key_values" not in params else "past_key_values"
+
+
+def cache_kwargs(module: torch.nn.Module, cache) -> dict:
+    """``{keyword: cache}`` for ``module``'s forward: transformers 5.x renamed ``past_key_values`` to ``cache``
+    (the old name warns from 5.23 and goes in 5.40), so ask the module's own signature which one it takes."""
+    return {_cache_keyword(type(module).forward): cache}
 
 
 def cache_length(cache: DynamicCache) -> int:

@@ -44,8 +44,8 @@ def forward_masked(model, cache, tokens: torch.Tensor, mask: torch.Tensor | None
         input_ids=tokens,
         attention_mask=mask,
         position_ids=pos,
-        past_key_values=cache,
         use_cache=True,
+        **hf_cache.cache_kwargs(model, cache),
         output_hidden_states=output_hidden,
         logits_to_keep=logits_to_keep,
     )

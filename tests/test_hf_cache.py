@@ -74,8 +74,36 @@ def test_keep_positions_then_grow():
 @torch.inference_mode()
 def plain_cache(model, ids: list[int]) -> DynamicCache:
     cache = DynamicCache()
-    model(input_ids=torch.tensor([ids]), past_key_values=cache, use_cache=True)
+    model(input_ids=torch.tensor([ids]), use_cache=True, **hf_cache.cache_kwargs(model, cache))
     return cache
+
+
+def test_cache_kwargs_follow_the_forward_signature():
+    """transformers renamed ``past_key_values`` to ``cache``; the keyword is read off each forward's signature."""
+
+    class Old(torch.nn.Module):
+        def forward(self, input_ids, past_key_values=None, **kwargs): ...
+
+    class New(torch.nn.Module):
+        def forward(self, input_ids, cache=None, **kwargs): ...
+
+    class Opaque(torch.nn.Module):  # a wrapper that takes anything: the name every 5.x release accepts
+        def forward(self, *args, **kwargs): ...
+
+    assert hf_cache.cache_kwargs(Old(), "c") == {"past_key_values": "c"}
+    assert hf_cache.cache_kwargs(New(), "c") == {"cache": "c"}
+    assert hf_cache.cache_kwargs(Opaque(), "c") == {"past_key_values": "c"}
+
+
+def test_verify_forward_raises_no_cache_deprecation(recwarn):
+    from specdec import hf_forward
+
+    model = get_tiny()
+    cache = DynamicCache()
+    hf_forward.forward_tokens(model, cache, torch.tensor([[1, 2, 3]]))
+    hf_forward.forward_tokens(model, cache, torch.tensor([[4, 5, 6]]), parents=torch.tensor([[-1, 0, 0]]))
+    assert hf_cache.cache_length(cache) == 6
+    assert not [w for w in recwarn if "past_key_values" in str(w.message)]
 
 
 def assert_caches_equal(got: DynamicCache, ref: DynamicCache, tol: float) -> None:
