@@ -25,8 +25,10 @@ def _cache_keyword(forward) -> str:
 
 def cache_kwargs(module: torch.nn.Module, cache) -> dict:
     """``{keyword: cache}`` for ``module``'s forward: transformers 5.x renamed ``past_key_values`` to ``cache``
-    (the old name warns from 5.23 and goes in 5.40), so ask the module's own signature which one it takes."""
-    return {_cache_keyword(type(module).forward): cache}
+    (the old name warns from 5.23 and goes in 5.40), so ask the module's own signature which one it takes. A
+    wrapper without ``forward`` (any callable) is asked through its ``__call__``."""
+    cls = type(module)
+    return {_cache_keyword(getattr(cls, "forward", None) or cls.__call__): cache}
 
 
 def cache_length(cache: DynamicCache) -> int:

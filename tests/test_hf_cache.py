@@ -94,6 +94,11 @@ def test_cache_kwargs_follow_the_forward_signature():
     assert hf_cache.cache_kwargs(New(), "c") == {"cache": "c"}
     assert hf_cache.cache_kwargs(Opaque(), "c") == {"past_key_values": "c"}
 
+    class Callable:  # not a module at all: its __call__ is what runs
+        def __call__(self, cache=None, **kwargs): ...
+
+    assert hf_cache.cache_kwargs(Callable(), "c") == {"cache": "c"}
+
 
 def test_verify_forward_raises_no_cache_deprecation(recwarn):
     from specdec import hf_forward
