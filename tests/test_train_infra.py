@@ -95,6 +95,24 @@ def test_features_record_target_outputs_and_resume(tmp_path, two_files):
                          progress=False)
 
 
+def test_features_of_grown_data_reuse_only_matching_shards(tmp_path, two_files):
+    """More rows appended (a larger preset seeded from a smaller one's cache): full shards are kept, the old
+    partial last shard is recomputed with the rows that now belong to it, and the result equals a fresh run."""
+    target, tok = tiny_llama(0, dtype=torch.float32), tiny_tokenizer()
+    rows = data_mod.mixture([{"path": str(two_files[0])}], 7)
+    small = features.extract(target, tok, rows[:5], tmp_path / "f", max_len=64, shard_rows=2, progress=False)
+    assert len(small) == 5
+    kept = (tmp_path / "f" / "shard-00000.safetensors").stat().st_mtime_ns
+    grown = features.extract(target, tok, rows, tmp_path / "f", max_len=64, shard_rows=2, progress=False)
+    fresh = features.extract(target, tok, rows, tmp_path / "g", max_len=64, shard_rows=2, progress=False)
+    assert (tmp_path / "f" / "shard-00000.safetensors").stat().st_mtime_ns == kept
+    assert len(grown) == 7 and torch.equal(grown.offsets, fresh.offsets) and torch.equal(grown.tokens, fresh.tokens)
+    assert torch.equal(grown.hidden, fresh.hidden)
+    (tmp_path / "f" / "shard-00001.safetensors").write_bytes(b"torn")  # a corrupt shard is rewritten, not trusted
+    again = features.extract(target, tok, rows, tmp_path / "f", max_len=64, shard_rows=2, progress=False)
+    assert torch.equal(again.hidden, fresh.hidden)
+
+
 def test_batch_order_and_schedule():
     assert batch_indices(10, 4, 0, 0) == batch_indices(10, 4, 0, 0)
     epoch0 = batch_indices(10, 4, 0, 0) + batch_indices(10, 4, 1, 0)

@@ -5,7 +5,9 @@ Shapes: one shard holds ``n`` positions of ``k`` sequences: ``tokens [n]``, ``hi
 target's last-layer hidden state after its final norm, so ``lm_head(hidden)`` = its logits), ``loss_mask [n]``
 (positions whose *token* is a training target: assistant text), ``topk_ids / topk_probs [n, K]`` (the target's
 top-K next-token distribution) and ``offsets [k + 1]``. Shards are written atomically in a fixed order, so an
-interrupted extraction resumes at the first missing shard. ``manifest.json`` records the target it came from.
+interrupted extraction resumes at the first missing shard; a shard on disk is reused only when it holds exactly the
+sequences it should now (a data set grown by more answers recomputes its last, partial shard and adds the new ones).
+``manifest.json`` records the target it came from.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
@@ -61,12 +64,26 @@ def extract(model, tokenizer, rows: list[dict], out_dir: str | Path, *, max_len:
     _write_json(manifest_path, {**manifest, "complete": False})
     bar = tqdm(total=len(seqs), desc="teacher-forced features", unit="seq", disable=not progress)
     for name, shard in zip(names, shards):
-        if not (out_dir / name).exists():
+        if not shard_matches(out_dir / name, shard):
             _write_shard(model, shard, out_dir / name, batch_tokens, topk)
         bar.update(len(shard))
     bar.close()
     _write_json(manifest_path, {**manifest, "complete": True})
     return FeatureSet(out_dir)
+
+
+def shard_matches(path: Path, seqs: list[tuple[torch.Tensor, torch.Tensor]]) -> bool:
+    """True when the shard at ``path`` exists and holds exactly ``seqs`` (same tokens, loss masks and lengths)."""
+    if not path.exists():
+        return False
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            offsets, tokens, mask = f.get_tensor("offsets"), f.get_tensor("tokens"), f.get_tensor("loss_mask")
+    except (OSError, KeyError, SafetensorError):  # a torn or foreign file: rewrite it
+        return False
+    want = torch.tensor([0] + [len(s[0]) for s in seqs]).cumsum(0)
+    return (torch.equal(offsets, want) and torch.equal(tokens, torch.cat([s[0] for s in seqs]))
+            and torch.equal(mask, torch.cat([s[1] for s in seqs]).to(mask.dtype)))
 
 
 def _write_shard(model, seqs, path: Path, batch_tokens: int, topk: int) -> None:
