@@ -40,7 +40,8 @@ class DraftModelDrafter:
     train.draft_model`` (built on ``target``'s embedding and LM head, in the target's dtype); or pass ``model=``
     directly. depth / width: tree shape when no ``choices`` are given (None: the checkpoint's recommended values,
     else 4 / 1). dtype: of a hub/HF draft model (None: float32). ``vocab_size`` is checked against the target's by
-    :func:`specdec.generate`.
+    :func:`specdec.generate`. A trained checkpoint with a draft vocabulary scores only those tokens
+    (:class:`DraftVocabHead`); ``full_vocab=True`` uses the target's whole LM head instead.
     """
 
     needs_hidden_states = False
@@ -55,7 +56,7 @@ class DraftModelDrafter:
 
     def __init__(self, target=None, tokenizer=None, path: str | None = None, model=None, depth: int | None = None,
                  width: int | None = None, choices: list[list[int]] | None = None, dtype: str | None = None,
-                 dynamic: bool = False, top_k: int = 4, min_value: float = 0.0) -> None:
+                 dynamic: bool = False, top_k: int = 4, min_value: float = 0.0, full_vocab: bool = False) -> None:
         recommended: dict = {}
         if model is None:
             if not path:
@@ -64,7 +65,7 @@ class DraftModelDrafter:
                     "(a causal LM sharing the target's tokenizer), or pass model=... in Python."
                 )
             if checkpoint.is_checkpoint(path):
-                model, meta = load_checkpoint_model(target, path, dtype)
+                model, meta = load_checkpoint_model(target, path, dtype, full_vocab=full_vocab)
                 recommended = meta["config"]
             else:
                 model, _ = models.load_target(path, dtype=dtype or "float32")
@@ -73,7 +74,12 @@ class DraftModelDrafter:
         if depth < 1 or width < 1:
             raise ConfigError(f"draft_model needs depth >= 1 and width >= 1; got depth={depth}, width={width}.")
         self.model = model.eval()
-        self.vocab_size = models.vocab_size(self.model)
+        head = self.model.get_output_embeddings()
+        if isinstance(head, DraftVocabHead):  # logits over the draft vocabulary, ids mapped back through d2t
+            self.draft_ids = head.d2t
+            self.vocab_size = head.vocab_size
+        else:
+            self.vocab_size = models.vocab_size(self.model)
         set_dynamic(self, dynamic, top_k, depth, min_value)
         choices = choices if choices is not None else tree_ops.choices_for_shape(depth, width)
         self.parents, self.ranks = tree_ops.topology_from_choices(choices)
@@ -324,6 +330,23 @@ def _new_model(target, config, dtype: torch.dtype) -> nn.Module:
     return model.eval()
 
 
+class DraftVocabHead(nn.Linear):
+    """The target's LM head cut to a draft vocabulary: rows ``d2t`` (the most frequent target tokens, ascending ids).
+
+    ``[..., H] -> [..., V_draft]`` logits, equal to the target head's logits at those ids. On a small target the full
+    head is a large part of a draft token's cost (49152 x 576 weights read per call for SmolLM2-135M); 4096 rows keep
+    nearly every token a draft gets accepted with. ``vocab_size``: the target's (for the vocabulary check).
+    """
+
+    def __init__(self, target_head: nn.Module, d2t: torch.Tensor, vocab_size: int) -> None:
+        w = target_head.weight
+        super().__init__(w.shape[1], len(d2t), bias=False, device=w.device, dtype=w.dtype)
+        with torch.no_grad():
+            self.weight.copy_(w[d2t.to(w.device)])
+        self.register_buffer("d2t", d2t.long().clone().to(w.device))
+        self.vocab_size = int(vocab_size)
+
+
 def _share_vocab(model, target) -> None:
     """Use the target's embedding and LM head modules (no copy; the draft model must already be in its dtype)."""
     model.set_input_embeddings(target.get_input_embeddings())
@@ -346,19 +369,31 @@ def init_from_target(target, layers: list[int], dtype: torch.dtype | None = None
 
 
 def from_state(target, hf_config: dict, state: dict[str, torch.Tensor], path: str | Path = "<memory>",
-               dtype: torch.dtype | None = None) -> nn.Module:
+               dtype: torch.dtype | None = None, full_vocab: bool = False) -> nn.Module:
     """A draft model on the target's embedding and LM head (shared) with its own layers + norm from ``state``
-    (the :func:`own_modules` state dict), in ``dtype`` (default the target's)."""
+    (the :func:`own_modules` state dict), in ``dtype`` (default the target's). A ``d2t`` entry in ``state`` (and
+    ``full_vocab`` False) gives it a :class:`DraftVocabHead` over those target ids instead of the full LM head."""
     dtype = dtype or target.dtype
+    state = dict(state)
+    d2t = state.pop("d2t", None)
     model = _new_model(target, type(target.config).from_dict(hf_config), dtype)
     _share_vocab(model, target)
     checkpoint.load_into(own_modules(model), {k: v.to(dtype) for k, v in state.items()}, path)
+    if d2t is not None and not full_vocab:
+        bad = d2t[(d2t < 0) | (d2t >= models.vocab_size(target))]
+        if len(bad):
+            raise checkpoint.CheckpointError(f"{path}: draft vocabulary ids {bad[:4].tolist()} are outside the "
+                                             f"target's {models.vocab_size(target)} tokens; it was made for another "
+                                             "target.")
+        model.set_output_embeddings(DraftVocabHead(target.get_output_embeddings(), d2t, models.vocab_size(target)))
     return model
 
 
-def load_checkpoint_model(target, path: str | Path, dtype: str | None = None) -> tuple[nn.Module, dict]:
+def load_checkpoint_model(target, path: str | Path, dtype: str | None = None,
+                          full_vocab: bool = False) -> tuple[nn.Module, dict]:
     """``(draft model, checkpoint meta)`` for a checkpoint of ``python -m train.draft_model``: kind and target
-    fingerprint checked, built on the target's embedding and LM head, in the target's dtype."""
+    fingerprint checked, built on the target's embedding and LM head (its draft vocabulary's rows, when the
+    checkpoint has one and ``full_vocab`` is False), in the target's dtype."""
     if target is None:
         raise ConfigError(f"{path} is a train/ checkpoint: the draft model is built on the target's embedding and "
                           "LM head, so pass target=... .")
@@ -370,4 +405,4 @@ def load_checkpoint_model(target, path: str | Path, dtype: str | None = None) ->
     if not isinstance(hf_config, dict):
         raise checkpoint.CheckpointError(f"{path}/{checkpoint.META} lacks config.hf_config; re-export it with "
                                          "python -m train.draft_model.")
-    return from_state(target, hf_config, state, path), meta
+    return from_state(target, hf_config, state, path, full_vocab=full_vocab), meta

@@ -13,6 +13,7 @@ import specdec
 import train.draft_model as dm
 from drafters.draft_model import (
     DraftModelDrafter,
+    DraftVocabHead,
     from_state,
     init_from_target,
     own_modules,
@@ -22,6 +23,7 @@ from drafters.draft_model import (
 from specdec import checkpoint, models
 from specdec.checkpoint import CheckpointError
 from specdec.errors import ConfigError
+from specdec.types import DraftContext
 from tests.conftest import greedy_reference
 from tests.tiny import random_prompt, save_tiny, tiny_config, tiny_llama, tiny_tokenizer
 from tests.train_fixtures import job_config
@@ -182,7 +184,7 @@ def jobs(tmp_path_factory):
     """The tiny job run twice (full fine-tune and LoRA) on one tiny target and one shared data step."""
     tmp = tmp_path_factory.mktemp("draft_model_job")
     out = {}
-    for name, overrides in {"full": ["drafter.num_layers=1"],
+    for name, overrides in {"full": ["drafter.num_layers=1", "drafter.draft_vocab_size=40"],
                             "lora": ["drafter.num_layers=2", "drafter.lora_rank=4", "drafter.loss=forward_kl",
                                      "drafter.depth=3", "drafter.width=2"]}.items():
         cfg = job_config(tmp, "draft_model", overrides)
@@ -200,6 +202,8 @@ def test_job_never_changes_the_target(jobs):
 
 def test_checkpoint_ships_only_layers_and_norm(jobs):
     state, meta = checkpoint.load(jobs["full"], kind="draft_model")
+    d2t = state.pop("d2t")  # the draft vocabulary: 40 most frequent answer tokens, ascending ids
+    assert len(d2t) == 40 and torch.equal(d2t, d2t.sort().values) and len(set(d2t.tolist())) == 40
     assert set(state) == {k for k in state if k.startswith(("layers.0.", "norm."))} and "norm.weight" in state
     assert all(v.dtype == torch.float16 for v in state.values())
     cfg = meta["config"]
@@ -212,6 +216,24 @@ def test_checkpoint_ships_only_layers_and_norm(jobs):
     lora_state, lora_meta = checkpoint.load(jobs["lora"], kind="draft_model")
     assert lora_meta["config"]["init_layers"] == [0, 1] and lora_meta["config"]["lora_rank"] == 4
     assert not any("lora" in k for k in lora_state)  # merged into the layer weights
+    assert "d2t" not in lora_state and lora_meta["config"]["draft_vocab_size"] == 4096  # >= the tiny vocab: all
+
+
+def test_draft_vocabulary_head_scores_the_targets_rows(jobs):
+    """A checkpoint with a draft vocabulary: the drafter's head is the target's LM head at those rows (ids mapped
+    back through d2t), the vocabulary check still sees the target's size; full_vocab=True keeps the whole head."""
+    target, _ = models.load_target(str(jobs["target"]), dtype="float32")
+    drafter = DraftModelDrafter(target=target, path=str(jobs["full"]))
+    head = drafter.model.get_output_embeddings()
+    d2t = checkpoint.load(jobs["full"], kind="draft_model")[0]["d2t"]
+    assert isinstance(head, DraftVocabHead) and torch.equal(drafter.draft_ids, d2t)
+    assert torch.equal(head.weight, target.get_output_embeddings().weight[d2t])
+    assert drafter.vocab_size == models.vocab_size(target) and head.weight.data_ptr() != target.lm_head.weight.data_ptr()
+    full = DraftModelDrafter(target=target, path=str(jobs["full"]), full_vocab=True)
+    assert full.draft_ids is None and full.model.get_output_embeddings() is target.get_output_embeddings()
+    ids = random_prompt(5, 9)
+    tree = drafter.propose(DraftContext(input_ids=ids, prompt_len=9, max_nodes=8, max_depth=4))
+    assert set(tree.tokens[0, 1:].tolist()) <= set(d2t.tolist())  # every draft token is a draft-vocabulary id
 
 
 @pytest.mark.parametrize("run_name", ["full", "lora"])

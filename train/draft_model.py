@@ -31,12 +31,14 @@ from drafters.draft_model import (
     own_modules,
     resolve_init_layers,
 )
+from drafters.eagle import reduced_vocab
 from specdec import models
 from specdec.errors import ConfigError
 from train.features import Batch, FeatureSet
 from train.job import JobSpec, check_keys, hydra_main
 
-OPTIONS = {"num_layers", "init_layers", "loss", "lora_rank", "lora_alpha", "save_dtype", "depth", "width"}
+OPTIONS = {"num_layers", "init_layers", "loss", "lora_rank", "lora_alpha", "save_dtype", "depth", "width",
+           "draft_vocab_size"}
 LOSSES = ("forward_kl", "tv")
 
 
@@ -190,19 +192,32 @@ def drafter_config(module: DraftTrainModule) -> dict:
     opts = module.opts
     return {"num_layers": len(module.layers), "init_layers": list(module.layers), "loss": opts.get("loss", "tv"),
             "lora_rank": int(opts.get("lora_rank") or 0), "depth": int(opts.get("depth") or 4),
-            "width": int(opts.get("width") or 1), "hf_config": module.causal_lm.config.to_dict()}
+            "width": int(opts.get("width") or 1), "draft_vocab_size": int(opts.get("draft_vocab_size") or 0),
+            "hf_config": module.causal_lm.config.to_dict()}
+
+
+def draft_vocab(module: DraftTrainModule, target, data) -> dict[str, torch.Tensor]:
+    """``{"d2t": ids}``: the ``draft_vocab_size`` most frequent answer tokens of the training data (EOS included),
+    whose LM-head rows the shipped drafter scores; ``{}`` when ``draft_vocab_size`` is 0 (the full head)."""
+    size = int(module.opts.get("draft_vocab_size") or 0)
+    vocab = models.vocab_size(target)
+    if size <= 0 or size >= vocab:
+        return {}
+    always = [t for t in [target.generation_config.eos_token_id] if isinstance(t, int)]
+    return {"d2t": reduced_vocab(data.train.token_counts(vocab), size, always)}
 
 
 def make_drafter(target, tokenizer, module: DraftTrainModule, data) -> DraftModelDrafter:
-    """The drafter as it would ship now: the trained layers on the target's embedding and LM head."""
+    """The drafter as it would ship now: the trained layers on the target's embedding and LM head (its draft
+    vocabulary's rows)."""
     cfg = drafter_config(module)
-    model = from_state(target, cfg["hf_config"], own_state(module))
+    model = from_state(target, cfg["hf_config"], {**own_state(module), **draft_vocab(module, target, data)})
     return DraftModelDrafter(target, tokenizer, model=model, depth=cfg["depth"], width=cfg["width"])
 
 
 def export(module: DraftTrainModule, target, data, val_metrics: dict, cfg: dict) -> tuple[dict, dict]:
     dtype = models.resolve_dtype(module.opts.get("save_dtype") or "float32")
-    return own_state(module, dtype), drafter_config(module)
+    return {**own_state(module, dtype), **draft_vocab(module, target, data)}, drafter_config(module)
 
 
 SPEC = JobSpec(kind=KIND, make_module=make_module, loss_fn=loss_fn, metrics=metrics, make_drafter=make_drafter,
