@@ -25,9 +25,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from drafters.draft_model import DraftModelDrafter, decoder
+from drafters.draft_model import DraftModelDrafter, DraftVocabHead, decoder
 from specdec import checkpoint
 from specdec.errors import ConfigError
+from specdec.models import vocab_size
 
 KIND = "layerskip"
 DEFAULT_DEPTH = 4  # draft tokens per path when neither the call nor a checkpoint says
@@ -181,13 +182,17 @@ class LayerSkipDrafter(DraftModelDrafter):
     the checkpoint shipped for the default target is used. skip_layers / skip_attention: explicit layer indices
     (``1..num_layers-1``) instead of a checkpoint; adapter: an :class:`ExitAdapter` to use with them.
     depth / width / choices: the tree shape (``depth=None``: the checkpoint's recommendation, else 4).
+    d2t: a draft vocabulary (target ids, ascending; a checkpoint may carry one): the view's LM head is then the
+    target's rows for those tokens only (:class:`drafters.draft_model.DraftVocabHead`), much cheaper when few layers
+    run; ``full_vocab=True`` ignores it.
 
     Example: ``LayerSkipDrafter(target, skip_layers=[14, 16, 18, 20], depth=3)``.
     """
 
     def __init__(self, target=None, tokenizer=None, path: str | None = None, skip_layers: list[int] | None = None,
                  skip_attention: list[int] | None = None, adapter: ExitAdapter | None = None,
-                 depth: int | None = None, width: int = 1, choices: list[list[int]] | None = None) -> None:
+                 depth: int | None = None, width: int = 1, choices: list[list[int]] | None = None,
+                 d2t: torch.Tensor | None = None, full_vocab: bool = False) -> None:
         if target is None:
             raise ConfigError("the layerskip drafter is a view of the target: pass target=... .")
         explicit = skip_layers is not None or skip_attention is not None or adapter is not None
@@ -196,12 +201,14 @@ class LayerSkipDrafter(DraftModelDrafter):
                               "from it) or skip_layers/skip_attention/adapter, not both: set drafter.path=null or "
                               "drop the skip lists.")
         if not explicit:
-            skip_layers, skip_attention, adapter, depth = self._from_checkpoint(target, path, depth)
+            skip_layers, skip_attention, adapter, depth, d2t = self._from_checkpoint(target, path, depth)
         if adapter is not None:
             ref = next(target.parameters())
             adapter = adapter.to(device=ref.device, dtype=ref.dtype).eval()
         self.adapter = adapter
         view = skip_view(target, skip_layers or (), skip_attention or (), adapter)
+        if d2t is not None and not full_vocab:  # the view's own head; the target's stays as it is
+            view.set_output_embeddings(DraftVocabHead(target.get_output_embeddings(), d2t, vocab_size(target)))
         self.skip_layers, self.skip_attention = check_skips(num_layers(target), skip_layers or (), skip_attention or ())
         super().__init__(model=view, depth=depth or DEFAULT_DEPTH, width=width, choices=choices)
 
@@ -209,6 +216,8 @@ class LayerSkipDrafter(DraftModelDrafter):
     def _from_checkpoint(target, path, depth):
         path = path or checkpoint.shipped(KIND)
         state, meta = checkpoint.load(path, kind=KIND, target=target)
+        state = dict(state)
+        d2t = state.pop("d2t", None)
         cfg = meta["config"]
         adapter = None
         rank = int(cfg.get("adapter_rank") or 0)
@@ -218,4 +227,8 @@ class LayerSkipDrafter(DraftModelDrafter):
         elif state:
             raise checkpoint.CheckpointError(f"checkpoint {path} has weights but adapter_rank {rank}; it was not "
                                              "written by train/layerskip.py.")
-        return cfg.get("skip_layers") or [], cfg.get("skip_attention") or [], adapter, depth or cfg.get("depth")
+        if d2t is not None and not bool(((d2t >= 0) & (d2t < vocab_size(target))).all()):
+            raise checkpoint.CheckpointError(f"{path}: its draft vocabulary has ids outside the target's "
+                                             f"{vocab_size(target)} tokens; it was made for another target.")
+        return (cfg.get("skip_layers") or [], cfg.get("skip_attention") or [], adapter, depth or cfg.get("depth"),
+                d2t)

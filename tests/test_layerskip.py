@@ -11,6 +11,7 @@ from transformers import LlamaForCausalLM
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRMSNorm
 
 import specdec
+from drafters.draft_model import DraftVocabHead
 from drafters.layerskip import ExitAdapter, LayerSkipDrafter, check_skips, skip_view
 from specdec import checkpoint, hf_cache
 from specdec.checkpoint import CheckpointError
@@ -245,7 +246,7 @@ def layerskip_config(tmp, overrides: list[str]) -> dict:
 def trained(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("layerskip")
     cfg = layerskip_config(tmp, ["drafter.skip_layers=[2]", "drafter.skip_attention=[3]", "drafter.adapter_rank=8",
-                                 "train.lr=0.01"])
+                                 "train.lr=0.01", "drafter.draft_vocab_size=48"])
     return job.run(layerskip.SPEC, cfg, progress=False), tmp
 
 
@@ -254,11 +255,12 @@ def test_job_writes_checkpoint_with_card(trained):
     meta = checkpoint.read_meta(final)
     assert meta["kind"] == "layerskip"
     assert meta["config"] == {"skip_layers": [2], "skip_attention": [3], "adapter_rank": 8, "depth": 3,
-                              "num_layers": LAYERS}
+                              "num_layers": LAYERS, "draft_vocab_size": 48}
     val = meta["training"]["val"]
     assert {"top1", "top1_skip", "tau"} <= set(val) and 0 <= val["top1"] <= 1
     state, _ = checkpoint.load(final)
-    assert set(state) == {"norm.weight", "down.weight", "up.weight"}
+    assert set(state) == {"norm.weight", "down.weight", "up.weight", "d2t"}
+    assert len(state["d2t"]) == 48 and torch.equal(state["d2t"], state["d2t"].sort().values)
     assert state["up.weight"].abs().sum() > 0  # trained away from the identity
     assert "## How it was made" in (final / "README.md").read_text()
 
@@ -274,6 +276,12 @@ def test_trained_drafter_loads_is_lossless_and_target_unchanged(trained):
     drafter = LayerSkipDrafter(target, path=str(final))
     assert drafter.skip_layers == [2] and drafter.skip_attention == [3] and drafter.adapter is not None
     assert len(drafter.parents) == 4  # depth 3 from the checkpoint: root + 3
+    head = drafter.model.get_output_embeddings()  # the view's own head over the draft vocabulary
+    d2t = checkpoint.load(final)[0]["d2t"]
+    assert isinstance(head, DraftVocabHead) and torch.equal(drafter.draft_ids, d2t)
+    assert torch.equal(head.weight, target.get_output_embeddings().weight[d2t])
+    assert target.get_output_embeddings().weight.shape[0] == drafter.vocab_size  # the target's head untouched
+    assert LayerSkipDrafter(target, path=str(final), full_vocab=True).draft_ids is None
     assert_lossless(target, drafter, seeds=range(3), n=16)
     out = specdec.generate(target, random_prompt(0, 12), tokenizer=tok, drafter=str(final), max_new_tokens=16)
     ref = target.generate(random_prompt(0, 12), do_sample=False, max_new_tokens=16)[0, 12:].tolist()

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from drafters.eagle import reduced_vocab
 from drafters.layerskip import (
     DEFAULT_DEPTH,
     KIND,
@@ -27,10 +28,12 @@ from drafters.layerskip import (
     skip_view,
 )
 from specdec.errors import ConfigError
+from specdec.models import vocab_size
 from train.features import Batch, FeatureSet
 from train.job import JobSpec, check_keys, hydra_main
 
-OPTIONS = {"skip_layers", "skip_attention", "num_skip", "auto_sequences", "adapter_rank", "depth"}
+OPTIONS = {"skip_layers", "skip_attention", "num_skip", "auto_sequences", "adapter_rank", "depth",
+           "draft_vocab_size"}
 EVAL_BATCH = 8  # validation sequences per forward
 
 
@@ -187,19 +190,34 @@ def _adapter_copy(module: LayerSkipTrainModule, hidden_size: int) -> ExitAdapter
     return adapter
 
 
+def draft_vocab(module: LayerSkipTrainModule, target, data) -> torch.Tensor | None:
+    """The ``draft_vocab_size`` most frequent answer tokens of the training data (EOS included), whose LM-head rows
+    the drafter scores; None when ``draft_vocab_size`` is 0 or covers the whole vocabulary."""
+    size = int(module.opts.get("draft_vocab_size") or 0)
+    vocab = vocab_size(target)
+    if size <= 0 or size >= vocab:
+        return None
+    always = [t for t in [target.generation_config.eos_token_id] if isinstance(t, int)]
+    return reduced_vocab(data.train.token_counts(vocab), size, always)
+
+
 def make_drafter(target, tokenizer, module: LayerSkipTrainModule, data) -> LayerSkipDrafter:
     """The drafter as it would ship now (a copy of the adapter; the target is only viewed)."""
     return LayerSkipDrafter(target, tokenizer, skip_layers=module.skip_layers, skip_attention=module.skip_attention,
                             adapter=_adapter_copy(module, int(target.config.hidden_size)),
-                            depth=int(module.opts.get("depth") or DEFAULT_DEPTH))
+                            depth=int(module.opts.get("depth") or DEFAULT_DEPTH), d2t=draft_vocab(module, target, data))
 
 
 def export(module: LayerSkipTrainModule, target, data, val_metrics: dict, cfg: dict) -> tuple[dict, dict]:
-    """Adapter weights (none when ``adapter_rank=0``) and the drafter config the checkpoint carries."""
+    """Adapter weights (none when ``adapter_rank=0``), the draft vocabulary (if any) and the drafter config the
+    checkpoint carries."""
     state = {} if module.adapter is None else {k: v.detach().cpu() for k, v in module.adapter.state_dict().items()}
+    d2t = draft_vocab(module, target, data)
+    if d2t is not None:
+        state["d2t"] = d2t
     config = {"skip_layers": module.skip_layers, "skip_attention": module.skip_attention,
               "adapter_rank": module.rank, "depth": int(module.opts.get("depth") or DEFAULT_DEPTH),
-              "num_layers": len(decoder(target).layers)}
+              "num_layers": len(decoder(target).layers), "draft_vocab_size": int(module.opts.get("draft_vocab_size") or 0)}
     return state, config
 
 
