@@ -336,15 +336,20 @@ class DraftVocabHead(nn.Linear):
     ``[..., H] -> [..., V_draft]`` logits, equal to the target head's logits at those ids. On a small target the full
     head is a large part of a draft token's cost (49152 x 576 weights read per call for SmolLM2-135M); 4096 rows keep
     nearly every token a draft gets accepted with. ``vocab_size``: the target's (for the vocabulary check).
+    ``source`` names where ``d2t`` came from in the error raised when an id is outside the target's vocabulary.
     """
 
-    def __init__(self, target_head: nn.Module, d2t: torch.Tensor, vocab_size: int) -> None:
+    def __init__(self, target_head: nn.Module, d2t: torch.Tensor, source: str | Path = "<memory>") -> None:
         w = target_head.weight
+        self.vocab_size = int(w.shape[0])
+        bad = d2t[(d2t < 0) | (d2t >= self.vocab_size)]
+        if len(bad):
+            raise checkpoint.CheckpointError(f"{source}: draft vocabulary ids {bad[:4].tolist()} are outside the "
+                                             f"target's {self.vocab_size} tokens; it was made for another target.")
         super().__init__(w.shape[1], len(d2t), bias=False, device=w.device, dtype=w.dtype)
         with torch.no_grad():
             self.weight.copy_(w[d2t.to(w.device)])
         self.register_buffer("d2t", d2t.long().clone().to(w.device))
-        self.vocab_size = int(vocab_size)
 
 
 def _share_vocab(model, target) -> None:
@@ -380,12 +385,7 @@ def from_state(target, hf_config: dict, state: dict[str, torch.Tensor], path: st
     _share_vocab(model, target)
     checkpoint.load_into(own_modules(model), {k: v.to(dtype) for k, v in state.items()}, path)
     if d2t is not None and not full_vocab:
-        bad = d2t[(d2t < 0) | (d2t >= models.vocab_size(target))]
-        if len(bad):
-            raise checkpoint.CheckpointError(f"{path}: draft vocabulary ids {bad[:4].tolist()} are outside the "
-                                             f"target's {models.vocab_size(target)} tokens; it was made for another "
-                                             "target.")
-        model.set_output_embeddings(DraftVocabHead(target.get_output_embeddings(), d2t, models.vocab_size(target)))
+        model.set_output_embeddings(DraftVocabHead(target.get_output_embeddings(), d2t, path))
     return model
 
 

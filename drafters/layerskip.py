@@ -28,7 +28,6 @@ from torch import nn
 from drafters.draft_model import DraftModelDrafter, DraftVocabHead, decoder
 from specdec import checkpoint
 from specdec.errors import ConfigError
-from specdec.models import vocab_size
 
 KIND = "layerskip"
 DEFAULT_DEPTH = 4  # draft tokens per path when neither the call nor a checkpoint says
@@ -200,21 +199,22 @@ class LayerSkipDrafter(DraftModelDrafter):
             raise ConfigError("the layerskip drafter takes either path=<checkpoint> (skip lists and adapter come "
                               "from it) or skip_layers/skip_attention/adapter, not both: set drafter.path=null or "
                               "drop the skip lists.")
+        source = "the d2t argument"  # where the draft vocabulary came from, for its error message
         if not explicit:
-            skip_layers, skip_attention, adapter, depth, d2t = self._from_checkpoint(target, path, depth)
+            source = path or checkpoint.shipped(KIND)
+            skip_layers, skip_attention, adapter, depth, d2t = self._from_checkpoint(target, source, depth)
         if adapter is not None:
             ref = next(target.parameters())
             adapter = adapter.to(device=ref.device, dtype=ref.dtype).eval()
         self.adapter = adapter
         view = skip_view(target, skip_layers or (), skip_attention or (), adapter)
         if d2t is not None and not full_vocab:  # the view's own head; the target's stays as it is
-            view.set_output_embeddings(DraftVocabHead(target.get_output_embeddings(), d2t, vocab_size(target)))
+            view.set_output_embeddings(DraftVocabHead(target.get_output_embeddings(), d2t, source))
         self.skip_layers, self.skip_attention = check_skips(num_layers(target), skip_layers or (), skip_attention or ())
         super().__init__(model=view, depth=depth or DEFAULT_DEPTH, width=width, choices=choices)
 
     @staticmethod
     def _from_checkpoint(target, path, depth):
-        path = path or checkpoint.shipped(KIND)
         state, meta = checkpoint.load(path, kind=KIND, target=target)
         state = dict(state)
         d2t = state.pop("d2t", None)
@@ -227,8 +227,5 @@ class LayerSkipDrafter(DraftModelDrafter):
         elif state:
             raise checkpoint.CheckpointError(f"checkpoint {path} has weights but adapter_rank {rank}; it was not "
                                              "written by train/layerskip.py.")
-        if d2t is not None and not bool(((d2t >= 0) & (d2t < vocab_size(target))).all()):
-            raise checkpoint.CheckpointError(f"{path}: its draft vocabulary has ids outside the target's "
-                                             f"{vocab_size(target)} tokens; it was made for another target.")
         return (cfg.get("skip_layers") or [], cfg.get("skip_attention") or [], adapter, depth or cfg.get("depth"),
                 d2t)

@@ -31,11 +31,10 @@ from drafters.draft_model import (
     own_modules,
     resolve_init_layers,
 )
-from drafters.eagle import reduced_vocab
 from specdec import models
 from specdec.errors import ConfigError
 from train.features import Batch, FeatureSet
-from train.job import JobSpec, check_keys, hydra_main
+from train.job import JobSpec, check_keys, draft_vocabulary, hydra_main
 
 OPTIONS = {"num_layers", "init_layers", "loss", "lora_rank", "lora_alpha", "save_dtype", "depth", "width",
            "draft_vocab_size"}
@@ -197,14 +196,10 @@ def drafter_config(module: DraftTrainModule) -> dict:
 
 
 def draft_vocab(module: DraftTrainModule, target, data) -> dict[str, torch.Tensor]:
-    """``{"d2t": ids}``: the ``draft_vocab_size`` most frequent answer tokens of the training data (EOS included),
-    whose LM-head rows the shipped drafter scores; ``{}`` when ``draft_vocab_size`` is 0 (the full head)."""
-    size = int(module.opts.get("draft_vocab_size") or 0)
-    vocab = models.vocab_size(target)
-    if size <= 0 or size >= vocab:
-        return {}
-    always = [t for t in [target.generation_config.eos_token_id] if isinstance(t, int)]
-    return {"d2t": reduced_vocab(data.train.token_counts(vocab), size, always)}
+    """``{"d2t": ids}``: the draft vocabulary (:func:`train.job.draft_vocabulary`) whose LM-head rows the shipped
+    drafter scores; ``{}`` when ``draft_vocab_size`` is 0 or covers the vocabulary (the full head)."""
+    d2t = draft_vocabulary(target, data, int(module.opts.get("draft_vocab_size") or 0))
+    return {"d2t": d2t} if len(d2t) < models.vocab_size(target) else {}
 
 
 def make_drafter(target, tokenizer, module: DraftTrainModule, data) -> DraftModelDrafter:

@@ -13,11 +13,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from drafters.eagle import KIND, EagleDrafter, EagleHead, reduced_vocab
+from drafters.eagle import KIND, EagleDrafter, EagleHead
 from specdec import checkpoint, hf_cache
 from specdec import tree as tree_ops
 from train.features import Batch, FeatureSet
-from train.job import JobSpec, accuracy_metrics, check_keys, hydra_main, shipping_state
+from train.job import (
+    JobSpec,
+    accuracy_metrics,
+    check_keys,
+    draft_vocabulary,
+    hydra_main,
+    shipping_state,
+)
 
 OPTIONS = {"save_dtype", "draft_vocab_size", "unroll", "unroll_decay", "feature_weight", "token_weight",
            "init_layer", "init_from", "tree_nodes", "max_depth", "ranks"}
@@ -45,9 +52,7 @@ def make_module(target, data, cfg: dict) -> EagleTrainModule:
         head = EagleHead.for_target(target, state["d2t"])
         checkpoint.load_into(head, state, opts["init_from"])
         return EagleTrainModule(head.float(), target, opts)
-    always = [t for t in [target.generation_config.eos_token_id] if isinstance(t, int)]
-    d2t = reduced_vocab(data.train.token_counts(target.config.vocab_size), int(opts["draft_vocab_size"]), always)
-    head = EagleHead.for_target(target, d2t)
+    head = EagleHead.for_target(target, draft_vocabulary(target, data, int(opts["draft_vocab_size"])))
     if opts.get("init_layer") is not None:
         head.init_from_target(target, int(opts["init_layer"]))
     return EagleTrainModule(head.float(), target, opts)

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from accelerate import PartialState
 
+from drafters.eagle import reduced_vocab
 from specdec import checkpoint, models
 from specdec.errors import ConfigError
 from train import dataset
@@ -157,6 +158,14 @@ def accuracy_metrics(acc: list[list[float]], name: str) -> dict:
     out = {f"{name}{d + 1}_top1": row[0] for d, row in enumerate(acc)}
     out.update({f"{name}{d + 1}_top{len(row)}": sum(row) for d, row in enumerate(acc)})
     return out
+
+
+def draft_vocabulary(target, data, size: int) -> torch.Tensor:
+    """``d2t``: the ``size`` most frequent answer tokens of the training data (EOS always kept), ascending ids;
+    every id when ``size`` is 0 or covers the vocabulary (:func:`drafters.eagle.reduced_vocab`)."""
+    vocab = int(target.config.vocab_size)
+    always = [t for t in [target.generation_config.eos_token_id] if isinstance(t, int)]
+    return reduced_vocab(data.train.token_counts(vocab), size, always)
 
 
 def check_keys(section: dict, allowed: set[str], name: str) -> None:

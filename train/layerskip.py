@@ -17,7 +17,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from drafters.eagle import reduced_vocab
 from drafters.layerskip import (
     DEFAULT_DEPTH,
     KIND,
@@ -30,7 +29,7 @@ from drafters.layerskip import (
 from specdec.errors import ConfigError
 from specdec.models import vocab_size
 from train.features import Batch, FeatureSet
-from train.job import JobSpec, check_keys, hydra_main
+from train.job import JobSpec, check_keys, draft_vocabulary, hydra_main
 
 OPTIONS = {"skip_layers", "skip_attention", "num_skip", "auto_sequences", "adapter_rank", "depth",
            "draft_vocab_size"}
@@ -191,14 +190,10 @@ def _adapter_copy(module: LayerSkipTrainModule, hidden_size: int) -> ExitAdapter
 
 
 def draft_vocab(module: LayerSkipTrainModule, target, data) -> torch.Tensor | None:
-    """The ``draft_vocab_size`` most frequent answer tokens of the training data (EOS included), whose LM-head rows
-    the drafter scores; None when ``draft_vocab_size`` is 0 or covers the whole vocabulary."""
-    size = int(module.opts.get("draft_vocab_size") or 0)
-    vocab = vocab_size(target)
-    if size <= 0 or size >= vocab:
-        return None
-    always = [t for t in [target.generation_config.eos_token_id] if isinstance(t, int)]
-    return reduced_vocab(data.train.token_counts(vocab), size, always)
+    """The draft vocabulary (:func:`train.job.draft_vocabulary`) whose LM-head rows the drafter scores; None when
+    ``draft_vocab_size`` is 0 or covers the whole vocabulary."""
+    d2t = draft_vocabulary(target, data, int(module.opts.get("draft_vocab_size") or 0))
+    return d2t if len(d2t) < vocab_size(target) else None
 
 
 def make_drafter(target, tokenizer, module: LayerSkipTrainModule, data) -> LayerSkipDrafter:

@@ -12,11 +12,17 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from drafters.eagle import reduced_vocab
 from drafters.medusa import KIND, MedusaDrafter, MedusaHeads
 from specdec import tree as tree_ops
 from train.features import Batch, FeatureSet
-from train.job import JobSpec, accuracy_metrics, check_keys, hydra_main, shipping_state
+from train.job import (
+    JobSpec,
+    accuracy_metrics,
+    check_keys,
+    draft_vocabulary,
+    hydra_main,
+    shipping_state,
+)
 
 OPTIONS = {"save_dtype", "num_heads", "num_layers", "draft_vocab_size", "head_decay", "tree_nodes", "ranks"}
 
@@ -42,8 +48,7 @@ class MedusaTrainModule(nn.Module):
 def make_module(target, data, cfg: dict) -> MedusaTrainModule:
     opts = dict(cfg["drafter"])
     check_keys(opts, OPTIONS, "drafter (medusa training)")
-    always = [t for t in [target.generation_config.eos_token_id] if isinstance(t, int)]
-    d2t = reduced_vocab(data.train.token_counts(target.config.vocab_size), int(opts["draft_vocab_size"]), always)
+    d2t = draft_vocabulary(target, data, int(opts["draft_vocab_size"]))
     heads = MedusaHeads.for_target(target, int(opts["num_heads"]), int(opts["num_layers"]), d2t)
     heads.init_from_target(target)
     return MedusaTrainModule(heads.float(), target, opts)
