@@ -27,6 +27,7 @@ from drafters.draft_model import (
 from specdec import checkpoint, hf_cache, models
 from specdec import tree as tree_ops
 from specdec.errors import ConfigError, SpecdecError
+from specdec.gqa_attention import gqa_attention_on
 from specdec.types import DraftContext, DraftTree
 
 KIND = "eagle"
@@ -187,7 +188,8 @@ class EagleDrafter(DraftModelDrafter):
                                f"(had {start} pairs, {ctx.input_ids.shape[1]} committed tokens).")
         pos = torch.arange(start, start + m, device=nxt.device)[None]
         mask = causal_mask(start, m, self.dtype, nxt.device) if m > 1 else None
-        g = self.head(ctx.hidden.to(self.dtype), self.embed(nxt), pos, mask, self.cache)
+        with gqa_attention_on(self.head):
+            g = self.head(ctx.hidden.to(self.dtype), self.embed(nxt).to(self.dtype), pos, mask, self.cache)
         self._pairs = self._prefix = start + m
         self._g = {0: g[:, -1]}
         return self.head.logits(g[:, -1])  # [1, V_draft]
@@ -200,7 +202,8 @@ class EagleDrafter(DraftModelDrafter):
         seg = torch.tensor([tokens[lo:hi]])
         mask = tree_ops.segment_mask(sub, lo, hi, self._prefix, self.dtype)
         pos = self._prefix - 1 + tree_ops.depths(sub)[:, lo:hi]
-        g = self.head(feats, self.embed(seg), pos, mask, self.cache)
+        with gqa_attention_on(self.head):
+            g = self.head(feats, self.embed(seg).to(self.dtype), pos, mask, self.cache)
         for j, i in enumerate(range(lo, hi)):
             self._g[i] = g[:, j]
         self._ran = hi - 1

@@ -101,7 +101,7 @@ def _linears(modules: Iterable[torch.nn.Module]) -> list[torch.nn.Linear]:
     seen, out = set(), []
     for module in modules:
         for m in module.modules():
-            if type(m) is torch.nn.Linear and id(m) not in seen:
+            if type(m) is torch.nn.Linear and m.weight.dtype == torch.float32 and id(m) not in seen:
                 seen.add(id(m))
                 out.append(m)
     return out

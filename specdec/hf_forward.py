@@ -12,6 +12,7 @@ import torch
 
 from specdec import hf_cache
 from specdec import tree as tree_ops
+from specdec.gqa_attention import gqa_attention_on
 from specdec.types import VerifyOutput
 
 
@@ -39,15 +40,17 @@ def forward_tokens(model, cache, tokens: torch.Tensor, parents: torch.Tensor | N
 def forward_masked(model, cache, tokens: torch.Tensor, mask: torch.Tensor | None, pos: torch.Tensor,
                    output_hidden: bool = False, logits_to_keep: int = 0) -> VerifyOutput:
     """Forward ``tokens [B, n]`` with an explicit additive mask ``[B, 1, n, cached + n]`` (None: causal) and
-    ``position_ids [B, n]``; the building block for tree segments whose ancestors are already cached."""
-    out = model(
-        input_ids=tokens,
-        attention_mask=mask,
-        position_ids=pos,
-        use_cache=True,
-        **hf_cache.cache_kwargs(model, cache),
-        output_hidden_states=output_hidden,
-        logits_to_keep=logits_to_keep,
-    )
+    ``position_ids [B, n]``; the building block for tree segments whose ancestors are already cached. Attention
+    runs as :func:`specdec.gqa_attention.gqa_sdpa_attention` (no K/V copies for grouped heads on a CPU)."""
+    with gqa_attention_on(model):
+        out = model(
+            input_ids=tokens,
+            attention_mask=mask,
+            position_ids=pos,
+            use_cache=True,
+            **hf_cache.cache_kwargs(model, cache),
+            output_hidden_states=output_hidden,
+            logits_to_keep=logits_to_keep,
+        )
     hidden = out.hidden_states[-1] if output_hidden else None
     return VerifyOutput(logits=out.logits, hidden=hidden)

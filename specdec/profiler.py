@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 import transformers
 
-from specdec import cpu_gemm, models, registry, report
+from specdec import cpu_gemm, gqa_attention, hf_cache, models, registry, report
 from specdec import tree as tree_ops
 from specdec.checkpoint import target_fingerprint
 from specdec.cost import CostProfile
@@ -31,11 +31,13 @@ SIZES = (1, 2, 4, 8, 16, 32, 64)
 
 def profile_key(model, verifier: str = "hf", fast_linears: bool = True) -> dict:
     """What a profile is valid for: the target, its dtype and device, the thread count, the verifier, the
-    linear-layer kernel (:mod:`specdec.cpu_gemm`) and versions."""
+    linear-layer kernel (:mod:`specdec.cpu_gemm`), the attention route (:mod:`specdec.gqa_attention`), the KV
+    cache layout and versions."""
     p = next(model.parameters())
     return {"target": target_fingerprint(model), "dtype": str(p.dtype).replace("torch.", ""),
             "device": p.device.type, "threads": torch.get_num_threads(), "verifier": verifier,
             "linears": cpu_gemm.kernel(model) if fast_linears else "off",
+            "attention": gqa_attention.route(model), "kv": hf_cache.LAYOUT if verifier == "hf" else verifier,
             "torch": torch.__version__, "transformers": transformers.__version__}
 
 

@@ -74,6 +74,18 @@ def test_random_head_is_lossless(choices):
         assert out.stats.finish_reason in ("eos", "length")
 
 
+def test_head_in_another_dtype_than_the_target():
+    """``dtype``: the head may run in bfloat16 beside a float32 target (the target's embeddings and features are
+    cast to it; the fast float32 linear kernel leaves its layers alone); still lossless."""
+    target = tiny_llama(0, dtype=torch.float32)
+    drafter = EagleDrafter(target, head=tiny_head(target, 96), dtype="bfloat16", dynamic=True, top_k=2)
+    assert drafter.dtype == torch.bfloat16
+    ids = random_prompt(1, 11)
+    ref = target.generate(ids, do_sample=False, max_new_tokens=16)[0, ids.shape[1]:].tolist()
+    out = specdec.generate(target, ids, drafter=drafter, max_new_tokens=16, fast_linears=True)
+    assert out.new_tokens == ref[: len(out.new_tokens)] and out.stats.verify_steps < len(out.new_tokens) + 1
+
+
 def test_one_token_prompt():
     target = tiny_llama(0)
     drafter = EagleDrafter(target, head=tiny_head(target, 96))

@@ -68,6 +68,50 @@ def test_keep_positions_then_grow():
     assert positions(cache) == [0, 1, 2, 3, 4, 7, 77, 77]
 
 
+def test_new_cache_appends_in_place_and_grows_by_doubling():
+    cache = hf_cache.new_cache()
+    assert isinstance(cache, DynamicCache)
+    k = torch.zeros(1, 2, 100, 3)
+    cache.update(k, -k, 0)
+    layer = cache.layers[0]
+    assert isinstance(layer, hf_cache.GrowingLayer) and layer._buffers[0].shape[-2] == hf_cache.MIN_CAPACITY
+    base = layer.keys.data_ptr()
+    cache.update(torch.ones(1, 2, 50, 3), -torch.ones(1, 2, 50, 3), 0)  # fits the first buffer: in place
+    assert layer.keys.data_ptr() == base and layer.keys.shape == (1, 2, 150, 3)
+    hf_cache.crop(cache, 140)  # a shorter view; the next update overwrites the dropped slots
+    cache.update(torch.full((1, 2, 10, 3), 5.0), torch.full((1, 2, 10, 3), -5.0), 0)
+    assert layer.keys.data_ptr() == base and hf_cache.cache_length(cache) == 150
+    assert layer.keys[0, 0, :, 0].tolist() == [0.0] * 100 + [1.0] * 40 + [5.0] * 10
+    cache.update(torch.full((1, 2, 130, 3), 7.0), torch.full((1, 2, 130, 3), -7.0), 0)  # 280 > 256: doubled
+    assert layer.keys.data_ptr() != base and layer._buffers[0].shape[-2] == 560
+    assert layer.keys[0, 0, :, 0].tolist() == [0.0] * 100 + [1.0] * 40 + [5.0] * 10 + [7.0] * 130
+    assert torch.equal(layer.values, -layer.keys)
+
+
+def test_growing_layer_adopts_replaced_tensors():
+    """transformers' batch helpers replace keys/values with new tensors: the next update copies them into a new
+    buffer instead of writing into the stale one."""
+    cache = hf_cache.new_cache()
+    k = torch.arange(2 * 4.0).reshape(2, 1, 4, 1)
+    cache.update(k, -k, 0)
+    cache.batch_select_indices(torch.tensor([1]))
+    cache.update(torch.full((1, 1, 1, 1), 9.0), torch.full((1, 1, 1, 1), -9.0), 0)
+    assert cache.layers[0].keys[0, 0, :, 0].tolist() == [4.0, 5.0, 6.0, 7.0, 9.0]
+    assert torch.equal(cache.layers[0].values, -cache.layers[0].keys)
+
+
+def test_keep_positions_in_place_outside_inference_mode():
+    """A verify forward fills the buffers under inference mode; commit runs outside it."""
+    cache = hf_cache.new_cache()
+    with torch.inference_mode():
+        k = torch.arange(10.0).reshape(1, 1, 10, 1)
+        cache.update(k, -k, 0)
+    base = cache.layers[0].keys.data_ptr()
+    hf_cache.keep_positions(cache, 4, [0, 2, 5])
+    assert cache.layers[0].keys[0, 0, :, 0].tolist() == [0.0, 1.0, 2.0, 3.0, 4.0, 6.0, 9.0]
+    assert cache.layers[0].keys.data_ptr() == base
+
+
 # ---------------------------------------------------------------- HFVerifier vs plain decoding
 
 
