@@ -246,7 +246,7 @@ def layerskip_config(tmp, overrides: list[str]) -> dict:
 def trained(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("layerskip")
     cfg = layerskip_config(tmp, ["drafter.skip_layers=[2]", "drafter.skip_attention=[3]", "drafter.adapter_rank=8",
-                                 "train.lr=0.01", "drafter.draft_vocab_size=48"])
+                                 "train.lr=0.01", "drafter.draft_vocab_size=48", "drafter.depth=3"])
     return job.run(layerskip.SPEC, cfg, progress=False), tmp
 
 
