@@ -87,6 +87,12 @@ RULES: dict[str, AcceptanceRule] = {"greedy": greedy, "rejection": rejection, "t
 LOSSY: frozenset[str] = frozenset({"typical"})
 
 
+def is_argmax(rule: AcceptanceRule, sampling: SamplingParams | None) -> bool:
+    """True when ``rule`` reads nothing of the logits but their argmax at each node: the greedy rule, and the
+    rejection rule when not sampling. A verifier may then compute only the greedy tokens."""
+    return rule is greedy or (rule is rejection and (sampling is None or not sampling.do_sample))
+
+
 def get_rule(name: str) -> AcceptanceRule:
     """Look up an acceptance rule by config name."""
     try:

@@ -40,9 +40,11 @@ class TargetConfig:
 
 @dataclass
 class VerifierConfig:
-    """``hf`` (reference) or ``paged``; the other keys are the paged verifier's (``conf/verifier/paged.yaml``)."""
+    """``hf`` (reference) or ``paged``; ``screen_greedy`` is the hf verifier's (``conf/verifier/hf.yaml``), the
+    other keys the paged verifier's (``conf/verifier/paged.yaml``)."""
 
     name: str = "hf"
+    screen_greedy: Optional[bool] = None
     num_blocks: Optional[int] = None
     block_size: Optional[int] = None
     kernel: Optional[str] = None

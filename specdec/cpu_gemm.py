@@ -12,7 +12,8 @@ Measured on this project's CPU (AMD EPYC, 2 threads, SmolLM2-135M, torch 2.13), 
 oneDNN's matmul on weights reordered once into its blocked layout (``torch.ops.mkldnn``, the kernel Inductor
 uses on CPU) makes one row ~2.5x cheaper and 16 rows cost ~1.6x one row: a draft token's price falls, so more
 drafting pays. The reordered weights are a second copy of the weights (540 MB for the default target), made on
-first use and kept while the module lives (re-made when a weight changes, e.g. during training).
+first use and kept while the module lives (re-made when a weight changes, e.g. during training: a `fast_linears`
+block checks each weight when it first uses it, so weights must not change inside a block).
 
 Where oneDNN is missing (some non-x86 builds) the route is ``(W @ x.T).T`` for 2..``MAX_ROWS`` rows, made
 contiguous: a transposed result would reach attention with a last-dim stride other than 1, which sends
@@ -83,10 +84,21 @@ def _packed(m: torch.nn.Linear) -> torch.Tensor:
     return cached[1]
 
 
-def _onednn_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    if x.dtype == torch.float32 and x.device.type == "cpu" and x.numel() and not torch.is_grad_enabled():
-        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), _packed(self), self.bias, "none", [], "")
-    return F.linear(x, self.weight, self.bias)
+class _Single:
+    """A linear layer's forward on the oneDNN route; its packed weight is checked against the weight once per
+    context (one is made on entering :func:`fast_linears`), not on every call of a decode."""
+
+    def __init__(self, linear: torch.nn.Linear) -> None:
+        self.linear = linear
+        self._now: torch.Tensor | None = None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        m = self.linear
+        if x.dtype == torch.float32 and x.device.type == "cpu" and x.numel() and not torch.is_grad_enabled():
+            if self._now is None:
+                self._now = _packed(m)
+            return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self._now, m.bias, "none", [], "")
+        return F.linear(x, m.weight, m.bias)
 
 
 def _wxt_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
@@ -134,8 +146,16 @@ class _Siblings:
         self.sizes = [m.out_features for m in members]
         self.input: torch.Tensor | None = None
         self.outputs: dict[int, torch.Tensor] = {}
+        self._now: tuple[torch.Tensor, torch.Tensor | None] | None = None  # packed() in this context
 
     def packed(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The concatenated packed weights and bias, checked against the weights once per context (a group is
+        made on entering :func:`fast_linears`; weights do not change inside the block of a decode)."""
+        if self._now is None:
+            self._now = self._packed()
+        return self._now
+
+    def _packed(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         key = tuple((id(m), m.weight.data_ptr(), m.weight._version, tuple(m.weight.shape),
                      None if m.bias is None else (m.bias.data_ptr(), m.bias._version)) for m in self.members)
         cached = _fused.get(self.members[0])
@@ -165,7 +185,7 @@ class _Siblings:
         return parts[i]
 
     def clear(self) -> None:
-        self.input, self.outputs = None, {}
+        self.input, self.outputs, self._now = None, {}, None
 
 
 # projections that read the same input, by attribute name (Llama, Mistral, Qwen2, ... and EAGLE's head layer)
@@ -201,7 +221,8 @@ def fast_linears(*modules: torch.nn.Module, enabled: bool = True, route: str | N
         yield
         return
     route = route or best_route()
-    forward = {"onednn": _onednn_forward, "wxt": _wxt_forward}[route]
+    if route not in ("onednn", "wxt"):
+        raise ValueError(f"unknown linear route {route!r}; choose onednn or wxt.")
     patched = [m for m in _linears(modules) if "forward" not in m.__dict__]
     free = {id(m) for m in patched}
     groups = [_Siblings(g) for g in sibling_groups(modules) if all(id(m) in free for m in g)] \
@@ -209,7 +230,7 @@ def fast_linears(*modules: torch.nn.Module, enabled: bool = True, route: str | N
     grouped = {id(m) for g in groups for m in g.members}
     for m in patched:
         if id(m) not in grouped:
-            m.forward = types.MethodType(forward, m)
+            m.forward = _Single(m) if route == "onednn" else types.MethodType(_wxt_forward, m)
     for g in groups:
         for i, m in enumerate(g.members):
             m.forward = functools.partial(g.output, i)

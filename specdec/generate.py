@@ -76,8 +76,9 @@ class SpecDecoder:
         self.calibrator = Calibrator()  # the drafter's confidence calibration, shared by this decoder's requests
         self.fast_linears = cpu_gemm.wanted(target) if fast_linears is None else fast_linears
         if adaptive and cost_profile is None:
-            self.cost_profile, _, _ = profiler.load_or_measure(target, verifier if isinstance(verifier, str) else "hf",
-                                                               fast_linears=self.fast_linears)
+            self.cost_profile, _, _ = profiler.load_or_measure(
+                target, verifier if isinstance(verifier, str) else "hf", fast_linears=self.fast_linears,
+                screen_greedy=getattr(self.verifier, "greedy_head", None) is not None)
         if acceptance is not None:
             get_rule(acceptance)  # an unknown name fails now, not at the first generate()
         self.acceptance = acceptance  # None: greedy, or rejection when sampling

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from specdec import tree as tree_ops
-from specdec.acceptance import AcceptanceRule
+from specdec.acceptance import AcceptanceRule, accept_matching, is_argmax
 from specdec.adaptive import AdaptiveBudget, uncut
 from specdec.protocols import Drafter, Feedback, Verifier
 from specdec.sampling import SamplingParams
@@ -81,6 +81,7 @@ def decode(
     """
     sampling = sampling or SamplingParams()
     needs_hidden = bool(getattr(drafter, "needs_hidden_states", False))
+    argmax_only = is_argmax(rule, sampling)  # the rule reads only the logits' argmax: the verifier may skip them
     drafter.reset()
     hidden = verifier.prefill(input_ids[:, :-1], output_hidden=needs_hidden)  # [B, T-1, H] or None
     committed = input_ids
@@ -92,8 +93,9 @@ def decode(
                            max_depth=remaining - 1, hidden=hidden, sampling=sampling, generator=generator)
         drafted = draft(drafter, ctx, budget)
         tree = drafted.tree
-        out = verifier.score(tree, output_hidden=needs_hidden)
-        acceptance = rule(tree, out.logits, sampling, generator)
+        out = verifier.score(tree, output_hidden=needs_hidden, greedy=argmax_only)
+        acceptance = accept_matching(tree, out.greedy) if out.logits is None else \
+            rule(tree, out.logits, sampling, generator)
         verifier.commit(tree, acceptance)
         if budget is not None:
             budget.observe(tree, acceptance, drafted.draft_ms)

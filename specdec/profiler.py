@@ -20,7 +20,15 @@ from pathlib import Path
 import torch
 import transformers
 
-from specdec import cpu_gemm, gqa_attention, hf_cache, models, registry, report
+from specdec import (
+    cpu_gemm,
+    gqa_attention,
+    greedy_head,
+    hf_cache,
+    models,
+    registry,
+    report,
+)
 from specdec import tree as tree_ops
 from specdec.checkpoint import target_fingerprint
 from specdec.cost import CostProfile
@@ -29,15 +37,17 @@ from specdec.types import Acceptance
 SIZES = (1, 2, 4, 8, 16, 32, 64)
 
 
-def profile_key(model, verifier: str = "hf", fast_linears: bool = True) -> dict:
+def profile_key(model, verifier: str = "hf", fast_linears: bool = True, screen_greedy: bool = True) -> dict:
     """What a profile is valid for: the target, its dtype and device, the thread count, the verifier, the
     linear-layer kernel (:mod:`specdec.cpu_gemm`), the attention route (:mod:`specdec.gqa_attention`), the KV
-    cache layout and versions."""
+    cache layout, how greedy tokens come from the LM head (:mod:`specdec.greedy_head`) and versions."""
     p = next(model.parameters())
+    screened = screen_greedy and verifier == "hf" and greedy_head.screenable(model)
     return {"target": target_fingerprint(model), "dtype": str(p.dtype).replace("torch.", ""),
             "device": p.device.type, "threads": torch.get_num_threads(), "verifier": verifier,
             "linears": cpu_gemm.kernel(model) if fast_linears else "off",
             "attention": gqa_attention.route(model), "kv": hf_cache.LAYOUT if verifier == "hf" else verifier,
+            "lm_head": "bf16-screen" if screened else "logits",
             "torch": torch.__version__, "transformers": transformers.__version__}
 
 
@@ -47,13 +57,14 @@ def profile_path(key: dict, root: Path | None = None) -> Path:
 
 
 def measure_verify(model, sizes: Sequence[int] = SIZES, prefix_len: int = 256, reps: int = 9,
-                   verifier: str = "hf", fast_linears: bool = True) -> dict[int, float]:
-    """Median milliseconds of one verify step (score + commit of the root) over a chain of each size, with or
-    without the fast linear kernel (:mod:`specdec.cpu_gemm`). The sizes are measured in turn, ``reps`` rounds,
-    so that a slow moment of a shared machine spreads over all of them instead of inflating one size."""
+                   verifier: str = "hf", fast_linears: bool = True, screen_greedy: bool = True) -> dict[int, float]:
+    """Median milliseconds of one greedy verify step (score + commit of the root) over a chain of each size, with
+    or without the fast linear kernel (:mod:`specdec.cpu_gemm`) and the screened greedy head (the hf verifier's
+    ``screen_greedy``). The sizes are measured in turn, ``reps`` rounds, so that a slow moment of a shared machine
+    spreads over all of them instead of inflating one size."""
     g = torch.Generator().manual_seed(0)
     vocab = model.get_input_embeddings().weight.shape[0]
-    v = registry.build_verifier(verifier, model)
+    v = registry.build_verifier(verifier, model, **({"screen_greedy": screen_greedy} if verifier == "hf" else {}))
     prompt = torch.randint(0, vocab, (1, prefix_len), generator=g).to(model.device)
     times: dict[int, list[float]] = {n: [] for n in sizes}
     with torch.inference_mode(), cpu_gemm.fast_linears(model, enabled=fast_linears and cpu_gemm.wanted(model)):
@@ -64,7 +75,7 @@ def measure_verify(model, sizes: Sequence[int] = SIZES, prefix_len: int = 256, r
                 tree = tree_ops.chain(tokens[0], tokens[1:])
                 keep_root = Acceptance.from_paths([[0]], [tokens[0]])
                 start = time.perf_counter()
-                v.score(tree)
+                v.score(tree, greedy=True)
                 v.commit(tree, keep_root)
                 if rep:
                     times[n].append(1000 * (time.perf_counter() - start))
@@ -92,17 +103,18 @@ def load(path: Path, key: dict | None = None) -> CostProfile | None:
 
 def load_or_measure(model, verifier: str = "hf", root: Path | None = None, remeasure: bool = False,
                     sizes: Sequence[int] = SIZES, reps: int = 9,
-                    fast_linears: bool = True) -> tuple[CostProfile, Path, bool]:
+                    fast_linears: bool = True, screen_greedy: bool = True) -> tuple[CostProfile, Path, bool]:
     """The cached profile for this setting, or a fresh measurement (then cached). Returns (profile, path,
-    measured_now). ``fast_linears``: whether the decoder uses the fast linear kernel (:mod:`specdec.cpu_gemm`)."""
-    key = profile_key(model, verifier, fast_linears)
+    measured_now). ``fast_linears``: whether the decoder uses the fast linear kernel (:mod:`specdec.cpu_gemm`);
+    ``screen_greedy``: the hf verifier's option of that name."""
+    key = profile_key(model, verifier, fast_linears, screen_greedy)
     path = profile_path(key, root)
     if not remeasure:
         cached = load(path, key)
         if cached is not None:
             return cached, path, False
     profile = CostProfile(key=key, verify_ms=measure_verify(model, sizes, reps=reps, verifier=verifier,
-                                                                      fast_linears=fast_linears))
+                                                            fast_linears=fast_linears, screen_greedy=screen_greedy))
     save(profile, path)
     return profile, path, True
 

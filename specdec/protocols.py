@@ -56,8 +56,10 @@ class Verifier(Protocol):
         """Start a request: cache ``input_ids [B, T]`` (every prompt token except the root); with
         ``output_hidden``, return their last hidden states ``[B, T, H]``."""
 
-    def score(self, tree: DraftTree, output_hidden: bool = False) -> VerifyOutput:
-        """One target forward over all tree nodes; logits ``[B, N, V]`` (and hidden ``[B, N, H]`` if asked)."""
+    def score(self, tree: DraftTree, output_hidden: bool = False, greedy: bool = False) -> VerifyOutput:
+        """One target forward over all tree nodes; logits ``[B, N, V]`` (and hidden ``[B, N, H]`` if asked).
+        ``greedy``: only the argmax at each node is needed; a verifier may then return ``greedy [B, N]`` in place
+        of the logits (exactly the logits' argmax)."""
 
     def commit(self, tree: DraftTree, acceptance: Acceptance) -> None:
         """Keep the accepted path's KV (root included) in the cache and drop every other node's."""

@@ -96,12 +96,16 @@ def validate_tree(tokens: torch.Tensor, parents: torch.Tensor, draft_probs: torc
 class VerifyOutput:
     """What one verify step returns for a tree.
 
-    logits: ``[B, N, V]`` target logits at every node (the distribution of that node's next token).
+    logits: ``[B, N, V]`` target logits at every node (the distribution of that node's next token), or None when
+    the verifier was asked for greedy tokens and gave only those.
     hidden: ``[B, N, H]`` target last-layer hidden states, or None when no drafter asked for them.
+    greedy: ``[B, N]`` the target's argmax at every node, when the verifier computed it without the logits
+    (:mod:`specdec.greedy_head`); None otherwise.
     """
 
-    logits: torch.Tensor  # [B, N, V]
+    logits: torch.Tensor | None  # [B, N, V]
     hidden: torch.Tensor | None = None  # [B, N, H]
+    greedy: torch.Tensor | None = None  # [B, N]
 
 
 @dataclass(frozen=True)
@@ -118,7 +122,7 @@ class Acceptance:
     next_token: torch.Tensor  # [B]
 
     @classmethod
-    def from_paths(cls, paths: list[list[int]], next_tokens: list[int], device=None) -> "Acceptance":
+    def from_paths(cls, paths: list[list[int]], next_tokens: list[int], device=None) -> Acceptance:
         """Build from per-request accepted paths (node indices, root first) and next tokens."""
         width = max(len(p) for p in paths)
         return cls(

@@ -6,6 +6,7 @@ import torch
 
 from specdec import hf_cache
 from specdec.errors import SpecdecError
+from specdec.greedy_head import ScreenedArgmax, screenable
 from specdec.hf_forward import forward_tokens
 from specdec.types import Acceptance, DraftTree, VerifyOutput
 
@@ -15,14 +16,20 @@ class HFVerifier:
 
     After ``commit`` the cache holds exactly the committed tokens except the newest (the next tree's root):
     the accepted path's K/V are kept in place of the whole tree's.
+
+    screen_greedy: for greedy steps, take the argmax from a bfloat16 screen of the LM head checked in float32
+    (:mod:`specdec.greedy_head`: exact, and half the head's weight traffic) where the target and CPU allow it;
+    False always computes the float32 logits.
     """
 
     gives_hidden = True
 
-    def __init__(self, model) -> None:
+    def __init__(self, model, screen_greedy: bool = True) -> None:
         self.model = model
         self.cache = hf_cache.new_cache()
         self._scored: int | None = None  # cache length before the tree being verified
+        self.greedy_head = ScreenedArgmax(model.get_output_embeddings()) \
+            if screen_greedy and screenable(model) else None
 
     def prefill(self, input_ids: torch.Tensor, output_hidden: bool = False) -> torch.Tensor | None:
         """Cache ``input_ids [1, T]`` (T may be 0: a one-token prompt has nothing to prefill); with
@@ -36,9 +43,10 @@ class HFVerifier:
                 if output_hidden else None
         return forward_tokens(self.model, self.cache, input_ids, output_hidden=output_hidden, logits_to_keep=1).hidden
 
-    def score(self, tree: DraftTree, output_hidden: bool = False) -> VerifyOutput:
+    def score(self, tree: DraftTree, output_hidden: bool = False, greedy: bool = False) -> VerifyOutput:
         self._scored = hf_cache.cache_length(self.cache)
-        return forward_tokens(self.model, self.cache, tree.tokens, tree.parents, output_hidden)
+        return forward_tokens(self.model, self.cache, tree.tokens, tree.parents, output_hidden,
+                              greedy_head=self.greedy_head if greedy else None)
 
     def commit(self, tree: DraftTree, acceptance: Acceptance) -> None:
         if self._scored is None:

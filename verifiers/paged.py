@@ -273,7 +273,8 @@ class PagedVerifier:
         self.release(self.SINGLE)
         return self.start(self.SINGLE, input_ids, output_hidden)
 
-    def score(self, tree: DraftTree, output_hidden: bool = False) -> VerifyOutput:
+    def score(self, tree: DraftTree, output_hidden: bool = False, greedy: bool = False) -> VerifyOutput:
+        """One request's tree (``greedy`` is ignored: the logits come back, their argmax is the greedy token)."""
         return self.score_batch([self.SINGLE], [tree], output_hidden)
 
     def commit(self, tree: DraftTree, acceptance: Acceptance) -> None:

@@ -1,0 +1,114 @@
+"""The screened greedy head: exactly ``argmax(h @ W.T)``, near-ties and ties included; where the verifier uses it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from specdec import acceptance, profiler, registry
+from specdec import tree as tree_ops
+from specdec.greedy_head import ScreenedArgmax, available, screenable
+from specdec.sampling import SamplingParams
+from tests.conftest import get_tiny
+
+needs_kernel = pytest.mark.skipif(not available(), reason="oneDNN bfloat16 matmul not available on this CPU")
+
+
+def reference(h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return (h.double() @ w.double().T).argmax(-1)
+
+
+@needs_kernel
+@pytest.mark.parametrize("vocab,hidden", [(7, 16), (5000, 64), (20000, 576)])
+def test_equals_argmax_on_random_logits(vocab, hidden):
+    g = torch.Generator().manual_seed(vocab)
+    w = torch.randn(vocab, hidden, generator=g) * 0.1
+    h = torch.randn(3, 5, hidden, generator=g) * 3
+    got = ScreenedArgmax(w)(h)
+    assert got.shape == (3, 5) and got.dtype == torch.long
+    assert torch.equal(got, reference(h, w))
+
+
+@needs_kernel
+def test_near_ties_below_bfloat16_resolution_are_decided_in_float32():
+    """Rows whose logits differ by far less than bfloat16 can resolve (but far more than float32 error): the screen
+    keeps both and the float32 check picks the larger, whichever index it has."""
+    g = torch.Generator().manual_seed(0)
+    hidden, vocab = 64, 3000
+    w = torch.randn(vocab, hidden, generator=g) * 0.05
+    h = torch.randn(8, hidden, generator=g)
+    for r in range(8):
+        best, rival = 100 + 7 * r, 2000 - 9 * r
+        unit = h[r] / h[r].norm()
+        w[best] = unit * 2.0  # the winner: logit 2 ||h||
+        w[rival] = unit * 2.0 - unit * (1e-4 if r % 2 else -1e-4)  # 1e-4 below (odd r) or above (even r)
+    got = ScreenedArgmax(w)(h)
+    want = reference(h, w)
+    assert torch.equal(got, want)
+    assert [int(want[r]) == 100 + 7 * r for r in range(8)] == [r % 2 == 1 for r in range(8)]
+
+
+@needs_kernel
+def test_exact_ties_take_the_lowest_id_like_torch_argmax():
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(500, 32, generator=g)
+    w[400] = w[37]
+    w[450] = w[37]
+    h = w[37:38] * 10  # aligned with row 37 (and its copies): they win, equal
+    assert int(ScreenedArgmax(w)(h)[0]) == 37 == int((h @ w.T).argmax(-1)[0])
+
+
+@needs_kernel
+def test_non_finite_hidden_states_fall_back_to_the_plain_product():
+    w = torch.randn(50, 8)
+    h = torch.randn(2, 8)
+    h[1, 3] = float("nan")
+    got = ScreenedArgmax(w)(h)
+    assert torch.equal(got, (h @ w.T).argmax(-1))
+
+
+@needs_kernel
+def test_a_changed_weight_is_screened_afresh():
+    w = torch.randn(300, 16)
+    h = torch.randn(4, 16)
+    head = ScreenedArgmax(w)
+    assert torch.equal(head(h), reference(h, w))
+    with torch.no_grad():
+        w.mul_(-1)  # every argmax moves
+    assert torch.equal(head(h), reference(h, w))
+
+
+def test_screenable_only_float32_llama_like_targets():
+    assert not screenable(get_tiny(0))  # float64: its logits are already exact, nothing to screen
+    if available():
+        assert screenable(get_tiny(0, torch.float32))
+
+
+def test_is_argmax_only_for_rules_that_read_the_argmax():
+    assert acceptance.is_argmax(acceptance.greedy, None)
+    assert acceptance.is_argmax(acceptance.rejection, SamplingParams())
+    assert not acceptance.is_argmax(acceptance.rejection, SamplingParams(do_sample=True))
+    assert not acceptance.is_argmax(acceptance.typical, SamplingParams())
+
+
+@needs_kernel
+def test_hf_verifier_returns_the_logits_argmax_for_greedy_steps():
+    target = get_tiny(2, torch.float32)
+    prompt = torch.randint(3, 96, (1, 12), generator=torch.Generator().manual_seed(5))
+    tree = tree_ops.from_sequences(int(prompt[0, -1]), [[5, 6, 7], [5, 9], [11]], max_nodes=7)
+    outs = {}
+    for screen in (True, False):
+        v = registry.build_verifier("hf", target, screen_greedy=screen)
+        assert (v.greedy_head is not None) == screen
+        v.prefill(prompt[:, :-1])
+        outs[screen] = v.score(tree, output_hidden=True, greedy=True)
+    assert outs[True].logits is None and outs[False].greedy is None
+    assert torch.equal(outs[True].greedy, outs[False].logits.argmax(-1))
+    assert torch.allclose(outs[True].hidden, outs[False].hidden)
+
+
+def test_profiles_are_keyed_by_the_greedy_head():
+    target = get_tiny(0, torch.float32)
+    on, off = profiler.profile_key(target), profiler.profile_key(target, screen_greedy=False)
+    assert off["lm_head"] == "logits"
+    assert on["lm_head"] == ("bf16-screen" if available() else "logits")
