@@ -84,6 +84,11 @@ def _packed(m: torch.nn.Linear) -> torch.Tensor:
     return cached[1]
 
 
+def _onednn_input(x: torch.Tensor) -> bool:
+    """True when ``x`` takes the oneDNN route: a non-empty float32 CPU input with gradients off (else F.linear)."""
+    return x.dtype == torch.float32 and x.device.type == "cpu" and bool(x.numel()) and not torch.is_grad_enabled()
+
+
 class _Single:
     """A linear layer's forward on the oneDNN route; its packed weight is checked against the weight once per
     context (one is made on entering :func:`fast_linears`), not on every call of a decode."""
@@ -94,7 +99,7 @@ class _Single:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         m = self.linear
-        if x.dtype == torch.float32 and x.device.type == "cpu" and x.numel() and not torch.is_grad_enabled():
+        if _onednn_input(x):
             if self._now is None:
                 self._now = _packed(m)
             return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self._now, m.bias, "none", [], "")
@@ -177,7 +182,7 @@ class _Siblings:
             if not self.outputs:
                 self.input = None
             return out
-        if not (x.dtype == torch.float32 and x.device.type == "cpu" and x.numel() and not torch.is_grad_enabled()):
+        if not _onednn_input(x):
             return F.linear(x, self.members[i].weight, self.members[i].bias)
         weight, bias = self.packed()
         parts = torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight, bias, "none", [], "").split(self.sizes, -1)

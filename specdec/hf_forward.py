@@ -48,13 +48,12 @@ def forward_masked(model, cache, tokens: torch.Tensor, mask: torch.Tensor | None
     runs as :func:`specdec.gqa_attention.gqa_sdpa_attention` (no K/V copies for grouped heads on a CPU).
     ``greedy_head``: run the decoder alone and return the greedy tokens ``[B, n]`` from its last hidden states
     instead of the logits (see :func:`forward_tokens`)."""
-    if greedy_head is not None:
-        decoder = model.get_decoder()
-        with gqa_attention_on(model):
+    with gqa_attention_on(model):
+        if greedy_head is not None:
+            decoder = model.get_decoder()
             h = decoder(input_ids=tokens, attention_mask=mask, position_ids=pos, use_cache=True,
                         **hf_cache.cache_kwargs(decoder, cache)).last_hidden_state  # [B, n, H]
-        return VerifyOutput(logits=None, hidden=h if output_hidden else None, greedy=greedy_head(h))
-    with gqa_attention_on(model):
+            return VerifyOutput(logits=None, hidden=h if output_hidden else None, greedy=greedy_head(h))
         out = model(
             input_ids=tokens,
             attention_mask=mask,
