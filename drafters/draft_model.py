@@ -38,7 +38,8 @@ class DraftModelDrafter:
 
     path: hub id or local path of the draft model, or a checkpoint directory written by ``python -m
     train.draft_model`` (built on ``target``'s embedding and LM head, in the target's dtype); or pass ``model=``
-    directly. depth / width: tree shape when no ``choices`` are given (None: the checkpoint's recommended values,
+    directly (it is moved to the target's device, when a target is given). depth / width: tree shape when no
+    ``choices`` are given (None: the checkpoint's recommended values,
     else 4 / 1). dtype: of a hub/HF draft model (None: float32). ``vocab_size`` is checked against the target's by
     :func:`specdec.generate`. A trained checkpoint with a draft vocabulary scores only those tokens
     (:class:`DraftVocabHead`); ``full_vocab=True`` uses the target's whole LM head instead.
@@ -68,7 +69,10 @@ class DraftModelDrafter:
                 model, meta = load_checkpoint_model(target, path, dtype, full_vocab=full_vocab)
                 recommended = meta["config"]
             else:
-                model, _ = models.load_target(path, dtype=dtype or "float32")
+                device = models.device_of(target) if target is not None else "cpu"
+                model, _ = models.load_target(path, dtype=dtype or "float32", device=device)
+        elif target is not None and models.device_of(model) != models.device_of(target):
+            model = model.to(models.device_of(target))  # its tokens come from the target's cache and go back there
         depth = int(depth if depth is not None else recommended.get("depth") or 4)
         width = int(width if width is not None else recommended.get("width") or 1)
         if depth < 1 or width < 1:
@@ -84,8 +88,13 @@ class DraftModelDrafter:
         choices = choices if choices is not None else tree_ops.choices_for_shape(depth, width)
         self.parents, self.ranks = tree_ops.topology_from_choices(choices)
         check_contiguous_ranks(self.parents, self.ranks)
-        self.depths = tree_ops.depths(torch.tensor([self.parents]))[0].tolist()
+        self.depths = tree_ops.depths(torch.tensor([self.parents], device="cpu"))[0].tolist()
         self.reset()
+
+    @property
+    def device(self) -> torch.device:
+        """The draft model's device (the target's): where its inputs go (tree masks follow its logits)."""
+        return models.device_of(self.model)
 
     def reset(self) -> None:
         self.cache = hf_cache.new_cache()
@@ -106,23 +115,23 @@ class DraftModelDrafter:
         root_logits = self._advance(ctx)  # [1, V]
         self._run_of = None
         if self.dynamic:
-            return self._grow_dynamic(int(ids[0, -1]), root_logits, ctx.max_nodes, ctx.max_depth)
+            return self._grow_dynamic(int(ids[0, -1]), root_logits, ctx.max_nodes, ctx.max_depth, ids.device)
         parents, ranks = self._shape(ctx.max_nodes, ctx.max_depth)
         tokens = [int(ids[0, -1])] + [0] * (len(parents) - 1)
         self._ran = 0
         sampling = ctx.sampling if ctx.sampling is not None and ctx.sampling.do_sample else None
         vocab = root_logits.shape[-1] if self.draft_ids is None else self.vocab_size
-        probs = torch.zeros(1, len(parents), vocab) if sampling else None
+        probs = torch.zeros(1, len(parents), vocab, device=ids.device) if sampling else None
         if len(parents) > 1:
             self._grow(tokens, parents, ranks, root_logits, sampling, ctx.generator, probs)
-        return DraftTree(torch.tensor([tokens]), torch.tensor([parents]), probs)
+        return DraftTree(torch.tensor([tokens], device=ids.device), torch.tensor([parents], device=ids.device), probs)
 
     def _advance(self, ctx: DraftContext) -> torch.Tensor:
         """Bring the draft cache up to the committed tokens; the root's next-token logits ``[1, V]``.
 
         Sets ``self._prefix``: the cache entries before the tree's first node (the root's entry is the last).
         """
-        tail = ctx.input_ids[:, hf_cache.cache_length(self.cache):]  # committed tokens the draft model has not seen
+        tail = ctx.input_ids[:, hf_cache.cache_length(self.cache):].to(self.device)  # committed, not yet seen
         self._prefix = ctx.input_ids.shape[1]
         return forward_tokens(self.model, self.cache, tail).logits[:, -1]
 
@@ -133,7 +142,7 @@ class DraftModelDrafter:
         A node whose parent has too few candidates (sampling from a distribution with fewer tokens left than
         asked for) becomes dead: ``parents[i] = -2``, and so does its subtree.
         """
-        depths = tree_ops.depths(torch.tensor([parents]))[0].tolist()
+        depths = tree_ops.depths(torch.tensor([parents], device="cpu"))[0].tolist()
         cands = {0: self._candidates(root_logits[0], max(ranks[1:]) + 1, sampling, generator, probs, 0)}
         lo = 1
         while lo < len(parents):
@@ -148,20 +157,21 @@ class DraftModelDrafter:
                     parents[i] = DEAD
             need = [ranks[j] for j in range(hi, len(parents)) if lo <= parents[j] < hi]
             if need:  # some node of this level has children: run the level through the draft model
-                logits = self._forward_level(tokens, torch.tensor([parents]), lo, hi)
+                logits = self._forward_level(tokens, torch.tensor([parents], device=root_logits.device), lo, hi)
                 k = max(need) + 1
                 for i in range(lo, hi):
                     if parents[i] >= 0:
                         cands[i] = self._candidates(logits[0, i - lo], k, sampling, generator, probs, i)
             lo = hi
 
-    def _grow_dynamic(self, root: int, root_logits: torch.Tensor, max_nodes: int, max_depth: int) -> DraftTree:
+    def _grow_dynamic(self, root: int, root_logits: torch.Tensor, max_nodes: int, max_depth: int,
+                      device: torch.device | None = None) -> DraftTree:
         """EAGLE-2's dynamic tree (:func:`specdec.tree.grow_dynamic`): each level's expanded nodes run through the
         draft model in one forward, which gives their children's distributions.
 
         Candidates are the draft's top-k tokens whether or not the request samples, and no ``draft_probs`` are
         reported: the rejection rule then treats them as deterministic candidates (point masses), which is lossless
-        however they were chosen.
+        however they were chosen. ``device``: where the tree is made (the committed ids'; None: the draft model's).
         """
         # a tree of max_nodes nodes is at most max_nodes - 1 deep and never needs more expanded nodes per level
         k, depth_limit = min(self.top_k, max(max_nodes - 1, 1)), min(self.dynamic_depth, max_depth, max_nodes - 1)
@@ -174,13 +184,14 @@ class DraftModelDrafter:
                 run_tokens.append(tokens[i])
                 run_parents.append(run[parents[i]])
                 run[i] = len(run_tokens) - 1
-            logits = self._forward_level(run_tokens, torch.tensor([run_parents]), lo, len(run_tokens))
+            logits = self._forward_level(run_tokens, torch.tensor([run_parents], device=root_logits.device), lo,
+                                         len(run_tokens))
             return [torch.log_softmax(logits[0, j].float(), dim=-1) for j in range(len(chosen))]
 
         self._ran = 0
         root_logp = torch.log_softmax(root_logits[0].float(), dim=-1)
         tree, keep = tree_ops.grow_dynamic(root, root_logp, expand, top_k=k, depth=depth_limit, max_nodes=max_nodes,
-                                           min_value=self.min_value, vocab=self.draft_ids)
+                                           min_value=self.min_value, vocab=self.draft_ids, device=device)
         self._run_of = [run.get(i) for i in keep]
         return tree
 
@@ -201,7 +212,7 @@ class DraftModelDrafter:
         return torch.multinomial(q, k, replacement=False, generator=generator).tolist()
 
     def _forward_level(self, tokens: list[int], parents_t: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
-        seg = torch.tensor([tokens[lo:hi]])
+        seg = torch.tensor([tokens[lo:hi]], device=parents_t.device)
         sub = parents_t[:, :hi]
         chain = tree_ops.is_chain(sub)
         mask = None if chain else tree_ops.segment_mask(sub, lo, hi, self._prefix, self.model.dtype)

@@ -73,10 +73,11 @@ class EagleHead(nn.Module):
             for name, p in self.layer.named_parameters():  # the layer starts as the identity on its residual
                 if name.endswith(("o_proj.weight", "down_proj.weight")):
                     p.zero_()
-            self.lm_head.weight.copy_(target.get_output_embeddings().weight[self.d2t])
+            rows = target.get_output_embeddings().weight
+            self.lm_head.weight.copy_(rows[self.d2t.to(rows.device)])
             h = self.fc.out_features
             self.fc.weight.mul_(0.1)
-            self.fc.weight[:, h:].copy_(torch.eye(h))
+            self.fc.weight[:, h:].copy_(torch.eye(h, device=self.fc.weight.device))
             self.fc.bias.zero_()
 
     def forward(self, feats: torch.Tensor, embeds: torch.Tensor, position_ids: torch.Tensor,
@@ -141,13 +142,16 @@ class EagleDrafter(DraftModelDrafter):
             head = EagleHead.for_target(target, state["d2t"])
             checkpoint.load_into(head, state, path)
             meta_choices = meta["config"].get("choices")
-        self.head = head.to(models.resolve_dtype(dtype) if dtype else next(target.parameters()).dtype).eval()
         self.embed = target.get_input_embeddings()
         self.vocab_size = int(self.embed.weight.shape[0])
-        d2t = self.head.d2t
-        if not (len(d2t) == self.vocab_size and torch.equal(d2t, torch.arange(self.vocab_size))):
+        d2t = head.d2t
+        identity = len(d2t) == self.vocab_size and torch.equal(d2t, torch.arange(self.vocab_size, device=d2t.device))
+        # on the target's device as well as in its dtype: the head reads the target's features and embeddings
+        self.head = head.to(device=models.device_of(target),
+                            dtype=models.resolve_dtype(dtype) if dtype else next(target.parameters()).dtype).eval()
+        if not identity:
             # top-k and log-softmax run over the draft vocabulary (4096 rows of logits, not 49152), ids mapped back
-            self.draft_ids = d2t
+            self.draft_ids = self.head.d2t
         if choices is None:
             choices = tree_ops.choices_for_shape(depth, width) if depth else (meta_choices or
                                                                             tree_ops.choices_for_shape(5, 2))
@@ -156,7 +160,7 @@ class EagleDrafter(DraftModelDrafter):
         self.max_nodes = max_nodes
         self.parents, self.ranks = tree_ops.topology_from_choices(choices)
         check_contiguous_ranks(self.parents, self.ranks)
-        self.depths = tree_ops.depths(torch.tensor([self.parents]))[0].tolist()
+        self.depths = tree_ops.depths(torch.tensor([self.parents], device="cpu"))[0].tolist()
         self.model = self.head  # the grower reads model.dtype for masks
         self.reset()
 
@@ -173,7 +177,8 @@ class EagleDrafter(DraftModelDrafter):
 
     def propose(self, ctx: DraftContext) -> DraftTree:
         if ctx.hidden is not None and ctx.hidden.shape[1] == 0 and self._pairs == 0:
-            return DraftTree(ctx.input_ids[:, -1:], torch.tensor([[-1]]))  # a one-token prompt: no feature yet
+            root = ctx.input_ids[:, -1:]  # a one-token prompt: no feature yet
+            return DraftTree(root, root.new_full(root.shape, -1))
         return super().propose(ctx)
 
     @torch.inference_mode()
@@ -199,7 +204,7 @@ class EagleDrafter(DraftModelDrafter):
         sub = parents_t[:, :hi]
         par = sub[0, lo:hi].tolist()
         feats = torch.stack([self._g[max(p, 0)][0] for p in par])[None]  # dead nodes: any feature
-        seg = torch.tensor([tokens[lo:hi]])
+        seg = torch.tensor([tokens[lo:hi]], device=parents_t.device)
         mask = tree_ops.segment_mask(sub, lo, hi, self._prefix, self.dtype)
         pos = self._prefix - 1 + tree_ops.depths(sub)[:, lo:hi]
         with gqa_attention_on(self.head):

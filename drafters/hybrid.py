@@ -118,14 +118,14 @@ class HybridDrafter:
                     value_of[paths[i]] = max(value_of.get(paths[i], 0.0), values[i])
             seqs += [[toks[i] for i in path[1:]] for path in tree_ops.root_to_leaf_paths(tree.parents)[0]
                      if len(path) > 1]
-        merged = tree_ops.from_sequences(root, seqs, max_nodes=1 + len(value_of))
+        merged = tree_ops.from_sequences(root, seqs, max_nodes=1 + len(value_of), device=ctx.input_ids.device)
         toks, parents = merged.tokens[0].tolist(), merged.parents[0].tolist()
         paths, values = [()], [1.0]
         for i in range(1, len(toks)):
             paths.append(paths[parents[i]] + (toks[i],))
             values.append(value_of[paths[i]])
         keep = tree_ops.best_subtree(parents, values, max(ctx.max_nodes, 1))
-        return tree_ops.keep_nodes(replace(merged, scores=torch.tensor([values])), keep)
+        return tree_ops.keep_nodes(replace(merged, scores=torch.tensor([values], device=merged.tokens.device)), keep)
 
     def observe(self, feedback: Feedback) -> None:
         committed = feedback.new_tokens[0].tolist()  # accepted draft tokens, then the bonus token

@@ -134,14 +134,16 @@ class MedusaDrafter:
             heads = MedusaHeads.for_target(target, int(cfg["num_heads"]), int(cfg["num_layers"]), state["d2t"])
             checkpoint.load_into(heads, state, path)
             meta_choices = cfg.get("choices")
-        self.heads = heads.to(models.resolve_dtype(dtype) if dtype else next(target.parameters()).dtype).eval()
+        # on the target's device as well as in its dtype: the heads read the target's hidden states
+        self.heads = heads.to(device=models.device_of(target),
+                              dtype=models.resolve_dtype(dtype) if dtype else next(target.parameters()).dtype).eval()
         self.vocab_size = models.vocab_size(target)
         if choices is None:
             choices = tree_ops.choices_for_shape(depth, width) if depth else (
                 meta_choices or tree_ops.choices_for_shape(heads.num_heads, 1))
         self.parents, self.ranks = tree_ops.topology_from_choices(choices)
         check_contiguous_ranks(self.parents, self.ranks)
-        self.depths = tree_ops.depths(torch.tensor([self.parents]))[0].tolist()
+        self.depths = tree_ops.depths(torch.tensor([self.parents], device="cpu"))[0].tolist()
         trained = choices is meta_choices
         self.priority = tree_ops.choice_priority(choices) if trained else list(range(1, len(self.parents)))
         self.max_nodes = max_nodes
@@ -157,7 +159,7 @@ class MedusaDrafter:
         (trained trees list their most valuable paths first): ``(parents, ranks, depths)``."""
         cap = min(max_nodes, self.max_nodes or max_nodes)
         parents, ranks = tree_ops.cut_tree(self.parents, self.ranks, self.priority, cap, max_depth)
-        return parents, ranks, tree_ops.depths(torch.tensor([parents]))[0].tolist()
+        return parents, ranks, tree_ops.depths(torch.tensor([parents], device="cpu"))[0].tolist()
 
     @torch.inference_mode()
     def propose(self, ctx: DraftContext) -> DraftTree:
@@ -179,7 +181,7 @@ class MedusaDrafter:
         n = len(parents)
         tokens = [int(ids[0, -1])] + [0] * (n - 1)
         sampling = ctx.sampling if ctx.sampling is not None and ctx.sampling.do_sample else None
-        probs = torch.zeros(1, n, self.vocab_size) if sampling else None
+        probs = torch.zeros(1, n, self.vocab_size, device=ids.device) if sampling else None
         if n > 1:
             logits = self.heads.full_logits(ctx.hidden[0, -1], self.vocab_size).float()  # [K, V]
             wanted: dict[int, int] = {}  # parent -> candidates its children need
@@ -199,7 +201,7 @@ class MedusaDrafter:
                     tokens[i] = cands[p][ranks[i]]
                 else:
                     parents[i] = DEAD
-        return DraftTree(torch.tensor([tokens]), torch.tensor([parents]), probs)
+        return DraftTree(torch.tensor([tokens], device=ids.device), torch.tensor([parents], device=ids.device), probs)
 
     def _dynamic(self, root: int, ctx: DraftContext) -> DraftTree:
         """:func:`specdec.tree.grow_dynamic` with head ``d+1``'s log-probabilities as every depth-``d`` node's
@@ -207,11 +209,11 @@ class MedusaDrafter:
         cap = min(ctx.max_nodes, self.max_nodes or ctx.max_nodes)
         depth = min(self.heads.num_heads, ctx.max_depth, cap - 1) if ctx.hidden.shape[1] > 0 else 0
         if not depth:
-            return tree_ops.chain(root, [])
+            return tree_ops.chain(root, [], device=ctx.input_ids.device)
         logp = torch.log_softmax(self.heads.full_logits(ctx.hidden[0, -1], self.vocab_size).float(), dim=-1)
         tree, _ = tree_ops.grow_dynamic(root, logp[0], lambda level, tokens, parents, chosen: [logp[level]] * len(chosen),
                                         top_k=self.top_k, depth=depth, max_nodes=cap,
-                                        min_value=self.min_value)
+                                        min_value=self.min_value, device=ctx.input_ids.device)
         return tree
 
     def observe(self, feedback: Feedback) -> None:

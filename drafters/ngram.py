@@ -83,9 +83,9 @@ class NGramDrafter:
         root = self._tokens[-1]
         depth = min(self.max_depth, ctx.max_depth)
         if depth < 1 or ctx.max_nodes < 2:
-            return tree_ops.chain(root, [])
+            return tree_ops.chain(root, [], device=ids.device)
         conts, weights = self.candidates(depth)
-        return tree_ops.from_sequences(root, conts, ctx.max_nodes, weights)
+        return tree_ops.from_sequences(root, conts, ctx.max_nodes, weights, device=ids.device)
 
     def observe(self, feedback: Feedback) -> None:
         # the committed tokens reach the index through the next context; nothing to roll back

@@ -118,7 +118,7 @@ class SpecDecoder:
         if eos_token_id == "default":
             eos_token_id = getattr(self.target.generation_config, "eos_token_id", None)
         stopper = Stopper(ids[0].tolist(), max_new_tokens, eos_token_id, stop_strings, self.tokenizer)
-        generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        generator = self._generator(seed)
         stats = GenerationStats()
         new_tokens: list[int] = []
         if streamer is not None:
@@ -134,7 +134,7 @@ class SpecDecoder:
                 new_tokens.extend(kept)
                 if streamer is not None:
                     for t in kept:
-                        streamer.put(torch.tensor([t]))
+                        streamer.put(torch.tensor([t], device="cpu"))
                 if reason is not None:
                     stats.finish_reason = reason
                     break
@@ -180,7 +180,7 @@ class SpecDecoder:
                              needs_hidden=bool(getattr(self.drafter, "needs_hidden_states", False)))
         for i, ids in enumerate(requests):
             stopper = Stopper(ids[0].tolist(), max_new_tokens, eos_token_id, stop_strings, self.tokenizer)
-            generator = torch.Generator().manual_seed(seed + i) if seed is not None else None
+            generator = self._generator(None if seed is None else seed + i)
             engine.add(ids, max_new_tokens=max_new_tokens, stopper=stopper, generator=generator,
                        budget=self._budget())
         bar = tqdm(total=len(requests), desc=f"requests (batch {max_batch_size})", unit="request",
@@ -188,6 +188,16 @@ class SpecDecoder:
         with fast, self._fast_linears(), bar:
             finished = engine.run(on_finish=lambda r: bar.update(1))
         return [self._output(r.prompt, r.tokens, r.stats, r.error) for r in finished]
+
+    @property
+    def device(self) -> torch.device:
+        """The target's device (of its first parameter: where its input ids go); CPU for a target without any."""
+        return models.device_of(self.target)
+
+    def _generator(self, seed: int | None) -> torch.Generator | None:
+        """A request's RNG seeded with ``seed`` (None: none, torch's global RNG), on the target's device: the
+        distributions it samples from live there, and torch draws only with a generator of their device."""
+        return None if seed is None else torch.Generator(device=self.device).manual_seed(seed)
 
     def _fast_linears(self):
         """The fast CPU linear kernel (:mod:`specdec.cpu_gemm`) in the target's and the drafter's linear layers."""
@@ -258,8 +268,8 @@ class SpecDecoder:
                 raise PromptError("a text prompt needs a tokenizer: pass tokenizer=... or input_ids instead.")
             if isinstance(prompt, str) and not prompt.strip():
                 raise PromptError("the prompt is empty; pass some text.")
-            return models.encode_prompt(self.tokenizer, prompt, chat=chat)
-        ids = input_ids if isinstance(input_ids, torch.Tensor) else torch.tensor(input_ids)
+            return models.encode_prompt(self.tokenizer, prompt, chat=chat).to(self.device)
+        ids = input_ids if isinstance(input_ids, torch.Tensor) else torch.tensor(input_ids, device="cpu")
         if ids.dim() == 1:
             ids = ids[None]
         if ids.dim() != 2 or ids.shape[0] != 1:
@@ -269,7 +279,7 @@ class SpecDecoder:
             )
         if ids.shape[1] == 0:
             raise PromptError("the prompt is empty (0 tokens); pass at least one token.")
-        return ids.long()
+        return ids.long().to(self.device)  # the target's device: every tensor the loop makes follows these ids
 
     def _check_lengths(self, ids: torch.Tensor, max_new_tokens: int) -> None:
         if not isinstance(max_new_tokens, int) or max_new_tokens <= 0:

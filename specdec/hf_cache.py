@@ -74,6 +74,11 @@ class GrowingLayer(DynamicLayer):
             self.keys, self.values = self.keys[..., :start, :], self.values[..., :start, :]
             self.update(kept_k, kept_v)
 
+    def crop(self, *args, **kwargs) -> None:
+        if not self.is_initialized:  # a layer a layer-skip view never wrote: nothing to cut (transformers < 5.18
+            return                   # indexes its missing keys and raises)
+        super().crop(*args, **kwargs)
+
     def reset(self) -> None:
         self._buffers = None
         super().reset()
@@ -121,11 +126,13 @@ def keep_positions(cache: DynamicCache, start: int, keep: list[int]) -> None:
     if keep == list(range(len(keep))):
         crop(cache, start + len(keep))
         return
-    index = torch.tensor([start + k for k in keep], dtype=torch.long)
+    positions = [start + k for k in keep]
+    idx = None  # made on the layers' device (once; again only if a layer lives elsewhere)
     for layer in cache.layers:
         if not getattr(layer, "is_initialized", True) or layer.keys is None or layer.keys.numel() == 0:
             continue
-        idx = index.to(layer.keys.device)
+        if idx is None or idx.device != layer.keys.device:
+            idx = torch.tensor(positions, dtype=torch.long, device=layer.keys.device)
         if isinstance(layer, GrowingLayer):
             layer.keep(start, idx)
             continue

@@ -154,6 +154,13 @@ def context_length(model) -> int | None:
     return None
 
 
+def device_of(model) -> torch.device:
+    """The device of ``model``'s first parameter (where its inputs go); CPU for a module without parameters."""
+    params = getattr(model, "parameters", None)
+    p = next(params(), None) if callable(params) else None
+    return p.device if p is not None else torch.device("cpu")
+
+
 def vocab_size(model) -> int:
     """Rows of the model's output layer (the vocabulary its logits cover)."""
     head = model.get_output_embeddings()

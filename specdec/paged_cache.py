@@ -51,6 +51,7 @@ class PagedKVCache:
         shape = (num_kv_heads, num_blocks, block_size, head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device).transpose(0, 1) for _ in range(num_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device).transpose(0, 1) for _ in range(num_layers)]
+        self.device = torch.device(device)  # the pools': slot and block indices are made there
         self.seqs: dict[Hashable, SequenceKV] = {}
 
     # --- sequences -------------------------------------------------------------------------------------------
@@ -106,8 +107,8 @@ class PagedKVCache:
 
     def slots(self, seq_id: Hashable, start: int, n: int) -> torch.Tensor:
         """Physical slots ``[n]`` of logical positions ``start .. start+n-1``."""
-        table = torch.tensor(self.seqs[seq_id].blocks, dtype=torch.long)
-        pos = torch.arange(start, start + n)
+        table = torch.tensor(self.seqs[seq_id].blocks, dtype=torch.long, device=self.device)
+        pos = torch.arange(start, start + n, device=self.device)
         return table[pos // self.block_size] * self.block_size + pos % self.block_size
 
     def write(self, layer: int, slots: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
@@ -124,8 +125,8 @@ class PagedKVCache:
             raise SpecdecError(f"commit keeps nodes {list(keep)} but only {s.reserved} positions were reserved.")
         plan = plan_commit(s.blocks, self.block_size, s.length, keep)
         if plan.copies:
-            src = torch.tensor([c[0] for c in plan.copies])
-            dst = torch.tensor([c[1] for c in plan.copies])
+            src = torch.tensor([c[0] for c in plan.copies], device=self.device)
+            dst = torch.tensor([c[1] for c in plan.copies], device=self.device)
             sb, so = src // self.block_size, src % self.block_size
             db, do = dst // self.block_size, dst % self.block_size
             for pool in (*self.k, *self.v):
@@ -146,10 +147,8 @@ class PagedKVCache:
         """``[B, max_blocks]`` int64 tables of ``seq_ids``, padded with block 0 (masked by length)."""
         rows = [self.seqs[i].blocks for i in seq_ids]
         width = max((len(r) for r in rows), default=0)
-        out = torch.zeros(len(rows), width, dtype=torch.long)
-        for b, r in enumerate(rows):
-            out[b, :len(r)] = torch.tensor(r, dtype=torch.long)
-        return out
+        out = [r + [0] * (width - len(r)) for r in rows]
+        return torch.tensor(out, dtype=torch.long, device=self.device).reshape(len(rows), width)
 
     # --- internals -------------------------------------------------------------------------------------------
 

@@ -72,11 +72,13 @@ def measure_verify(model, sizes: Sequence[int] = SIZES, prefix_len: int = 256, r
         for rep in range(reps + 1):  # the first round is a warm-up
             for n in sizes:
                 tokens = torch.randint(0, vocab, (n,), generator=g).tolist()
-                tree = tree_ops.chain(tokens[0], tokens[1:])
-                keep_root = Acceptance.from_paths([[0]], [tokens[0]])
+                tree = tree_ops.chain(tokens[0], tokens[1:], device=prompt.device)
+                keep_root = Acceptance.from_paths([[0]], [tokens[0]], device=prompt.device)
                 start = time.perf_counter()
                 v.score(tree, greedy=True)
                 v.commit(tree, keep_root)
+                if prompt.device.type == "cuda":
+                    torch.cuda.synchronize(prompt.device)  # the step's kernels, not only their launches
                 if rep:
                     times[n].append(1000 * (time.perf_counter() - start))
     return {n: statistics.median(t) for n, t in times.items()}

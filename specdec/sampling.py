@@ -63,10 +63,11 @@ def warp_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
 
 
 def sample(probs: torch.Tensor, generator: torch.Generator | None = None) -> int:
-    """One token id drawn from ``probs [V]``."""
+    """One token id drawn from ``probs [V]`` (a ``generator`` must be on ``probs``' device)."""
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
 def uniform(generator: torch.Generator | None = None) -> float:
-    """One draw from U[0, 1)."""
-    return float(torch.rand((), generator=generator))
+    """One draw from U[0, 1), made on the generator's device (a CUDA generator cannot draw a CPU tensor); from
+    torch's global CPU RNG without one."""
+    return float(torch.rand((), generator=generator, device=generator.device if generator is not None else "cpu"))

@@ -53,4 +53,4 @@ class Stopper:
     def _stop_string_hit(self, token: int) -> bool:
         self.window.append(token)
         self.window = self.window[-self.criteria.maximum_token_len:]
-        return bool(self.criteria(torch.tensor([self.window]), None)[0])
+        return bool(self.criteria(torch.tensor([self.window], device="cpu"), None)[0])

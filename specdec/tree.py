@@ -18,25 +18,26 @@ from specdec.types import DEAD, DraftTree
 # ---------------------------------------------------------------- constructors
 
 
-def chain(root: int, tokens: Sequence[int]) -> DraftTree:
-    """A single chain ``root -> tokens[0] -> tokens[1] -> ...`` (batch of one).
+def chain(root: int, tokens: Sequence[int], device: torch.device | str | None = None) -> DraftTree:
+    """A single chain ``root -> tokens[0] -> tokens[1] -> ...`` (batch of one), on ``device`` (None: CPU).
 
     >>> chain(7, [3, 4]).parents.tolist()
     [[-1, 0, 1]]
     """
     toks = [int(root), *map(int, tokens)]
     parents = [-1] + list(range(len(toks) - 1))
-    return DraftTree(torch.tensor([toks]), torch.tensor([parents]))
+    return DraftTree(torch.tensor([toks], device=device), torch.tensor([parents], device=device))
 
 
 def from_sequences(root: int, sequences: Sequence[Sequence[int]], max_nodes: int,
-                   weights: Sequence[float] | None = None) -> DraftTree:
+                   weights: Sequence[float] | None = None, device: torch.device | str | None = None) -> DraftTree:
     """Merge candidate continuations into a trie and keep the best ``max_nodes`` nodes (root included).
 
     A node's score is the summed weight of the continuations that pass through it, so a parent always scores at
     least as high as its children; nodes are taken best-first (ties: shallower, then earlier), which keeps every
     chosen node's parent in the tree. Node order is the order taken, so parents precede children. The tree's
     ``scores`` are each node's share of the total weight (the fraction of candidates that agree with its path).
+    The tree's tensors are made on ``device`` (None: CPU).
 
     Example: ``from_sequences(0, [[5, 6], [5, 7], [9]], max_nodes=4)`` takes 5 (weight 2), then 9 (weight 1,
     shallower than 6 and 7), then 6 (inserted before 7): tokens ``[[0, 5, 9, 6]]``, parents ``[[-1, 0, 0, 1]]``.
@@ -76,7 +77,8 @@ def from_sequences(root: int, sequences: Sequence[Sequence[int]], max_nodes: int
         out_scores.append(min(1.0, score[node] / total))
         for c in children[node].values():
             heapq.heappush(heap, (-score[c], depth[c], c, pos))
-    return DraftTree(torch.tensor([out_tokens]), torch.tensor([out_parents]), scores=torch.tensor([out_scores]))
+    return DraftTree(torch.tensor([out_tokens], device=device), torch.tensor([out_parents], device=device),
+                     scores=torch.tensor([out_scores], device=device))
 
 
 def topology_from_choices(choices: Sequence[Sequence[int]]) -> tuple[list[int], list[int]]:
@@ -312,7 +314,8 @@ def best_subtree(parents: Sequence[int], values: Sequence[float], max_nodes: int
 def grow_dynamic(root: int, root_logp: torch.Tensor,
                  expand: Callable[[int, list[int], list[int], list[int]], list[torch.Tensor]],
                  *, top_k: int, depth: int, max_nodes: int, min_value: float = 0.0,
-                 vocab: torch.Tensor | None = None) -> tuple[DraftTree, list[int]]:
+                 vocab: torch.Tensor | None = None,
+                 device: torch.device | str | None = None) -> tuple[DraftTree, list[int]]:
     """EAGLE-2's dynamic tree: level by level, the ``top_k`` most valuable new nodes are expanded, each offering
     its ``top_k`` most probable tokens as children (value = product of draft probabilities along the path); then
     the best ``max_nodes`` of all nodes created are kept (:func:`best_subtree`). Returns the tree (its ``scores``
@@ -323,7 +326,8 @@ def grow_dynamic(root: int, root_logp: torch.Tensor,
     the ``[V]`` log-probabilities of the next token after each ``chosen`` node (level = their depth), given every
     node created so far; a drafter with a cache runs the chosen nodes through its model there. vocab: ``[V]`` the
     token id of each log-probability entry, when they cover a draft vocabulary (e.g. EAGLE's most frequent tokens)
-    rather than the target's whole one; None: entry ``i`` is token ``i``.
+    rather than the target's whole one; None: entry ``i`` is token ``i``. device: where the tree's tensors are made
+    (None: ``root_logp``'s device).
 
     >>> lp = torch.log(torch.tensor([0.6, 0.3, 0.1]))
     >>> t, keep = grow_dynamic(9, lp, lambda d, tok, par, ch: [lp] * len(ch), top_k=2, depth=2, max_nodes=4)
@@ -347,8 +351,10 @@ def grow_dynamic(root: int, root_logp: torch.Tensor,
         chosen = sorted(sorted(created, key=lambda i: (-values[i], i))[:top_k])
         frontier = list(zip(chosen, expand(level, tokens, parents, chosen)))
     keep = best_subtree(parents, values, max_nodes)
-    tree = DraftTree(torch.tensor([[tokens[i] for i in keep]]), torch.tensor([subtree(parents, keep)]),
-                     scores=torch.tensor([[values[i] for i in keep]]))
+    device = root_logp.device if device is None else device
+    tree = DraftTree(torch.tensor([[tokens[i] for i in keep]], device=device),
+                     torch.tensor([subtree(parents, keep)], device=device),
+                     scores=torch.tensor([[values[i] for i in keep]], device=device))
     return tree, keep
 
 

@@ -119,14 +119,15 @@ def paged_attention_on(model):
         model.config._attn_implementation = before
 
 
-def pick_kernel(name: str, device: torch.device) -> Callable:
+def pick_kernel(name: str, device: torch.device, dtype: torch.dtype | None = None) -> Callable:
     """``sdpa`` (torch's fused attention on the gathered blocks; CPU default), ``torch`` (the reference: separate
-    matmuls and one softmax), ``triton`` (GPU, or CPU under ``TRITON_INTERPRET=1``), ``auto``."""
+    matmuls and one softmax), ``triton`` (GPU, or CPU under ``TRITON_INTERPRET=1``), ``auto`` (``triton`` on a GPU,
+    except for a float64 model, which compiled Triton dots do not take: ``sdpa`` then)."""
     if name not in KERNELS:
         raise ConfigError(f"unknown paged attention kernel {name!r}; choose one of {list(KERNELS)}.")
     if name == "torch":
         return paged_tree_attention_torch
-    if name == "sdpa" or (name == "auto" and device.type != "cuda"):
+    if name == "sdpa" or (name == "auto" and (device.type != "cuda" or dtype == torch.float64)):
         return paged_tree_attention_sdpa
     from verifiers import triton_attention
 
@@ -181,7 +182,7 @@ class PagedVerifier:
         kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
         self.cache = PagedKVCache(cfg.num_hidden_layers, kv_heads, head_dim, num_blocks, block_size,
                                   dtype=model.dtype, device=model.device, share_prefixes=share_prefixes)
-        self.kernel = pick_kernel(kernel, model.device)
+        self.kernel = pick_kernel(kernel, model.device, model.dtype)
         self.heads_per_kv = cfg.num_attention_heads // kv_heads
         self.group_attention = group_attention
         self._pending: dict[Hashable, DraftTree] = {}
@@ -203,7 +204,7 @@ class PagedVerifier:
                 slots = self.cache.reserve(request_id, new.shape[1])
                 out = self._forward([request_id], new, causal_mask(new.shape[1], new.device),
                                     torch.arange(cached, cached + new.shape[1], device=new.device)[None],
-                                    slots, torch.tensor([cached]), output_hidden, logits_to_keep=1)
+                                    slots, torch.tensor([cached], device=new.device), output_hidden, logits_to_keep=1)
                 self.cache.commit(request_id, range(new.shape[1]))
                 hidden = out.hidden
             self.cache.register_prefix(request_id, tokens)
