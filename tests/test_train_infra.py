@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import socket
+from pathlib import Path
 
 import pytest
 import torch
@@ -111,6 +112,43 @@ def test_features_of_grown_data_reuse_only_matching_shards(tmp_path, two_files):
     (tmp_path / "f" / "shard-00001.safetensors").write_bytes(b"torn")  # a corrupt shard is rewritten, not trusted
     again = features.extract(target, tok, rows, tmp_path / "f", max_len=64, shard_rows=2, progress=False)
     assert torch.equal(again.hidden, fresh.hidden)
+
+
+def test_complete_features_are_read_without_rewriting_the_manifest(tmp_path, two_files):
+    """Under ``accelerate launch`` the other processes open the cache the main process finished: a complete
+    feature set is read as it is (no manifest written as incomplete while another process may be loading it)."""
+    target, tok = tiny_llama(0, dtype=torch.float32), tiny_tokenizer()
+    rows = data_mod.mixture([{"path": str(two_files[0])}], 5)
+    first = features.extract(target, tok, rows, tmp_path / "f", max_len=64, shard_rows=2, progress=False)
+    manifest = tmp_path / "f" / features.MANIFEST
+    stamp = manifest.stat().st_mtime_ns
+
+    def no_writes(*args, **kwargs):
+        raise AssertionError("a complete feature set was written again")
+
+    orig_json, orig_shard = features._write_json, features._write_shard
+    features._write_json = features._write_shard = no_writes
+    try:
+        again = features.extract(target, tok, rows, tmp_path / "f", max_len=64, shard_rows=2, progress=False)
+    finally:
+        features._write_json, features._write_shard = orig_json, orig_shard
+    assert manifest.stat().st_mtime_ns == stamp and torch.equal(again.hidden, first.hidden)
+    # one more row: not complete for this data any more, so it is extended as before
+    grown = features.extract(target, tok, data_mod.mixture([{"path": str(two_files[0])}], 6), tmp_path / "f",
+                             max_len=64, shard_rows=2, progress=False)
+    assert len(grown) == 6
+
+
+def test_training_target_device():
+    """``target.device: auto`` (the training jobs' default) is this process's accelerator device: cpu here, the
+    process's GPU under ``accelerate launch``; an explicit device is kept."""
+    from accelerate import PartialState
+
+    from train.job import target_device
+    assert target_device("auto") == target_device(None) == str(PartialState().device)
+    assert target_device("cpu") == "cpu" and target_device("cuda:1") == "cuda:1"
+    if not torch.cuda.is_available():
+        assert target_device("auto") == "cpu"
 
 
 def test_batch_order_and_schedule():
@@ -272,3 +310,26 @@ def test_training_state_with_tied_weights_saves_and_resumes(tmp_path, two_files)
     assert resumed.head.weight is resumed.emb.weight
     for k, v in straight.state_dict().items():
         assert torch.equal(v, resumed.state_dict()[k]), k
+
+
+DATA_PRESETS = sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "conf" / "train" / "data").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("preset", DATA_PRESETS)
+def test_data_presets_compose_with_the_default_keys(preset):
+    """Every ``train/data@data=<preset>`` composes into the same sections and keys as the default one."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    conf = str(Path(__file__).resolve().parents[1] / "conf")
+    with initialize_config_dir(config_dir=conf, version_base=None):
+        base = OmegaConf.to_container(compose("train/eagle").data)
+        cfg = compose("train/eagle", overrides=[f"train/data@data={preset}"])
+    data = OmegaConf.to_container(cfg.data)
+
+    def keys(d, prefix=""):
+        return {prefix + k for k in d} | {x for k, v in d.items() if isinstance(v, dict) for x in keys(v, f"{k}.")}
+    assert keys(data) == keys(base)
+    assert cfg.target.device == "auto"
+    if preset == "gpu":
+        assert data["self_distill"]["batch_size"] >= 128 and data["teacher_forced"]["num_rows"] == 0

@@ -61,6 +61,9 @@ def extract(model, tokenizer, rows: list[dict], out_dir: str | Path, *, max_len:
     names = [f"shard-{i:05d}.safetensors" for i in range(len(shards))]
     manifest = {"target": fingerprint, "max_len": max_len, "topk": topk, "shards": names,
                 "sequences": len(seqs), "positions": int(sum(len(s[0]) for s in seqs))}
+    if manifest_path.exists() and json.loads(manifest_path.read_text()) == {**manifest, "complete": True} and \
+            all(shard_matches(out_dir / n, s) for n, s in zip(names, shards)):
+        return FeatureSet(out_dir)  # complete already: not rewritten (other processes may be reading it)
     _write_json(manifest_path, {**manifest, "complete": False})
     bar = tqdm(total=len(seqs), desc="teacher-forced features", unit="seq", disable=not progress)
     for name, shard in zip(names, shards):
@@ -101,12 +104,14 @@ def _write_shard(model, seqs, path: Path, batch_tokens: int, topk: int) -> None:
         for row, g in enumerate(group):
             n = len(seqs[g][0])
             ids[row, :n], attn[row, :n] = seqs[g][0], 1
-        out = model(input_ids=ids, attention_mask=attn, output_hidden_states=True, use_cache=False)
+        out = model(input_ids=ids.to(model.device), attention_mask=attn.to(model.device), output_hidden_states=True,
+                    use_cache=False)
         probs = out.logits.float().softmax(-1)
         top = probs.topk(topk, dim=-1)
+        hidden, top_ids, top_p = out.hidden_states[-1].half().cpu(), top.indices.int().cpu(), top.values.half().cpu()
         for row, g in enumerate(group):
             n = len(seqs[g][0])
-            results[g] = (out.hidden_states[-1][row, :n].half(), top.indices[row, :n].int(), top.values[row, :n].half())
+            results[g] = (hidden[row, :n], top_ids[row, :n], top_p[row, :n])
         i = j
     offsets = torch.tensor([0] + [len(s[0]) for s in seqs]).cumsum(0)
     tensors = {

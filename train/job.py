@@ -56,11 +56,19 @@ def validation_tau(target, tokenizer, drafter, prompts: list[dict], max_new_toke
     decoder = SpecDecoder(target, tokenizer, drafter=drafter)
     steps = tokens = 0
     for p in prompts:
-        ids = torch.tensor([encode_prompt_ids(tokenizer, p["messages"])])
+        ids = torch.tensor([encode_prompt_ids(tokenizer, p["messages"])], device=target.device)
         out = decoder.generate(ids, max_new_tokens=max_new_tokens)
         steps += out.stats.verify_steps
         tokens += out.stats.new_tokens
     return tokens / max(1, steps)
+
+
+def target_device(device: str | None, state: PartialState | None = None) -> str:
+    """Where the frozen target runs (its answers, features and validation decoding): ``auto`` (or None) is this
+    process's accelerator device, ``cuda:<i>`` under ``accelerate launch`` on GPUs and ``cpu`` without one."""
+    if device in (None, "auto"):
+        return str((state or PartialState()).device)
+    return str(device)
 
 
 def run(spec: JobSpec, cfg: dict, progress: bool = True) -> Path:
@@ -70,10 +78,13 @@ def run(spec: JobSpec, cfg: dict, progress: bool = True) -> Path:
     schedule = Schedule(**cfg["train"])
     torch.manual_seed(schedule.seed)
     tcfg = cfg["target"]
-    target, tokenizer = models.load_target(tcfg.get("name"), dtype=tcfg.get("dtype", "float32"))
+    state = PartialState()
+    target, tokenizer = models.load_target(tcfg.get("name"), dtype=tcfg.get("dtype", "float32"),
+                                           device=target_device(tcfg.get("device"), state))
     target.requires_grad_(False)
     start = time.perf_counter()
-    data = dataset.build(cfg["data"], target, tokenizer, progress=progress)
+    with state.main_process_first():  # several processes: the main one builds the cache, the others then read it
+        data = dataset.build(cfg["data"], target, tokenizer, progress=progress and state.is_main_process)
     data_s = time.perf_counter() - start
     module = spec.make_module(target, data, cfg)
     val_cfg = cfg["data"]["val"]
@@ -89,7 +100,7 @@ def run(spec: JobSpec, cfg: dict, progress: bool = True) -> Path:
         return metrics
 
     log_cfg = dict(cfg.get("logger") or {"name": "none"})
-    main_process = PartialState().is_main_process  # under `accelerate launch`, only one process logs and exports
+    main_process = state.is_main_process  # under `accelerate launch`, only one process logs and exports
     logger = Logger(out_dir, name=log_cfg.pop("name"), run_name=f"{spec.kind}-{out_dir.name}", config=cfg,
                     enabled=main_process, **log_cfg)
     trainer = Trainer(module, spec.loss_fn, data.train, schedule, out_dir, logger, evaluate, progress=progress)

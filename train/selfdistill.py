@@ -56,7 +56,8 @@ def generate_answers(model, tokenizer, prompts: list[dict], out_path: str | Path
 
     Greedy by default (``do_sample=True`` samples at ``temperature``). Prompts are batched by length with left
     padding; each batch is written before the next starts. Prompts longer than ``max_prompt_tokens`` are skipped.
-    A float32 target on CPU generates with specdec's linear kernel (:func:`specdec.cpu_gemm.fast_linears`).
+    A float32 target on CPU generates with specdec's linear kernel (:func:`specdec.cpu_gemm.fast_linears`); a
+    target on a GPU generates there (raise ``batch_size`` to use it: hundreds of prompts a batch fit a small target).
     """
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -74,8 +75,8 @@ def generate_answers(model, tokenizer, prompts: list[dict], out_path: str | Path
         for start in range(0, len(encoded), batch_size):
             batch = encoded[start:start + batch_size]
             width = max(len(ids) for _, ids in batch)
-            ids = torch.tensor([[pad] * (width - len(x)) + x for _, x in batch])
-            attn = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for _, x in batch])
+            ids = torch.tensor([[pad] * (width - len(x)) + x for _, x in batch], device=model.device)
+            attn = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for _, x in batch], device=model.device)
             if do_sample:
                 torch.manual_seed(seed + start)
             out = model.generate(input_ids=ids, attention_mask=attn, max_new_tokens=max_new_tokens,
