@@ -88,7 +88,7 @@ class DraftModelDrafter:
         choices = choices if choices is not None else tree_ops.choices_for_shape(depth, width)
         self.parents, self.ranks = tree_ops.topology_from_choices(choices)
         check_contiguous_ranks(self.parents, self.ranks)
-        self.depths = tree_ops.depths(torch.tensor([self.parents], device="cpu"))[0].tolist()
+        self.depths = tree_ops.depth_list(self.parents)
         self.reset()
 
     @property
@@ -142,7 +142,7 @@ class DraftModelDrafter:
         A node whose parent has too few candidates (sampling from a distribution with fewer tokens left than
         asked for) becomes dead: ``parents[i] = -2``, and so does its subtree.
         """
-        depths = tree_ops.depths(torch.tensor([parents], device="cpu"))[0].tolist()
+        depths = tree_ops.depth_list(parents)
         cands = {0: self._candidates(root_logits[0], max(ranks[1:]) + 1, sampling, generator, probs, 0)}
         lo = 1
         while lo < len(parents):

@@ -160,7 +160,7 @@ class EagleDrafter(DraftModelDrafter):
         self.max_nodes = max_nodes
         self.parents, self.ranks = tree_ops.topology_from_choices(choices)
         check_contiguous_ranks(self.parents, self.ranks)
-        self.depths = tree_ops.depths(torch.tensor([self.parents], device="cpu"))[0].tolist()
+        self.depths = tree_ops.depth_list(self.parents)
         self.model = self.head  # the grower reads model.dtype for masks
         self.reset()
 

@@ -143,7 +143,7 @@ class MedusaDrafter:
                 meta_choices or tree_ops.choices_for_shape(heads.num_heads, 1))
         self.parents, self.ranks = tree_ops.topology_from_choices(choices)
         check_contiguous_ranks(self.parents, self.ranks)
-        self.depths = tree_ops.depths(torch.tensor([self.parents], device="cpu"))[0].tolist()
+        self.depths = tree_ops.depth_list(self.parents)
         trained = choices is meta_choices
         self.priority = tree_ops.choice_priority(choices) if trained else list(range(1, len(self.parents)))
         self.max_nodes = max_nodes
@@ -159,7 +159,7 @@ class MedusaDrafter:
         (trained trees list their most valuable paths first): ``(parents, ranks, depths)``."""
         cap = min(max_nodes, self.max_nodes or max_nodes)
         parents, ranks = tree_ops.cut_tree(self.parents, self.ranks, self.priority, cap, max_depth)
-        return parents, ranks, tree_ops.depths(torch.tensor([parents], device="cpu"))[0].tolist()
+        return parents, ranks, tree_ops.depth_list(parents)
 
     @torch.inference_mode()
     def propose(self, ctx: DraftContext) -> DraftTree:

@@ -129,14 +129,21 @@ def depths(parents: torch.Tensor) -> torch.Tensor:
     >>> depths(torch.tensor([[-1, 0, 0, 1]])).tolist()
     [[0, 1, 1, 2]]
     """
-    out = []
-    for row in parents.tolist():
-        d = [0] * len(row)
-        for i in range(1, len(row)):
-            p = row[i]
-            d[i] = d[p] + 1 if p >= 0 else 0
-        out.append(d)
-    return torch.tensor(out, dtype=torch.long, device=parents.device)
+    return torch.tensor([depth_list(row) for row in parents.tolist()], dtype=torch.long, device=parents.device)
+
+
+def depth_list(parents: Sequence[int]) -> list[int]:
+    """Depth of each node of one tree given as a parents list (root 0, dead nodes 0): :func:`depths` without
+    tensors, for drafters' bookkeeping.
+
+    >>> depth_list([-1, 0, 0, 1])
+    [0, 1, 1, 2]
+    """
+    d = [0] * len(parents)
+    for i in range(1, len(parents)):
+        p = parents[i]
+        d[i] = d[p] + 1 if p >= 0 else 0
+    return d
 
 
 def ancestor_mask(parents: torch.Tensor) -> torch.Tensor:

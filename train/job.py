@@ -56,7 +56,7 @@ def validation_tau(target, tokenizer, drafter, prompts: list[dict], max_new_toke
     decoder = SpecDecoder(target, tokenizer, drafter=drafter)
     steps = tokens = 0
     for p in prompts:
-        ids = torch.tensor([encode_prompt_ids(tokenizer, p["messages"])], device=target.device)
+        ids = torch.tensor([encode_prompt_ids(tokenizer, p["messages"])])  # the decoder moves them to the target
         out = decoder.generate(ids, max_new_tokens=max_new_tokens)
         steps += out.stats.verify_steps
         tokens += out.stats.new_tokens
