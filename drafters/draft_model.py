@@ -19,12 +19,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from specdec import checkpoint, hf_cache, models
-from specdec import tree as tree_ops
+from specdec import models
+from specdec.algorithms import tree as tree_ops
+from specdec.algorithms.sampling import warp_probs
 from specdec.errors import ConfigError
-from specdec.hf_forward import forward_masked, forward_tokens
+from specdec.models import checkpoint, hf_cache
+from specdec.models.hf_forward import forward_masked, forward_tokens
 from specdec.protocols import Feedback
-from specdec.sampling import warp_probs
 from specdec.types import DEAD, DraftContext, DraftTree
 
 
@@ -166,7 +167,7 @@ class DraftModelDrafter:
 
     def _grow_dynamic(self, root: int, root_logits: torch.Tensor, max_nodes: int, max_depth: int,
                       device: torch.device | None = None) -> DraftTree:
-        """EAGLE-2's dynamic tree (:func:`specdec.tree.grow_dynamic`): each level's expanded nodes run through the
+        """EAGLE-2's dynamic tree (:func:`specdec.algorithms.tree.grow_dynamic`): each level's expanded nodes run through the
         draft model in one forward, which gives their children's distributions.
 
         Candidates are the draft's top-k tokens whether or not the request samples, and no ``draft_probs`` are

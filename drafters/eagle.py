@@ -24,10 +24,11 @@ from drafters.draft_model import (
     decoder,
     set_dynamic,
 )
-from specdec import checkpoint, hf_cache, models
-from specdec import tree as tree_ops
+from specdec import models
+from specdec.algorithms import tree as tree_ops
 from specdec.errors import ConfigError, SpecdecError
-from specdec.gqa_attention import gqa_attention_on
+from specdec.models import checkpoint, hf_cache
+from specdec.models.gqa_attention import gqa_attention_on
 from specdec.types import DraftContext, DraftTree
 
 KIND = "eagle"

@@ -1,9 +1,9 @@
 """The hybrid drafter: several drafters proposing into one tree, the budget following what each gets accepted.
 
 Each step every part drafts with its share of the node budget; their root-to-leaf paths are merged into one trie
-(:func:`specdec.tree.from_sequences`: a continuation two parts agree on is verified once). Each part's node
+(:func:`specdec.algorithms.tree.from_sequences`: a continuation two parts agree on is verified once). Each part's node
 confidences (its tree's ``scores``) are calibrated against what that part gets accepted (one
-:class:`specdec.adaptive.Calibrator` per part), a merged node is worth the best calibrated value any part gives
+:class:`specdec.algorithms.adaptive.Calibrator` per part), a merged node is worth the best calibrated value any part gives
 its path, and the best ``max_nodes`` nodes by that value are kept; they are the merged tree's ``scores``. After
 the step each part is told what was accepted *of its own tree* (the longest prefix of the accepted path its tree
 contained), so stateful parts (a draft model's KV cache) stay in step, and a moving average of the tokens each
@@ -23,8 +23,8 @@ from dataclasses import replace
 import torch
 
 from specdec import registry
-from specdec import tree as tree_ops
-from specdec.adaptive import Calibrator
+from specdec.algorithms import tree as tree_ops
+from specdec.algorithms.adaptive import Calibrator
 from specdec.errors import ConfigError
 from specdec.protocols import Feedback
 from specdec.types import Acceptance, DraftContext, DraftTree

@@ -13,7 +13,7 @@ applied to the view's last hidden state before the target's final norm and LM he
 
 Drafting is :class:`drafters.draft_model.DraftModelDrafter`'s: a chain or top-k tree grown level by level over
 the view's own ``DynamicCache``. A skipped layer never writes its cache slot (its slot stays uninitialised, which
-``specdec.hf_cache.crop``/``keep_positions`` skip); the cache length is read from layer 0, so layer 0 always runs.
+``specdec.models.hf_cache.crop``/``keep_positions`` skip); the cache length is read from layer 0, so layer 0 always runs.
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from drafters.draft_model import DraftModelDrafter, DraftVocabHead, decoder
-from specdec import checkpoint
 from specdec.errors import ConfigError
+from specdec.models import checkpoint
 
 KIND = "layerskip"
 DEFAULT_DEPTH = 4  # draft tokens per path when neither the call nor a checkpoint says

@@ -16,11 +16,12 @@ import torch
 from torch import nn
 
 from drafters.draft_model import check_contiguous_ranks, to_target_vocab
-from specdec import checkpoint, models
-from specdec import tree as tree_ops
+from specdec import models
+from specdec.algorithms import tree as tree_ops
+from specdec.algorithms.sampling import SamplingParams, warp_probs
 from specdec.errors import ConfigError, SpecdecError
+from specdec.models import checkpoint
 from specdec.protocols import Feedback
-from specdec.sampling import SamplingParams, warp_probs
 from specdec.types import DEAD, DraftContext, DraftTree
 
 KIND = "medusa"
@@ -204,7 +205,7 @@ class MedusaDrafter:
         return DraftTree(torch.tensor([tokens], device=ids.device), torch.tensor([parents], device=ids.device), probs)
 
     def _dynamic(self, root: int, ctx: DraftContext) -> DraftTree:
-        """:func:`specdec.tree.grow_dynamic` with head ``d+1``'s log-probabilities as every depth-``d`` node's
+        """:func:`specdec.algorithms.tree.grow_dynamic` with head ``d+1``'s log-probabilities as every depth-``d`` node's
         children (Medusa heads do not depend on the path above them)."""
         cap = min(ctx.max_nodes, self.max_nodes or ctx.max_nodes)
         depth = min(self.heads.num_heads, ctx.max_depth, cap - 1) if ctx.hidden.shape[1] > 0 else 0

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-from specdec import tree as tree_ops
+from specdec.algorithms import tree as tree_ops
 from specdec.errors import ConfigError
 from specdec.protocols import Feedback
 from specdec.types import DraftContext, DraftTree

@@ -4,12 +4,12 @@ A drafter proposes a draft tree; a verifier runs the whole tree through the targ
 acceptance rule keeps the longest valid path plus one token from the target. See README.md for the concepts.
 """
 
-from specdec.acceptance import LOSSY, RULES
+from specdec.algorithms.acceptance import LOSSY, RULES
+from specdec.algorithms.loop import Step, decode
+from specdec.algorithms.sampling import SamplingParams
 from specdec.errors import ConfigError, PromptError, SpecdecError, VocabularyMismatchError
 from specdec.generate import SpecDecoder, generate
-from specdec.loop import Step, decode
 from specdec.protocols import Drafter, Feedback, Verifier
-from specdec.sampling import SamplingParams
 from specdec.types import Acceptance, DraftContext, DraftTree, GenerationOutput, GenerationStats, VerifyOutput
 
 __all__ = [

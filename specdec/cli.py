@@ -54,7 +54,8 @@ def _profile(argv: list[str]) -> int:
 
     import torch
 
-    from specdec import models, profiler
+    from specdec import models
+    from specdec.bench import profiler
 
     torch.set_num_threads(args.threads)
     model, _ = models.load_target(args.target, dtype=args.dtype)
@@ -76,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         if command == "profile":
             return _profile(rest)
         if command == "bench":
-            from specdec import bench
+            from specdec.bench import app as bench
 
             sys.argv = ["specdec bench", *rest]
             bench.main()

@@ -16,16 +16,18 @@ from contextlib import ExitStack
 import torch
 from tqdm import tqdm
 
-from specdec import checkpoint, cpu_gemm, models, profiler, registry
-from specdec.acceptance import LOSSY, get_rule
-from specdec.adaptive import AdaptiveBudget, Calibrator
-from specdec.batch import BatchEngine, DrafterPool
-from specdec.cost import CostProfile
+from specdec import models, registry
+from specdec.algorithms.acceptance import LOSSY, get_rule
+from specdec.algorithms.adaptive import AdaptiveBudget, Calibrator
+from specdec.algorithms.cost import CostProfile
+from specdec.algorithms.loop import decode
+from specdec.algorithms.sampling import SamplingParams
+from specdec.algorithms.stopping import Stopper
+from specdec.bench import profiler
 from specdec.errors import PromptError, SpecdecError, VocabularyMismatchError
-from specdec.loop import decode
+from specdec.models import checkpoint, cpu_gemm
 from specdec.protocols import check_capabilities
-from specdec.sampling import SamplingParams
-from specdec.stopping import Stopper
+from specdec.serving.engine import BatchEngine, DrafterPool
 from specdec.types import GenerationOutput, GenerationStats
 
 DEFAULT_MAX_NODES = 16
@@ -39,10 +41,10 @@ class SpecDecoder:
     directory of a checkpoint a ``train/`` job wrote (its kind is read from it), or a Drafter object;
     ``drafter_kwargs`` go to the drafter's constructor. adaptive: re-decide each request's node budget (up to
     ``max_nodes``) before every step from the measured cost profile (``cost_profile``, or the cached / freshly
-    measured one for this target and machine, see :mod:`specdec.profiler`) and the request's acceptance so far
-    (:mod:`specdec.adaptive`); a drafter that scores its nodes gets each step's tree cut to the nodes worth their
+    measured one for this target and machine, see :mod:`specdec.bench.profiler`) and the request's acceptance so far
+    (:mod:`specdec.algorithms.adaptive`); a drafter that scores its nodes gets each step's tree cut to the nodes worth their
     verify cost. Outputs are unchanged, only speed. fast_linears: run the target's (and the drafter's) float32
-    linear layers on the faster CPU kernel of :mod:`specdec.cpu_gemm` (oneDNN on reordered weights, a second
+    linear layers on the faster CPU kernel of :mod:`specdec.models.cpu_gemm` (oneDNN on reordered weights, a second
     copy of them in memory); None = on for a float32 model on CPU.
     """
 
@@ -105,7 +107,7 @@ class SpecDecoder:
         """
         if is_batch(input_ids, prompt):
             if streamer is not None:
-                raise SpecdecError("streamer works with one request; for a batch, drive specdec.batch.BatchEngine "
+                raise SpecdecError("streamer works with one request; for a batch, drive specdec.serving.engine.BatchEngine "
                                    "and read the tokens each step() emits.")
             return self.generate_batch(input_ids, prompt=prompt, chat=chat, max_new_tokens=max_new_tokens,
                                        eos_token_id=eos_token_id, stop_strings=stop_strings, do_sample=do_sample,
@@ -200,7 +202,7 @@ class SpecDecoder:
         return None if seed is None else torch.Generator(device=self.device).manual_seed(seed)
 
     def _fast_linears(self):
-        """The fast CPU linear kernel (:mod:`specdec.cpu_gemm`) in the target's and the drafter's linear layers."""
+        """The fast CPU linear kernel (:mod:`specdec.models.cpu_gemm`) in the target's and the drafter's linear layers."""
         return cpu_gemm.fast_linears(self.target, *cpu_gemm.drafter_modules(self.drafter),
                                      enabled=self.fast_linears)
 

@@ -71,10 +71,10 @@ class Verifier(Protocol):
 
 @runtime_checkable
 class BatchVerifier(Protocol):
-    """A verifier serving many requests at once, keyed by request id (driven by :mod:`specdec.batch`).
+    """A verifier serving many requests at once, keyed by request id (driven by :mod:`specdec.serving.engine`).
 
     KV memory comes in blocks: ``num_blocks`` in all, ``num_free_blocks`` now, ``blocks_for(n)`` to hold n tokens.
-    ``score_batch`` raises :class:`specdec.blocks.KVBlocksExhausted` (with ``.request_id``) when a request's tree
+    ``score_batch`` raises :class:`specdec.serving.block_allocator.KVBlocksExhausted` (with ``.request_id``) when a request's tree
     does not fit, having reserved nothing.
     """
 

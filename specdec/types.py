@@ -26,7 +26,7 @@ class DraftTree:
         scores: ``[B, N]`` float or ``None``. The drafter's confidence that node i is accepted (its whole path is),
             in [0, 1] and never larger than its parent's (the root's is 1); ``None`` when the drafter does not
             estimate it. An adaptive budget calibrates these against what is accepted and cuts each tree to the
-            nodes that pay for their verify cost (:mod:`specdec.adaptive`).
+            nodes that pay for their verify cost (:mod:`specdec.algorithms.adaptive`).
 
     Example: the chain ``root -> 5 -> 7`` is ``tokens=[[r, 5, 7]]``, ``parents=[[-1, 0, 1]]``;
     a root with two children ``5`` and ``9`` is ``tokens=[[r, 5, 9]]``, ``parents=[[-1, 0, 0]]``.
@@ -100,7 +100,7 @@ class VerifyOutput:
     the verifier was asked for greedy tokens and gave only those.
     hidden: ``[B, N, H]`` target last-layer hidden states, or None when no drafter asked for them.
     greedy: ``[B, N]`` the target's argmax at every node, when the verifier computed it without the logits
-    (:mod:`specdec.greedy_head`); None otherwise.
+    (:mod:`specdec.models.greedy_head`); None otherwise.
     """
 
     logits: torch.Tensor | None  # [B, N, V]
@@ -148,7 +148,7 @@ class DraftContext:
         yet: at the first proposal those of every prompt token but the root (``T' = T - 1``), then those along the
         path the last verify step accepted, root first (``T' = a + 1``). The last row is always the state of the
         token just before the root. None unless the drafter declared ``needs_hidden_states``.
-    sampling: the request's :class:`specdec.sampling.SamplingParams` (a drafter that samples warps its own
+    sampling: the request's :class:`specdec.algorithms.sampling.SamplingParams` (a drafter that samples warps its own
         distribution the same way and reports it as ``draft_probs``); generator: the request's RNG.
     """
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from specdec import acceptance as A
+from specdec.algorithms import acceptance as A
 from specdec.errors import ConfigError
 from specdec.types import DEAD, DraftTree
 

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 import specdec
-from specdec import profiler
-from specdec import tree as tree_ops
-from specdec.adaptive import AcceptanceStats, AdaptiveBudget, Calibrator, uncut
-from specdec.cost import CostProfile, chain_node_values, choose_budget
+from specdec.algorithms import tree as tree_ops
+from specdec.algorithms.adaptive import AcceptanceStats, AdaptiveBudget, Calibrator, uncut
+from specdec.algorithms.cost import CostProfile, chain_node_values, choose_budget
+from specdec.bench import profiler
 from specdec.types import Acceptance, DraftTree
 from tests.conftest import DRAFTER_FACTORIES, get_tiny, greedy_reference
 from tests.tiny import random_prompt, tiny_tokenizer
@@ -175,7 +175,7 @@ def test_profile_is_cached_and_invalidated_when_the_setting_changes(tmp_path):
     assert measured and path4 != path1
     _, path5, measured = profiler.load_or_measure(get_tiny(1, dtype=torch.float32), **kw)  # another model
     assert measured and path5 != path1
-    # the plain F.linear kernel instead of the fast one (specdec.cpu_gemm): verify costs differ
+    # the plain F.linear kernel instead of the fast one (specdec.models.cpu_gemm): verify costs differ
     _, path6, measured = profiler.load_or_measure(model, fast_linears=False, **kw)
     assert measured and path6 != path1
     assert profiler.load_or_measure(model, fast_linears=False, **kw)[1:] == (path6, False)

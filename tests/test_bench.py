@@ -12,10 +12,11 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from specdec import bench, report
-from specdec.config import CONF_DIR
+from specdec.bench import app as bench
+from specdec.bench import report
+from specdec.bench.config import CONF_DIR
+from specdec.bench.report import Measurement
 from specdec.errors import ConfigError, PromptError
-from specdec.report import Measurement
 from tests.tiny import save_tiny
 
 torch.set_num_threads(1)  # another process may be benchmarking on this machine

@@ -7,10 +7,10 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from specdec.blocks import BlockAllocator, KVBlocksExhausted, PrefixIndex
 from specdec.errors import SpecdecError
-from specdec.kv_plan import CommitPlan, plan_commit, slot
-from specdec.paged_cache import PagedKVCache
+from specdec.serving.block_allocator import BlockAllocator, KVBlocksExhausted, PrefixIndex
+from verifiers.paged.cache import PagedKVCache
+from verifiers.paged.commit_plan import CommitPlan, plan_commit, slot
 
 # ---------------------------------------------------------------- allocator
 

@@ -9,8 +9,9 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from specdec import config, registry
-from specdec.config import CONF_DIR, GROUPS, check_overrides, validate
+from specdec import registry
+from specdec.bench import config
+from specdec.bench.config import CONF_DIR, GROUPS, check_overrides, validate
 from specdec.errors import ConfigError
 
 # options that need a value the user must give

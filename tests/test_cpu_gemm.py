@@ -1,4 +1,4 @@
-"""The fast CPU linear kernel (specdec.cpu_gemm): same products as F.linear, contiguous outputs, packed weights
+"""The fast CPU linear kernel (specdec.models.cpu_gemm): same products as F.linear, contiguous outputs, packed weights
 re-made when a weight changes, and patched only inside the context."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from specdec import cpu_gemm
+from specdec.models import cpu_gemm
 from tests.conftest import _hybrid, _medusa
 from tests.tiny import tiny_llama, tiny_tokenizer
 

@@ -9,7 +9,7 @@ Two probes stand in for a CUDA device:
   fails there. On a GPU the same tensor would land on the CPU: a device mismatch.
 * a target moved to the meta device: every drafter built for it must hold its own modules, buffers and index
   tensors there (checkpoint heads load on the CPU and must follow the target), the decoder's sampling generator
-  must be asked for there, and the CPU-only kernels (:mod:`specdec.cpu_gemm`, :mod:`specdec.greedy_head`) must
+  must be asked for there, and the CPU-only kernels (:mod:`specdec.models.cpu_gemm`, :mod:`specdec.models.greedy_head`) must
   switch themselves off.
 """
 
@@ -20,9 +20,9 @@ import copy
 import pytest
 import torch
 
-from specdec import cpu_gemm, greedy_head
-from specdec.cost import CostProfile
+from specdec.algorithms.cost import CostProfile
 from specdec.generate import SpecDecoder
+from specdec.models import cpu_gemm, greedy_head
 from tests.conftest import get_tiny
 from tests.tiny import random_prompt, tiny_llama
 

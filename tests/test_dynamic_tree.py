@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 
 from drafters.draft_model import DraftModelDrafter
-from specdec import tree as tree_ops
+from specdec.algorithms import tree as tree_ops
 from specdec.types import DraftContext
 
 V = 8

@@ -7,8 +7,8 @@ import torch
 
 import specdec
 from drafters.eagle import EagleDrafter, EagleHead, causal_mask, reduced_vocab
-from specdec import checkpoint, hf_cache
-from specdec.checkpoint import CheckpointError
+from specdec.models import checkpoint, hf_cache
+from specdec.models.checkpoint import CheckpointError
 from tests.tiny import random_prompt, tiny_llama
 from tests.train_fixtures import job_config
 from train import eagle, job

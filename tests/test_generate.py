@@ -111,7 +111,7 @@ def test_input_forms(target, tokenizer):
 
 def test_decode_loop_directly(target):
     """The loop alone commits exactly max_new_tokens and every step's tokens are accepted drafts + bonus."""
-    from specdec.acceptance import greedy
+    from specdec.algorithms.acceptance import greedy
     from verifiers.hf import HFVerifier
 
     prompt = random_prompt(0, 12)
@@ -141,7 +141,7 @@ class OracleDrafter:
     def propose(self, ctx):
         self.seen.append((ctx.max_nodes, ctx.max_depth))
         done = ctx.input_ids.shape[1] - self.prompt_len
-        from specdec.tree import chain
+        from specdec.algorithms.tree import chain
 
         return chain(int(ctx.input_ids[0, -1]), self.continuation[done:done + self.depth])
 
@@ -152,7 +152,7 @@ class OracleDrafter:
 @pytest.mark.parametrize("max_new", [1, 2, 3, 5, 7, 13])
 def test_loop_never_drafts_past_max_new_tokens(target, max_new):
     """Even a drafter that ignores ctx.max_depth cannot make a verify step commit past max_new_tokens."""
-    from specdec.acceptance import greedy
+    from specdec.algorithms.acceptance import greedy
     from verifiers.hf import HFVerifier
 
     prompt = random_prompt(1, 10)

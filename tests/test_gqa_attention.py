@@ -7,10 +7,10 @@ import torch
 from transformers import DynamicCache
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from specdec import gqa_attention, hf_cache
-from specdec import tree as tree_ops
-from specdec.gqa_attention import ATTENTION_NAME, gqa_attention_on, gqa_sdpa_attention
-from specdec.hf_forward import forward_tokens
+from specdec.algorithms import tree as tree_ops
+from specdec.models import gqa_attention, hf_cache
+from specdec.models.gqa_attention import ATTENTION_NAME, gqa_attention_on, gqa_sdpa_attention
+from specdec.models.hf_forward import forward_tokens
 from tests.tiny import tiny_llama
 
 

@@ -5,10 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from specdec import acceptance, profiler, registry
-from specdec import tree as tree_ops
-from specdec.greedy_head import ScreenedArgmax, available, screenable
-from specdec.sampling import SamplingParams
+from specdec import registry
+from specdec.algorithms import acceptance
+from specdec.algorithms import tree as tree_ops
+from specdec.algorithms.sampling import SamplingParams
+from specdec.bench import profiler
+from specdec.models.greedy_head import ScreenedArgmax, available, screenable
 from tests.conftest import get_tiny
 
 needs_kernel = pytest.mark.skipif(not available(), reason="oneDNN bfloat16 matmul not available on this CPU")

@@ -6,9 +6,9 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from specdec import hf_cache
-from specdec import tree as T
+from specdec.algorithms import tree as T
 from specdec.errors import SpecdecError
+from specdec.models import hf_cache
 from specdec.types import Acceptance, DraftTree
 from tests.conftest import get_tiny
 from tests.tiny import VOCAB
@@ -145,7 +145,7 @@ def test_cache_kwargs_follow_the_forward_signature():
 
 
 def test_verify_forward_raises_no_cache_deprecation(recwarn):
-    from specdec import hf_forward
+    from specdec.models import hf_forward
 
     model = get_tiny()
     cache = DynamicCache()
@@ -224,8 +224,8 @@ def test_prefill_rejects_batches_and_restarts():
 def test_cache_after_real_decode_equals_plain_decoding(seed):
     """Through the decode loop (ngram trees, greedy rule): after every step the cache is plain decoding's."""
     from drafters.ngram import NGramDrafter
-    from specdec.acceptance import greedy
-    from specdec.loop import decode
+    from specdec.algorithms.acceptance import greedy
+    from specdec.algorithms.loop import decode
     from tests.tiny import random_prompt
 
     model = get_tiny(seed)

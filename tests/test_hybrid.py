@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from drafters.hybrid import HybridDrafter, matched_path, split_budget
-from specdec import tree as tree_ops
+from specdec.algorithms import tree as tree_ops
 from specdec.errors import ConfigError
 from specdec.protocols import Feedback
 from specdec.types import Acceptance, DraftContext, DraftTree

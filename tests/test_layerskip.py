@@ -13,10 +13,10 @@ from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRMS
 import specdec
 from drafters.draft_model import DraftVocabHead
 from drafters.layerskip import ExitAdapter, LayerSkipDrafter, check_skips, skip_view
-from specdec import checkpoint, hf_cache
-from specdec.checkpoint import CheckpointError
 from specdec.errors import ConfigError
-from specdec.hf_forward import forward_masked, forward_tokens
+from specdec.models import checkpoint, hf_cache
+from specdec.models.checkpoint import CheckpointError
+from specdec.models.hf_forward import forward_masked, forward_tokens
 from tests.tiny import random_prompt, save_tiny, tiny_llama
 from tests.train_fixtures import job_config
 from train import job, layerskip

@@ -14,10 +14,11 @@ import specdec
 import train.job
 import train.medusa
 from drafters.medusa import MedusaDrafter, MedusaHeads
-from specdec import SpecDecoder, checkpoint
-from specdec import tree as tree_ops
+from specdec import SpecDecoder
+from specdec.algorithms import tree as tree_ops
+from specdec.algorithms.sampling import SamplingParams
 from specdec.errors import ConfigError
-from specdec.sampling import SamplingParams
+from specdec.models import checkpoint
 from specdec.types import DraftContext
 from tests.conftest import get_tiny, greedy_reference
 from tests.test_rejection import assert_matches

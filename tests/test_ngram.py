@@ -8,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from drafters.ngram import NGramDrafter
-from specdec import tree as T
+from specdec.algorithms import tree as T
 from specdec.errors import ConfigError
 from specdec.types import DraftContext
 

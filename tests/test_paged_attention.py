@@ -8,8 +8,8 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from specdec.tree import ancestor_mask
-from verifiers.paged_attention import (
+from specdec.algorithms.tree import ancestor_mask
+from verifiers.paged.kernels import (
     dense_reference,
     gather_prefix,
     in_place_mask,

@@ -14,11 +14,11 @@ import torch
 
 import specdec
 from specdec import registry
-from specdec import tree as tree_ops
-from specdec.acceptance import get_rule
-from specdec.batch import BatchEngine, DrafterPool
+from specdec.algorithms import tree as tree_ops
+from specdec.algorithms.acceptance import get_rule
+from specdec.algorithms.stopping import Stopper
 from specdec.errors import ConfigError, PromptError, SpecdecError
-from specdec.stopping import Stopper
+from specdec.serving.engine import BatchEngine, DrafterPool
 from specdec.types import Acceptance
 from tests.conftest import DRAFTER_FACTORIES, get_tiny, greedy_reference
 from tests.tiny import random_prompt, tiny_tokenizer

@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from specdec import prompts
+from specdec.bench import prompts
+from specdec.bench.prompts import Prompt, expand, load_prompts, read_rows, select
 from specdec.errors import PromptError
-from specdec.prompts import Prompt, expand, load_prompts, read_rows, select
 
 ROWS = [
     {"question_id": 1, "category": "writing", "turns": ["Write a poem.", "Now shorter."]},

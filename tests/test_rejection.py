@@ -1,4 +1,4 @@
-"""Statistical tests of lossless speculative sampling (:mod:`specdec.rejection`), with proof of their power.
+"""Statistical tests of lossless speculative sampling (:mod:`specdec.algorithms.rejection`), with proof of their power.
 
 Method. Each case fixes, by hand, a small vocabulary (V = 5..8), a target and a drafter. Both are "Markov" tables:
 the logits (target) or probabilities (draft q) at a tree node depend only on the node's depth d and its token t:
@@ -28,11 +28,11 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from specdec import acceptance as A
-from specdec import rejection as R
-from specdec import tree as T
+from specdec.algorithms import acceptance as A
+from specdec.algorithms import rejection as R
+from specdec.algorithms import tree as T
+from specdec.algorithms.sampling import SamplingParams, warp_probs
 from specdec.errors import SpecdecError
-from specdec.sampling import SamplingParams, warp_probs
 from specdec.types import DraftTree
 
 ALPHA = 1e-3  # significance of every goodness-of-fit test in this file and in test_sampling_e2e.py

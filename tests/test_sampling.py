@@ -19,8 +19,8 @@ from transformers.generation.logits_process import (
 )
 
 from specdec import SpecDecoder
+from specdec.algorithms.sampling import SamplingParams, sample, uniform, warp_logits, warp_probs
 from specdec.errors import SpecdecError
-from specdec.sampling import SamplingParams, sample, uniform, warp_logits, warp_probs
 from tests.conftest import get_tiny
 
 V = 32

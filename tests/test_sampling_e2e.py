@@ -26,7 +26,7 @@ import torch
 
 from drafters.draft_model import DraftModelDrafter
 from specdec import SpecDecoder
-from specdec.sampling import SamplingParams, warp_probs
+from specdec.algorithms.sampling import SamplingParams, warp_probs
 from tests.test_rejection import (
     ALPHA,
     assert_matches,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from specdec.errors import ConfigError
-from specdec.scheduler import Scheduler
+from specdec.serving.scheduler import Scheduler
 
 NEED = {"a": 3, "b": 5, "c": 2, "huge": 100}
 

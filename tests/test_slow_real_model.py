@@ -12,7 +12,8 @@ import pytest
 import torch
 
 import specdec
-from specdec import checkpoint, models
+from specdec import models
+from specdec.models import checkpoint
 
 pytestmark = pytest.mark.slow
 

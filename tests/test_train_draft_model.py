@@ -20,9 +20,10 @@ from drafters.draft_model import (
     resolve_init_layers,
     spread_layers,
 )
-from specdec import checkpoint, models
-from specdec.checkpoint import CheckpointError
+from specdec import models
 from specdec.errors import ConfigError
+from specdec.models import checkpoint
+from specdec.models.checkpoint import CheckpointError
 from specdec.types import DraftContext
 from tests.conftest import greedy_reference
 from tests.tiny import random_prompt, save_tiny, tiny_config, tiny_llama, tiny_tokenizer

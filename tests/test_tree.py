@@ -7,7 +7,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from specdec import tree as T
+from specdec.algorithms import tree as T
 from specdec.errors import SpecdecError
 from specdec.types import DEAD, DraftTree
 

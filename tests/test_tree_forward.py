@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from specdec import hf_cache
-from specdec import tree as T
-from specdec.hf_forward import forward_tokens
+from specdec.algorithms import tree as T
+from specdec.models import hf_cache
+from specdec.models.hf_forward import forward_tokens
 from specdec.types import DEAD
 from tests.conftest import get_tiny
 from tests.tiny import VOCAB, tiny_llama

@@ -1,7 +1,7 @@
 """The Triton paged tree-attention kernel, run by Triton's CPU interpreter, against the torch reference and SDPA.
 
 The interpreter is chosen when the kernel is jitted (``@triton.jit`` reads ``TRITON_INTERPRET``), and
-:mod:`verifiers.triton_attention` jits lazily on the first call in each mode, so the autouse fixture below setting
+:mod:`verifiers.paged.triton_kernel` jits lazily on the first call in each mode, so the autouse fixture below setting
 ``TRITON_INTERPRET=1`` around each test is enough, even though triton itself was imported long before (conftest ->
 transformers -> torch._dynamo -> triton), and nothing leaks into other test modules.
 """
@@ -17,9 +17,9 @@ import torch
 
 pytest.importorskip("triton")
 
-from specdec.tree import ancestor_mask
-from verifiers import triton_attention as TA
-from verifiers.paged_attention import dense_reference, paged_tree_attention_torch
+from specdec.algorithms.tree import ancestor_mask
+from verifiers.paged import triton_kernel as TA
+from verifiers.paged.kernels import dense_reference, paged_tree_attention_torch
 
 
 @pytest.fixture(autouse=True)

@@ -1,6 +1,6 @@
 """Typical acceptance (Medusa's posterior threshold): LOSSY, labelled so, and golden values.
 
-Rule under test (:mod:`specdec.typical`): with p the target's distribution at a node (temperature applied), a
+Rule under test (:mod:`specdec.algorithms.typical`): with p the target's distribution at a node (temperature applied), a
 child with token x is accepted when its parent is accepted and ``p(x) > min(0.09, 0.3 * exp(-H(p)))``; the
 deepest accepted node ends the path (ties: the path the target finds most likely, as in Medusa's
 ``evaluate_posterior``); the next token is the target's argmax there (greedy) or a sample from it.
@@ -13,18 +13,18 @@ import math
 import pytest
 import torch
 
-import specdec.typical as typical_module
+import specdec.algorithms.typical as typical_module
 from specdec import SpecDecoder
-from specdec import acceptance as A
-from specdec.errors import SpecdecError
-from specdec.sampling import SamplingParams
-from specdec.types import DraftTree
-from specdec.typical import (
+from specdec.algorithms import acceptance as A
+from specdec.algorithms.sampling import SamplingParams
+from specdec.algorithms.typical import (
     POSTERIOR_ALPHA,
     POSTERIOR_THRESHOLD,
     typical,
     typical_threshold,
 )
+from specdec.errors import SpecdecError
+from specdec.types import DraftTree
 from tests.conftest import get_tiny
 
 V = 8

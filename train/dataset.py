@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from specdec import models
-from specdec.checkpoint import target_fingerprint
+from specdec.models.checkpoint import target_fingerprint
 from train import features, selfdistill
 from train.data import mixture, prompts_of
 

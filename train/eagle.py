@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from drafters.eagle import KIND, EagleDrafter, EagleHead
-from specdec import checkpoint, hf_cache
-from specdec import tree as tree_ops
+from specdec.algorithms import tree as tree_ops
+from specdec.models import checkpoint, hf_cache
 from train.features import Batch, FeatureSet
 from train.job import (
     JobSpec,

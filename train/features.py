@@ -22,7 +22,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from specdec.checkpoint import CheckpointError, target_fingerprint
+from specdec.models.checkpoint import CheckpointError, target_fingerprint
 from train.data import encode_conversation
 
 MANIFEST = "manifest.json"

@@ -18,8 +18,9 @@ import torch
 from accelerate import PartialState
 
 from drafters.eagle import reduced_vocab
-from specdec import checkpoint, models
+from specdec import models
 from specdec.errors import ConfigError
+from specdec.models import checkpoint
 from train import dataset
 from train.features import FeatureSet
 from train.logger import Logger

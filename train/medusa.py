@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from drafters.medusa import KIND, MedusaDrafter, MedusaHeads
-from specdec import tree as tree_ops
+from specdec.algorithms import tree as tree_ops
 from train.features import Batch, FeatureSet
 from train.job import (
     JobSpec,

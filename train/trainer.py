@@ -24,7 +24,7 @@ from safetensors import safe_open
 from safetensors.torch import load_model, save_model
 from tqdm.auto import tqdm
 
-from specdec.checkpoint import CheckpointError
+from specdec.models.checkpoint import CheckpointError
 from train.features import Batch, FeatureSet
 
 STATE_DIR = "state"

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from specdec import hf_cache
 from specdec.errors import SpecdecError
-from specdec.greedy_head import ScreenedArgmax, screenable
-from specdec.hf_forward import forward_tokens
+from specdec.models import hf_cache
+from specdec.models.greedy_head import ScreenedArgmax, screenable
+from specdec.models.hf_forward import forward_tokens
 from specdec.types import Acceptance, DraftTree, VerifyOutput
 
 
@@ -18,7 +18,7 @@ class HFVerifier:
     the accepted path's K/V are kept in place of the whole tree's.
 
     screen_greedy: for greedy steps, take the argmax from a bfloat16 screen of the LM head checked in float32
-    (:mod:`specdec.greedy_head`: exact, and half the head's weight traffic) where the target and CPU allow it;
+    (:mod:`specdec.models.greedy_head`: exact, and half the head's weight traffic) where the target and CPU allow it;
     False always computes the float32 logits.
     """
 

@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import torch
 
+from specdec.algorithms.sampling import SamplingParams, sample, uniform, warp_probs
 from specdec.errors import SpecdecError
-from specdec.sampling import SamplingParams, sample, uniform, warp_probs
 from specdec.types import Acceptance, DraftTree
 
 

@@ -1,142 +1,35 @@
 """The paged verifier: draft trees of many requests through the target in one forward, over a paged KV cache.
 
 It plugs into any transformers model whose attention layers call ``ALL_ATTENTION_FUNCTIONS`` (Llama, Qwen2, Mistral,
-...): :data:`ATTENTION_NAME` is registered with transformers' ``AttentionInterface``, and only while one of our
+...): :data:`verifiers.paged.attention.ATTENTION_NAME` is registered with transformers' ``AttentionInterface``, and only while one of our
 forwards runs is the model's ``config._attn_implementation`` switched to it — no copied modeling code, and the model
 behaves as before outside. Each forward passes a :class:`PagedForward` through the model's ``**kwargs`` to every
 attention layer, which writes the new tokens' K/V into their slots and attends over the paged prefix plus the tree
-(:func:`verifiers.paged_attention.paged_tree_attention_sdpa` on a CPU, the Triton kernel on a GPU, or the plain-torch
-reference), one call per attention group of similar requests (:mod:`verifiers.attention_groups`).
+(:mod:`verifiers.paged.attention`; :func:`verifiers.paged.kernels.paged_tree_attention_sdpa` on a CPU, the Triton kernel on a GPU, or the plain-torch
+reference), one call per attention group of similar requests (:mod:`verifiers.paged.groups`).
 
 Two faces:
 
 * the :class:`~specdec.protocols.Verifier` protocol for one request (``prefill`` / ``score`` / ``commit``), so
   ``verifier=paged`` works wherever ``verifier=hf`` does;
 * a batched one keyed by request id (``start`` / ``score_batch`` / ``commit_request`` / ``release``) that the
-  batched decode loop (:mod:`specdec.batch`) drives.
+  batched decode loop (:mod:`specdec.serving.engine`) drives.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass
+from collections.abc import Hashable, Sequence
 
 import torch
-from transformers import AttentionInterface
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from specdec import tree as tree_ops
+from specdec.algorithms import tree as tree_ops
 from specdec.errors import ConfigError, SpecdecError
-from specdec.paged_cache import PagedKVCache
-from specdec.scheduler import POLICIES
+from specdec.serving.scheduler import POLICIES
 from specdec.types import DEAD, Acceptance, DraftTree, VerifyOutput
-from verifiers.attention_groups import plan_groups
-from verifiers.paged_attention import (
-    in_place_mask,
-    paged_tree_attention_sdpa,
-    paged_tree_attention_torch,
-)
-
-ATTENTION_NAME = "specdec_paged"
-KERNELS = ("auto", "sdpa", "torch", "triton")
-
-
-@dataclass(frozen=True)
-class AttentionGroup:
-    """Requests that share one attention call (:mod:`verifiers.attention_groups`), on a grid ``[b, n]`` of their
-    own: ``n`` is the group's largest tree, ``block_tables`` hold only the blocks its prefixes use."""
-
-    unpack: torch.Tensor | None  # [b, n] packed-row index of each (request, node) (dead: any live one); None: the
-    #                              packed row is this grid, flattened (one group, every node live)
-    pack: torch.Tensor | None  # [t] grid index ([b * n]) of each of the group's live nodes, in packed-row order
-    rows: torch.Tensor | None  # [t] their places in the packed row; None: the whole row, in order (one group)
-    block_tables: torch.Tensor  # [b, blocks]: the prefixes' blocks (with the in-place kernel: and the trees')
-    prefix_lens: torch.Tensor  # [b] cached positions before the new tokens
-    tree_mask: torch.Tensor  # [b, n, n] bool, node i may attend node j
-    mask: torch.Tensor | None = None  # the in-place kernel's whole mask (paged_attention.in_place_mask), built once
-
-
-@dataclass(frozen=True)
-class PagedForward:
-    """What every attention layer needs for one forward over ``B`` sequences of up to ``N`` tree nodes each.
-
-    The model itself sees only the ``T`` **live** nodes, packed into one row ``[1, T]`` (dead padding nodes cost
-    nothing in the linear layers, which dominate); attention unpacks them per :class:`AttentionGroup`.
-    """
-
-    cache: PagedKVCache
-    slots: torch.Tensor  # [T] physical slots the live nodes' K/V go to
-    groups: tuple[AttentionGroup, ...]
-    kernel: Callable  # paged_tree_attention_sdpa (in place: reads the new K/V from the pool), or one taking them
-
-
-def paged_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """transformers attention function: query ``[1, H, T, D]``, key/value ``[1, H_kv, T, D]`` (packed live nodes)
-    -> ``[1, T, H, D]``. Without a ``specdec_paged`` keyword (a forward that is not ours) it is plain SDPA.
-    """
-    step: PagedForward | None = kwargs.pop("specdec_paged", None)
-    if step is None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
-                                      **kwargs)
-    layer = module.layer_idx
-    q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # [T, heads, D]
-    step.cache.write(layer, step.slots, k, v)
-    scale = scaling if scaling is not None else q.shape[-1] ** -0.5
-    out = None if len(step.groups) == 1 else q.new_empty(q.shape)
-    pools = step.cache.k[layer], step.cache.v[layer]
-    for g in step.groups:
-        b, n = g.tree_mask.shape[:2]
-        if g.mask is not None:  # the in-place kernel: the new K/V are in the pool already
-            qg = q.view(b, n, *q.shape[1:]) if g.unpack is None else q[g.unpack]
-            o = step.kernel(qg.transpose(1, 2), *pools, g.block_tables, g.mask, scale)  # [b, n, H, D]
-        else:
-            if g.unpack is None:  # the packed row is the [b, n] grid, flattened
-                qg, kg, vg = (x.view(b, n, *x.shape[1:]).transpose(1, 2) for x in (q, k, v))
-            else:
-                qg, kg, vg = (x[g.unpack].transpose(1, 2) for x in (q, k, v))  # [b, heads, n, D]
-            o = step.kernel(qg, kg, vg, *pools, g.block_tables, g.prefix_lens, g.tree_mask, scale)
-        o = o.reshape(b * n, *o.shape[2:])
-        o = o if g.pack is None else o[g.pack]
-        if out is None:
-            out = o
-        else:
-            out[g.rows] = o
-    return out[None], None
-
-
-AttentionInterface.register(ATTENTION_NAME, paged_attention)
-
-
-@contextmanager
-def paged_attention_on(model):
-    """Route ``model``'s attention through :func:`paged_attention` inside the block; restored after."""
-    before = model.config._attn_implementation
-    model.config._attn_implementation = ATTENTION_NAME
-    try:
-        yield
-    finally:
-        model.config._attn_implementation = before
-
-
-def pick_kernel(name: str, device: torch.device, dtype: torch.dtype | None = None) -> Callable:
-    """``sdpa`` (torch's fused attention on the gathered blocks; CPU default), ``torch`` (the reference: separate
-    matmuls and one softmax), ``triton`` (GPU, or CPU under ``TRITON_INTERPRET=1``), ``auto`` (``triton`` on a GPU,
-    except for a float64 model, which compiled Triton dots do not take: ``sdpa`` then)."""
-    if name not in KERNELS:
-        raise ConfigError(f"unknown paged attention kernel {name!r}; choose one of {list(KERNELS)}.")
-    if name == "torch":
-        return paged_tree_attention_torch
-    if name == "sdpa" or (name == "auto" and (device.type != "cuda" or dtype == torch.float64)):
-        return paged_tree_attention_sdpa
-    from verifiers import triton_attention
-
-    if not triton_attention.available():
-        if name == "auto":
-            return paged_tree_attention_sdpa
-        raise ConfigError("kernel=triton needs Triton with a CUDA GPU (or TRITON_INTERPRET=1 for CPU tensors); "
-                          "use kernel=torch.")
-    return triton_attention.paged_tree_attention_triton
+from verifiers.paged.attention import AttentionGroup, PagedForward, paged_attention_on, pick_kernel
+from verifiers.paged.cache import PagedKVCache
+from verifiers.paged.groups import plan_groups
+from verifiers.paged.kernels import in_place_mask, paged_tree_attention_sdpa
 
 
 def causal_mask(n: int, device=None) -> torch.Tensor:
@@ -159,13 +52,13 @@ def unpacked(x: torch.Tensor, pack: torch.Tensor | None, b: int, n: int) -> torc
 
 
 class PagedVerifier:
-    """Tree verification over a :class:`~specdec.paged_cache.PagedKVCache` shared by all requests.
+    """Tree verification over a :class:`~verifiers.paged.cache.PagedKVCache` shared by all requests.
 
     num_blocks x block_size positions are available in all (per layer, K and V); share_prefixes lets requests with
     a common prompt prefix share its blocks; kernel: ``auto`` | ``sdpa`` | ``torch`` | ``triton``; preemption: what
     the batched decoder does when a request runs out of KV blocks, ``recompute`` or ``refuse``
-    (:mod:`specdec.scheduler`); group_attention: in a batch, attend in groups of similar requests (tree size, prefix
-    length; :mod:`verifiers.attention_groups`) rather than padding all of them to the largest (same outputs).
+    (:mod:`specdec.serving.scheduler`); group_attention: in a batch, attend in groups of similar requests (tree size, prefix
+    length; :mod:`verifiers.paged.groups`) rather than padding all of them to the largest (same outputs).
     """
 
     gives_hidden = True
@@ -220,7 +113,7 @@ class PagedVerifier:
         """One forward over every request's tree (each ``[1, n_i]``), padded to one node budget with dead nodes
         (which the dense layers never see: only live nodes are packed into the model's input).
 
-        Reserves KV for every request first: on :class:`~specdec.blocks.KVBlocksExhausted` nothing was reserved
+        Reserves KV for every request first: on :class:`~specdec.serving.block_allocator.KVBlocksExhausted` nothing was reserved
         (the requests reserved before the failing one are rolled back) and the error names the request in
         ``.request_id``. Returns logits ``[B, N, V]`` (hidden ``[B, N, H]``); rows past a tree's size are padding.
         """
@@ -270,7 +163,7 @@ class PagedVerifier:
 
     def prefill(self, input_ids: torch.Tensor, output_hidden: bool = False) -> torch.Tensor | None:
         if input_ids.shape[0] != 1:
-            raise SpecdecError("prefill() takes one request [1, T]; batches go through specdec.batch.")
+            raise SpecdecError("prefill() takes one request [1, T]; batches go through specdec.serving.engine.")
         self.release(self.SINGLE)
         return self.start(self.SINGLE, input_ids, output_hidden)
 
@@ -317,7 +210,7 @@ class PagedVerifier:
 
     def _groups(self, request_ids: Sequence[Hashable], tree_mask: torch.Tensor, prefix_lens: torch.Tensor,
                 live: torch.Tensor | None) -> tuple[AttentionGroup, ...]:
-        """The forward's attention groups (:func:`verifiers.attention_groups.plan_groups`): ``tree_mask [B, N, N]``,
+        """The forward's attention groups (:func:`verifiers.paged.groups.plan_groups`): ``tree_mask [B, N, N]``,
         ``prefix_lens [B]``, ``live [B, N]`` (None: every node live)."""
         b, n = tree_mask.shape[:2]
         dev = tree_mask.device

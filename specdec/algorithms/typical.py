@@ -13,7 +13,7 @@ import math
 
 import torch
 
-from specdec.sampling import SamplingParams, sample, warp_probs
+from specdec.algorithms.sampling import SamplingParams, sample, warp_probs
 from specdec.types import Acceptance, DraftTree
 
 POSTERIOR_THRESHOLD = 0.09  # Medusa's defaults

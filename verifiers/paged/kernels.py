@@ -13,7 +13,7 @@ Both parts go through one softmax (exact, not approximated). Grouped-query atten
 :func:`paged_tree_attention_sdpa` computes the same function with torch's fused attention over the gathered
 blocks, once the new tokens' K/V are written to the pool right after the prefix (the CPU default: several times
 faster per layer than the reference's separate matmuls and softmax on this project's CPU). The Triton kernel
-(:mod:`verifiers.triton_attention`) computes it on GPUs; tests compare all three with dense SDPA under the same
+(:mod:`verifiers.paged.triton_kernel`) computes it on GPUs; tests compare all three with dense SDPA under the same
 mask.
 """
 
@@ -26,7 +26,7 @@ def gather_prefix(pool: torch.Tensor, block_tables: torch.Tensor) -> torch.Tenso
     """The cached K (or V) of each sequence, contiguous, KV-head major: ``[H_kv, B, max_blocks * block_size, D]``.
 
     pool: ``[num_blocks, H_kv, block_size, D]``, ideally a view of ``[H_kv, num_blocks, block_size, D]`` storage
-    (as :class:`~specdec.paged_cache.PagedKVCache` allocates it): then this is one ``index_select`` copy and the
+    (as :class:`~verifiers.paged.cache.PagedKVCache` allocates it): then this is one ``index_select`` copy and the
     result's batch dims merge without another. block_tables: ``[B, max_blocks]`` (padding entries may be any valid
     block id: positions past a sequence's length are masked by the caller).
     """

@@ -19,7 +19,7 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-LAYOUT = "growing"  # names this cache's K/V layout in a cost profile's key (see specdec.profiler)
+LAYOUT = "growing"  # names this cache's K/V layout in a cost profile's key (see specdec.bench.profiler)
 MIN_CAPACITY = 256  # positions a layer's first buffer holds; it doubles when full
 
 

@@ -1,6 +1,6 @@
 """Tree attention over a paged KV cache: a Triton kernel computing :func:`paged_tree_attention_torch`.
 
-Same function, same arguments as the plain-torch reference in :mod:`verifiers.paged_attention`: every one of the
+Same function, same arguments as the plain-torch reference in :mod:`verifiers.paged.kernels`: every one of the
 ``N`` new tokens (tree nodes) of sequence ``b`` attends to
 
 * the sequence's cached **prefix**, positions ``0 .. L_b - 1`` (``L_b = prefix_lens[b]``), where position ``p`` lives
@@ -308,7 +308,7 @@ def paged_tree_attention_triton(query: torch.Tensor, key: torch.Tensor, value: t
                                 prefix_lens: torch.Tensor, tree_mask: torch.Tensor, scale: float) -> torch.Tensor:
     """Attention of ``N`` new tokens per sequence over its paged prefix plus the new tokens (ancestor mask).
 
-    Same contract as :func:`verifiers.paged_attention.paged_tree_attention_torch`:
+    Same contract as :func:`verifiers.paged.kernels.paged_tree_attention_torch`:
     query: ``[B, H, N, D]``; key, value: ``[B, H_kv, N, D]`` (the new tokens' K/V, rotary applied; ``H`` a
     multiple of ``H_kv``); k_pool, v_pool: ``[num_blocks, H_kv, block_size, D]``; block_tables: ``[B, max_blocks]``
     int32/int64 (entries past a sequence's ``ceil(L / block_size)`` blocks are never read); prefix_lens: ``[B]``

@@ -2,7 +2,7 @@
 
 Pools are ``[num_blocks, H_kv, block_size, D]`` per layer for K and for V (views of KV-head-major storage; a block
 holds ``block_size`` positions of each KV head contiguously, so a kernel reads one ``[block_size, D]`` tile per head). Block ids come from a
-:class:`~specdec.blocks.BlockAllocator`; a sequence's table lists its blocks in logical order.
+:class:`~specdec.serving.block_allocator.BlockAllocator`; a sequence's table lists its blocks in logical order.
 
 Life of a sequence (``seq_id`` is any hashable):
 
@@ -10,9 +10,9 @@ Life of a sequence (``seq_id`` is any hashable):
    blocks (a shared system prompt), and returns how many tokens are cached that way;
 2. ``reserve(seq_id, n)`` — room for ``n`` new positions after the cached ones, returning their slots; a shared block
    about to be written is copied first (copy-on-write); running out raises
-   :class:`~specdec.blocks.KVBlocksExhausted` and changes nothing;
+   :class:`~specdec.serving.block_allocator.KVBlocksExhausted` and changes nothing;
 3. the model writes K/V into those slots (``write``) and attends over the table;
-4. ``commit(seq_id, keep)`` — keep the accepted nodes (:func:`specdec.kv_plan.plan_commit`), release the rest;
+4. ``commit(seq_id, keep)`` — keep the accepted nodes (:func:`verifiers.paged.commit_plan.plan_commit`), release the rest;
 5. ``free(seq_id)`` — every block back (shared ones when their last holder lets go).
 """
 
@@ -23,9 +23,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from specdec.blocks import BlockAllocator, PrefixIndex
 from specdec.errors import SpecdecError
-from specdec.kv_plan import plan_commit
+from specdec.serving.block_allocator import BlockAllocator, PrefixIndex
+from verifiers.paged.commit_plan import plan_commit
 
 
 @dataclass
@@ -89,7 +89,7 @@ class PagedKVCache:
         """Room for ``n`` positions after the cached ones; returns their physical slots ``[n]`` (int64).
 
         Allocates blocks as needed and copies any shared block in the range (copy-on-write). On
-        :class:`~specdec.blocks.KVBlocksExhausted` nothing changed.
+        :class:`~specdec.serving.block_allocator.KVBlocksExhausted` nothing changed.
         """
         s = self.seqs[seq_id]
         shared = self._shared_in_range(s, s.length, n)

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import torch
 
-from specdec import hf_cache
-from specdec import tree as tree_ops
-from specdec.gqa_attention import gqa_attention_on
-from specdec.greedy_head import ScreenedArgmax
+from specdec.algorithms import tree as tree_ops
+from specdec.models import hf_cache
+from specdec.models.gqa_attention import gqa_attention_on
+from specdec.models.greedy_head import ScreenedArgmax
 from specdec.types import VerifyOutput
 
 
@@ -25,7 +25,7 @@ def forward_tokens(model, cache, tokens: torch.Tensor, parents: torch.Tensor | N
 
     Returns logits ``[B, N, V]`` (only the last ``logits_to_keep`` positions when > 0: a prefill needs none of
     them, and the LM head is a large part of a small model's cost) and, if asked, hidden states ``[B, N, H]``.
-    With ``greedy_head`` (a target :func:`specdec.greedy_head.screenable` says it fits) it returns the greedy
+    With ``greedy_head`` (a target :func:`specdec.models.greedy_head.screenable` says it fits) it returns the greedy
     tokens ``[B, N]`` instead of the logits. The cache grows by N.
     """
     past = hf_cache.cache_length(cache)
@@ -45,7 +45,7 @@ def forward_masked(model, cache, tokens: torch.Tensor, mask: torch.Tensor | None
                    greedy_head: ScreenedArgmax | None = None) -> VerifyOutput:
     """Forward ``tokens [B, n]`` with an explicit additive mask ``[B, 1, n, cached + n]`` (None: causal) and
     ``position_ids [B, n]``; the building block for tree segments whose ancestors are already cached. Attention
-    runs as :func:`specdec.gqa_attention.gqa_sdpa_attention` (no K/V copies for grouped heads on a CPU).
+    runs as :func:`specdec.models.gqa_attention.gqa_sdpa_attention` (no K/V copies for grouped heads on a CPU).
     ``greedy_head``: run the decoder alone and return the greedy tokens ``[B, n]`` from its last hidden states
     instead of the logits (see :func:`forward_tokens`)."""
     with gqa_attention_on(model):

@@ -25,7 +25,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from specdec.errors import ConfigError
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 GROUPS = ("target", "drafter", "verifier", "acceptance", "tree", "bench")
 
 
@@ -231,7 +231,7 @@ def check_drafter(node) -> None:
 
 def _check_names(cfg: DictConfig) -> None:
     from specdec import registry
-    from specdec.acceptance import RULES
+    from specdec.algorithms.acceptance import RULES
 
     if cfg.verifier.name not in registry.VERIFIERS:
         raise ConfigError(f"unknown verifier {cfg.verifier.name!r}; choose one of {sorted(registry.VERIFIERS)}.")

@@ -146,7 +146,7 @@ def load_into(module: torch.nn.Module, state: dict[str, torch.Tensor], path: str
     module.load_state_dict(state)
 
 
-SHIPPED = Path(__file__).resolve().parents[1] / "checkpoints"
+SHIPPED = Path(__file__).resolve().parents[2] / "checkpoints"
 
 
 def shipped(kind: str) -> Path:

@@ -6,7 +6,7 @@ acceptance rule, commit its accepted path in the paged KV cache, feed its drafte
 finished request leaves at once and frees its KV blocks; a waiting one takes its place at the next step.
 
 Per request the output equals that request decoded alone (greedy, float32: token for token), whatever the batch
-around it, the arrival order, or preemptions (see :mod:`specdec.scheduler`).
+around it, the arrival order, or preemptions (see :mod:`specdec.serving.scheduler`).
 
 >>> engine = BatchEngine(verifier, drafters, rule, max_nodes=8, max_batch_size=4)   # doctest: +SKIP
 >>> rid = engine.add(input_ids, max_new_tokens=64, stopper=Stopper(...))            # doctest: +SKIP
@@ -21,14 +21,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-from specdec.acceptance import AcceptanceRule
-from specdec.adaptive import AdaptiveBudget
-from specdec.blocks import KVBlocksExhausted
-from specdec.loop import Drafted, draft
+from specdec.algorithms.acceptance import AcceptanceRule
+from specdec.algorithms.adaptive import AdaptiveBudget
+from specdec.algorithms.loop import Drafted, draft
+from specdec.algorithms.sampling import SamplingParams
+from specdec.algorithms.stopping import Stopper
 from specdec.protocols import Drafter, Feedback
-from specdec.sampling import SamplingParams
-from specdec.scheduler import Scheduler
-from specdec.stopping import Stopper
+from specdec.serving.block_allocator import KVBlocksExhausted
+from specdec.serving.scheduler import Scheduler
 from specdec.types import DraftContext, DraftTree, GenerationStats
 
 

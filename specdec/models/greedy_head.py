@@ -13,7 +13,7 @@ bfloat16 result adds ``u |a_i| / (1 - u)``. So ``|t_i - a_i| <= b_i = c ||W_i|| 
 ``a_j - b_j`` is a lower bound of the best float32 logit, and a token with ``a_i + b_i`` below it cannot be the
 argmax. The rest (typically 1-5 of 49152) are recomputed in float32; the largest wins, the lowest id on ties,
 as ``torch.argmax``. The float32 logits differ from the model's own GEMM by summation order only, as any kernel
-choice does (:mod:`specdec.cpu_gemm`).
+choice does (:mod:`specdec.models.cpu_gemm`).
 
 Used by the hf verifier for greedy steps of targets whose logits are ``lm_head(last hidden state)`` up to an
 increasing map (``SCREENABLE``), on CPUs where oneDNN runs bfloat16 matmuls natively (:func:`available`).

@@ -3,7 +3,7 @@
 Each request owns an :class:`AdaptiveBudget`. After every verify step it records, by depth, whether the accepted
 path went deeper when a draft node was there to take (``AcceptanceStats``: an exponential moving average of the
 conditional acceptance rate at each depth), and how long the drafter's ``propose`` took. Before the next step it
-asks :func:`specdec.cost.choose_budget` for the node budget that maximises expected tokens per second on this
+asks :func:`specdec.algorithms.cost.choose_budget` for the node budget that maximises expected tokens per second on this
 machine, treating the drafter's best nodes as a chain (node k accepted with the product of the first k depth
 rates). A drafter that is not being accepted is thus switched off (budget 1: plain decoding) and re-tried now and
 then (every ``probe_every`` steps it gets a small tree again, so its statistics can recover).
@@ -21,8 +21,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from specdec import tree as tree_ops
-from specdec.cost import CostProfile, chain_node_values, choose_budget
+from specdec.algorithms import tree as tree_ops
+from specdec.algorithms.cost import CostProfile, chain_node_values, choose_budget
 from specdec.types import Acceptance, DraftTree
 
 
@@ -170,7 +170,7 @@ class AdaptiveBudget:
 
     def cut(self, tree: DraftTree, batch_rows: int = 0) -> tuple[DraftTree, list[int] | None]:
         """This step's tree: the proposed one cut to the nodes that pay for their verify cost, by calibrated
-        confidence and the cost model (:func:`specdec.cost.choose_budget`, then :func:`specdec.tree.best_subtree`).
+        confidence and the cost model (:func:`specdec.algorithms.cost.choose_budget`, then :func:`specdec.algorithms.tree.best_subtree`).
         After ``off_after`` steps in a row where drafting did not pay for its call too, the next steps do not draft
         (probed every ``probe_every`` steps). Returns the tree and
         the kept nodes' indices in the proposed tree (None when nothing was cut). Trees without scores, or with

@@ -11,7 +11,7 @@
 Methods (``bench.methods``): ``hf`` (``model.generate``, greedy: the reference every other method is timed and
 token-compared against), ``hf_pld`` (with ``prompt_lookup_num_tokens``), ``hf_assisted`` (with ``assistant_model`` =
 the draft model of ``drafter.path``), each optionally ``+fast`` (e.g. ``hf+fast``: the same ``model.generate`` with
-specdec's float32 CPU linear kernel, :mod:`specdec.cpu_gemm`, which every ``specdec:*`` method uses: it shows how
+specdec's float32 CPU linear kernel, :mod:`specdec.models.cpu_gemm`, which every ``specdec:*`` method uses: it shows how
 much of a speedup is the kernel and how much is drafting), ``specdec:<drafter>`` (a :class:`specdec.SpecDecoder` with that drafter's
 ``conf/drafter/<drafter>.yaml`` options, or the chosen ``drafter`` group's with its overrides), optionally
 ``specdec:<drafter>@<verifier>`` to use another verifier than the ``verifier`` group's, and ``+adaptive`` to
@@ -34,21 +34,22 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from specdec import config, cpu_gemm, models, report
-from specdec import plots as plots_mod
-from specdec.acceptance import LOSSY
+from specdec import models
+from specdec.algorithms.acceptance import LOSSY
+from specdec.bench import config, report
+from specdec.bench import plots as plots_mod
+from specdec.bench.prompts import DEFAULT_PROMPTS, Prompt, load_prompts
 from specdec.errors import ConfigError, PromptError, SpecdecError
 from specdec.generate import SpecDecoder
-from specdec.prompts import DEFAULT_PROMPTS, Prompt, load_prompts
+from specdec.models import cpu_gemm
 
-CONF_PATH = str(Path(__file__).resolve().parent.parent / "conf")
+CONF_PATH = str(config.CONF_DIR)
 HF_METHODS = ("hf", "hf_pld", "hf_assisted")
 
 # a method: (input ids [1, T], seed) -> (new tokens, (verify steps, drafted, accepted, accepted by depth) or None
@@ -245,7 +246,7 @@ def build_runners(cfg: DictConfig, model, tokenizer, drafters: dict[str, MethodS
 
 
 def with_fast_linears(run: Runner, *modules) -> Runner:
-    """``run`` with specdec's CPU linear kernel (:mod:`specdec.cpu_gemm`) in ``modules``: the ``+fast`` HF
+    """``run`` with specdec's CPU linear kernel (:mod:`specdec.models.cpu_gemm`) in ``modules``: the ``+fast`` HF
     methods, which show how much of specdec's speed comes from the kernel rather than from drafting."""
 
     def wrapped(*args):

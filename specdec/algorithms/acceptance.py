@@ -4,9 +4,9 @@ Every rule keeps a root-to-node path of the draft tree plus one token from the t
 so a verify step always produces at least one token. ``RULES`` maps config names to rules:
 
 - ``greedy``: argmax matching (``do_sample=False``); lossless.
-- ``rejection``: chain and tree speculative sampling (:mod:`specdec.rejection`); lossless at any temperature,
+- ``rejection``: chain and tree speculative sampling (:mod:`specdec.algorithms.rejection`); lossless at any temperature,
   for drafters with draft probabilities and for deterministic drafters alike; greedy when ``do_sample=False``.
-- ``typical``: Medusa's typical acceptance (:mod:`specdec.typical`); **lossy**, listed in ``LOSSY``.
+- ``typical``: Medusa's typical acceptance (:mod:`specdec.algorithms.typical`); **lossy**, listed in ``LOSSY``.
 """
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ from collections.abc import Callable
 
 import torch
 
-from specdec import typical as typical_rule
+from specdec.algorithms import typical as typical_rule
+from specdec.algorithms.rejection import speculative_sampling
+from specdec.algorithms.sampling import SamplingParams
 from specdec.errors import ConfigError
-from specdec.rejection import speculative_sampling
-from specdec.sampling import SamplingParams
 from specdec.types import Acceptance, DraftTree
 
 AcceptanceRule = Callable[[DraftTree, torch.Tensor, SamplingParams, "torch.Generator | None"], Acceptance]
@@ -79,7 +79,7 @@ def rejection(tree: DraftTree, logits: torch.Tensor, sampling: SamplingParams | 
 
 def typical(tree: DraftTree, logits: torch.Tensor, sampling: SamplingParams | None = None,
             generator: torch.Generator | None = None) -> Acceptance:
-    """LOSSY: Medusa's typical acceptance (see :mod:`specdec.typical`)."""
+    """LOSSY: Medusa's typical acceptance (see :mod:`specdec.algorithms.typical`)."""
     return typical_rule.typical(tree, logits, sampling, generator)
 
 

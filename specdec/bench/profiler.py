@@ -1,4 +1,4 @@
-"""Measure a :class:`~specdec.cost.CostProfile` and cache it per (model, dtype, threads, device, versions).
+"""Measure a :class:`~specdec.algorithms.cost.CostProfile` and cache it per (model, dtype, threads, device, versions).
 
     specdec profile [--target PATH_OR_ID] [--dtype float32] [--threads 2] [--verifier hf] [--remeasure]
 
@@ -20,18 +20,12 @@ from pathlib import Path
 import torch
 import transformers
 
-from specdec import (
-    cpu_gemm,
-    gqa_attention,
-    greedy_head,
-    hf_cache,
-    models,
-    registry,
-    report,
-)
-from specdec import tree as tree_ops
-from specdec.checkpoint import target_fingerprint
-from specdec.cost import CostProfile
+from specdec import models, registry
+from specdec.algorithms import tree as tree_ops
+from specdec.algorithms.cost import CostProfile
+from specdec.bench import report
+from specdec.models import cpu_gemm, gqa_attention, greedy_head, hf_cache
+from specdec.models.checkpoint import target_fingerprint
 from specdec.types import Acceptance
 
 SIZES = (1, 2, 4, 8, 16, 32, 64)
@@ -39,8 +33,8 @@ SIZES = (1, 2, 4, 8, 16, 32, 64)
 
 def profile_key(model, verifier: str = "hf", fast_linears: bool = True, screen_greedy: bool = True) -> dict:
     """What a profile is valid for: the target, its dtype and device, the thread count, the verifier, the
-    linear-layer kernel (:mod:`specdec.cpu_gemm`), the attention route (:mod:`specdec.gqa_attention`), the KV
-    cache layout, how greedy tokens come from the LM head (:mod:`specdec.greedy_head`) and versions."""
+    linear-layer kernel (:mod:`specdec.models.cpu_gemm`), the attention route (:mod:`specdec.models.gqa_attention`), the KV
+    cache layout, how greedy tokens come from the LM head (:mod:`specdec.models.greedy_head`) and versions."""
     p = next(model.parameters())
     screened = screen_greedy and verifier == "hf" and greedy_head.screenable(model)
     return {"target": target_fingerprint(model), "dtype": str(p.dtype).replace("torch.", ""),
@@ -59,7 +53,7 @@ def profile_path(key: dict, root: Path | None = None) -> Path:
 def measure_verify(model, sizes: Sequence[int] = SIZES, prefix_len: int = 256, reps: int = 9,
                    verifier: str = "hf", fast_linears: bool = True, screen_greedy: bool = True) -> dict[int, float]:
     """Median milliseconds of one greedy verify step (score + commit of the root) over a chain of each size, with
-    or without the fast linear kernel (:mod:`specdec.cpu_gemm`) and the screened greedy head (the hf verifier's
+    or without the fast linear kernel (:mod:`specdec.models.cpu_gemm`) and the screened greedy head (the hf verifier's
     ``screen_greedy``). The sizes are measured in turn, ``reps`` rounds, so that a slow moment of a shared machine
     spreads over all of them instead of inflating one size."""
     g = torch.Generator().manual_seed(0)
@@ -107,7 +101,7 @@ def load_or_measure(model, verifier: str = "hf", root: Path | None = None, remea
                     sizes: Sequence[int] = SIZES, reps: int = 9,
                     fast_linears: bool = True, screen_greedy: bool = True) -> tuple[CostProfile, Path, bool]:
     """The cached profile for this setting, or a fresh measurement (then cached). Returns (profile, path,
-    measured_now). ``fast_linears``: whether the decoder uses the fast linear kernel (:mod:`specdec.cpu_gemm`);
+    measured_now). ``fast_linears``: whether the decoder uses the fast linear kernel (:mod:`specdec.models.cpu_gemm`);
     ``screen_greedy``: the hf verifier's option of that name."""
     key = profile_key(model, verifier, fast_linears, screen_greedy)
     path = profile_path(key, root)

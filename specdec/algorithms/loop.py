@@ -14,11 +14,11 @@ from dataclasses import dataclass
 
 import torch
 
-from specdec import tree as tree_ops
-from specdec.acceptance import AcceptanceRule, accept_matching, is_argmax
-from specdec.adaptive import AdaptiveBudget, uncut
+from specdec.algorithms import tree as tree_ops
+from specdec.algorithms.acceptance import AcceptanceRule, accept_matching, is_argmax
+from specdec.algorithms.adaptive import AdaptiveBudget, uncut
+from specdec.algorithms.sampling import SamplingParams
 from specdec.protocols import Drafter, Feedback, Verifier
-from specdec.sampling import SamplingParams
 from specdec.types import Acceptance, DraftContext, DraftTree
 
 
@@ -76,7 +76,7 @@ def decode(
 
     The last prompt token is the first tree's root; the cache holds every committed token but the current root.
     ``budget`` (optional) re-decides the node budget before each step from measured costs and this request's
-    acceptance so far (:mod:`specdec.adaptive`); otherwise every tree gets ``max_nodes``.
+    acceptance so far (:mod:`specdec.algorithms.adaptive`); otherwise every tree gets ``max_nodes``.
     Yields one :class:`Step` per verify step; a caller may stop iterating at any time.
     """
     sampling = sampling or SamplingParams()

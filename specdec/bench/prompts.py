@@ -18,7 +18,7 @@ from pathlib import Path
 
 from specdec.errors import PromptError
 
-DEFAULT_PROMPTS = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "mt_bench.jsonl"
+DEFAULT_PROMPTS = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "mt_bench.jsonl"
 FORMAT = ('one JSON object a line: {"question_id": 1, "category": "writing", "turns": ["user turn", ...]} '
           'or {"question_id": 1, "category": "code", "prompt": "raw completion text"}')
 

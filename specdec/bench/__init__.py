@@ -1,0 +1,8 @@
+"""The benchmark app: ``python -m specdec.bench`` (Hydra, ``conf/``).
+
+- :mod:`~specdec.bench.app`: methods, runners, the interleaved and batched runs, the Hydra entry point.
+- :mod:`~specdec.bench.config`: the config schemas and the checks that make a bad config fail early.
+- :mod:`~specdec.bench.prompts`, :mod:`~specdec.bench.report`, :mod:`~specdec.bench.plots`: prompt files, tables
+  and JSON, PNG plots.
+- :mod:`~specdec.bench.profiler`: measures and caches the verify-cost profile that adaptive budgets use.
+"""

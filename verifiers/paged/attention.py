@@ -1,0 +1,121 @@
+"""The attention function the paged verifier registers with transformers' ``AttentionInterface``.
+
+Each of our forwards passes a :class:`PagedForward` through the model's ``**kwargs`` to every attention layer; the
+layer writes the new tokens' K/V into their slots and attends over the paged prefix plus the tree, one kernel call per
+:class:`AttentionGroup` (:mod:`verifiers.paged.groups`). Outside our forwards (no ``specdec_paged`` keyword) it is
+plain SDPA, and :func:`paged_attention_on` switches a model to it only inside the block.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+from specdec.errors import ConfigError
+from verifiers.paged.cache import PagedKVCache
+from verifiers.paged.kernels import paged_tree_attention_sdpa, paged_tree_attention_torch
+
+ATTENTION_NAME = "specdec_paged"
+KERNELS = ("auto", "sdpa", "torch", "triton")
+
+
+@dataclass(frozen=True)
+class AttentionGroup:
+    """Requests that share one attention call (:mod:`verifiers.paged.groups`), on a grid ``[b, n]`` of their
+    own: ``n`` is the group's largest tree, ``block_tables`` hold only the blocks its prefixes use."""
+
+    unpack: torch.Tensor | None  # [b, n] packed-row index of each (request, node) (dead: any live one); None: the
+    #                              packed row is this grid, flattened (one group, every node live)
+    pack: torch.Tensor | None  # [t] grid index ([b * n]) of each of the group's live nodes, in packed-row order
+    rows: torch.Tensor | None  # [t] their places in the packed row; None: the whole row, in order (one group)
+    block_tables: torch.Tensor  # [b, blocks]: the prefixes' blocks (with the in-place kernel: and the trees')
+    prefix_lens: torch.Tensor  # [b] cached positions before the new tokens
+    tree_mask: torch.Tensor  # [b, n, n] bool, node i may attend node j
+    mask: torch.Tensor | None = None  # the in-place kernel's whole mask (paged_attention.in_place_mask), built once
+
+
+@dataclass(frozen=True)
+class PagedForward:
+    """What every attention layer needs for one forward over ``B`` sequences of up to ``N`` tree nodes each.
+
+    The model itself sees only the ``T`` **live** nodes, packed into one row ``[1, T]`` (dead padding nodes cost
+    nothing in the linear layers, which dominate); attention unpacks them per :class:`AttentionGroup`.
+    """
+
+    cache: PagedKVCache
+    slots: torch.Tensor  # [T] physical slots the live nodes' K/V go to
+    groups: tuple[AttentionGroup, ...]
+    kernel: Callable  # paged_tree_attention_sdpa (in place: reads the new K/V from the pool), or one taking them
+
+
+def paged_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """transformers attention function: query ``[1, H, T, D]``, key/value ``[1, H_kv, T, D]`` (packed live nodes)
+    -> ``[1, T, H, D]``. Without a ``specdec_paged`` keyword (a forward that is not ours) it is plain SDPA.
+    """
+    step: PagedForward | None = kwargs.pop("specdec_paged", None)
+    if step is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
+                                      **kwargs)
+    layer = module.layer_idx
+    q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # [T, heads, D]
+    step.cache.write(layer, step.slots, k, v)
+    scale = scaling if scaling is not None else q.shape[-1] ** -0.5
+    out = None if len(step.groups) == 1 else q.new_empty(q.shape)
+    pools = step.cache.k[layer], step.cache.v[layer]
+    for g in step.groups:
+        b, n = g.tree_mask.shape[:2]
+        if g.mask is not None:  # the in-place kernel: the new K/V are in the pool already
+            qg = q.view(b, n, *q.shape[1:]) if g.unpack is None else q[g.unpack]
+            o = step.kernel(qg.transpose(1, 2), *pools, g.block_tables, g.mask, scale)  # [b, n, H, D]
+        else:
+            if g.unpack is None:  # the packed row is the [b, n] grid, flattened
+                qg, kg, vg = (x.view(b, n, *x.shape[1:]).transpose(1, 2) for x in (q, k, v))
+            else:
+                qg, kg, vg = (x[g.unpack].transpose(1, 2) for x in (q, k, v))  # [b, heads, n, D]
+            o = step.kernel(qg, kg, vg, *pools, g.block_tables, g.prefix_lens, g.tree_mask, scale)
+        o = o.reshape(b * n, *o.shape[2:])
+        o = o if g.pack is None else o[g.pack]
+        if out is None:
+            out = o
+        else:
+            out[g.rows] = o
+    return out[None], None
+
+
+AttentionInterface.register(ATTENTION_NAME, paged_attention)
+
+
+@contextmanager
+def paged_attention_on(model):
+    """Route ``model``'s attention through :func:`paged_attention` inside the block; restored after."""
+    before = model.config._attn_implementation
+    model.config._attn_implementation = ATTENTION_NAME
+    try:
+        yield
+    finally:
+        model.config._attn_implementation = before
+
+
+def pick_kernel(name: str, device: torch.device, dtype: torch.dtype | None = None) -> Callable:
+    """``sdpa`` (torch's fused attention on the gathered blocks; CPU default), ``torch`` (the reference: separate
+    matmuls and one softmax), ``triton`` (GPU, or CPU under ``TRITON_INTERPRET=1``), ``auto`` (``triton`` on a GPU,
+    except for a float64 model, which compiled Triton dots do not take: ``sdpa`` then)."""
+    if name not in KERNELS:
+        raise ConfigError(f"unknown paged attention kernel {name!r}; choose one of {list(KERNELS)}.")
+    if name == "torch":
+        return paged_tree_attention_torch
+    if name == "sdpa" or (name == "auto" and (device.type != "cuda" or dtype == torch.float64)):
+        return paged_tree_attention_sdpa
+    from verifiers.paged import triton_kernel
+
+    if not triton_kernel.available():
+        if name == "auto":
+            return paged_tree_attention_sdpa
+        raise ConfigError("kernel=triton needs Triton with a CUDA GPU (or TRITON_INTERPRET=1 for CPU tensors); "
+                          "use kernel=torch.")
+    return triton_kernel.paged_tree_attention_triton
