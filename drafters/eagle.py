@@ -18,17 +18,14 @@ import copy
 import torch
 from torch import nn
 
-from drafters.draft_model import (
-    DraftModelDrafter,
-    check_contiguous_ranks,
-    decoder,
-    set_dynamic,
-)
+from drafters.growing import DraftVocab, DynamicGrowth, TreeGrower
+from drafters.tree_shape import TreeShape
 from specdec import models
 from specdec.algorithms import tree as tree_ops
 from specdec.errors import ConfigError, SpecdecError
 from specdec.models import checkpoint, hf_cache
 from specdec.models.gqa_attention import gqa_attention_on
+from specdec.models.surgery import decoder
 from specdec.types import DraftContext, DraftTree
 
 KIND = "eagle"
@@ -114,7 +111,7 @@ def reduced_vocab(counts: torch.Tensor, size: int, always: list[int] = ()) -> to
     return torch.tensor(sorted(keep))
 
 
-class EagleDrafter(DraftModelDrafter):
+class EagleDrafter:
     """Proposes top-k trees (``choices``) from an EAGLE-style head; lossless with greedy and sampled requests.
 
     path: a checkpoint written by ``python -m train.eagle`` (None: the one shipped for the default target).
@@ -123,7 +120,7 @@ class EagleDrafter(DraftModelDrafter):
     when smaller than the decoder's (small trees pay off when verifying many nodes costs more than one).
     dynamic: grow each tree by expected acceptance instead (EAGLE-2; ``top_k`` children per expanded node,
     ``depth`` levels at most, default 6, fewer when a level's best path value is below ``min_value``), cut to the
-    step's node budget.
+    step's node budget. The tree is grown by :class:`drafters.growing.TreeGrower` from this head's forward.
     """
 
     needs_hidden_states = True
@@ -135,14 +132,14 @@ class EagleDrafter(DraftModelDrafter):
                  top_k: int = 4, min_value: float = 0.0) -> None:
         if target is None:
             raise ConfigError("the eagle drafter runs on the target's features: pass target=... .")
-        set_dynamic(self, dynamic, top_k, depth, min_value)
-        meta_choices = None
+        growth = DynamicGrowth(dynamic, top_k, int(depth) if depth else 6, min_value)
+        trained = None
         if head is None:
             path = path or checkpoint.shipped(KIND)
             state, meta = checkpoint.load(path, kind=KIND, target=target)
             head = EagleHead.for_target(target, state["d2t"])
             checkpoint.load_into(head, state, path)
-            meta_choices = meta["config"].get("choices")
+            trained = meta["config"].get("choices")
         self.embed = target.get_input_embeddings()
         self.vocab_size = int(self.embed.weight.shape[0])
         d2t = head.d2t
@@ -150,42 +147,38 @@ class EagleDrafter(DraftModelDrafter):
         # on the target's device as well as in its dtype: the head reads the target's features and embeddings
         self.head = head.to(device=models.device_of(target),
                             dtype=models.resolve_dtype(dtype) if dtype else next(target.parameters()).dtype).eval()
-        if not identity:
-            # top-k and log-softmax run over the draft vocabulary (4096 rows of logits, not 49152), ids mapped back
-            self.draft_ids = self.head.d2t
-        if choices is None:
-            choices = tree_ops.choices_for_shape(depth, width) if depth else (meta_choices or
-                                                                            tree_ops.choices_for_shape(5, 2))
-        # a trained tree lists its best paths first: a smaller node budget keeps those (see tree_ops.cut_tree)
-        self.priority = tree_ops.choice_priority(choices) if choices is meta_choices else None
-        self.max_nodes = max_nodes
-        self.parents, self.ranks = tree_ops.topology_from_choices(choices)
-        check_contiguous_ranks(self.parents, self.ranks)
-        self.depths = tree_ops.depth_list(self.parents)
-        self.model = self.head  # the grower reads model.dtype for masks
+        # top-k and log-softmax run over the draft vocabulary (4096 rows of logits, not 49152), ids mapped back
+        self.vocab = DraftVocab(self.vocab_size, None if identity else self.head.d2t)
+        # a trained tree lists its best paths first: a smaller node budget keeps those (TreeShape.cut)
+        self.grower = TreeGrower(TreeShape.build(choices, depth=depth, width=width, trained=trained, default=(5, 2),
+                                                 max_nodes=max_nodes), growth)
         self.reset()
+
+    def modules(self) -> list[nn.Module]:
+        return [self.head]
 
     def reset(self) -> None:
         self.cache = hf_cache.new_cache()
         self._pairs = 0  # (feature, next token) pairs with true features in the head's cache
-        self._prefix = 0
-        self._ran = 0
-        self._g: dict[int, torch.Tensor] = {}
+        self._g: dict[int, torch.Tensor] = {}  # predicted feature of each node run this step (run order)
 
     @property
     def dtype(self) -> torch.dtype:
         return self.head.fc.weight.dtype
 
     def propose(self, ctx: DraftContext) -> DraftTree:
-        if ctx.hidden is not None and ctx.hidden.shape[1] == 0 and self._pairs == 0:
+        if ctx.input_ids.shape[0] != 1:
+            raise ConfigError("the eagle drafter proposes for one request at a time (input_ids [1, T]).")
+        if ctx.hidden is None:
+            raise SpecdecError("the eagle drafter needs the target's hidden states; the verifier returned none.")
+        if ctx.hidden.shape[1] == 0 and self._pairs == 0:
             root = ctx.input_ids[:, -1:]  # a one-token prompt: no feature yet
             return DraftTree(root, root.new_full(root.shape, -1))
-        return super().propose(ctx)
+        return self.grower.grow(ctx, self._advance(ctx), self._forward_level, self.vocab).tree
 
     @torch.inference_mode()
     def _advance(self, ctx: DraftContext) -> torch.Tensor:
-        if ctx.hidden is None:
-            raise SpecdecError("the eagle drafter needs the target's hidden states; the verifier returned none.")
+        """The new (feature, next token) pairs into the head's cache; the root's draft logits ``[V_draft]``."""
         hf_cache.crop(self.cache, self._pairs)
         start, m = self._pairs, ctx.hidden.shape[1]
         nxt = ctx.input_ids[:, start + 1:start + m + 1]
@@ -196,27 +189,26 @@ class EagleDrafter(DraftModelDrafter):
         mask = causal_mask(start, m, self.dtype, nxt.device) if m > 1 else None
         with gqa_attention_on(self.head):
             g = self.head(ctx.hidden.to(self.dtype), self.embed(nxt).to(self.dtype), pos, mask, self.cache)
-        self._pairs = self._prefix = start + m
+        self._pairs = start + m
         self._g = {0: g[:, -1]}
-        return self.head.logits(g[:, -1])  # [1, V_draft]
+        return self.head.logits(g[0, -1])
 
     @torch.inference_mode()
     def _forward_level(self, tokens: list[int], parents_t: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+        """The grower's :data:`~drafters.growing.LevelForward`: each node's predicted feature from its parent's
+        predicted feature and its own token's embedding, under a tree mask over the head's cache."""
         sub = parents_t[:, :hi]
         par = sub[0, lo:hi].tolist()
         feats = torch.stack([self._g[max(p, 0)][0] for p in par])[None]  # dead nodes: any feature
         seg = torch.tensor([tokens[lo:hi]], device=parents_t.device)
-        mask = tree_ops.segment_mask(sub, lo, hi, self._prefix, self.dtype)
-        pos = self._prefix - 1 + tree_ops.depths(sub)[:, lo:hi]
+        mask = tree_ops.segment_mask(sub, lo, hi, self._pairs, self.dtype)
+        pos = self._pairs - 1 + tree_ops.depths(sub)[:, lo:hi]
         with gqa_attention_on(self.head):
             g = self.head(feats, self.embed(seg).to(self.dtype), pos, mask, self.cache)
         for j, i in enumerate(range(lo, hi)):
             self._g[i] = g[:, j]
-        self._ran = hi - 1
         return self.head.logits(g)  # [1, n, V_draft]
 
     def observe(self, feedback) -> None:
         """Drop every draft node from the head's cache: accepted pairs come back with true features next time."""
         hf_cache.crop(self.cache, self._pairs)
-        self._ran = 0
-

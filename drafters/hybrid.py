@@ -18,15 +18,17 @@ dynamic tree.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import replace
 
 import torch
+from torch import nn
 
 from specdec import registry
 from specdec.algorithms import tree as tree_ops
 from specdec.algorithms.adaptive import Calibrator
 from specdec.errors import ConfigError
-from specdec.protocols import Feedback
+from specdec.protocols import Drafter, Feedback
 from specdec.types import Acceptance, DraftContext, DraftTree
 
 
@@ -66,7 +68,9 @@ def matched_path(tree: DraftTree, tokens: list[int]) -> list[int]:
 
 
 class HybridDrafter:
-    """Merges the trees of several drafters (``drafters``: names, or dicts ``{name: ..., **options}``)."""
+    """Merges the trees of several drafters. ``drafters``: each a config name (``"ngram"``), a dict
+    ``{name: ..., **options}`` (as in ``conf/drafter/hybrid.yaml``), or a drafter object (anything implementing
+    :class:`specdec.protocols.Drafter`, e.g. one built with custom weights)."""
 
     returns_probs = False
 
@@ -77,23 +81,18 @@ class HybridDrafter:
             raise ConfigError("the hybrid drafter mixes at least two drafters, e.g. drafters=[ngram,eagle].")
         if not 0 <= min_share <= 1 / len(specs):
             raise ConfigError(f"min_share must be between 0 and 1/{len(specs)}; got {min_share}.")
-        self.parts, self.names = [], []
-        for spec in specs:
-            opts = dict(spec) if isinstance(spec, dict) or hasattr(spec, "items") else {"name": spec}
-            name = opts.pop("name", None)
-            if name is None or name == "hybrid":
-                raise ConfigError(f"hybrid drafter part {spec!r} needs a name of another drafter (e.g. ngram).")
-            self.parts.append(registry.build_drafter(name, target, tokenizer, **opts))
-            self.names.append(name)
-        self.needs_hidden_states = any(getattr(p, "needs_hidden_states", False) for p in self.parts)
-        vocabs = {getattr(p, "vocab_size", None) for p in self.parts} - {None}
+        self.parts = [_part(spec, target, tokenizer) for spec in specs]
+        self.needs_hidden_states = any(p.needs_hidden_states for p in self.parts)
+        vocabs = {p.vocab_size for p in self.parts} - {None}
         if len(vocabs) > 1:
             raise ConfigError(f"hybrid drafter parts have different vocabularies {sorted(vocabs)}.")
-        if vocabs:
-            self.vocab_size = vocabs.pop()
+        self.vocab_size = vocabs.pop() if vocabs else None
         self.min_share, self.decay = min_share, decay
         self.calibrators = [Calibrator() for _ in self.parts]  # kept across requests: they describe the parts
         self.reset()
+
+    def modules(self) -> list[nn.Module]:
+        return [m for p in self.parts for m in p.modules()]
 
     def reset(self) -> None:
         """A new request: parts reset and shares start even; the calibrations (what each part's confidence is
@@ -143,6 +142,18 @@ class HybridDrafter:
     def shares(self) -> list[float]:
         total = sum(self.rates)
         return [r / total if total else 1 / len(self.rates) for r in self.rates]
+
+
+def _part(spec, target, tokenizer) -> Drafter:
+    """One part: a drafter object as it is, or built by name (with options) through the registry."""
+    if isinstance(spec, Drafter):
+        return spec
+    opts = dict(spec) if isinstance(spec, Mapping) else {"name": spec}
+    name = opts.pop("name", None)
+    if not isinstance(name, str) or name == "hybrid":
+        raise ConfigError(f"hybrid drafter part {spec!r} needs the name of another drafter (e.g. ngram), or a "
+                          "drafter object.")
+    return registry.build_drafter(name, target, tokenizer, **opts)
 
 
 def _raw_scores(tree: DraftTree) -> list[float]:

@@ -11,8 +11,8 @@ the cost.
 An optional **exit adapter** (:class:`ExitAdapter`, trained by ``python -m train.layerskip``) is a small residual MLP
 applied to the view's last hidden state before the target's final norm and LM head; it lives on the view only.
 
-Drafting is :class:`drafters.draft_model.DraftModelDrafter`'s: a chain or top-k tree grown level by level over
-the view's own ``DynamicCache``. A skipped layer never writes its cache slot (its slot stays uninitialised, which
+The drafter is a :class:`drafters.draft_model.DraftModelDrafter` whose model is that view: a chain or top-k tree
+grown level by level over the view's own ``DynamicCache``. A skipped layer never writes its cache slot (its slot stays uninitialised, which
 ``specdec.models.hf_cache.crop``/``keep_positions`` skip); the cache length is read from layer 0, so layer 0 always runs.
 """
 
@@ -25,9 +25,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from drafters.draft_model import DraftModelDrafter, DraftVocabHead, decoder
+from drafters.draft_model import DraftModelDrafter
 from specdec.errors import ConfigError
 from specdec.models import checkpoint
+from specdec.models.surgery import DraftVocabHead, decoder
 
 KIND = "layerskip"
 DEFAULT_DEPTH = 4  # draft tokens per path when neither the call nor a checkpoint says
@@ -182,7 +183,7 @@ class LayerSkipDrafter(DraftModelDrafter):
     (``1..num_layers-1``) instead of a checkpoint; adapter: an :class:`ExitAdapter` to use with them.
     depth / width / choices: the tree shape (``depth=None``: the checkpoint's recommendation, else 4).
     d2t: a draft vocabulary (target ids, ascending; a checkpoint may carry one): the view's LM head is then the
-    target's rows for those tokens only (:class:`drafters.draft_model.DraftVocabHead`), much cheaper when few layers
+    target's rows for those tokens only (:class:`specdec.models.surgery.DraftVocabHead`), much cheaper when few layers
     run; ``full_vocab=True`` ignores it.
 
     Example: ``LayerSkipDrafter(target, skip_layers=[14, 16, 18, 20], depth=3)``.

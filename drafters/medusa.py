@@ -15,14 +15,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from drafters.draft_model import check_contiguous_ranks, to_target_vocab
+from drafters.growing import DraftVocab, DynamicGrowth, TreeGrower, to_target_vocab
+from drafters.tree_shape import TreeShape
 from specdec import models
 from specdec.algorithms import tree as tree_ops
-from specdec.algorithms.sampling import SamplingParams, warp_probs
 from specdec.errors import ConfigError, SpecdecError
 from specdec.models import checkpoint
 from specdec.protocols import Feedback
-from specdec.types import DEAD, DraftContext, DraftTree
+from specdec.types import DraftContext, DraftTree
 
 KIND = "medusa"
 
@@ -86,17 +86,6 @@ class MedusaHeads(nn.Module):
         return to_target_vocab(self.logits(h), self.d2t, vocab_size)
 
 
-def candidates(logits: torch.Tensor, k: int, sampling: SamplingParams | None,
-               generator: torch.Generator | None) -> tuple[list[int], torch.Tensor | None]:
-    """``(tokens, q)``: the top-``k`` tokens of ``logits [V]`` (greedy, q None), or ``k`` tokens drawn without
-    replacement from the warped ``q [V]`` (sampling; fewer when q has fewer tokens left)."""
-    if sampling is None:
-        return logits.topk(k).indices.tolist(), None
-    q = warp_probs(logits, sampling)
-    k = min(k, int((q > 0).sum()))
-    return torch.multinomial(q, k, replacement=False, generator=generator).tolist(), q
-
-
 class MedusaDrafter:
     """Proposes Medusa trees (``choices``) from K heads on the target's hidden state; lossless with greedy and
     sampled requests.
@@ -111,12 +100,12 @@ class MedusaDrafter:
     build a simple shape instead. dtype: the heads' dtype (default: the target's). dynamic: grow each tree by
     expected acceptance instead (EAGLE-2 style over the heads' top-``top_k`` tokens; a path's value is the product
     of its tokens' head probabilities), cut to the step's node budget; its candidates are deterministic, so no
-    ``draft_probs`` are reported (the rejection rule treats them as point masses: lossless).
+    ``draft_probs`` are reported (the rejection rule treats them as point masses: lossless). Both kinds of tree are
+    grown by :class:`drafters.growing.TreeGrower`, whose "forward" for a level is the head of the next depth.
     """
 
     needs_hidden_states = True
     returns_probs = True
-    min_value = 0.0  # dynamic trees: stop growing at a level whose best path value is below this
 
     def __init__(self, target=None, tokenizer=None, path: str | None = None, heads: MedusaHeads | None = None,
                  choices: list[list[int]] | None = None, depth: int | None = None, width: int = 1,
@@ -124,98 +113,52 @@ class MedusaDrafter:
                  top_k: int = 4, min_value: float = 0.0) -> None:
         if target is None:
             raise ConfigError("the medusa drafter runs on the target's hidden states: pass target=... .")
-        if top_k < 1:
-            raise ConfigError(f"top_k must be >= 1; got {top_k}.")
-        self.dynamic, self.top_k, self.min_value = bool(dynamic), int(top_k), float(min_value)
-        meta_choices = None
+        trained = None
         if heads is None:
             path = path or checkpoint.shipped(KIND)
             state, meta = checkpoint.load(path, kind=KIND, target=target)
             cfg = meta["config"]
             heads = MedusaHeads.for_target(target, int(cfg["num_heads"]), int(cfg["num_layers"]), state["d2t"])
             checkpoint.load_into(heads, state, path)
-            meta_choices = cfg.get("choices")
+            trained = cfg.get("choices")
         # on the target's device as well as in its dtype: the heads read the target's hidden states
         self.heads = heads.to(device=models.device_of(target),
                               dtype=models.resolve_dtype(dtype) if dtype else next(target.parameters()).dtype).eval()
         self.vocab_size = models.vocab_size(target)
-        if choices is None:
-            choices = tree_ops.choices_for_shape(depth, width) if depth else (
-                meta_choices or tree_ops.choices_for_shape(heads.num_heads, 1))
-        self.parents, self.ranks = tree_ops.topology_from_choices(choices)
-        check_contiguous_ranks(self.parents, self.ranks)
-        self.depths = tree_ops.depth_list(self.parents)
-        trained = choices is meta_choices
-        self.priority = tree_ops.choice_priority(choices) if trained else list(range(1, len(self.parents)))
-        self.max_nodes = max_nodes
-        if max(self.depths) > heads.num_heads:
-            raise ConfigError(f"medusa tree choices reach depth {max(self.depths)} but the drafter has "
+        self.vocab = DraftVocab(self.vocab_size, self.heads.d2t)
+        shape = TreeShape.build(choices, depth=depth, width=width, trained=trained, default=(heads.num_heads, 1),
+                                max_nodes=max_nodes)
+        if shape.max_depth > heads.num_heads:
+            raise ConfigError(f"medusa tree choices reach depth {shape.max_depth} but the drafter has "
                               f"{heads.num_heads} heads; use choices of depth <= {heads.num_heads}.")
+        # dynamic trees grow as deep as there are heads
+        self.grower = TreeGrower(shape, DynamicGrowth(dynamic, top_k, heads.num_heads, min_value))
+        self._logits: torch.Tensor | None = None  # [K, V_draft] this step's head logits
+
+    def modules(self) -> list[nn.Module]:
+        return [self.heads]
 
     def reset(self) -> None:
         """Nothing to forget: the heads keep no state between verify steps."""
 
-    def _shape(self, max_nodes: int, max_depth: int) -> tuple[list[int], list[int], list[int]]:
-        """The configured tree cut to the node budget (and ``max_nodes`` cap) and depth limit, best nodes first
-        (trained trees list their most valuable paths first): ``(parents, ranks, depths)``."""
-        cap = min(max_nodes, self.max_nodes or max_nodes)
-        parents, ranks = tree_ops.cut_tree(self.parents, self.ranks, self.priority, cap, max_depth)
-        return parents, ranks, tree_ops.depth_list(parents)
-
     @torch.inference_mode()
     def propose(self, ctx: DraftContext) -> DraftTree:
-        """One forward of all heads on ``ctx.hidden[:, -1]`` (the token before the root), then fill the tree.
-
-        Node ``i`` at depth ``d`` takes candidate ``ranks[i]`` of its parent's candidates from head ``d``; a node
-        whose parent has too few candidates (sampling from a q with fewer tokens left) is dead, with its subtree.
-        """
+        """One forward of all heads on ``ctx.hidden[:, -1]`` (the token before the root), then the tree."""
         ids = ctx.input_ids
         if ids.shape[0] != 1:
             raise ConfigError("the medusa drafter proposes for one request at a time (input_ids [1, T]).")
         if ctx.hidden is None:
             raise SpecdecError("the medusa drafter needs the target's hidden states; the verifier returned none.")
-        if self.dynamic:
-            return self._dynamic(int(ids[0, -1]), ctx)
-        parents, ranks, depths = self._shape(ctx.max_nodes, ctx.max_depth)
         if ctx.hidden.shape[1] == 0:  # a one-token prompt: no hidden state before the root yet
-            parents, ranks, depths = parents[:1], ranks[:1], depths[:1]
-        n = len(parents)
-        tokens = [int(ids[0, -1])] + [0] * (n - 1)
-        sampling = ctx.sampling if ctx.sampling is not None and ctx.sampling.do_sample else None
-        probs = torch.zeros(1, n, self.vocab_size, device=ids.device) if sampling else None
-        if n > 1:
-            logits = self.heads.full_logits(ctx.hidden[0, -1], self.vocab_size).float()  # [K, V]
-            wanted: dict[int, int] = {}  # parent -> candidates its children need
-            for i in range(1, n):
-                wanted[parents[i]] = max(wanted.get(parents[i], 0), ranks[i] + 1)
-            cands: dict[int, list[int]] = {}
-            for i in range(1, n):
-                p = parents[i]
-                if p > 0 and parents[p] == DEAD:
-                    parents[i] = DEAD
-                    continue
-                if p not in cands:
-                    cands[p], q = candidates(logits[depths[i] - 1], wanted[p], sampling, ctx.generator)
-                    if q is not None:
-                        probs[0, p] = q
-                if ranks[i] < len(cands[p]):
-                    tokens[i] = cands[p][ranks[i]]
-                else:
-                    parents[i] = DEAD
-        return DraftTree(torch.tensor([tokens], device=ids.device), torch.tensor([parents], device=ids.device), probs)
+            return DraftTree(ids[:, -1:], ids.new_full((1, 1), -1))
+        self._logits = self.heads.logits(ctx.hidden[0, -1]).float()  # [K, V_draft]
+        return self.grower.grow(ctx, self._logits[0], self._head_level, self.vocab).tree
 
-    def _dynamic(self, root: int, ctx: DraftContext) -> DraftTree:
-        """:func:`specdec.algorithms.tree.grow_dynamic` with head ``d+1``'s log-probabilities as every depth-``d`` node's
-        children (Medusa heads do not depend on the path above them)."""
-        cap = min(ctx.max_nodes, self.max_nodes or ctx.max_nodes)
-        depth = min(self.heads.num_heads, ctx.max_depth, cap - 1) if ctx.hidden.shape[1] > 0 else 0
-        if not depth:
-            return tree_ops.chain(root, [], device=ctx.input_ids.device)
-        logp = torch.log_softmax(self.heads.full_logits(ctx.hidden[0, -1], self.vocab_size).float(), dim=-1)
-        tree, _ = tree_ops.grow_dynamic(root, logp[0], lambda level, tokens, parents, chosen: [logp[level]] * len(chosen),
-                                        top_k=self.top_k, depth=depth, max_nodes=cap,
-                                        min_value=self.min_value, device=ctx.input_ids.device)
-        return tree
+    def _head_level(self, tokens: list[int], parents_t: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+        """The grower's "forward" for nodes ``lo .. hi-1`` (one depth d): head d+1's logits for each of them (a
+        Medusa head does not see the path above it)."""
+        depth = tree_ops.depth_list(parents_t[0, :lo + 1].tolist())[lo]
+        return self._logits[depth].expand(1, hi - lo, -1)
 
     def observe(self, feedback: Feedback) -> None:
         """Nothing to roll back: the next tree reads the hidden states the loop passes in."""

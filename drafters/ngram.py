@@ -26,6 +26,7 @@ class NGramDrafter:
 
     needs_hidden_states = False
     returns_probs = False
+    vocab_size = None  # proposes only ids it has seen committed: the target's own
 
     def __init__(self, target=None, tokenizer=None, max_ngram: int = 3, min_ngram: int = 2, max_depth: int = 8,
                  max_candidates: int = 8) -> None:
@@ -36,6 +37,9 @@ class NGramDrafter:
         self.max_ngram, self.min_ngram = max_ngram, min_ngram
         self.max_depth, self.max_candidates = max_depth, max_candidates
         self.reset()
+
+    def modules(self) -> list:
+        return []
 
     def reset(self) -> None:
         self._tokens: list[int] = []

@@ -11,9 +11,13 @@ class NoDrafter:
 
     needs_hidden_states = False
     returns_probs = False
+    vocab_size = None  # proposes no tokens
 
     def __init__(self, target=None, tokenizer=None) -> None:
         pass
+
+    def modules(self) -> list:
+        return []
 
     def reset(self) -> None:
         pass

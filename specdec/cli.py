@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from specdec import registry
 from specdec.errors import SpecdecError
 
 
@@ -17,8 +18,11 @@ def _generate(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="specdec generate", description="Stream one speculative generation.")
     parser.add_argument("prompt", help="user message (the chat template is applied when the tokenizer has one)")
     parser.add_argument("--target", default=None, help="hub id or local path (default: SmolLM2-135M-Instruct)")
-    parser.add_argument("--drafter", default="ngram", help="none | ngram | draft_model")
-    parser.add_argument("--draft-path", default=None, help="draft model (hub id or path) for --drafter draft_model")
+    parser.add_argument("--drafter", default="ngram",
+                        help=f"{' | '.join(registry.DRAFTERS)}, or a train/ checkpoint directory")
+    parser.add_argument("--draft-path", default=None,
+                        help=f"the drafter's checkpoint or model (hub id or path); required by --drafter "
+                             f"{registry.ASSISTANT_DRAFTER}")
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--max-nodes", type=int, default=16, help="draft tree node budget, root included")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
@@ -30,7 +34,7 @@ def _generate(argv: list[str]) -> int:
     from specdec import SpecDecoder, models
 
     model, tokenizer = models.load_target(args.target, dtype=args.dtype)
-    kwargs = {"path": args.draft_path} if args.drafter == "draft_model" else None
+    kwargs = {"path": args.draft_path} if args.draft_path else None
     decoder = SpecDecoder(model, tokenizer, drafter=args.drafter, drafter_kwargs=kwargs, max_nodes=args.max_nodes)
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     out = decoder.generate(prompt=args.prompt, chat=not args.raw, max_new_tokens=args.max_new_tokens,
@@ -48,7 +52,7 @@ def _profile(argv: list[str]) -> int:
     parser.add_argument("--target", default=None, help="hub id or local path (default: SmolLM2-135M-Instruct)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--verifier", default="hf", help="hf | paged")
+    parser.add_argument("--verifier", default=registry.REFERENCE_VERIFIER, help=" | ".join(registry.VERIFIERS))
     parser.add_argument("--remeasure", action="store_true", help="measure again even when a profile is cached")
     args = parser.parse_args(argv)
 

@@ -1,13 +1,22 @@
-"""The Drafter and Verifier protocols, and the feedback a drafter observes after each verify step."""
+"""The contracts between the parts: the Drafter and Verifier protocols, their declared capabilities, and the
+feedback a drafter observes after each verify step.
+
+A drafter or verifier says what it needs and what it gives as attributes the protocol declares; the decoder reads
+them (never ``getattr`` with a default) and fails early, naming the fix, when they do not fit. Whether an object is a
+drafter, a verifier, or a verifier that serves batches is checked with the protocol itself
+(``isinstance(v, BatchVerifier)``).
+"""
 
 from __future__ import annotations
 
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import ClassVar, Protocol, runtime_checkable
 
 import torch
+from torch import nn
 
-from specdec.errors import CapabilityError
+from specdec.errors import CapabilityError, ConfigError
 from specdec.types import Acceptance, DraftContext, DraftTree, VerifyOutput
 
 
@@ -30,13 +39,15 @@ class Feedback:
 class Drafter(Protocol):
     """Anything that proposes draft trees.
 
-    Capabilities are declared as attributes and checked by the decode loop:
-    ``needs_hidden_states`` (it reads target hidden states from the context) and ``returns_probs``
-    (its trees carry ``draft_probs``, so sampling can use the chain/tree rejection rules).
+    Declared capabilities: ``needs_hidden_states`` (it reads the target's hidden states from the context; the
+    verifier must give them), ``returns_probs`` (its trees can carry ``draft_probs``, which the chain/tree rejection
+    rules use when sampling), ``vocab_size`` (the size of the vocabulary its token ids come from, checked against the
+    target's; None when its ids are the target's own by construction, e.g. copied from the context).
     """
 
     needs_hidden_states: bool
     returns_probs: bool
+    vocab_size: int | None
 
     def reset(self) -> None:
         """Forget everything about the previous request (called before each new one)."""
@@ -47,10 +58,30 @@ class Drafter(Protocol):
     def observe(self, feedback: Feedback) -> None:
         """Learn what was accepted: roll back own state (a KV cache), adapt."""
 
+    def modules(self) -> Sequence[nn.Module]:
+        """The torch modules its forwards run (the decoder switches their linear layers to the fast CPU kernel);
+        empty for a drafter without a model."""
+
+
+@dataclass(frozen=True)
+class VerifierCapabilities:
+    """What a verifier gives, declared on its class (readable before one is built, e.g. to check a config).
+
+    hidden_states: ``score(..., output_hidden=True)`` returns the target's last hidden states (drafters that read
+    features need them). greedy_scoring: ``score(..., greedy=True)`` may return only the argmax tokens, computed
+    more cheaply than the logits. batching: it implements :class:`BatchVerifier` (continuous batching).
+    """
+
+    hidden_states: bool
+    greedy_scoring: bool
+    batching: bool
+
 
 @runtime_checkable
 class Verifier(Protocol):
     """Runs draft trees through the target and keeps the target's KV cache in step with the committed tokens."""
+
+    capabilities: ClassVar[VerifierCapabilities]
 
     def prefill(self, input_ids: torch.Tensor, output_hidden: bool = False) -> torch.Tensor | None:
         """Start a request: cache ``input_ids [B, T]`` (every prompt token except the root); with
@@ -58,8 +89,8 @@ class Verifier(Protocol):
 
     def score(self, tree: DraftTree, output_hidden: bool = False, greedy: bool = False) -> VerifyOutput:
         """One target forward over all tree nodes; logits ``[B, N, V]`` (and hidden ``[B, N, H]`` if asked).
-        ``greedy``: only the argmax at each node is needed; a verifier may then return ``greedy [B, N]`` in place
-        of the logits (exactly the logits' argmax)."""
+        ``greedy``: only the argmax at each node is needed; a verifier with ``greedy_scoring`` may then return
+        ``greedy [B, N]`` in place of the logits (exactly the logits' argmax)."""
 
     def commit(self, tree: DraftTree, acceptance: Acceptance) -> None:
         """Keep the accepted path's KV (root included) in the cache and drop every other node's."""
@@ -68,44 +99,74 @@ class Verifier(Protocol):
     def cached_length(self) -> int:
         """Number of tokens whose KV the cache holds."""
 
+    def cost_key(self) -> dict:
+        """What decides this verifier's step cost besides the model, dtype, device and threads (its KV layout, how
+        it computes greedy tokens): part of the key a cost profile is cached under."""
+
 
 @runtime_checkable
-class BatchVerifier(Protocol):
+class BatchVerifier(Verifier, Protocol):
     """A verifier serving many requests at once, keyed by request id (driven by :mod:`specdec.serving.engine`).
 
     KV memory comes in blocks: ``num_blocks`` in all, ``num_free_blocks`` now, ``blocks_for(n)`` to hold n tokens.
-    ``score_batch`` raises :class:`specdec.serving.block_allocator.KVBlocksExhausted` (with ``.request_id``) when a request's tree
-    does not fit, having reserved nothing.
+    ``score_batch`` raises :class:`specdec.serving.block_allocator.KVBlocksExhausted` (with ``.request_id``) when a
+    request's tree does not fit, having reserved nothing.
     """
 
-    num_blocks: int
+    @property
+    def num_blocks(self) -> int: ...
 
     @property
     def num_free_blocks(self) -> int: ...
 
     def blocks_for(self, num_tokens: int) -> int: ...
 
-    def start(self, request_id, input_ids: torch.Tensor, output_hidden: bool = False) -> torch.Tensor | None:
+    def start(self, request_id: Hashable, input_ids: torch.Tensor, output_hidden: bool = False) -> torch.Tensor | None:
         """Cache a new request's ``input_ids [1, T]``; hidden ``[1, T, H]`` if asked."""
 
-    def score_batch(self, request_ids, trees, output_hidden: bool = False) -> VerifyOutput:
+    def score_batch(self, request_ids: Sequence[Hashable], trees: Sequence[DraftTree],
+                    output_hidden: bool = False) -> VerifyOutput:
         """One forward over each request's tree; logits ``[B, N, V]`` padded to the largest tree."""
 
-    def commit_request(self, request_id, keep) -> None:
+    def commit_request(self, request_id: Hashable, keep: Sequence[int]) -> None:
         """Keep the accepted nodes (root first) of the request's last scored tree."""
 
-    def release(self, request_id) -> None:
+    def release(self, request_id: Hashable) -> None:
         """Free the request's KV (finished or preempted)."""
 
 
-def check_capabilities(drafter: Drafter, *, verifier_gives_hidden: bool, rule_needs_probs: bool) -> None:
-    """Fail early, naming the fix, when a drafter's declared needs are not met."""
-    if getattr(drafter, "needs_hidden_states", False) and not verifier_gives_hidden:
+def check_drafter(drafter) -> Drafter:
+    """``drafter`` if it implements :class:`Drafter`, else an error naming what is missing."""
+    if not isinstance(drafter, Drafter):
+        members = ("needs_hidden_states", "returns_probs", "vocab_size", "reset", "propose", "observe", "modules")
+        missing = [m for m in members if m not in dir(drafter)]
+        raise ConfigError(f"{type(drafter).__name__} is not a drafter: it lacks {missing} of the Drafter protocol "
+                          "(specdec.protocols.Drafter); pass a drafter name, a checkpoint directory, or an object "
+                          "that implements it.")
+    return drafter
+
+
+def check_verifier(verifier) -> Verifier:
+    """``verifier`` if it implements :class:`Verifier` and its declared ``batching`` matches what it implements."""
+    if not isinstance(verifier, Verifier):
+        raise ConfigError(f"{type(verifier).__name__} is not a verifier: it does not implement "
+                          "specdec.protocols.Verifier (capabilities, prefill, score, commit, cached_length, "
+                          "cost_key).")
+    if verifier.capabilities.batching != isinstance(verifier, BatchVerifier):
+        raise ConfigError(f"{type(verifier).__name__} declares batching={verifier.capabilities.batching} but "
+                          f"{'does not implement' if verifier.capabilities.batching else 'implements'} "
+                          "specdec.protocols.BatchVerifier; make the two agree.")
+    return verifier
+
+
+def check_capabilities(drafter: Drafter, verifier: VerifierCapabilities, *, rule_needs_probs: bool = False) -> None:
+    """Fail early, naming the fix, when a drafter's declared needs are not met by the verifier or the rule."""
+    if drafter.needs_hidden_states and not verifier.hidden_states:
         raise CapabilityError(
             f"{type(drafter).__name__} needs the target's hidden states but this verifier does not return them; "
-            "use verifier=hf."
+            "use a verifier whose capabilities include hidden_states (the reference verifier, hf, does)."
         )
-    if rule_needs_probs and not getattr(drafter, "returns_probs", False):
+    if rule_needs_probs and not drafter.returns_probs:
         raise CapabilityError(
             f"{type(drafter).__name__} does not report draft probabilities, which this acceptance rule needs; "
             "use a rule for deterministic drafts instead."

@@ -6,7 +6,6 @@ Every lossless-equality test is parametrized over ``DRAFTER_FACTORIES``: add a d
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -48,35 +47,26 @@ DRAFTER_FACTORIES: list[DrafterFactory] = [
     DrafterFactory("ngram-min1", lambda target, tok: registry.build_drafter("ngram", target, tok, min_ngram=1)),
 ]
 
-# ---- HOOK: the draft-model drafter. Included automatically once drafters/draft_model.py exists with
-# ---- DraftModelDrafter(target, tokenizer, model=<a causal LM>, depth=..., width=...).
+# ---- the draft-model drafter: a tiny random draft model (or the target itself) as a chain, a tree, a dynamic tree
 DRAFT_MODEL_SEED = 1234  # a tiny draft model with other weights than any target used in the tests
 
 
-def _draft_model_available() -> bool:
-    try:
-        return importlib.util.find_spec("drafters.draft_model") is not None
-    except ModuleNotFoundError:
-        return False
+def _draft_model(target, tok, *, depth: int, width: int, self_draft: bool = False, dynamic: bool = False):
+    from drafters.draft_model import DraftModelDrafter
+
+    model = target if self_draft else tiny_llama(DRAFT_MODEL_SEED, dtype=target.dtype, layers=1)
+    return DraftModelDrafter(target, tok, model=model, depth=depth, width=width, dynamic=dynamic, top_k=3)
 
 
-if _draft_model_available():
-
-    def _draft_model(target, tok, *, depth: int, width: int, self_draft: bool = False, dynamic: bool = False):
-        from drafters.draft_model import DraftModelDrafter
-
-        model = target if self_draft else tiny_llama(DRAFT_MODEL_SEED, dtype=target.dtype, layers=1)
-        return DraftModelDrafter(target, tok, model=model, depth=depth, width=width, dynamic=dynamic, top_k=3)
-
-    DRAFTER_FACTORIES += [
-        DrafterFactory("draft_model-chain", lambda t, k: _draft_model(t, k, depth=4, width=1)),
-        DrafterFactory("draft_model-tree", lambda t, k: _draft_model(t, k, depth=3, width=3)),
-        # the target drafting for itself: a chain whose every token the target accepts
-        DrafterFactory("draft_model-self", lambda t, k: _draft_model(t, k, depth=4, width=1, self_draft=True),
-                       self_draft=True),
-        # EAGLE-2-style dynamic tree: grown by cumulative draft probability, cut to the step's budget
-        DrafterFactory("draft_model-dynamic", lambda t, k: _draft_model(t, k, depth=4, width=1, dynamic=True)),
-    ]
+DRAFTER_FACTORIES += [
+    DrafterFactory("draft_model-chain", lambda t, k: _draft_model(t, k, depth=4, width=1)),
+    DrafterFactory("draft_model-tree", lambda t, k: _draft_model(t, k, depth=3, width=3)),
+    # the target drafting for itself: a chain whose every token the target accepts
+    DrafterFactory("draft_model-self", lambda t, k: _draft_model(t, k, depth=4, width=1, self_draft=True),
+                   self_draft=True),
+    # EAGLE-2-style dynamic tree: grown by cumulative draft probability, cut to the step's budget
+    DrafterFactory("draft_model-dynamic", lambda t, k: _draft_model(t, k, depth=4, width=1, dynamic=True)),
+]
 
 
 # ---- trained drafters, held to losslessness with random weights (training only changes how much is accepted)
@@ -112,10 +102,9 @@ def _medusa(target, tok, *, choices=None, dynamic: bool = False):
 def _hybrid(target, tok):
     from drafters.hybrid import HybridDrafter
 
-    hybrid = HybridDrafter(target, tok, drafters=[{"name": "ngram", "min_ngram": 1}, {"name": "none"}])
-    hybrid.parts[1] = _eagle(target, tok, vocab=48, dynamic=True)  # a random head (nothing shipped for tiny targets)
-    hybrid.needs_hidden_states = True
-    return hybrid
+    # a random EAGLE-style head (nothing is shipped for tiny targets), given as an object
+    return HybridDrafter(target, tok, drafters=[{"name": "ngram", "min_ngram": 1},
+                                                _eagle(target, tok, vocab=48, dynamic=True)])
 
 
 _TREE = [[0], [1], [0, 0], [0, 1], [1, 0], [0, 0, 0]]

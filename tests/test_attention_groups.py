@@ -13,8 +13,8 @@ from hypothesis import strategies as st
 import specdec
 from tests.conftest import get_tiny
 from tests.test_paged_verifier import alone, engine_for, prompts_for, run_with_arrivals
-from verifiers.paged import verifier as paged
 from verifiers.paged import PagedVerifier
+from verifiers.paged import verifier as paged
 from verifiers.paged.groups import GROUP_OVERHEAD, group_cost, plan_groups
 
 # ---------------------------------------------------------------- the plan

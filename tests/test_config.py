@@ -37,22 +37,22 @@ def test_every_option_composes_and_validates(group, option):
     if group == "drafter":
         # file name = registry name, or a variant of one (eagle_dynamic: the eagle drafter with dynamic trees)
         assert node.name in registry.DRAFTERS and (node.name == option or option.startswith(node.name + "_"))
-    else:
-        schema = config.SECTIONS[group]
-        assert OmegaConf.get_type(node) is schema
+    else:  # a verifier's schema comes through the registry (its constructor's options)
+        schema = registry.verifier_schema(option) if group == "verifier" else config.SECTIONS[group]
+        assert OmegaConf.get_type(node).__name__ == schema.__name__
         assert set(OmegaConf.load(CONF_DIR / group / f"{option}.yaml")) - {"defaults"} <= set(node)
 
 
 def test_defaults_match_the_schemas():
     """The YAML defaults and the dataclass defaults say the same thing."""
     cfg = compose_cfg()
-    for section, schema in config.SECTIONS.items():
-        got = OmegaConf.to_container(cfg[section])
-        if section == "verifier":  # each verifier's own keys are unset (None) in the schema: conf/verifier/hf.yaml
-            got = {k: v for k, v in got.items() if v is not None and k != "screen_greedy"}  # sets hf's one
-            assert cfg.verifier.screen_greedy is True
-        want = {k: v for k, v in dataclasses.asdict(schema()).items() if section != "verifier" or v is not None}
-        assert got == want, section
+    for section, schema in [*config.SECTIONS.items(), *[("verifier", registry.verifier_schema(v))
+                                                        for v in config.group_options("verifier")]]:
+        node = cfg[section] if section != "verifier" else OmegaConf.load(CONF_DIR / "verifier" / f"{schema().name}.yaml")
+        got = OmegaConf.to_container(node)
+        want = {k: v for k, v in dataclasses.asdict(schema()).items() if v is not None}  # engine options: in the YAML
+        assert {k: v for k, v in got.items() if k in want} == want, section
+        assert set(got) == {f.name for f in dataclasses.fields(schema)}, section
     assert cfg.drafter.name == "ngram" and cfg.target.name is None
 
 
@@ -61,12 +61,11 @@ def test_demo_bench_overrides_default():
     assert cfg.bench.limit == 8 and cfg.bench.max_new_tokens == 64 and cfg.bench.threads == 2
 
 
-@pytest.mark.parametrize("name", ["none", "ngram", "draft_model"])
+@pytest.mark.parametrize("name", config.group_options("drafter"))
 def test_drafter_yaml_keys_are_constructor_options(name):
-    module, attr = registry.DRAFTERS[name].split(":")
-    cls = getattr(pytest.importorskip(module), attr)
-    params = inspect.signature(cls.__init__).parameters
-    keys = set(config.drafter_kwargs(config.load_drafter_config(name)))
+    node = config.load_drafter_config(name)
+    params = inspect.signature(registry.drafter_class(node.name).__init__).parameters
+    keys = set(config.drafter_kwargs(node))
     assert keys <= set(params), f"conf/drafter/{name}.yaml has keys its constructor lacks: {keys - set(params)}"
 
 

@@ -72,7 +72,7 @@ def test_kernel_names_the_route():
 def test_context_patches_target_and_drafter_linears_only_inside():
     target = tiny_llama(0, dtype=torch.float32)
     drafter = _medusa(target, tiny_tokenizer())
-    modules = cpu_gemm.drafter_modules(drafter)
+    modules = drafter.modules()
     assert modules and all(isinstance(m, torch.nn.Module) for m in modules)
     linears = cpu_gemm._linears([target, *modules])
     assert any(id(m) not in {id(t) for t in target.modules()} for m in linears)  # the heads' own layers
@@ -89,8 +89,8 @@ def test_hybrid_drafter_modules_include_its_parts():
     target = tiny_llama(0, dtype=torch.float32)
     tok = tiny_tokenizer()
     hybrid = _hybrid(target, tok)
-    assert any(m is hybrid.parts[1].head for m in cpu_gemm.drafter_modules(hybrid))  # the EAGLE part's head
-    assert cpu_gemm.drafter_modules(hybrid.parts[0]) == []  # n-gram: no modules
+    assert any(m is hybrid.parts[1].head for m in hybrid.modules())  # the EAGLE part's head
+    assert hybrid.parts[0].modules() == []  # n-gram: no modules
 
 
 def test_batched_generation_gives_every_pooled_drafter_the_kernel(monkeypatch):
@@ -107,7 +107,7 @@ def test_batched_generation_gives_every_pooled_drafter_the_kernel(monkeypatch):
         propose = d.propose
 
         def watched(ctx):
-            saw.append(all("forward" in m.__dict__ for m in cpu_gemm._linears(cpu_gemm.drafter_modules(d))))
+            saw.append(all("forward" in m.__dict__ for m in cpu_gemm._linears(d.modules())))
             return propose(ctx)
 
         d.propose = watched
@@ -119,7 +119,7 @@ def test_batched_generation_gives_every_pooled_drafter_the_kernel(monkeypatch):
     dec.generate_batch([[5, 6, 7], [8, 9], [10, 11, 12, 13]], max_new_tokens=4, eos_token_id=None)
     assert len(built) == 3 and saw and all(saw)
     assert not any("forward" in m.__dict__ for d in built
-                   for m in cpu_gemm._linears(cpu_gemm.drafter_modules(d)))
+                   for m in cpu_gemm._linears(d.modules()))
 
 
 # ---------------------------------------------------------------- sibling projections as one product

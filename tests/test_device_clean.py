@@ -16,13 +16,16 @@ Two probes stand in for a CUDA device:
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
 
 from specdec.algorithms.cost import CostProfile
+from specdec import inputs
 from specdec.generate import SpecDecoder
 from specdec.models import cpu_gemm, greedy_head
+from specdec.protocols import Drafter
 from tests.conftest import get_tiny
 from tests.tiny import random_prompt, tiny_llama
 
@@ -104,7 +107,10 @@ def drafter_tensors(obj, name: str = "drafter", seen: set[int] | None = None) ->
         return [x for i, v in enumerate(obj) for x in drafter_tensors(v, f"{name}[{i}]", seen)]
     if isinstance(obj, dict):
         return [x for k, v in obj.items() for x in drafter_tensors(v, f"{name}[{k!r}]", seen)]
-    if hasattr(obj, "propose") and hasattr(obj, "__dict__"):
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):  # e.g. a drafter's DraftVocab
+        return [x for f in dataclasses.fields(obj) for x in drafter_tensors(getattr(obj, f.name), f"{name}.{f.name}",
+                                                                               seen)]
+    if isinstance(obj, Drafter):
         return [x for k, v in vars(obj).items() for x in drafter_tensors(v, f"{name}.{k}", seen)]
     return []
 
@@ -127,8 +133,7 @@ def _meta_drafters(target_cpu, meta_target, tokenizer) -> dict:
                                                                               torch.arange(v)),
                             choices=[[0], [1], [0, 0]])
 
-    hybrid = HybridDrafter(meta_target, tokenizer, drafters=["ngram", "none"])
-    hybrid.parts[1] = eagle(True)
+    hybrid = HybridDrafter(meta_target, tokenizer, drafters=["ngram", eagle(True)])
     return {
         "eagle": eagle(False),
         "eagle-reduced-vocab": eagle(True),
@@ -145,17 +150,17 @@ def test_drafters_hold_their_tensors_on_the_target_device(meta_target, tokenizer
     target_cpu = get_tiny(0, dtype=torch.float32)
     for kind, drafter in _meta_drafters(target_cpu, meta_target, tokenizer).items():
         tensors = drafter_tensors(drafter)
-        own = [n for n, t in tensors if n.split(".")[1] in ("head", "heads", "model", "adapter", "draft_ids")
+        own = [n for n, t in tensors if n.split(".")[1] in ("head", "heads", "model", "adapter", "vocab")
                or ".parts[" in n]
         assert len(own) >= 3, f"{kind}: found too few tensors to check: {own}"
         off = [f"{n} on {t.device}" for n, t in tensors if t.device != META]
         assert not off, f"{kind} keeps tensors off the target's device: {off}"
     # the index buffers that pick the draft vocabulary's rows and ids
     drafters = _meta_drafters(target_cpu, meta_target, tokenizer)
-    assert drafters["eagle-reduced-vocab"].draft_ids.device == META
-    assert drafters["eagle"].draft_ids is None  # the full vocabulary: no id mapping
+    assert drafters["eagle-reduced-vocab"].vocab.ids.device == META
+    assert drafters["eagle"].vocab.ids is None  # the full vocabulary: no id mapping
     assert drafters["medusa"].heads.d2t.device == META
-    assert drafters["layerskip"].draft_ids.device == META
+    assert drafters["layerskip"].vocab.ids.device == META
 
 
 def test_decoder_on_another_device(meta_target, tokenizer, monkeypatch):
@@ -165,8 +170,8 @@ def test_decoder_on_another_device(meta_target, tokenizer, monkeypatch):
     assert not cpu_gemm.wanted(meta_target) and decoder.fast_linears is False
     assert not greedy_head.screenable(meta_target) and decoder.verifier.greedy_head is None
     # input ids (given as a list, a CPU tensor or a prompt) go to the target's device
-    assert decoder._input_ids([5, 6, 7], None, True).device == META
-    assert decoder._input_ids(torch.tensor([[5, 6, 7]]), None, True).device == META
+    for ids in ([5, 6, 7], torch.tensor([[5, 6, 7]])):
+        assert inputs.request_ids(ids, None, tokenizer=tokenizer, chat=True, device=decoder.device).device == META
     # the sampling generator is made on the target's device (torch draws only with a generator of the tensor's
     # device); torch has no meta generators, so record what is asked for
     asked = []

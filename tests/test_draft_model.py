@@ -15,7 +15,7 @@ def test_choices_with_a_rank_gap_are_refused():
 
 def test_default_shapes_are_accepted():
     d = DraftModelDrafter(model=tiny_llama(1), depth=3, width=2)
-    assert d.parents == [-1, 0, 0, 1, 2, 3, 4] and d.ranks == [-1, 0, 1, 0, 0, 0, 0]
+    assert d.grower.shape.parents == [-1, 0, 0, 1, 2, 3, 4] and d.grower.shape.ranks == [-1, 0, 1, 0, 0, 0, 0]
 
 
 def test_missing_path_names_the_fix():

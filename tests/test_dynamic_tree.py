@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from drafters.draft_model import DraftModelDrafter
+from drafters.growing import DraftVocab, DynamicGrowth, TreeGrower
+from drafters.tree_shape import TreeShape
 from specdec.algorithms import tree as tree_ops
 from specdec.types import DraftContext
 
@@ -28,35 +29,47 @@ def logits(path: tuple[int, ...]) -> torch.Tensor:
     return probs.log()
 
 
-class FixedDraft(DraftModelDrafter):
-    """A drafter whose distributions come from TABLE; records the levels it was asked to run."""
+class FixedForward:
+    """A drafter's level forward whose distributions come from TABLE; records the levels it was asked to run."""
 
-    def __init__(self, top_k: int, depth: int, min_value: float = 0.0) -> None:
-        self.dynamic, self.top_k, self.dynamic_depth, self.min_value = True, top_k, depth, min_value
+    def __init__(self) -> None:
         self.levels: list[list[tuple[int, ...]]] = []
-        self.reset()
 
-    def reset(self) -> None:
-        self._ran, self._prefix = 0, 1
-
-    def _advance(self, ctx: DraftContext) -> torch.Tensor:
-        return logits(())[None]
-
-    def _forward_level(self, tokens, parents_t, lo, hi):
+    def __call__(self, tokens, parents_t, lo, hi):
         parents = parents_t[0].tolist()
         paths = [tuple(tokens[j] for j in tree_ops.path_to(parents, i)[1:]) for i in range(lo, hi)]
         self.levels.append(paths)
-        self._ran = hi - 1
         return torch.stack([logits(p) for p in paths])[None]
 
 
 def grow(max_nodes: int, top_k: int = 2, depth: int = 3, min_value: float = 0.0):
-    d = FixedDraft(top_k, depth, min_value)
-    tree = d.propose(DraftContext(input_ids=torch.tensor([[5, 0]]), prompt_len=2, max_nodes=max_nodes,
-                                  max_depth=depth))
+    """The shared grower (what every tree-growing drafter uses) with a fixed draft distribution."""
+    forward = FixedForward()
+    grower = TreeGrower(TreeShape.build(depth=depth), DynamicGrowth(True, top_k, depth, min_value))
+    grown = grower.grow(DraftContext(input_ids=torch.tensor([[5, 0]]), prompt_len=2, max_nodes=max_nodes,
+                                     max_depth=depth), logits(()), forward, DraftVocab(V))
+    tree = grown.tree
     paths = sorted(tuple(int(tree.tokens[0, j]) for j in tree_ops.path_to(tree.parents[0].tolist(), i)[1:])
                    for i in range(1, tree.num_nodes))
-    return d, tree, paths
+    return forward, tree, paths
+
+
+def test_run_order_maps_kept_nodes_to_the_draft_cache():
+    forward = FixedForward()
+    grower = TreeGrower(TreeShape.build(depth=3), DynamicGrowth(True, 2, 3))
+    grown = grower.grow(DraftContext(input_ids=torch.tensor([[5, 0]]), prompt_len=2, max_nodes=16, max_depth=3),
+                        logits(()), forward, DraftVocab(V))
+    ran = [p for level in forward.levels for p in level]  # run order: (1,), (2,), (1, 4), (2, 1)
+    tokens, parents = grown.tree.tokens[0].tolist(), grown.tree.parents[0].tolist()
+    node_of = {tuple(tokens[j] for j in tree_ops.path_to(parents, i)[1:]): i for i in range(len(tokens))}
+    for path, node in node_of.items():
+        r = grown.run_of[node]
+        assert (r is None) == (path not in ran and node != 0)
+        if r:
+            assert ran[r - 1] == path
+    # of an accepted path 1 -> 4 -> 6, the cache keeps the two nodes that ran (6 is a leaf), at their run offsets
+    accepted = [0, node_of[(1,)], node_of[(1, 4)], node_of[(1, 4, 6)]]
+    assert grown.cached(accepted) == [ran.index((1,)), ran.index((1, 4))]
 
 
 def test_expands_the_most_probable_frontier_nodes():
@@ -97,12 +110,16 @@ def test_min_value_stops_growth_on_unsure_levels(min_value, levels, depth):
     assert len(d.levels) == levels and int(tree_ops.depths(tree.parents).max()) == depth
 
 
-class FixedHeads:
+class FixedHeads(torch.nn.Module):
     """Two Medusa heads with fixed distributions (they do not see the parent token)."""
 
     num_heads = 2
 
-    def full_logits(self, hidden, vocab_size):
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("d2t", torch.arange(V))
+
+    def logits(self, hidden):
         head1 = torch.full((V,), 1e-9)
         head1[1], head1[2], head1[3] = 0.5, 0.4, 0.1
         head2 = torch.full((V,), 1e-9)
@@ -110,11 +127,10 @@ class FixedHeads:
         return torch.stack([head1, head2]).log()
 
 
-def test_medusa_dynamic_tree_golden():
+def test_medusa_dynamic_tree_golden(target):
     from drafters.medusa import MedusaDrafter
 
-    d = MedusaDrafter.__new__(MedusaDrafter)
-    d.heads, d.vocab_size, d.max_nodes, d.dynamic, d.top_k = FixedHeads(), V, None, True, 2
+    d = MedusaDrafter(target, heads=FixedHeads(), dynamic=True, top_k=2)
     ctx = DraftContext(input_ids=torch.tensor([[5, 0]]), prompt_len=2, max_nodes=5, max_depth=4,
                        hidden=torch.zeros(1, 1, 4))
     tree = d.propose(ctx)

@@ -130,6 +130,7 @@ class OracleDrafter:
 
     needs_hidden_states = False
     returns_probs = False
+    vocab_size = None
 
     def __init__(self, prompt_len: int, continuation: list[int], depth: int = 6):
         self.prompt_len, self.continuation, self.depth = prompt_len, continuation, depth
@@ -147,6 +148,9 @@ class OracleDrafter:
 
     def observe(self, feedback):
         pass
+
+    def modules(self):
+        return []
 
 
 @pytest.mark.parametrize("max_new", [1, 2, 3, 5, 7, 13])
@@ -257,7 +261,7 @@ def test_batch_of_two_prompts(target):
     assert [o.new_tokens for o in outs] == [greedy_reference(target, torch.tensor([p]), 2, eos_token_id=None)
                                             for p in ([4, 5, 6], [7, 8, 9])]
     with pytest.raises(PromptError, match="for one request"):
-        specdec.SpecDecoder(target, drafter="none")._input_ids(torch.tensor([[4, 5], [6, 7]]), None, False)
+        specdec.inputs.request_ids(torch.tensor([[4, 5], [6, 7]]), None, tokenizer=None, chat=False, device="cpu")
 
 
 def chat_tokenizer():
@@ -325,6 +329,9 @@ class FakeDrafter:
     def observe(self, feedback):
         pass
 
+    def modules(self):
+        return []
+
 
 def test_vocabulary_mismatch(target):
     with pytest.raises(VocabularyMismatchError, match="shares the target's tokenizer"):
@@ -338,10 +345,53 @@ def test_capability_check(target):
     class NeedsProbs(FakeDrafter):
         vocab_size = None
 
-    from specdec.protocols import check_capabilities
+    from specdec.protocols import VerifierCapabilities, check_capabilities
 
-    with pytest.raises(specdec.errors.CapabilityError, match="use verifier=hf"):
-        check_capabilities(type("H", (FakeDrafter,), {"needs_hidden_states": True})(), verifier_gives_hidden=False,
-                           rule_needs_probs=False)
+    no_hidden = VerifierCapabilities(hidden_states=False, greedy_scoring=False, batching=False)
+    with pytest.raises(specdec.errors.CapabilityError, match="capabilities include hidden_states"):
+        check_capabilities(type("H", (FakeDrafter,), {"needs_hidden_states": True})(), no_hidden)
     with pytest.raises(specdec.errors.CapabilityError, match="use a rule for deterministic drafts"):
-        check_capabilities(NeedsProbs(), verifier_gives_hidden=True, rule_needs_probs=True)
+        check_capabilities(NeedsProbs(), VerifierCapabilities(True, True, False), rule_needs_probs=True)
+
+
+def test_an_object_that_is_not_a_drafter_is_refused_naming_what_it_lacks(target):
+    class Half:
+        needs_hidden_states = False
+
+        def propose(self, ctx):
+            return None
+
+    with pytest.raises(specdec.ConfigError, match=r"lacks \['returns_probs', 'vocab_size', 'reset', 'observe'"):
+        specdec.SpecDecoder(target, drafter=Half())
+
+
+# ---------------------------------------------------------------- one request-parameters object
+
+
+def test_generation_params_from_keywords_a_dataclass_or_a_transformers_generation_config(target):
+    from transformers import GenerationConfig
+
+    ids = torch.tensor([[4, 5, 6, 4, 5]])
+    by_keywords = specdec.generate(target, ids, max_new_tokens=6, eos_token_id=None)
+    by_params = specdec.generate(target, ids, generation_config=specdec.GenerationParams(max_new_tokens=6,
+                                                                                           eos_token_id=None))
+    by_hf = specdec.generate(target, ids, generation_config=GenerationConfig(max_new_tokens=6), eos_token_id=None)
+    assert by_keywords.new_tokens == by_params.new_tokens == by_hf.new_tokens
+    assert by_keywords.new_tokens == greedy_reference(target, ids, 6, eos_token_id=None)
+    # keywords override the config's fields; a sampled GenerationConfig brings its warping
+    p = specdec.GenerationParams.resolve(GenerationConfig(do_sample=True, temperature=0.5, top_k=7, top_p=0.9,
+                                                          max_new_tokens=9), {"top_k": 3})
+    assert (p.max_new_tokens, p.do_sample, p.temperature, p.top_k, p.top_p) == (9, True, 0.5, 3, 0.9)
+
+
+def test_generation_params_refuse_what_they_cannot_honour(target):
+    from transformers import GenerationConfig
+
+    with pytest.raises(specdec.ConfigError, match=r"unknown generation option\(s\) \['max_tokens'\]"):
+        specdec.generate(target, [4, 5], max_tokens=3)
+    with pytest.raises(specdec.ConfigError, match="num_beams"):
+        specdec.generate(target, [4, 5], generation_config=GenerationConfig(num_beams=4, max_new_tokens=3))
+    with pytest.raises(specdec.ConfigError, match="repetition_penalty"):
+        specdec.GenerationParams.from_generation_config(GenerationConfig(repetition_penalty=1.3))
+    with pytest.raises(specdec.SpecdecError, match="max_new_tokens must be a positive integer"):
+        specdec.generate(target, [4, 5], max_new_tokens=0)

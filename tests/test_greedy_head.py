@@ -111,6 +111,7 @@ def test_hf_verifier_returns_the_logits_argmax_for_greedy_steps():
 
 def test_profiles_are_keyed_by_the_greedy_head():
     target = get_tiny(0, torch.float32)
-    on, off = profiler.profile_key(target), profiler.profile_key(target, screen_greedy=False)
+    on = profiler.profile_key(target)
+    off = profiler.profile_key(target, cost_key=registry.build_verifier("hf", target, screen_greedy=False).cost_key())
     assert off["lm_head"] == "logits"
     assert on["lm_head"] == ("bf16-screen" if available() else "logits")

@@ -38,6 +38,8 @@ class Fixed:
     """A part that always proposes one fixed continuation and records what it was told was accepted."""
 
     needs_hidden_states = False
+    returns_probs = False
+    vocab_size = None
 
     def __init__(self, cont):
         self.cont, self.seen = cont, []
@@ -51,11 +53,13 @@ class Fixed:
     def observe(self, feedback):
         self.seen.append(feedback.acceptance.accepted_nodes(0))
 
+    def modules(self):
+        return []
+
 
 def test_merge_and_feedback_and_shares():
-    h = HybridDrafter(get_tiny(0), tiny_tokenizer(), drafters=["ngram", "none"], min_share=0.1, decay=0.5)
-    good, bad = Fixed([5, 6, 7]), Fixed([9, 9, 9])
-    h.parts = [good, bad]
+    good, bad = Fixed([5, 6, 7]), Fixed([9, 9, 9])  # parts given as objects
+    h = HybridDrafter(get_tiny(0), tiny_tokenizer(), drafters=[good, bad], min_share=0.1, decay=0.5)
     ctx = DraftContext(input_ids=torch.tensor([[3, 4]]), prompt_len=2, max_nodes=7, max_depth=8)
     for _ in range(4):
         tree = h.propose(ctx)

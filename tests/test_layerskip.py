@@ -11,12 +11,12 @@ from transformers import LlamaForCausalLM
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRMSNorm
 
 import specdec
-from drafters.draft_model import DraftVocabHead
 from drafters.layerskip import ExitAdapter, LayerSkipDrafter, check_skips, skip_view
 from specdec.errors import ConfigError
 from specdec.models import checkpoint, hf_cache
 from specdec.models.checkpoint import CheckpointError
 from specdec.models.hf_forward import forward_masked, forward_tokens
+from specdec.models.surgery import DraftVocabHead
 from tests.tiny import random_prompt, save_tiny, tiny_llama
 from tests.train_fixtures import job_config
 from train import job, layerskip
@@ -275,13 +275,13 @@ def test_trained_drafter_loads_is_lossless_and_target_unchanged(trained):
     assert type(target.model.norm) is LlamaRMSNorm
     drafter = LayerSkipDrafter(target, path=str(final))
     assert drafter.skip_layers == [2] and drafter.skip_attention == [3] and drafter.adapter is not None
-    assert len(drafter.parents) == 4  # depth 3 from the checkpoint: root + 3
+    assert len(drafter.grower.shape.parents) == 4  # depth 3 from the checkpoint: root + 3
     head = drafter.model.get_output_embeddings()  # the view's own head over the draft vocabulary
     d2t = checkpoint.load(final)[0]["d2t"]
-    assert isinstance(head, DraftVocabHead) and torch.equal(drafter.draft_ids, d2t)
+    assert isinstance(head, DraftVocabHead) and torch.equal(drafter.vocab.ids, d2t)
     assert torch.equal(head.weight, target.get_output_embeddings().weight[d2t])
     assert target.get_output_embeddings().weight.shape[0] == drafter.vocab_size  # the target's head untouched
-    assert LayerSkipDrafter(target, path=str(final), full_vocab=True).draft_ids is None
+    assert LayerSkipDrafter(target, path=str(final), full_vocab=True).vocab.ids is None
     assert_lossless(target, drafter, seeds=range(3), n=16)
     out = specdec.generate(target, random_prompt(0, 12), tokenizer=tok, drafter=str(final), max_new_tokens=16)
     ref = target.generate(random_prompt(0, 12), do_sample=False, max_new_tokens=16)[0, 12:].tolist()

@@ -44,13 +44,15 @@ class RecordingStreamer:
 
 
 def spec(factory, seed: int, prompt: tuple[int, ...], max_new_tokens: int, eos=2, stop: tuple[str, ...] = (),
-         max_nodes: int = 16) -> specdec.GenerationOutput:
+         max_nodes: int = 16, verifier: str = "hf") -> specdec.GenerationOutput:
+    """``factory``'s drafter on tiny target ``seed`` through ``verifier``, streamed and checked against its own
+    stream (and, for a self-draft, full acceptance)."""
     target = get_tiny(seed)
     streamer = RecordingStreamer()
     out = specdec.generate(target, torch.tensor([prompt]), tokenizer=_CHARS if stop else _TOKENIZER,
                            drafter=factory.build(target, _TOKENIZER), max_new_tokens=max_new_tokens,
                            eos_token_id=eos, stop_strings=list(stop) or None, max_nodes=max_nodes,
-                           streamer=streamer)
+                           streamer=streamer, verifier=verifier)
     # the streamer sees exactly the output, token by token, even when a stop cuts a verify step's run
     assert streamer.puts == [list(prompt)] + [[t] for t in out.new_tokens] and streamer.ended == 1
     if factory.self_draft:  # the target drafting for itself: every draft token is accepted

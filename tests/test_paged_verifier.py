@@ -80,8 +80,10 @@ def test_model_is_untouched_outside_paged_forwards():
 def test_bad_options_fail_clearly():
     with pytest.raises(ConfigError, match="kernel"):
         PagedVerifier(get_tiny(0), kernel="cuda")
-    with pytest.raises(ConfigError, match="preemption"):
-        PagedVerifier(get_tiny(0), preemption="drop")
+    with pytest.raises(ConfigError, match="preemption"):  # the batching engine's option, given with the verifier's
+        specdec.SpecDecoder(get_tiny(0), TOK, verifier="paged", verifier_kwargs={"preemption": "drop"})
+    with pytest.raises(ConfigError, match="applies to batches"):
+        specdec.SpecDecoder(get_tiny(0), TOK, verifier="hf", verifier_kwargs={"preemption": "refuse"})
     with pytest.raises(ConfigError, match="no option"):
         registry.build_verifier("paged", get_tiny(0), blocks=4)
 
@@ -115,11 +117,11 @@ def test_kv_exhaustion_single_request_is_a_clear_error():
 
 def engine_for(factory, target, *, num_blocks=256, block_size=4, max_batch_size=3, max_nodes=16,
                preemption="recompute", rule="greedy", sampling=None):
-    verifier = PagedVerifier(target, num_blocks=num_blocks, block_size=block_size, preemption=preemption)
+    verifier = PagedVerifier(target, num_blocks=num_blocks, block_size=block_size)
     first = factory.build(target, TOK)
     return BatchEngine(verifier, DrafterPool(lambda: factory.build(target, TOK), first), get_rule(rule),
                        max_nodes=max_nodes, max_batch_size=max_batch_size, sampling=sampling,
-                       needs_hidden=bool(getattr(first, "needs_hidden_states", False)))
+                       needs_hidden=first.needs_hidden_states, preemption=preemption)
 
 
 def run_with_arrivals(engine, prompts, max_new, seed, eos=2):

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
+from drafters import tree_shape as S
 from specdec.algorithms import acceptance as A
 from specdec.algorithms import rejection as R
 from specdec.algorithms import tree as T
@@ -452,7 +453,7 @@ def test_power_unwarped_target_fails():
 
 def _random_tree(seed: int, v: int = 8, with_probs: bool = True) -> tuple[DraftTree, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    parents, _ = T.topology_from_choices(T.choices_for_shape(3, 3))
+    parents, _ = S.topology_from_choices(S.choices_for_shape(3, 3))
     n = len(parents)
     tokens = torch.randint(0, v, (1, n), generator=g)
     logits = torch.randn(1, n, v, generator=g, dtype=torch.float64) * 2

@@ -11,8 +11,12 @@ from transformers import LlamaForCausalLM
 
 import specdec
 import train.draft_model as dm
-from drafters.draft_model import (
-    DraftModelDrafter,
+from drafters.draft_model import DraftModelDrafter
+from specdec import models
+from specdec.errors import ConfigError
+from specdec.models import checkpoint
+from specdec.models.checkpoint import CheckpointError
+from specdec.models.surgery import (
     DraftVocabHead,
     from_state,
     init_from_target,
@@ -20,10 +24,6 @@ from drafters.draft_model import (
     resolve_init_layers,
     spread_layers,
 )
-from specdec import models
-from specdec.errors import ConfigError
-from specdec.models import checkpoint
-from specdec.models.checkpoint import CheckpointError
 from specdec.types import DraftContext
 from tests.conftest import greedy_reference
 from tests.tiny import random_prompt, save_tiny, tiny_config, tiny_llama, tiny_tokenizer
@@ -227,11 +227,11 @@ def test_draft_vocabulary_head_scores_the_targets_rows(jobs):
     drafter = DraftModelDrafter(target=target, path=str(jobs["full"]))
     head = drafter.model.get_output_embeddings()
     d2t = checkpoint.load(jobs["full"], kind="draft_model")[0]["d2t"]
-    assert isinstance(head, DraftVocabHead) and torch.equal(drafter.draft_ids, d2t)
+    assert isinstance(head, DraftVocabHead) and torch.equal(drafter.vocab.ids, d2t)
     assert torch.equal(head.weight, target.get_output_embeddings().weight[d2t])
     assert drafter.vocab_size == models.vocab_size(target) and head.weight.data_ptr() != target.lm_head.weight.data_ptr()
     full = DraftModelDrafter(target=target, path=str(jobs["full"]), full_vocab=True)
-    assert full.draft_ids is None and full.model.get_output_embeddings() is target.get_output_embeddings()
+    assert full.vocab.ids is None and full.model.get_output_embeddings() is target.get_output_embeddings()
     ids = random_prompt(5, 9)
     tree = drafter.propose(DraftContext(input_ids=ids, prompt_len=9, max_nodes=8, max_depth=4))
     assert set(tree.tokens[0, 1:].tolist()) <= set(d2t.tolist())  # every draft token is a draft-vocabulary id
@@ -255,10 +255,10 @@ def test_trained_draft_model_decodes_losslessly(jobs, run_name):
 
 def test_recommended_tree_shape_and_overrides(jobs):
     target, _ = models.load_target(str(jobs["target"]), dtype="float32")
-    assert DraftModelDrafter(target=target, path=str(jobs["full"])).depths == [0, 1, 2, 3, 4]
+    assert DraftModelDrafter(target=target, path=str(jobs["full"])).grower.shape.depths == [0, 1, 2, 3, 4]
     lora = DraftModelDrafter(target=target, path=str(jobs["lora"]))  # depth 3, width 2 from the checkpoint
-    assert lora.parents == [-1, 0, 0, 1, 2, 3, 4]
-    assert DraftModelDrafter(target=target, path=str(jobs["lora"]), depth=2, width=1).parents == [-1, 0, 1]
+    assert lora.grower.shape.parents == [-1, 0, 0, 1, 2, 3, 4]
+    assert DraftModelDrafter(target=target, path=str(jobs["lora"]), depth=2, width=1).grower.shape.parents == [-1, 0, 1]
 
 
 def test_checkpoint_for_another_target_is_refused(jobs, tmp_path):

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from specdec.algorithms.tree import choices_from_accuracy
+from drafters.tree_shape import choices_from_accuracy
 from specdec.errors import ConfigError
 from specdec.models import checkpoint
 from tests.tiny import tiny_llama, tiny_tokenizer
@@ -264,7 +264,7 @@ def test_eagle_module_state_holds_only_the_head(tmp_path, two_files):
 
 
 def test_cut_tree_keeps_the_best_paths_first():
-    from specdec.algorithms.tree import choice_priority, cut_tree, topology_from_choices
+    from drafters.tree_shape import choice_priority, cut_tree, topology_from_choices
 
     choices = [[0], [0, 0], [0, 0, 0], [1], [0, 1]]  # best first, as choices_from_accuracy lists them
     parents, ranks = topology_from_choices(choices)

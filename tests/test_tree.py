@@ -7,6 +7,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+from drafters import tree_shape as S
 from specdec.algorithms import tree as T
 from specdec.errors import SpecdecError
 from specdec.types import DEAD, DraftTree
@@ -75,30 +76,30 @@ def test_from_sequences_rejects_zero_budget():
 
 
 def test_topology_from_choices_docstring():
-    assert T.topology_from_choices([[0], [1], [0, 0]]) == ([-1, 0, 0, 1], [-1, 0, 1, 0])
+    assert S.topology_from_choices([[0], [1], [0, 0]]) == ([-1, 0, 0, 1], [-1, 0, 1, 0])
 
 
 def test_topology_from_choices_sorts_and_dedups():
-    parents, ranks = T.topology_from_choices([[1], [0, 0, 0], [0], [1, 0], [0, 1], [0, 0], [0]])
+    parents, ranks = S.topology_from_choices([[1], [0, 0, 0], [0], [1, 0], [0, 1], [0, 0], [0]])
     # order: [0] [1] [0,0] [0,1] [1,0] [0,0,0]
     assert parents == [-1, 0, 0, 1, 1, 2, 3]
     assert ranks == [-1, 0, 1, 0, 1, 0, 0]
-    assert T.topology_from_choices([]) == ([-1], [-1])
+    assert S.topology_from_choices([]) == ([-1], [-1])
 
 
 def test_topology_from_choices_errors():
     with pytest.raises(SpecdecError, match="add it to the choices"):
-        T.topology_from_choices([[0], [1, 0]])
+        S.topology_from_choices([[0], [1, 0]])
     with pytest.raises(SpecdecError, match="ranks count from 0"):
-        T.topology_from_choices([[-1]])
+        S.topology_from_choices([[-1]])
 
 
 def test_choices_for_shape_golden():
-    assert T.choices_for_shape(2, 2) == [[0], [1], [0, 0], [1, 0]]
-    assert T.choices_for_shape(3, 1) == [[0], [0, 0], [0, 0, 0]]
-    assert T.choices_for_shape(1, 3) == [[0], [1], [2]]
-    assert T.choices_for_shape(0, 2) == []
-    parents, ranks = T.topology_from_choices(T.choices_for_shape(3, 2))
+    assert S.choices_for_shape(2, 2) == [[0], [1], [0, 0], [1, 0]]
+    assert S.choices_for_shape(3, 1) == [[0], [0, 0], [0, 0, 0]]
+    assert S.choices_for_shape(1, 3) == [[0], [1], [2]]
+    assert S.choices_for_shape(0, 2) == []
+    parents, ranks = S.topology_from_choices(S.choices_for_shape(3, 2))
     assert parents == [-1, 0, 0, 1, 2, 3, 4]
     assert ranks == [-1, 0, 1, 0, 0, 0, 0]
 

@@ -22,17 +22,10 @@ import copy
 import torch
 from torch import nn
 
-from drafters.draft_model import (
-    KIND,
-    DraftModelDrafter,
-    decoder,
-    from_state,
-    init_from_target,
-    own_modules,
-    resolve_init_layers,
-)
+from drafters.draft_model import KIND, DraftModelDrafter
 from specdec import models
 from specdec.errors import ConfigError
+from specdec.models.surgery import decoder, from_state, init_from_target, own_modules, resolve_init_layers
 from train.features import Batch, FeatureSet
 from train.job import JobSpec, check_keys, draft_vocabulary, hydra_main
 

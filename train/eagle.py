@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from drafters.eagle import KIND, EagleDrafter, EagleHead
-from specdec.algorithms import tree as tree_ops
+from drafters.tree_shape import choices_from_accuracy
 from specdec.models import checkpoint, hf_cache
 from train.features import Batch, FeatureSet
 from train.job import (
@@ -157,7 +157,7 @@ def choices_for(module: EagleTrainModule, val: FeatureSet) -> list[list[int]]:
     acc = rank_accuracy(module, val, int(opts.get("ranks", 4)))
     while len(acc) < int(opts["max_depth"]):
         acc.append(acc[-1])
-    return tree_ops.choices_from_accuracy(acc[: int(opts["max_depth"])], int(opts["tree_nodes"]))
+    return choices_from_accuracy(acc[: int(opts["max_depth"])], int(opts["tree_nodes"]))
 
 
 def make_drafter(target, tokenizer, module: EagleTrainModule, data) -> EagleDrafter:

@@ -23,11 +23,11 @@ from drafters.layerskip import (
     ExitAdapter,
     LayerSkipDrafter,
     check_skips,
-    decoder,
     skip_view,
 )
 from specdec.errors import ConfigError
 from specdec.models import vocab_size
+from specdec.models.surgery import decoder
 from train.features import Batch, FeatureSet
 from train.job import JobSpec, check_keys, draft_vocabulary, hydra_main
 

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from drafters.medusa import KIND, MedusaDrafter, MedusaHeads
-from specdec.algorithms import tree as tree_ops
+from drafters.tree_shape import choices_from_accuracy
 from train.features import Batch, FeatureSet
 from train.job import (
     JobSpec,
@@ -115,7 +115,7 @@ def metrics(module: MedusaTrainModule, val: FeatureSet) -> dict:
 def choices_for(module: MedusaTrainModule, val: FeatureSet) -> list[list[int]]:
     """The tree with the most expected accepted tokens within ``tree_nodes``, from per-head validation accuracy."""
     acc = rank_accuracy(module, val, int(module.opts.get("ranks", 4)))
-    return tree_ops.choices_from_accuracy(acc, int(module.opts["tree_nodes"]))
+    return choices_from_accuracy(acc, int(module.opts["tree_nodes"]))
 
 
 def copy_heads(module: MedusaTrainModule) -> MedusaHeads:

@@ -8,6 +8,7 @@ from specdec.errors import SpecdecError
 from specdec.models import hf_cache
 from specdec.models.greedy_head import ScreenedArgmax, screenable
 from specdec.models.hf_forward import forward_tokens
+from specdec.protocols import VerifierCapabilities
 from specdec.types import Acceptance, DraftTree, VerifyOutput
 
 
@@ -22,7 +23,7 @@ class HFVerifier:
     False always computes the float32 logits.
     """
 
-    gives_hidden = True
+    capabilities = VerifierCapabilities(hidden_states=True, greedy_scoring=True, batching=False)
 
     def __init__(self, model, screen_greedy: bool = True) -> None:
         self.model = model
@@ -57,3 +58,7 @@ class HFVerifier:
     @property
     def cached_length(self) -> int:
         return hf_cache.cache_length(self.cache)
+
+    def cost_key(self) -> dict:
+        """The KV layout (growing in-place buffers) and whether greedy tokens come from the screened head."""
+        return {"kv": hf_cache.LAYOUT, "lm_head": "bf16-screen" if self.greedy_head is not None else "logits"}

@@ -7,8 +7,7 @@ every live parent index is smaller than its child's). Everything else is derived
 from __future__ import annotations
 
 import heapq
-import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -79,45 +78,6 @@ def from_sequences(root: int, sequences: Sequence[Sequence[int]], max_nodes: int
             heapq.heappush(heap, (-score[c], depth[c], c, pos))
     return DraftTree(torch.tensor([out_tokens], device=device), torch.tensor([out_parents], device=device),
                      scores=torch.tensor([out_scores], device=device))
-
-
-def topology_from_choices(choices: Sequence[Sequence[int]]) -> tuple[list[int], list[int]]:
-    """Tree shape from Medusa-style "choices" (each a path of child ranks from the root).
-
-    Returns ``(parents, ranks)`` for the nodes root first, sorted by depth then lexicographically, where
-    ``ranks[i]`` is node i's rank among its parent's candidates (the k in "the k-th most likely token").
-    Every prefix of a choice must itself be a choice.
-
-    >>> topology_from_choices([[0], [1], [0, 0]])
-    ([-1, 0, 0, 1], [-1, 0, 1, 0])
-    """
-    paths = sorted({tuple(int(r) for r in c) for c in choices}, key=lambda p: (len(p), p))
-    index = {(): 0}
-    parents, ranks = [-1], [-1]
-    for p in paths:
-        if len(p) == 0:
-            continue
-        if any(r < 0 for r in p):
-            raise SpecdecError(f"tree choice {list(p)} has a negative rank; ranks count from 0.")
-        if p[:-1] not in index:
-            raise SpecdecError(f"tree choice {list(p)} has no parent choice {list(p[:-1])}; add it to the choices.")
-        index[p] = len(parents)
-        parents.append(index[p[:-1]])
-        ranks.append(p[-1])
-    return parents, ranks
-
-
-def choices_for_shape(depth: int, width: int) -> list[list[int]]:
-    """Choices for a simple shape: ``width`` candidates at depth 1, each followed by a greedy chain.
-
-    >>> choices_for_shape(2, 2)
-    [[0], [1], [0, 0], [1, 0]]
-    """
-    out = []
-    for d in range(1, depth + 1):
-        for w in range(width):
-            out.append([w] + [0] * (d - 1))
-    return out
 
 
 # ---------------------------------------------------------------- derived quantities
@@ -318,53 +278,6 @@ def best_subtree(parents: Sequence[int], values: Sequence[float], max_nodes: int
     return sorted(kept)
 
 
-def grow_dynamic(root: int, root_logp: torch.Tensor,
-                 expand: Callable[[int, list[int], list[int], list[int]], list[torch.Tensor]],
-                 *, top_k: int, depth: int, max_nodes: int, min_value: float = 0.0,
-                 vocab: torch.Tensor | None = None,
-                 device: torch.device | str | None = None) -> tuple[DraftTree, list[int]]:
-    """EAGLE-2's dynamic tree: level by level, the ``top_k`` most valuable new nodes are expanded, each offering
-    its ``top_k`` most probable tokens as children (value = product of draft probabilities along the path); then
-    the best ``max_nodes`` of all nodes created are kept (:func:`best_subtree`). Returns the tree (its ``scores``
-    are those values) and, for each of its nodes, the index it had among the nodes created. Growth stops early
-    when no node of the new level is worth ``min_value`` (an unsure step does not pay for deep draft calls).
-
-    root_logp: ``[V]`` draft log-probabilities of the root's next token. expand(level, tokens, parents, chosen):
-    the ``[V]`` log-probabilities of the next token after each ``chosen`` node (level = their depth), given every
-    node created so far; a drafter with a cache runs the chosen nodes through its model there. vocab: ``[V]`` the
-    token id of each log-probability entry, when they cover a draft vocabulary (e.g. EAGLE's most frequent tokens)
-    rather than the target's whole one; None: entry ``i`` is token ``i``. device: where the tree's tensors are made
-    (None: ``root_logp``'s device).
-
-    >>> lp = torch.log(torch.tensor([0.6, 0.3, 0.1]))
-    >>> t, keep = grow_dynamic(9, lp, lambda d, tok, par, ch: [lp] * len(ch), top_k=2, depth=2, max_nodes=4)
-    >>> t.tokens.tolist(), t.parents.tolist(), [round(v, 2) for v in t.scores[0].tolist()], keep
-    ([[9, 0, 1, 0]], [[-1, 0, 0, 1]], [1.0, 0.6, 0.3, 0.36], [0, 1, 2, 3])
-    """
-    tokens, parents, values = [int(root)], [-1], [1.0]
-    frontier = [(0, root_logp)]
-    for level in range(1, depth + 1):
-        created = []
-        for node, logp in frontier:
-            top = logp.float().topk(min(top_k, logp.shape[-1]))
-            ids = top.indices if vocab is None else vocab[top.indices]
-            for lp, t in zip(top.values.tolist(), ids.tolist()):
-                tokens.append(t)
-                parents.append(node)
-                values.append(values[node] * math.exp(lp))
-                created.append(len(tokens) - 1)
-        if level == depth or max(values[i] for i in created) < min_value:
-            break
-        chosen = sorted(sorted(created, key=lambda i: (-values[i], i))[:top_k])
-        frontier = list(zip(chosen, expand(level, tokens, parents, chosen)))
-    keep = best_subtree(parents, values, max_nodes)
-    device = root_logp.device if device is None else device
-    tree = DraftTree(torch.tensor([[tokens[i] for i in keep]], device=device),
-                     torch.tensor([subtree(parents, keep)], device=device),
-                     scores=torch.tensor([[values[i] for i in keep]], device=device))
-    return tree, keep
-
-
 def subtree(parents: Sequence[int], keep: Sequence[int]) -> list[int]:
     """Parents of the nodes ``keep`` (ascending, ancestor-closed, root first), renumbered; a kept dead node
     (parent -2) stays dead.
@@ -374,73 +287,3 @@ def subtree(parents: Sequence[int], keep: Sequence[int]) -> list[int]:
     """
     new = {old: j for j, old in enumerate(keep)}
     return [-1] + [new[parents[i]] if parents[i] >= 0 else parents[i] for i in keep[1:]]
-
-
-def choices_from_accuracy(accuracy: Sequence[Sequence[float]], max_nodes: int) -> list[list[int]]:
-    """The draft tree ("choices") with the most expected accepted tokens within ``max_nodes`` (root included).
-
-    accuracy[d][r]: measured probability that the drafter's rank-``r`` candidate at depth ``d + 1`` is the target's
-    token (per-head top-k accuracy for Medusa, per-depth for an autoregressive head). A path's value is the product
-    of its ranks' accuracies (Medusa's independence estimate); the best paths are taken greedily, best first, which
-    keeps every chosen path's prefix chosen and, when accuracies fall with rank, its sibling ranks contiguous.
-
-    >>> choices_from_accuracy([[0.6, 0.2], [0.5, 0.1]], 4)
-    [[0], [0, 0], [1]]
-    """
-    import heapq
-
-    accuracy = [[min(row[: r + 1]) for r in range(len(row))] for row in accuracy]  # noise: keep ranks ordered
-    chosen: list[list[int]] = []
-    heap = [(-float(accuracy[0][r]), [r]) for r in range(len(accuracy[0])) if accuracy[0][r] > 0] if accuracy else []
-    heapq.heapify(heap)
-    while heap and len(chosen) < max_nodes - 1:
-        neg, path = heapq.heappop(heap)
-        chosen.append(path)
-        d = len(path)
-        if d < len(accuracy):
-            for r, a in enumerate(accuracy[d]):
-                if a > 0:
-                    heapq.heappush(heap, (neg * float(a), path + [r]))
-    return chosen
-
-
-def choice_priority(choices: Sequence[Sequence[int]]) -> list[int]:
-    """Node indices (in :func:`topology_from_choices` order) of ``choices`` in the order given, duplicates dropped.
-
-    Trees built by :func:`choices_from_accuracy` list their best paths first; :func:`cut_tree` keeps that order.
-
-    >>> choice_priority([[0], [0, 0], [1]])
-    [1, 3, 2]
-    """
-    paths = sorted({tuple(int(r) for r in c) for c in choices if len(c)}, key=lambda p: (len(p), p))
-    index = {p: i + 1 for i, p in enumerate(paths)}
-    out: list[int] = []
-    for c in choices:
-        i = index.get(tuple(int(r) for r in c))
-        if i is not None and i not in out:
-            out.append(i)
-    return out
-
-
-def cut_tree(parents: Sequence[int], ranks: Sequence[int], priority: Sequence[int], max_nodes: int,
-             max_depth: int) -> tuple[list[int], list[int]]:
-    """A configured tree cut to ``max_nodes`` (root included) and ``max_depth``: ``(parents, ranks)``.
-
-    Nodes are taken in ``priority`` order (best first) as long as their parent was taken, then renumbered in
-    node order, so a small budget keeps the most valuable paths rather than the shallowest nodes.
-
-    >>> cut_tree([-1, 0, 0, 1], [-1, 0, 1, 0], [1, 3, 2], 3, 8)
-    ([-1, 0, 1], [-1, 0, 0])
-    """
-    d = [0] * len(parents)
-    for i in range(1, len(parents)):
-        d[i] = d[parents[i]] + 1
-    kept = {0}
-    for i in priority:
-        if len(kept) >= max(1, max_nodes):
-            break
-        if d[i] <= max_depth and parents[i] in kept:
-            kept.add(i)
-    order = sorted(kept)
-    new = {old: j for j, old in enumerate(order)}
-    return [-1] + [new[parents[i]] for i in order[1:]], [-1] + [ranks[i] for i in order[1:]]

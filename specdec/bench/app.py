@@ -40,7 +40,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from specdec import models
+from specdec import models, registry
 from specdec.algorithms.acceptance import LOSSY
 from specdec.bench import config, report
 from specdec.bench import plots as plots_mod
@@ -62,8 +62,9 @@ BatchRunner = Callable[[list[torch.Tensor], int], list[tuple[list[int], "tuple[i
 def default_methods(drafter: str) -> list[str]:
     """``[hf, hf+fast, hf_pld, (hf_assisted), specdec:none, specdec:<drafter>]``; hf_assisted only for a draft
     model."""
-    methods = ["hf", "hf+fast", "hf_pld"] + (["hf_assisted"] if drafter == "draft_model" else []) + ["specdec:none"]
-    return methods + ([f"specdec:{drafter}"] if drafter != "none" else [])
+    assisted = ["hf_assisted"] if drafter == registry.ASSISTANT_DRAFTER else []
+    methods = ["hf", "hf+fast", "hf_pld", *assisted, f"specdec:{registry.NO_DRAFTER}"]
+    return methods + ([f"specdec:{drafter}"] if drafter != registry.NO_DRAFTER else [])
 
 
 @dataclass(frozen=True)
@@ -95,7 +96,7 @@ def method_drafters(cfg: DictConfig) -> dict[str, MethodSpec]:
             continue
         kind, _, rest = m.partition(":")
         if rest.split("@")[0] == "adaptive":  # the recommended setting: hybrid drafters, dynamic trees, cost model
-            rest = rest.replace("adaptive", "hybrid", 1) + "+adaptive"
+            rest = rest.replace("adaptive", registry.RECOMMENDED_DRAFTER, 1) + "+adaptive"
         rest, plus, modifier = rest.partition("+")
         if plus and modifier != "adaptive":
             raise ConfigError(f"unknown modifier +{modifier} in bench method {m!r}; the only one is +adaptive.")
@@ -110,8 +111,9 @@ def method_drafters(cfg: DictConfig) -> dict[str, MethodSpec]:
             raise ConfigError(f"unknown bench method {m!r}; use {list(HF_METHODS)} (optionally +fast) or "
                               f"specdec:<drafter>[@<verifier>][+adaptive] with a drafter from "
                               f"{config.group_options('drafter')}.")
-    if any(hf_method(m) == "hf_assisted" for m in out) and cfg.drafter.name != "draft_model":
-        raise ConfigError("hf_assisted needs a draft model: set drafter=draft_model drafter.path=<hub id or path>.")
+    if any(hf_method(m) == "hf_assisted" for m in out) and cfg.drafter.name != registry.ASSISTANT_DRAFTER:
+        raise ConfigError(f"hf_assisted needs a draft model: set drafter={registry.ASSISTANT_DRAFTER} "
+                          "drafter.path=<hub id or path>.")
     if cfg.bench.batch_size > 1:
         check_batched(out)
     return out
@@ -129,9 +131,10 @@ def check_batched(methods: dict[str, MethodSpec]) -> None:
         if hf_method(m) not in (None, "hf"):
             raise ConfigError(f"{m} runs one request at a time in transformers; with bench.batch_size > 1 use "
                               "bench.methods=[hf,specdec:<drafter>].")
-        if spec.verifier is not None and spec.verifier.name != "paged":
+        if spec.verifier is not None and not registry.verifier_class(spec.verifier.name).capabilities.batching:
+            batching = registry.batching_verifier()
             raise ConfigError(f"{m} uses verifier={spec.verifier.name}, which serves one request at a time; "
-                              "batched runs need verifier=paged (or the method specdec:<drafter>@paged).")
+                              f"batched runs need verifier={batching} (or the method specdec:<drafter>@{batching}).")
 
 
 def sampling_kwargs(b: DictConfig) -> dict:

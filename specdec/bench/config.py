@@ -5,8 +5,9 @@ use them: :func:`check_overrides` looks at the command line before Hydra compose
 naming the valid keys instead of with Hydra's "not in struct"), and :func:`validate` checks the composed config
 (catching ``+bench.bogus=1``, wrong types, unknown names, a draft model without a path).
 
-Drafter configs differ per drafter: their keys are the drafter constructor's options (see ``conf/drafter/*.yaml``),
-so :func:`drafter_kwargs` hands them on and :func:`specdec.registry.build_drafter` rejects unknown ones.
+Drafter and verifier configs differ per choice, and their schemas come through the registry: a drafter's keys are
+its constructor's options (see ``conf/drafter/*.yaml``; :func:`drafter_kwargs` hands them on and
+:func:`specdec.registry.build_drafter` rejects unknown ones), a verifier's are :func:`specdec.registry.verifier_schema`.
 
 >>> check_overrides(["bench.limit=2", "drafter=none"])
 >>> check_overrides(["bench.bogus=1"])  # doctest: +ELLIPSIS
@@ -23,6 +24,8 @@ from typing import Any, Optional
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from specdec import registry
+from specdec.algorithms.acceptance import RULES
 from specdec.errors import ConfigError
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
@@ -36,21 +39,6 @@ class TargetConfig:
     name: Optional[str] = None  # None = the default target (SmolLM2-135M-Instruct); else a hub id or local path
     dtype: str = "float32"
     device: str = "cpu"
-
-
-@dataclass
-class VerifierConfig:
-    """``hf`` (reference) or ``paged``; ``screen_greedy`` is the hf verifier's (``conf/verifier/hf.yaml``), the
-    other keys the paged verifier's (``conf/verifier/paged.yaml``)."""
-
-    name: str = "hf"
-    screen_greedy: Optional[bool] = None
-    num_blocks: Optional[int] = None
-    block_size: Optional[int] = None
-    kernel: Optional[str] = None
-    share_prefixes: Optional[bool] = None
-    preemption: Optional[str] = None
-    group_attention: Optional[bool] = None
 
 
 @dataclass
@@ -88,18 +76,18 @@ class BenchConfig:
 
 @dataclass
 class BenchAppConfig:
-    """The composed config of ``conf/config.yaml``; ``drafter`` is open (its keys depend on the drafter)."""
+    """The composed config of ``conf/config.yaml``; ``drafter`` and ``verifier`` are open here (their keys depend
+    on the choice) and checked against the registry's schemas by :func:`validate`."""
 
     target: TargetConfig = field(default_factory=TargetConfig)
     drafter: dict[str, Any] = field(default_factory=lambda: {"name": "ngram"})
-    verifier: VerifierConfig = field(default_factory=VerifierConfig)
+    verifier: Any = field(default_factory=lambda: {"name": "hf"})
     acceptance: AcceptanceConfig = field(default_factory=AcceptanceConfig)
     tree: TreeConfig = field(default_factory=TreeConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
 
 
-SECTIONS = {"target": TargetConfig, "verifier": VerifierConfig, "acceptance": AcceptanceConfig,
-            "tree": TreeConfig, "bench": BenchConfig}
+SECTIONS = {"target": TargetConfig, "acceptance": AcceptanceConfig, "tree": TreeConfig, "bench": BenchConfig}
 
 
 def group_options(group: str) -> list[str]:
@@ -128,7 +116,7 @@ def drafter_kwargs(node) -> dict[str, Any]:
 
 
 def verifier_kwargs(node) -> dict[str, Any]:
-    """A verifier config node as constructor options: every set key but ``name``."""
+    """A verifier config node as :class:`specdec.SpecDecoder` ``verifier_kwargs``: every set key but ``name``."""
     opts = OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else dict(node)
     return {k: v for k, v in opts.items() if k != "name" and v is not None}
 
@@ -138,7 +126,7 @@ def load_verifier_config(name: str) -> DictConfig:
     path = CONF_DIR / "verifier" / f"{name}.yaml"
     if not path.exists():
         raise ConfigError(f"no verifier config {name!r} (no {path}); choose one of {group_options('verifier')}.")
-    return OmegaConf.load(path)
+    return check_verifier(OmegaConf.load(path))
 
 
 def _unknown_key(section: str, key: str, valid: list[str]) -> ConfigError:
@@ -156,12 +144,19 @@ def _default_choice(group: str) -> str | None:
     return None
 
 
-def _valid_keys(section: str, drafter: str | None) -> list[str] | None:
-    """Valid keys of one section (None: cannot tell, e.g. a swept drafter choice)."""
+def _valid_keys(section: str, choices: dict[str, str | None]) -> list[str] | None:
+    """Valid keys of one section (None: cannot tell, e.g. a swept or unknown group choice). ``choices``: the
+    chosen option of the ``drafter`` and ``verifier`` groups."""
     if section in SECTIONS:
         return [f.name for f in fields(SECTIONS[section])]
     if section == "drafter":
-        return drafter_file_keys(drafter) if isinstance(drafter, str) else None
+        name = choices.get("drafter")
+        return drafter_file_keys(name) if isinstance(name, str) else None
+    if section == "verifier":
+        name = choices.get("verifier")
+        if not isinstance(name, str) or name not in registry.VERIFIERS:
+            return None
+        return [f.name for f in fields(registry.verifier_schema(name))]
     raise _unknown_key("", section, list(GROUPS))
 
 
@@ -183,24 +178,25 @@ def check_overrides(args: list[str]) -> None:
         except Exception:  # noqa: BLE001 - a syntax error is Hydra's to report, with its own message
             continue
     plain = [o for o in parsed if not (o.is_hydra_override() or o.is_add() or o.is_force_add() or o.is_delete())]
-    choices = {o.key_or_group: o.value() for o in plain if o.key_or_group in GROUPS}
-    drafter = choices.get("drafter", _default_choice("drafter"))
+    chosen = {o.key_or_group: o.value() for o in plain if o.key_or_group in GROUPS}
+    choices = {g: chosen.get(g, _default_choice(g)) for g in ("drafter", "verifier")}
     for o in plain:
         section, _, key = o.key_or_group.partition(".")
         if not key:
             if section not in GROUPS:
                 raise _unknown_key("", section, list(GROUPS))
             continue
-        valid = _valid_keys(section, drafter)
+        valid = _valid_keys(section, choices)
         if valid is not None and key.split(".")[0] not in valid:
             raise _unknown_key(section, key.split(".")[0], valid)
 
 
 def validate(cfg: DictConfig) -> DictConfig:
-    """The composed bench config checked against :class:`BenchAppConfig` (keys, types, names); returns it typed."""
-    for section in [k for k in cfg if k != "hydra"]:
-        valid = _valid_keys(section, None) if section != "drafter" else None
-        for key in (cfg[section] if valid is not None else []):
+    """The composed bench config checked against :class:`BenchAppConfig` and the chosen verifier's schema (keys,
+    types, names); returns it typed."""
+    for section in [k for k in cfg if k not in ("hydra", "drafter", "verifier")]:
+        valid = _valid_keys(section, {})
+        for key in cfg[section]:
             if key not in valid:
                 raise _unknown_key(section, key, valid)
     if "drafter" in cfg:
@@ -209,6 +205,8 @@ def validate(cfg: DictConfig) -> DictConfig:
         raise ConfigError("target=custom needs target.name=<hub id or local checkpoint directory>.")
     try:
         typed = OmegaConf.merge(OmegaConf.structured(BenchAppConfig), cfg)
+        if "verifier" in cfg:
+            typed.verifier = check_verifier(cfg.verifier)
     except OmegaConfBaseException as e:
         msg = str(e.msg).splitlines()[0]
         raise ConfigError(f"bad value for {e.full_key}: {msg}. Fix that override (see conf/ for examples).") from None
@@ -217,24 +215,25 @@ def validate(cfg: DictConfig) -> DictConfig:
 
 
 def check_drafter(node) -> None:
-    """A drafter config needs a known ``name``; ``draft_model`` needs a ``path``."""
-    from specdec import registry
+    """A drafter config names a registered drafter and sets the options it requires (e.g. ``draft_model`` a
+    ``path``)."""
+    registry.check_drafter_config(node.get("name"), node)
 
+
+def check_verifier(node) -> DictConfig:
+    """A verifier config checked against its registered schema (unknown keys, types); returns it typed."""
     name = node.get("name")
-    if name not in registry.DRAFTERS:
-        raise ConfigError(f"unknown drafter {name!r}; choose one of {sorted(registry.DRAFTERS)} "
-                          f"(e.g. drafter=ngram).")
-    if name == "draft_model" and not node.get("path"):
-        raise ConfigError("drafter draft_model needs a draft model: set drafter.path=<hub id or local checkpoint "
-                          "directory of a small causal LM sharing the target's tokenizer>.")
+    if name not in registry.VERIFIERS:
+        raise ConfigError(f"unknown verifier {name!r}; choose one of {sorted(registry.VERIFIERS)}.")
+    schema = registry.verifier_schema(name)
+    valid = [f.name for f in fields(schema)]
+    for key in node:
+        if key not in valid:
+            raise _unknown_key("verifier", key, valid)
+    return OmegaConf.merge(OmegaConf.structured(schema), node)
 
 
 def _check_names(cfg: DictConfig) -> None:
-    from specdec import registry
-    from specdec.algorithms.acceptance import RULES
-
-    if cfg.verifier.name not in registry.VERIFIERS:
-        raise ConfigError(f"unknown verifier {cfg.verifier.name!r}; choose one of {sorted(registry.VERIFIERS)}.")
     if cfg.acceptance.name not in RULES:
         raise ConfigError(f"unknown acceptance rule {cfg.acceptance.name!r}; choose one of {sorted(RULES)}.")
     if cfg.tree.max_nodes < 1:

@@ -14,7 +14,7 @@ import hashlib
 import json
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -24,24 +24,26 @@ from specdec import models, registry
 from specdec.algorithms import tree as tree_ops
 from specdec.algorithms.cost import CostProfile
 from specdec.bench import report
-from specdec.models import cpu_gemm, gqa_attention, greedy_head, hf_cache
+from specdec.models import cpu_gemm, gqa_attention
 from specdec.models.checkpoint import target_fingerprint
 from specdec.types import Acceptance
 
 SIZES = (1, 2, 4, 8, 16, 32, 64)
 
 
-def profile_key(model, verifier: str = "hf", fast_linears: bool = True, screen_greedy: bool = True) -> dict:
-    """What a profile is valid for: the target, its dtype and device, the thread count, the verifier, the
-    linear-layer kernel (:mod:`specdec.models.cpu_gemm`), the attention route (:mod:`specdec.models.gqa_attention`), the KV
-    cache layout, how greedy tokens come from the LM head (:mod:`specdec.models.greedy_head`) and versions."""
+def profile_key(model, verifier: str = registry.REFERENCE_VERIFIER, cost_key: Mapping | None = None,
+                fast_linears: bool = True) -> dict:
+    """What a profile is valid for: the target, its dtype and device, the thread count, the verifier and what its
+    step cost depends on (``cost_key``: :meth:`specdec.protocols.Verifier.cost_key` of the verifier measured; None:
+    a default-built one's: its KV layout, how greedy tokens come from the LM head), the linear-layer kernel
+    (:mod:`specdec.models.cpu_gemm`), the attention route (:mod:`specdec.models.gqa_attention`) and versions."""
+    if cost_key is None:
+        cost_key = registry.build_verifier(verifier, model).cost_key()
     p = next(model.parameters())
-    screened = screen_greedy and verifier == "hf" and greedy_head.screenable(model)
     return {"target": target_fingerprint(model), "dtype": str(p.dtype).replace("torch.", ""),
             "device": p.device.type, "threads": torch.get_num_threads(), "verifier": verifier,
             "linears": cpu_gemm.kernel(model) if fast_linears else "off",
-            "attention": gqa_attention.route(model), "kv": hf_cache.LAYOUT if verifier == "hf" else verifier,
-            "lm_head": "bf16-screen" if screened else "logits",
+            "attention": gqa_attention.route(model), **cost_key,
             "torch": torch.__version__, "transformers": transformers.__version__}
 
 
@@ -50,27 +52,26 @@ def profile_path(key: dict, root: Path | None = None) -> Path:
     return (root or models.cache_dir() / "profiles") / f"cost-{digest}.json"
 
 
-def measure_verify(model, sizes: Sequence[int] = SIZES, prefix_len: int = 256, reps: int = 9,
-                   verifier: str = "hf", fast_linears: bool = True, screen_greedy: bool = True) -> dict[int, float]:
-    """Median milliseconds of one greedy verify step (score + commit of the root) over a chain of each size, with
-    or without the fast linear kernel (:mod:`specdec.models.cpu_gemm`) and the screened greedy head (the hf verifier's
-    ``screen_greedy``). The sizes are measured in turn, ``reps`` rounds, so that a slow moment of a shared machine
-    spreads over all of them instead of inflating one size."""
+def measure_verify(model, verifier, sizes: Sequence[int] = SIZES, prefix_len: int = 256, reps: int = 9,
+                   fast_linears: bool = True) -> dict[int, float]:
+    """Median milliseconds of one greedy verify step (score + commit of the root) of ``verifier`` (a
+    :class:`~specdec.protocols.Verifier` of ``model``) over a chain of each size, with or without the fast linear
+    kernel (:mod:`specdec.models.cpu_gemm`). The sizes are measured in turn, ``reps`` rounds, so that a slow moment
+    of a shared machine spreads over all of them instead of inflating one size."""
     g = torch.Generator().manual_seed(0)
     vocab = model.get_input_embeddings().weight.shape[0]
-    v = registry.build_verifier(verifier, model, **({"screen_greedy": screen_greedy} if verifier == "hf" else {}))
     prompt = torch.randint(0, vocab, (1, prefix_len), generator=g).to(model.device)
     times: dict[int, list[float]] = {n: [] for n in sizes}
     with torch.inference_mode(), cpu_gemm.fast_linears(model, enabled=fast_linears and cpu_gemm.wanted(model)):
-        v.prefill(prompt)
+        verifier.prefill(prompt)
         for rep in range(reps + 1):  # the first round is a warm-up
             for n in sizes:
                 tokens = torch.randint(0, vocab, (n,), generator=g).tolist()
                 tree = tree_ops.chain(tokens[0], tokens[1:], device=prompt.device)
                 keep_root = Acceptance.from_paths([[0]], [tokens[0]], device=prompt.device)
                 start = time.perf_counter()
-                v.score(tree, greedy=True)
-                v.commit(tree, keep_root)
+                verifier.score(tree, greedy=True)
+                verifier.commit(tree, keep_root)
                 if prompt.device.type == "cuda":
                     torch.cuda.synchronize(prompt.device)  # the step's kernels, not only their launches
                 if rep:
@@ -97,20 +98,21 @@ def load(path: Path, key: dict | None = None) -> CostProfile | None:
     return profile
 
 
-def load_or_measure(model, verifier: str = "hf", root: Path | None = None, remeasure: bool = False,
-                    sizes: Sequence[int] = SIZES, reps: int = 9,
-                    fast_linears: bool = True, screen_greedy: bool = True) -> tuple[CostProfile, Path, bool]:
+def load_or_measure(model, verifier: str = registry.REFERENCE_VERIFIER, verifier_kwargs: Mapping | None = None,
+                    root: Path | None = None, remeasure: bool = False, sizes: Sequence[int] = SIZES, reps: int = 9,
+                    fast_linears: bool = True) -> tuple[CostProfile, Path, bool]:
     """The cached profile for this setting, or a fresh measurement (then cached). Returns (profile, path,
-    measured_now). ``fast_linears``: whether the decoder uses the fast linear kernel (:mod:`specdec.models.cpu_gemm`);
-    ``screen_greedy``: the hf verifier's option of that name."""
-    key = profile_key(model, verifier, fast_linears, screen_greedy)
+    measured_now). ``verifier`` / ``verifier_kwargs``: the verifier (by registry name, with its options) whose steps
+    are measured; ``fast_linears``: whether the decoder uses the fast linear kernel (:mod:`specdec.models.cpu_gemm`)."""
+    measured_with = registry.build_verifier(verifier, model, **dict(verifier_kwargs or {}))
+    key = profile_key(model, verifier, measured_with.cost_key(), fast_linears)
     path = profile_path(key, root)
     if not remeasure:
         cached = load(path, key)
         if cached is not None:
             return cached, path, False
-    profile = CostProfile(key=key, verify_ms=measure_verify(model, sizes, reps=reps, verifier=verifier,
-                                                            fast_linears=fast_linears, screen_greedy=screen_greedy))
+    profile = CostProfile(key=key, verify_ms=measure_verify(model, measured_with, sizes, reps=reps,
+                                                            fast_linears=fast_linears))
     save(profile, path)
     return profile, path, True
 

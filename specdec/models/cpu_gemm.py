@@ -20,7 +20,7 @@ contiguous: a transposed result would reach attention with a last-dim stride oth
 ``scaled_dot_product_attention`` to its slow math kernel.
 
 ``fast_linears(*modules)`` swaps the forward of the ``nn.Linear`` modules of the target (and of a drafter's own
-modules, see :func:`drafter_modules`), only while the context is active; on the oneDNN route a layer's sibling
+modules, see :meth:`specdec.protocols.Drafter.modules`), only while the context is active; on the oneDNN route a layer's sibling
 projections that read one input (q/k/v, gate/up) run as one product. Results differ from ``F.linear`` only by
 float32 rounding (summation order). :func:`kernel` names the route, e.g. for a cost profile's key.
 """
@@ -121,18 +121,6 @@ def _linears(modules: Iterable[torch.nn.Module]) -> list[torch.nn.Linear]:
             if type(m) is torch.nn.Linear and m.weight.dtype == torch.float32 and id(m) not in seen:
                 seen.add(id(m))
                 out.append(m)
-    return out
-
-
-def drafter_modules(drafter) -> list[torch.nn.Module]:
-    """The ``nn.Module`` attributes of a drafter (and of a hybrid's parts): the modules its forwards run."""
-    out = []
-    for value in vars(drafter).values() if hasattr(drafter, "__dict__") else ():
-        if isinstance(value, torch.nn.Module):
-            out.append(value)
-        elif isinstance(value, list):
-            out.extend(m for part in value if not isinstance(part, torch.nn.Module) and hasattr(part, "propose")
-                       for m in drafter_modules(part))
     return out
 
 

@@ -23,13 +23,13 @@ import torch
 
 from specdec.algorithms.acceptance import AcceptanceRule
 from specdec.algorithms.adaptive import AdaptiveBudget
-from specdec.algorithms.loop import Drafted, draft
 from specdec.algorithms.sampling import SamplingParams
+from specdec.algorithms.step import Drafted, RequestDecoding
 from specdec.algorithms.stopping import Stopper
-from specdec.protocols import Drafter, Feedback
+from specdec.protocols import BatchVerifier, Drafter
 from specdec.serving.block_allocator import KVBlocksExhausted
 from specdec.serving.scheduler import Scheduler
-from specdec.types import DraftContext, DraftTree, GenerationStats
+from specdec.types import GenerationStats, VerifyOutput
 
 
 @dataclass
@@ -47,12 +47,10 @@ class Request:
     error: str | None = None
     preemptions: int = 0
     budget: AdaptiveBudget | None = None  # per-request adaptive node budget (None: the engine's max_nodes)
-    # while running:
-    drafter: Drafter | None = None
-    committed: torch.Tensor | None = None  # [1, T + generated]
-    hidden: torch.Tensor | None = None  # [1, t, H] target hidden states the drafter has not seen yet
     started: float | None = None
-    drafted: Drafted | None = None  # this step's draft (the drafter's tree and the verified cut of it)
+    # while running: its decoding state (drafter, committed tokens, hidden states) and this step's draft
+    decoding: RequestDecoding | None = None
+    drafted: Drafted | None = None
 
 
 @dataclass(frozen=True)
@@ -82,18 +80,23 @@ class DrafterPool:
 
 
 class BatchEngine:
-    """Runs requests through a :class:`~specdec.protocols.BatchVerifier` (:class:`verifiers.paged.PagedVerifier`)
-    with continuous batching."""
+    """Runs requests through a :class:`~specdec.protocols.BatchVerifier` with continuous batching.
 
-    def __init__(self, verifier, drafters: DrafterPool, rule: AcceptanceRule, *, max_nodes: int,
-                 max_batch_size: int, sampling: SamplingParams | None = None, needs_hidden: bool = False) -> None:
+    preemption: what to do when a running request's next tree finds no free KV blocks (the engine's policy, see
+    :mod:`specdec.serving.scheduler`): ``recompute`` (preempt the newest request, redo it later) or ``refuse``
+    (end the request that ran out, keeping its tokens). needs_hidden: the drafters read the target's hidden states.
+    """
+
+    def __init__(self, verifier: BatchVerifier, drafters: DrafterPool, rule: AcceptanceRule, *, max_nodes: int,
+                 max_batch_size: int, sampling: SamplingParams | None = None, needs_hidden: bool = False,
+                 preemption: str = "recompute") -> None:
         self.verifier = verifier
         self.drafters = drafters
         self.rule = rule
         self.max_nodes = max_nodes
         self.sampling = sampling or SamplingParams()
         self.needs_hidden = needs_hidden
-        self.scheduler = Scheduler(max_batch_size, getattr(verifier, "preemption", "recompute"))
+        self.scheduler = Scheduler(max_batch_size, preemption)
         self.requests: dict[int, Request] = {}
 
     @property
@@ -124,11 +127,12 @@ class BatchEngine:
         running = list(self.scheduler.running)
         if not running:
             return events
-        trees = [self._propose(r, len(running) - 1) for r in running]
-        out, running, trees = self._score(running, trees, events)
-        for i, (r, t) in enumerate(zip(running, trees)):
-            events.append(self._accept(r, t, out.logits[i:i + 1, :t.num_nodes],
-                                       None if out.hidden is None else out.hidden[i:i + 1]))
+        for r in running:
+            r.drafted = r.decoding.draft(self.max_nodes, batch_rows=len(running) - 1)
+        out, running = self._score(running, events)
+        for i, r in enumerate(running):
+            row = VerifyOutput(logits=out.logits[i:i + 1], hidden=None if out.hidden is None else out.hidden[i:i + 1])
+            events.append(self._settle(r, row))
         return events
 
     # --- the parts of a step ---------------------------------------------------------------------------------
@@ -144,11 +148,13 @@ class BatchEngine:
                                   f"more than the {v.num_blocks} the cache has; raise verifier.num_blocks or "
                                   "shorten the prompt.", queued=True) for r in too_large]
         for r in admitted:
-            r.drafter = self.drafters.acquire()
-            r.committed = self._context(r)
+            context = self._context(r)
+            r.decoding = RequestDecoding(self.drafters.acquire(), self.rule, context, prompt_len=r.prompt.shape[1],
+                                         remaining=r.max_new_tokens - len(r.tokens), sampling=self.sampling,
+                                         generator=r.generator, budget=r.budget)
             r.started = r.started or time.perf_counter()
             try:
-                r.hidden = self.verifier.start(r.request_id, r.committed[:, :-1], output_hidden=self.needs_hidden)
+                r.decoding.hidden = self.verifier.start(r.request_id, context[:, :-1], output_hidden=self.needs_hidden)
             except KVBlocksExhausted:  # admission counted blocks without prefix sharing; this is a safety net
                 self._preempt(r)
         return events
@@ -158,20 +164,13 @@ class BatchEngine:
         new = torch.tensor([r.tokens], dtype=r.prompt.dtype, device=r.prompt.device)
         return torch.cat([r.prompt, new], dim=1)
 
-    def _propose(self, r: Request, others: int) -> DraftTree:
-        remaining = r.max_new_tokens - len(r.tokens)
-        nodes = r.budget.nodes(batch_rows=others) if r.budget is not None else self.max_nodes
-        ctx = DraftContext(input_ids=r.committed, prompt_len=r.prompt.shape[1], max_nodes=nodes,
-                           max_depth=remaining - 1, hidden=r.hidden, sampling=self.sampling, generator=r.generator)
-        r.drafted = draft(r.drafter, ctx, r.budget, batch_rows=others)
-        return r.drafted.tree
-
-    def _score(self, running: list[Request], trees: list[DraftTree], events: list[Event]):
-        """One verify forward; out of KV blocks, preempt or refuse (by policy) until the rest fits."""
+    def _score(self, running: list[Request], events: list[Event]) -> tuple[VerifyOutput | None, list[Request]]:
+        """One verify forward over the running requests' drafted trees; out of KV blocks, preempt or refuse (by
+        policy) until the rest fits. Returns the output and the requests it covers, in its row order."""
         while True:
             try:
-                ids = [r.request_id for r in running]
-                return self.verifier.score_batch(ids, trees, output_hidden=self.needs_hidden), running, trees
+                ids, trees = [r.request_id for r in running], [r.drafted.tree for r in running]
+                return self.verifier.score_batch(ids, trees, output_hidden=self.needs_hidden), running
             except KVBlocksExhausted as e:
                 failing = self.requests[e.request_id]
                 if self.scheduler.policy == "refuse" or len(running) == 1:
@@ -181,25 +180,16 @@ class BatchEngine:
                 else:
                     victim = self.scheduler.victim()
                     self._preempt(victim)
-                keep = [i for i, r in enumerate(running) if r is not victim]
-                running, trees = [running[i] for i in keep], [trees[i] for i in keep]
+                running = [r for r in running if r is not victim]
                 if not running:
-                    return None, [], []
+                    return None, []
 
-    def _accept(self, r: Request, tree: DraftTree, logits: torch.Tensor, hidden: torch.Tensor | None) -> Event:
-        acceptance = self.rule(tree, logits, self.sampling, r.generator)
-        if r.budget is not None:
-            r.budget.observe(tree, acceptance, r.drafted.draft_ms)
-        path = acceptance.accepted_nodes(0)
-        self.verifier.commit_request(r.request_id, path)
-        new_tokens = tree.tokens[0, path[1:]].tolist() + [int(acceptance.next_token[0])]
-        new = torch.tensor([new_tokens], dtype=r.committed.dtype, device=r.committed.device)
-        r.hidden = None if hidden is None else hidden[:, path]
-        r.drafter.observe(Feedback(tree=r.drafted.proposed, acceptance=r.drafted.own(acceptance), new_tokens=new,
-                                   hidden=r.hidden))
-        r.committed = torch.cat([r.committed, new], dim=1)
-        kept, reason = r.stopper.cut(new_tokens)
-        r.stats.record(drafted=int(tree.num_draft_nodes[0]), accepted=int(acceptance.num_accepted[0]))
+    def _settle(self, r: Request, out: VerifyOutput) -> Event:
+        """Accept -> commit -> observe (:meth:`RequestDecoding.settle`), then stopping and statistics."""
+        step = r.decoding.settle(r.drafted, out, lambda acc: self.verifier.commit_request(r.request_id,
+                                                                                          acc.accepted_nodes(0)))
+        kept, reason = r.stopper.cut(step.new_tokens)
+        r.stats.record(drafted=int(step.tree.num_draft_nodes[0]), accepted=int(step.acceptance.num_accepted[0]))
         r.tokens.extend(kept)
         if reason is not None:
             self._finish(r, reason)
@@ -213,9 +203,9 @@ class BatchEngine:
         r.stats.new_tokens = len(r.tokens)
         r.stats.wall_time_s = time.perf_counter() - (r.started or time.perf_counter())
         self.verifier.release(r.request_id)
-        if r.drafter is not None:
-            self.drafters.release(r.drafter)
-        r.drafter, r.committed, r.hidden = None, None, None
+        if r.decoding is not None:
+            self.drafters.release(r.decoding.drafter)
+        r.decoding, r.drafted = None, None
         self.scheduler.finish(r)
 
     def _refuse(self, r: Request, message: str, queued: bool = False) -> Event:
@@ -228,7 +218,7 @@ class BatchEngine:
     def _preempt(self, r: Request) -> None:
         """Free the request's blocks and queue it again at the front; it is prefilled anew when it rejoins."""
         self.verifier.release(r.request_id)
-        self.drafters.release(r.drafter)
-        r.drafter, r.committed, r.hidden = None, None, None
+        self.drafters.release(r.decoding.drafter)
+        r.decoding, r.drafted = None, None
         r.preemptions += 1
         self.scheduler.requeue(r)

@@ -23,8 +23,8 @@ from collections.abc import Hashable, Sequence
 import torch
 
 from specdec.algorithms import tree as tree_ops
-from specdec.errors import ConfigError, SpecdecError
-from specdec.serving.scheduler import POLICIES
+from specdec.errors import SpecdecError
+from specdec.protocols import VerifierCapabilities
 from specdec.types import DEAD, Acceptance, DraftTree, VerifyOutput
 from verifiers.paged.attention import AttentionGroup, PagedForward, paged_attention_on, pick_kernel
 from verifiers.paged.cache import PagedKVCache
@@ -55,20 +55,15 @@ class PagedVerifier:
     """Tree verification over a :class:`~verifiers.paged.cache.PagedKVCache` shared by all requests.
 
     num_blocks x block_size positions are available in all (per layer, K and V); share_prefixes lets requests with
-    a common prompt prefix share its blocks; kernel: ``auto`` | ``sdpa`` | ``torch`` | ``triton``; preemption: what
-    the batched decoder does when a request runs out of KV blocks, ``recompute`` or ``refuse``
-    (:mod:`specdec.serving.scheduler`); group_attention: in a batch, attend in groups of similar requests (tree size, prefix
+    a common prompt prefix share its blocks; kernel: ``auto`` | ``sdpa`` | ``torch`` | ``triton``; group_attention: in a batch, attend in groups of similar requests (tree size, prefix
     length; :mod:`verifiers.paged.groups`) rather than padding all of them to the largest (same outputs).
     """
 
-    gives_hidden = True
+    capabilities = VerifierCapabilities(hidden_states=True, greedy_scoring=False, batching=True)
     SINGLE = "single"  # request id used by the one-request protocol
 
     def __init__(self, model, num_blocks: int = 1024, block_size: int = 16, kernel: str = "auto",
-                 share_prefixes: bool = True, preemption: str = "recompute", group_attention: bool = True) -> None:
-        if preemption not in POLICIES:
-            raise ConfigError(f"unknown preemption policy {preemption!r}; choose one of {list(POLICIES)}.")
-        self.preemption = preemption
+                 share_prefixes: bool = True, group_attention: bool = True) -> None:
         cfg = model.config
         self.model = model
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
@@ -177,6 +172,10 @@ class PagedVerifier:
     @property
     def cached_length(self) -> int:
         return self.cache.length(self.SINGLE) if self.SINGLE in self.cache.seqs else 0
+
+    def cost_key(self) -> dict:
+        """The paged KV layout; greedy tokens come from the logits."""
+        return {"kv": "paged", "lm_head": "logits"}
 
     # --- the forward -------------------------------------------------------------------------------------
 

@@ -1,0 +1,115 @@
+"""One request's verify step around the verifier call, the same whether one request is decoded or many.
+
+    drafted = state.draft(max_nodes)                       # propose (timed), depth limit, adaptive cut
+    out = <the verifier scores drafted.tree>               # one request (Verifier.score) or a batch (score_batch)
+    step = state.settle(drafted, out, commit)              # accept -> commit -> budget -> observe -> extend
+
+:class:`RequestDecoding` holds what a request carries between steps (its drafter, the committed tokens, the hidden
+states its drafter has not seen, its sampling RNG and adaptive budget). The single-request loop
+(:mod:`specdec.algorithms.loop`) and the batching engine (:mod:`specdec.serving.engine`) both drive it; only how the
+tree is scored and how the accepted path is committed differ, and those are the caller's.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from specdec.algorithms import tree as tree_ops
+from specdec.algorithms.acceptance import AcceptanceRule, accept_matching
+from specdec.algorithms.adaptive import AdaptiveBudget, uncut
+from specdec.algorithms.sampling import SamplingParams
+from specdec.protocols import Drafter, Feedback
+from specdec.types import Acceptance, DraftContext, DraftTree, VerifyOutput
+
+
+@dataclass(frozen=True)
+class Drafted:
+    """One request's draft for a step: the drafter's tree and the one that is verified.
+
+    proposed: the drafter's tree (depth-limited); tree: what is verified (the adaptive budget's cut of it, or the
+    same tree); kept: the cut's nodes in ``proposed`` (None: not cut); draft_ms: the ``propose`` call's time when
+    it was asked to draft (a budget above 1 node), else None.
+    """
+
+    proposed: DraftTree
+    tree: DraftTree
+    kept: list[int] | None
+    draft_ms: float | None
+
+    def own(self, acceptance: Acceptance) -> Acceptance:
+        """``acceptance`` (over ``tree``) as the drafter must hear it: over its own ``proposed`` tree."""
+        return acceptance if self.kept is None else uncut(acceptance, self.kept)
+
+
+def draft(drafter: Drafter, ctx: DraftContext, budget: AdaptiveBudget | None = None, batch_rows: int = 0) -> Drafted:
+    """Propose (timed), limit to ``ctx.max_depth``, and let ``budget`` (if any) cut the tree to what pays;
+    ``batch_rows``: rows the batch's other requests put in the same verify step."""
+    start = time.perf_counter()
+    proposed = tree_ops.limit_depth(drafter.propose(ctx), ctx.max_depth)
+    draft_ms = 1000 * (time.perf_counter() - start) if ctx.max_nodes > 1 else None
+    tree, kept = budget.cut(proposed, batch_rows=batch_rows) if budget is not None else (proposed, None)
+    return Drafted(proposed, tree, kept, draft_ms)
+
+
+@dataclass(frozen=True)
+class Step:
+    """One verify step: the tree, the rule's outcome and the tokens it committed (``[k]``, bonus last)."""
+
+    tree: DraftTree
+    acceptance: Acceptance
+    new_tokens: list[int]
+
+
+@dataclass
+class RequestDecoding:
+    """One request between verify steps.
+
+    committed: ``[1, T]`` every committed token (prompt + generated; the last is the next tree's root).
+    prompt_len: the prompt's length inside it (what ``DraftContext.prompt_len`` reports). hidden: ``[1, t, H]`` the
+    target's hidden states the drafter has not seen yet (None unless it reads them). remaining: tokens still allowed.
+    """
+
+    drafter: Drafter
+    rule: AcceptanceRule
+    committed: torch.Tensor  # [1, T]
+    prompt_len: int
+    remaining: int
+    hidden: torch.Tensor | None = None  # [1, t, H]
+    sampling: SamplingParams | None = None
+    generator: torch.Generator | None = None
+    budget: AdaptiveBudget | None = None
+
+    def draft(self, max_nodes: int, batch_rows: int = 0) -> Drafted:
+        """This step's tree: the budget's node count (or ``max_nodes``), then the drafter's proposal and its cut.
+        ``batch_rows``: rows the batch's other requests put in the same verify step."""
+        nodes = self.budget.nodes(batch_rows=batch_rows) if self.budget is not None else max_nodes
+        ctx = DraftContext(input_ids=self.committed, prompt_len=self.prompt_len, max_nodes=nodes,
+                           max_depth=self.remaining - 1, hidden=self.hidden, sampling=self.sampling,
+                           generator=self.generator)
+        return draft(self.drafter, ctx, self.budget, batch_rows=batch_rows)
+
+    def settle(self, drafted: Drafted, out: VerifyOutput, commit: Callable[[Acceptance], None]) -> Step:
+        """Accept -> commit -> observe for one scored tree; ``out`` holds this request's row only (logits
+        ``[1, >= N, V]``, or ``greedy [1, N]`` when the verifier gave only the argmax; hidden ``[1, >= N, H]``).
+        ``commit(acceptance)`` keeps the accepted path in the verifier's KV cache."""
+        tree = drafted.tree
+        if out.logits is None:
+            acceptance = accept_matching(tree, out.greedy)
+        else:
+            acceptance = self.rule(tree, out.logits[:, :tree.num_nodes], self.sampling, self.generator)
+        commit(acceptance)
+        if self.budget is not None:
+            self.budget.observe(tree, acceptance, drafted.draft_ms)
+        path = acceptance.accepted_nodes(0)
+        new_tokens = tree.tokens[0, path[1:]].tolist() + [int(acceptance.next_token[0])]
+        new = torch.tensor([new_tokens], dtype=self.committed.dtype, device=self.committed.device)
+        self.hidden = None if out.hidden is None else out.hidden[:, path]
+        self.drafter.observe(Feedback(tree=drafted.proposed, acceptance=drafted.own(acceptance), new_tokens=new,
+                                      hidden=self.hidden))
+        self.committed = torch.cat([self.committed, new], dim=1)
+        self.remaining -= len(new_tokens)
+        return Step(tree=tree, acceptance=acceptance, new_tokens=new_tokens)

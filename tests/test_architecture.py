@@ -1,0 +1,120 @@
+"""The layout's rules, read from the source's import statements (module-level and inside functions alike).
+
+- specdec's core never imports a concrete drafter or verifier (only ``specdec/registry.py`` names them, as strings);
+  nothing but ``train/`` imports ``train``; drafters and verifiers do not import each other.
+- Rooms depend downwards: the contracts (``errors``, ``types``, ``protocols``) on nothing of ours; ``algorithms`` on
+  the contracts; ``models`` and ``serving`` on those two; ``bench`` and the API on top.
+- No import cycles between modules.
+"""
+
+from __future__ import annotations
+
+import ast
+from functools import cache
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+PACKAGES = ("specdec", "drafters", "verifiers", "train")
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(REPO).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+@cache
+def modules() -> dict[str, Path]:
+    return {module_name(p): p for pkg in PACKAGES for p in (REPO / pkg).rglob("*.py")}
+
+
+def resolve(name: str) -> str | None:
+    """The project module an imported dotted name refers to (a module, or the package holding the name)."""
+    while name:
+        if name in modules():
+            return name
+        name = name.rpartition(".")[0]
+    return None
+
+
+@cache
+def imports_of(module: str) -> frozenset[str]:
+    """Project modules ``module`` imports, anywhere in its source."""
+    tree = ast.parse(modules()[module].read_text(encoding="utf-8"))
+    out = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names = [f"{node.module}.{a.name}" for a in node.names]
+        else:
+            continue
+        out.update(m for m in map(resolve, names) if m is not None and m != module)
+    return frozenset(out)
+
+
+def in_room(module: str, room: str) -> bool:
+    return module == room or module.startswith(room + ".")
+
+
+def test_the_scan_sees_the_project():
+    assert {"specdec.generate", "specdec.algorithms.loop", "drafters.eagle", "verifiers.paged.verifier",
+            "train.eagle"} <= set(modules())
+    assert "specdec.algorithms.step" in imports_of("specdec.algorithms.loop")
+    assert "specdec.models.hf_cache" in imports_of("drafters.eagle")  # `from specdec.models import hf_cache`
+
+
+@pytest.mark.parametrize("module", sorted(m for m in modules() if in_room(m, "specdec")))
+def test_core_never_imports_a_concrete_drafter_verifier_or_training_job(module):
+    bad = [m for m in imports_of(module) if m.split(".")[0] in ("drafters", "verifiers", "train")]
+    assert not bad, f"{module} imports {bad}; reach drafters and verifiers through specdec.registry"
+
+
+@pytest.mark.parametrize("module", sorted(m for m in modules() if m.split(".")[0] in ("drafters", "verifiers")))
+def test_drafters_and_verifiers_stay_apart_and_never_import_train(module):
+    other = "verifiers" if module.startswith("drafters") else "drafters"
+    bad = [m for m in imports_of(module) if m.split(".")[0] in (other, "train")]
+    assert not bad, f"{module} imports {bad}"
+
+
+# what each room of specdec may import from specdec (besides itself)
+CONTRACTS = ("specdec.errors", "specdec.types", "specdec.protocols")
+ALLOWED = {
+    "specdec.errors": (),
+    "specdec.types": ("specdec.errors",),
+    "specdec.protocols": ("specdec.errors", "specdec.types"),
+    "specdec.algorithms": CONTRACTS,
+    "specdec.models": (*CONTRACTS, "specdec.algorithms"),
+    "specdec.serving": (*CONTRACTS, "specdec.algorithms"),
+}
+
+
+@pytest.mark.parametrize("room", sorted(ALLOWED))
+def test_rooms_depend_downwards(room):
+    allowed = (room, *ALLOWED[room])
+    for module in [m for m in modules() if in_room(m, room)]:
+        bad = [m for m in imports_of(module) if in_room(m, "specdec") and not any(in_room(m, a) for a in allowed)]
+        assert not bad, f"{module} ({room}) imports {bad}; it may import only {list(allowed)}"
+
+
+def test_no_import_cycles():
+    graph = {m: imports_of(m) for m in modules()}
+    state: dict[str, int] = {}  # 1: on the stack, 2: done
+    stack: list[str] = []
+
+    def visit(m: str) -> None:
+        state[m] = 1
+        stack.append(m)
+        for n in sorted(graph[m]):
+            if state.get(n) == 1:
+                cycle = stack[stack.index(n):] + [n]
+                pytest.fail(f"import cycle: {' -> '.join(cycle)}")
+            if n not in state:
+                visit(n)
+        stack.pop()
+        state[m] = 2
+
+    for m in sorted(graph):
+        if m not in state:
+            visit(m)
