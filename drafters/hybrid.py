@@ -3,11 +3,11 @@
 Each step every part drafts with its share of the node budget; their root-to-leaf paths are merged into one trie
 (:func:`specdec.algorithms.tree.from_sequences`: a continuation two parts agree on is verified once). Each part's node
 confidences (its tree's ``scores``) are calibrated against what that part gets accepted (one
-:class:`specdec.algorithms.adaptive.Calibrator` per part), a merged node is worth the best calibrated value any part gives
-its path, and the best ``max_nodes`` nodes by that value are kept; they are the merged tree's ``scores``. After
+:class:`specdec.algorithms.adaptive.Calibrator` per part), a merged node is worth the best calibrated value any part
+gives its path, and the best ``max_nodes`` nodes by that value are kept; they are the merged tree's ``scores``. After
 the step each part is told what was accepted *of its own tree* (the longest prefix of the accepted path its tree
-contained), so stateful parts (a draft model's KV cache) stay in step, and a moving average of the tokens each
-part got accepted sets the next shares (never below ``min_share``, so a part that fell behind can come back).
+contained), so stateful parts (a draft model's KV cache) stay in step, and a moving average of the tokens each part
+got accepted sets the next shares (never below ``min_share``, so a part that fell behind can come back).
 
 The merged tree carries no draft probabilities: its nodes are deterministic candidates for the acceptance rule
 (point masses), which is lossless whichever part proposed them.

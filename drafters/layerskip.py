@@ -12,8 +12,9 @@ An optional **exit adapter** (:class:`ExitAdapter`, trained by ``python -m train
 applied to the view's last hidden state before the target's final norm and LM head; it lives on the view only.
 
 The drafter is a :class:`drafters.draft_model.DraftModelDrafter` whose model is that view: a chain or top-k tree
-grown level by level over the view's own ``DynamicCache``. A skipped layer never writes its cache slot (its slot stays uninitialised, which
-``specdec.models.hf_cache.crop``/``keep_positions`` skip); the cache length is read from layer 0, so layer 0 always runs.
+grown level by level over the view's own ``DynamicCache``. A skipped layer never writes its cache slot (its slot stays
+uninitialised, which ``specdec.models.hf_cache.crop``/``keep_positions`` skip); the cache length is read from layer 0,
+so layer 0 always runs.
 """
 
 from __future__ import annotations

@@ -28,7 +28,8 @@ KIND = "medusa"
 
 
 class ResBlock(nn.Module):
-    """``h + SiLU(Linear(h))`` with the linear layer zeroed, so a fresh block is the identity. ``[..., H] -> [..., H]``."""
+    """``h + SiLU(Linear(h))``, ``[..., H] -> [..., H]``, with the linear layer zeroed: a fresh block is the
+    identity."""
 
     def __init__(self, hidden_size: int) -> None:
         super().__init__()

@@ -1,4 +1,4 @@
-"""A drafter's configured tree shape: Medusa-style "choices" -> parents, candidate ranks, depths, priority; cut per step.
+"""A drafter's configured tree shape: Medusa-style "choices" -> parents, ranks, depths, priority; cut per step.
 
 The common published format for a static draft tree is a list of "choices", each a path of child ranks from the
 root (``[[0], [1], [0, 0]]``: the root's best and second-best candidates, and the best continuation of the first).

@@ -18,7 +18,7 @@ def _generate(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="specdec generate", description="Stream one speculative generation.")
     parser.add_argument("prompt", help="user message (the chat template is applied when the tokenizer has one)")
     parser.add_argument("--target", default=None, help="hub id or local path (default: SmolLM2-135M-Instruct)")
-    parser.add_argument("--drafter", default="ngram",
+    parser.add_argument("--drafter", default=registry.DEFAULT_DRAFTER,
                         help=f"{' | '.join(registry.DRAFTERS)}, or a train/ checkpoint directory")
     parser.add_argument("--draft-path", default=None,
                         help=f"the drafter's checkpoint or model (hub id or path); required by --drafter "
@@ -89,8 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     except SpecdecError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"unknown command {command!r}; use `specdec generate`, `specdec bench` or `specdec profile` (see specdec --help).",
-          file=sys.stderr)
+    print(f"unknown command {command!r}; use `specdec generate`, `specdec bench` or `specdec profile` "
+          "(see specdec --help).", file=sys.stderr)
     return 2
 
 

@@ -54,7 +54,8 @@ class SpecDecoder:
     ``preemption`` in ``verifier_kwargs`` is read as this).
     """
 
-    def __init__(self, target=None, tokenizer=None, *, drafter="ngram", verifier: str = registry.REFERENCE_VERIFIER,
+    def __init__(self, target=None, tokenizer=None, *, drafter=registry.DEFAULT_DRAFTER,
+                 verifier: str = registry.REFERENCE_VERIFIER,
                  acceptance: str | None = None, max_nodes: int = DEFAULT_MAX_NODES, dtype=None,
                  drafter_kwargs: dict | None = None, fast_linears: bool | None = None,
                  verifier_kwargs: dict | None = None, max_batch_size: int = 8, adaptive: bool = False,
@@ -265,7 +266,7 @@ def check_vocabulary(drafter, target) -> None:
         )
 
 
-def generate(target=None, input_ids=None, *, tokenizer=None, drafter="ngram",
+def generate(target=None, input_ids=None, *, tokenizer=None, drafter=registry.DEFAULT_DRAFTER,
              verifier: str = registry.REFERENCE_VERIFIER, acceptance: str | None = None,
              max_nodes: int = DEFAULT_MAX_NODES, dtype=None, drafter_kwargs: dict | None = None,
              fast_linears: bool | None = None, verifier_kwargs: dict | None = None, max_batch_size: int = 8,

@@ -53,7 +53,7 @@ class Drafter(Protocol):
         """Forget everything about the previous request (called before each new one)."""
 
     def propose(self, ctx: DraftContext) -> DraftTree:
-        """A tree rooted at ``ctx.input_ids[:, -1]`` with at most ``ctx.max_nodes`` nodes, depth <= ``ctx.max_depth``."""
+        """A tree rooted at ``ctx.input_ids[:, -1]``, at most ``ctx.max_nodes`` nodes, depth <= ``ctx.max_depth``."""
 
     def observe(self, feedback: Feedback) -> None:
         """Learn what was accepted: roll back own state (a KV cache), adapt."""

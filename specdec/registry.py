@@ -50,6 +50,7 @@ VERIFIERS: dict[str, str | type] = {
 }
 
 # roles: the few places where the rest of the code needs a particular one
+DEFAULT_DRAFTER = "ngram"  # what generate() and SpecDecoder use when no drafter is named: needs no training
 NO_DRAFTER = "none"  # plain decoding through the speculative loop
 ASSISTANT_DRAFTER = "draft_model"  # its `path` is a causal LM that transformers' assisted generation can use too
 RECOMMENDED_DRAFTER = "hybrid"  # what the bench method specdec:adaptive runs (with the adaptive budget)

@@ -21,8 +21,8 @@ import dataclasses
 import pytest
 import torch
 
-from specdec.algorithms.cost import CostProfile
 from specdec import inputs
+from specdec.algorithms.cost import CostProfile
 from specdec.generate import SpecDecoder
 from specdec.models import cpu_gemm, greedy_head
 from specdec.protocols import Drafter

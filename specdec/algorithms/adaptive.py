@@ -170,10 +170,10 @@ class AdaptiveBudget:
 
     def cut(self, tree: DraftTree, batch_rows: int = 0) -> tuple[DraftTree, list[int] | None]:
         """This step's tree: the proposed one cut to the nodes that pay for their verify cost, by calibrated
-        confidence and the cost model (:func:`specdec.algorithms.cost.choose_budget`, then :func:`specdec.algorithms.tree.best_subtree`).
-        After ``off_after`` steps in a row where drafting did not pay for its call too, the next steps do not draft
-        (probed every ``probe_every`` steps). Returns the tree and
-        the kept nodes' indices in the proposed tree (None when nothing was cut). Trees without scores, or with
+        confidence and the cost model (:func:`specdec.algorithms.cost.choose_budget`, then
+        :func:`specdec.algorithms.tree.best_subtree`). After ``off_after`` steps in a row where drafting did not pay
+        for its call too, the next steps do not draft (probed every ``probe_every`` steps). Returns the tree and the
+        kept nodes' indices in the proposed tree (None when nothing was cut). Trees without scores, or with
         ``draft_probs`` (sampled drafts, whose rejection rule needs every drawn sibling), are returned as they are.
         """
         if tree.scores is None or tree.draft_probs is not None or tree.num_nodes < 2:

@@ -12,8 +12,8 @@ Methods (``bench.methods``): ``hf`` (``model.generate``, greedy: the reference e
 token-compared against), ``hf_pld`` (with ``prompt_lookup_num_tokens``), ``hf_assisted`` (with ``assistant_model`` =
 the draft model of ``drafter.path``), each optionally ``+fast`` (e.g. ``hf+fast``: the same ``model.generate`` with
 specdec's float32 CPU linear kernel, :mod:`specdec.models.cpu_gemm`, which every ``specdec:*`` method uses: it shows how
-much of a speedup is the kernel and how much is drafting), ``specdec:<drafter>`` (a :class:`specdec.SpecDecoder` with that drafter's
-``conf/drafter/<drafter>.yaml`` options, or the chosen ``drafter`` group's with its overrides), optionally
+much of a speedup is the kernel and how much is drafting), ``specdec:<drafter>`` (a :class:`specdec.SpecDecoder` with
+that drafter's ``conf/drafter/<drafter>.yaml`` options, or the chosen ``drafter`` group's with its overrides), optionally
 ``specdec:<drafter>@<verifier>`` to use another verifier than the ``verifier`` group's, and ``+adaptive`` to
 re-decide each request's node budget (up to ``tree.max_nodes``) every step from the measured cost profile and its
 acceptance so far (e.g. ``specdec:ngram+adaptive``, ``specdec:ngram@paged+adaptive``). ``specdec:adaptive`` is

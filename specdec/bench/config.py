@@ -80,8 +80,8 @@ class BenchAppConfig:
     on the choice) and checked against the registry's schemas by :func:`validate`."""
 
     target: TargetConfig = field(default_factory=TargetConfig)
-    drafter: dict[str, Any] = field(default_factory=lambda: {"name": "ngram"})
-    verifier: Any = field(default_factory=lambda: {"name": "hf"})
+    drafter: dict[str, Any] = field(default_factory=lambda: {"name": registry.DEFAULT_DRAFTER})
+    verifier: Any = field(default_factory=lambda: {"name": registry.REFERENCE_VERIFIER})
     acceptance: AcceptanceConfig = field(default_factory=AcceptanceConfig)
     tree: TreeConfig = field(default_factory=TreeConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)

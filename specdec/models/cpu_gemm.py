@@ -1,28 +1,21 @@
 """Faster float32 linear layers on CPU for decoding (kernel choice only; the model code is untouched).
 
-Measured on this project's CPU (AMD EPYC, 2 threads, SmolLM2-135M, torch 2.13), all the model's linears, in order
-(the weights stream from memory as in a forward):
-
-    rows                      1      2      4      8     16     32    300
-    F.linear (MKL)           40     60     57     52     68     94    523   ms
-    (W @ x.T).T (MKL)        40     24     25     48     59     82      -   ms
-    oneDNN, packed weights   15     16     15     23     24     36    218   ms
-
-``F.linear`` with few rows takes a slow BLAS path; a verify step over 8 tree nodes then costs ~1.8x one token.
-oneDNN's matmul on weights reordered once into its blocked layout (``torch.ops.mkldnn``, the kernel Inductor
-uses on CPU) makes one row ~2.5x cheaper and 16 rows cost ~1.6x one row: a draft token's price falls, so more
-drafting pays. The reordered weights are a second copy of the weights (540 MB for the default target), made on
-first use and kept while the module lives (re-made when a weight changes, e.g. during training: a `fast_linears`
-block checks each weight when it first uses it, so weights must not change inside a block).
+``F.linear`` with few rows (a decode step, a small tree) takes a slow BLAS path on CPU, so a verify step over a few
+tree nodes costs much more than one token. oneDNN's matmul on weights reordered once into its blocked layout
+(``torch.ops.mkldnn``, the kernel Inductor uses on CPU) is faster for one row and grows slowly with the rows: a
+draft token's price falls, so more drafting pays (measured in docs/benchmarks.md). The reordered weights are a
+second copy of the weights, made on first use and kept while the module lives (re-made when a weight changes, e.g.
+during training: a `fast_linears` block checks each weight when it first uses it, so weights must not change inside a
+block).
 
 Where oneDNN is missing (some non-x86 builds) the route is ``(W @ x.T).T`` for 2..``MAX_ROWS`` rows, made
 contiguous: a transposed result would reach attention with a last-dim stride other than 1, which sends
 ``scaled_dot_product_attention`` to its slow math kernel.
 
 ``fast_linears(*modules)`` swaps the forward of the ``nn.Linear`` modules of the target (and of a drafter's own
-modules, see :meth:`specdec.protocols.Drafter.modules`), only while the context is active; on the oneDNN route a layer's sibling
-projections that read one input (q/k/v, gate/up) run as one product. Results differ from ``F.linear`` only by
-float32 rounding (summation order). :func:`kernel` names the route, e.g. for a cost profile's key.
+modules, see :meth:`specdec.protocols.Drafter.modules`), only while the context is active; on the oneDNN route a
+layer's sibling projections that read one input (q/k/v, gate/up) run as one product. Results differ from ``F.linear``
+only by float32 rounding (summation order). :func:`kernel` names the route, e.g. for a cost profile's key.
 """
 
 from __future__ import annotations
@@ -207,8 +200,7 @@ def fast_linears(*modules: torch.nn.Module, enabled: bool = True, route: str | N
     ``nn.Linear`` layers of ``modules`` inside the ``with`` block. Gradients enabled: ``F.linear`` as usual.
 
     fuse (oneDNN route): sibling projections that read the same input (q/k/v, gate/up) run as one product
-    (:class:`_Siblings`): measured here on one row, q/k/v ~40 us instead of ~80-110 us a layer, gate/up ~70-85 us
-    instead of ~97.
+    (:class:`_Siblings`): fewer, larger calls, each reading its input once.
     """
     if not enabled:
         yield

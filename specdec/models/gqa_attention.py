@@ -3,8 +3,8 @@
 transformers' ``sdpa`` attention repeats each K/V head for its query heads (``repeat_kv``: a copy of the whole
 cached K/V per layer per forward) whenever a mask is passed with more than one query — exactly a verify step's
 tree. torch's CPU ``scaled_dot_product_attention`` takes ``enable_gqa=True`` with a mask and gives the same result
-(bit for bit in our tests) without that copy. Measured on the default target (3 K/V heads for 9 query heads),
-8 tree nodes after 300 cached positions: ~2-3 ms of ~50 per verify step.
+(bit for bit in our tests) without that copy, which grows with the cached length (docs/benchmarks.md has the
+saving on the default target).
 
 :data:`ATTENTION_NAME` is registered with transformers' ``AttentionInterface`` (and its mask with the ``sdpa``
 mask function), and :func:`gqa_attention_on` switches a model's ``config._attn_implementation`` from ``sdpa`` to it

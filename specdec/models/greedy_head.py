@@ -1,9 +1,9 @@
 """Exact greedy tokens from the LM head for half its weight traffic: a bfloat16 screen, float32 where it matters.
 
 A greedy verify step needs only ``argmax(W h)`` at each tree node, not the logits. On a small target the LM head
-is a large share of a forward (SmolLM2-135M: 28M of 134M weights, ~5 ms of a ~40 ms step on this project's CPU)
-and a forward over a few nodes is bound by reading weights. :class:`ScreenedArgmax` reads a bfloat16 copy of the
-head instead (half the bytes), then recomputes in float32 only the tokens the screen cannot rule out.
+is a large share of a forward (for SmolLM2-135M about a fifth of its weights) and a forward over a few nodes is bound
+by reading weights. :class:`ScreenedArgmax` reads a bfloat16 copy of the head instead (half the bytes), then
+recomputes in float32 only the tokens the screen cannot rule out.
 
 Why it is exact. Let ``u = 2**-8`` (bfloat16's unit roundoff), ``t_i`` a float32 logit (any summation order) and
 ``a_i`` the screened one (bfloat16 weights and input, float32 accumulation, bfloat16 result). Rounding ``W`` and

@@ -1,8 +1,9 @@
 """The paged KV cache: per-layer block pools and one block table per sequence.
 
 Pools are ``[num_blocks, H_kv, block_size, D]`` per layer for K and for V (views of KV-head-major storage; a block
-holds ``block_size`` positions of each KV head contiguously, so a kernel reads one ``[block_size, D]`` tile per head). Block ids come from a
-:class:`~specdec.serving.block_allocator.BlockAllocator`; a sequence's table lists its blocks in logical order.
+holds ``block_size`` positions of each KV head contiguously, so a kernel reads one ``[block_size, D]`` tile per head).
+Block ids come from a :class:`~specdec.serving.block_allocator.BlockAllocator`; a sequence's table lists its blocks in
+logical order.
 
 Life of a sequence (``seq_id`` is any hashable):
 
@@ -12,7 +13,8 @@ Life of a sequence (``seq_id`` is any hashable):
    about to be written is copied first (copy-on-write); running out raises
    :class:`~specdec.serving.block_allocator.KVBlocksExhausted` and changes nothing;
 3. the model writes K/V into those slots (``write``) and attends over the table;
-4. ``commit(seq_id, keep)`` — keep the accepted nodes (:func:`verifiers.paged.commit_plan.plan_commit`), release the rest;
+4. ``commit(seq_id, keep)`` — keep the accepted nodes (:func:`verifiers.paged.commit_plan.plan_commit`), release
+   the rest;
 5. ``free(seq_id)`` — every block back (shared ones when their last holder lets go).
 """
 

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-# The fixed cost of one more attention call per layer, in the cost's units (query rows x key positions): on this
-# project's 2-core CPU a call's set-up costs about what 4k row-positions of SDPA do (~80 us).
+# The fixed cost of one more attention call per layer, in the cost's units (query rows x key positions): a call's
+# set-up (gathers, masks, a kernel launch) costs about what this many row-positions of SDPA do on a CPU
+# (docs/benchmarks.md).
 GROUP_OVERHEAD = 4096
 
 

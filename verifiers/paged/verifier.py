@@ -1,12 +1,13 @@
 """The paged verifier: draft trees of many requests through the target in one forward, over a paged KV cache.
 
 It plugs into any transformers model whose attention layers call ``ALL_ATTENTION_FUNCTIONS`` (Llama, Qwen2, Mistral,
-...): :data:`verifiers.paged.attention.ATTENTION_NAME` is registered with transformers' ``AttentionInterface``, and only while one of our
-forwards runs is the model's ``config._attn_implementation`` switched to it — no copied modeling code, and the model
-behaves as before outside. Each forward passes a :class:`PagedForward` through the model's ``**kwargs`` to every
-attention layer, which writes the new tokens' K/V into their slots and attends over the paged prefix plus the tree
-(:mod:`verifiers.paged.attention`; :func:`verifiers.paged.kernels.paged_tree_attention_sdpa` on a CPU, the Triton kernel on a GPU, or the plain-torch
-reference), one call per attention group of similar requests (:mod:`verifiers.paged.groups`).
+...): :data:`verifiers.paged.attention.ATTENTION_NAME` is registered with transformers' ``AttentionInterface``, and
+only while one of our forwards runs is the model's ``config._attn_implementation`` switched to it — no copied modeling
+code, and the model behaves as before outside. Each forward passes a :class:`PagedForward` through the model's
+``**kwargs`` to every attention layer, which writes the new tokens' K/V into their slots and attends over the paged
+prefix plus the tree (:mod:`verifiers.paged.attention`; :func:`verifiers.paged.kernels.paged_tree_attention_sdpa` on a
+CPU, the Triton kernel on a GPU, or the plain-torch reference), one call per attention group of similar requests
+(:mod:`verifiers.paged.groups`).
 
 Two faces:
 
@@ -55,8 +56,9 @@ class PagedVerifier:
     """Tree verification over a :class:`~verifiers.paged.cache.PagedKVCache` shared by all requests.
 
     num_blocks x block_size positions are available in all (per layer, K and V); share_prefixes lets requests with
-    a common prompt prefix share its blocks; kernel: ``auto`` | ``sdpa`` | ``torch`` | ``triton``; group_attention: in a batch, attend in groups of similar requests (tree size, prefix
-    length; :mod:`verifiers.paged.groups`) rather than padding all of them to the largest (same outputs).
+    a common prompt prefix share its blocks; kernel: ``auto`` | ``sdpa`` | ``torch`` | ``triton``; group_attention: in
+    a batch, attend in groups of similar requests (tree size, prefix length; :mod:`verifiers.paged.groups`) rather
+    than padding all of them to the largest (same outputs).
     """
 
     capabilities = VerifierCapabilities(hidden_states=True, greedy_scoring=False, batching=True)
@@ -108,8 +110,8 @@ class PagedVerifier:
         """One forward over every request's tree (each ``[1, n_i]``), padded to one node budget with dead nodes
         (which the dense layers never see: only live nodes are packed into the model's input).
 
-        Reserves KV for every request first: on :class:`~specdec.serving.block_allocator.KVBlocksExhausted` nothing was reserved
-        (the requests reserved before the failing one are rolled back) and the error names the request in
+        Reserves KV for every request first: on :class:`~specdec.serving.block_allocator.KVBlocksExhausted` nothing
+        was reserved (the requests reserved before the failing one are rolled back) and the error names the request in
         ``.request_id``. Returns logits ``[B, N, V]`` (hidden ``[B, N, H]``); rows past a tree's size are padding.
         """
         batch = tree_ops.pad_trees(trees)
