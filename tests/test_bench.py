@@ -325,3 +325,20 @@ def test_trained_drafter_in_the_bench(files, tmp_path, job):
     check_schema(result)
     run_ = {r["method"]: r for r in result["runs"]}[f"specdec:{job}"]
     assert run_["mismatches"] == 0
+
+
+def test_saved_tokens_let_a_peer_engine_run_the_same_requests(files, tmp_path, capsys):
+    result = run_in_process(files, tmp_path, "bench.save_tokens=true", "bench.methods=[hf,specdec:ngram]")
+    assert [r["question_id"] for r in result["requests"]] == [1, 2, 3]
+    assert result["requests"][1]["category"] == "chat" and Path(result["target_path"]).exists()
+    hf, spec = result["runs"]
+    assert hf["outputs"] == spec["outputs"] and all(hf["outputs"])  # lossless, and the requests' own outputs
+    assert sum(len(o) for o in hf["outputs"]) == hf["new_tokens"]
+    # a peer engine's result (as scripts/peer_vllm.py writes it) joins the report of the same sitting
+    peer = {**{k: result[k] for k in ("target", "dtype", "device", "threads", "prompts", "max_new_tokens")},
+            "batch_size": 1, "runs": [{**hf, "method": "vllm", "engine": "vllm", "tau": None}]}
+    (tmp_path / "a.json").write_text(json.dumps(result))
+    (tmp_path / "b.json").write_text(json.dumps(peer))
+    assert report.main([str(tmp_path / "a.json"), str(tmp_path / "b.json")]) == 0
+    table = capsys.readouterr().out
+    assert "specdec:ngram" in table and "\nvllm " in table

@@ -360,8 +360,12 @@ def run_bench(cfg: DictConfig) -> dict:
     result = {
         "target": cfg.target.name or models.DEFAULT_TARGET, "dtype": cfg.target.dtype,
         "device": cfg.target.device, "threads": b.threads, "prompts": len(prompts), "prompts_file": source,
-        "max_new_tokens": b.max_new_tokens, "batch_size": b.batch_size, "sampling": sampling or None, "runs": runs, "config": OmegaConf.to_container(cfg, resolve=True),
+        "max_new_tokens": b.max_new_tokens, "batch_size": b.batch_size, "sampling": sampling or None, "runs": runs,
+        "config": OmegaConf.to_container(cfg, resolve=True),
     }
+    if b.save_tokens:
+        result.update(report.tokens_record(measurements, prompts, inputs, runs))
+        result["target_path"] = models.resolve_target_path(cfg.target.name)
     path = report.write_json(b.output, result)
     plots = plots_mod.write_plots(result, path) if b.plots else []
     print(report.text_report(result) + f"\n\nwrote {path}" + "".join(f"\nwrote {p}" for p in plots))

@@ -72,6 +72,7 @@ class BenchConfig:
     seed: int = 0
     batch_size: int = 1  # > 1: batched requests (verifier=paged) against HF batched generate
     plots: bool = False  # PNG plots next to the JSON (speedup per category and method, acceptance by depth)
+    save_tokens: bool = False  # the requests' input ids and every method's outputs in the JSON (for a peer engine)
 
 
 @dataclass

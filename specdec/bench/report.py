@@ -94,6 +94,23 @@ def summarize(measurements: Sequence[Measurement], methods: Sequence[str], refer
     return runs
 
 
+def tokens_record(measurements: Sequence[Measurement], prompts: Sequence, inputs: Sequence, runs: list[dict]) -> dict:
+    """The requests (question id, category, input ids) and, in each run dict, its outputs in request order: what a
+    peer engine needs to run the same requests and be checked against ``hf`` (``bench.save_tokens``)."""
+    for run in runs:
+        by_prompt = {m.prompt_index: list(m.tokens) for m in measurements if m.method == run["method"]}
+        run["outputs"] = [by_prompt.get(i, []) for i in range(len(prompts))]
+    return {"requests": [{"question_id": p.question_id, "category": p.category, "input_ids": ids[0].tolist()}
+                         for p, ids in zip(prompts, inputs)]}
+
+
+def merge(results: Sequence[dict]) -> dict:
+    """Several result JSONs of one sitting (the bench's, a peer engine's) as one, runs in order; the header is the
+    first's. Outputs are dropped (they are in the files)."""
+    runs = [{k: v for k, v in r.items() if k != "outputs"} for result in results for r in result["runs"]]
+    return {**{k: v for k, v in results[0].items() if k not in ("runs", "requests")}, "runs": runs}
+
+
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     """A plain-text table: first column left-aligned, the others right-aligned.
 
@@ -173,3 +190,20 @@ def write_json(path: str | Path, obj: object) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m specdec.bench.report A.json [B.json ...]``: the tables of one or several result files (e.g. the
+    bench's and scripts/peer_vllm.py's of the same sitting) as one report."""
+    import sys
+
+    paths = list(sys.argv[1:] if argv is None else argv)
+    if not paths:
+        print(main.__doc__, file=sys.stderr)
+        return 2
+    print(text_report(merge([json.loads(Path(p).read_text(encoding="utf-8")) for p in paths])))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

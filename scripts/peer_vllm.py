@@ -1,0 +1,153 @@
+"""vLLM's CPU engine on exactly the requests of a specdec bench run, checked and reported the same way.
+
+Runs in vLLM's own virtual environment (``bash scripts/vllm_env.sh`` makes ``.venv-vllm``), never in the project's:
+
+    python -m specdec.bench bench.save_tokens=true bench.limit=16 bench.output=bench_results/specdec.json ...
+    .venv-vllm/bin/python scripts/peer_vllm.py --from bench_results/specdec.json --output bench_results/vllm.json
+    python -m specdec.bench.report bench_results/specdec.json bench_results/vllm.json      # one table
+
+It reads the bench JSON's requests (the very token ids specdec was given, chat template applied), generates greedily
+with vLLM (``vllm``: no speculation; ``vllm:ngram``: its n-gram speculation; ``vllm:eagle3=<dir>``: an EAGLE-3 head it
+can load), compares every output with the bench's ``hf`` outputs (transformers ``generate``, greedy), and writes the
+same JSON fields as the bench, with ``speedup_vs_hf`` against the bench's ``hf`` run (run them back to back, on a quiet
+machine). Batch 1: one request at a time, each call timed. Batch B (``--batch-size``): all requests submitted at once,
+``max_num_seqs=B`` (continuous batching), the whole run timed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in this process: steadier timings
+
+METHODS = {
+    "vllm": None,
+    "vllm:ngram": {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 2, "prompt_lookup_max": 3},
+}
+
+
+def speculative_config(method: str) -> dict | None:
+    """``vllm``, ``vllm:ngram``, ``vllm:ngram<k>`` (k draft tokens) or ``vllm:eagle3=<dir>[,<k>]``."""
+    if method in METHODS:
+        return METHODS[method]
+    if method.startswith("vllm:ngram") and method[len("vllm:ngram"):].isdigit():
+        return {**METHODS["vllm:ngram"], "num_speculative_tokens": int(method[len("vllm:ngram"):])}
+    if method.startswith("vllm:eagle3="):
+        path, _, k = method[len("vllm:eagle3="):].partition(",")
+        return {"method": "eagle3", "model": path, "num_speculative_tokens": int(k or 4)}
+    raise SystemExit(f"unknown method {method!r}; use vllm, vllm:ngram[<k>] or vllm:eagle3=<dir>[,<k>]")
+
+
+def spec_counts(llm) -> tuple[int, int]:
+    """(accepted draft tokens, draft tokens) so far, from the engine's metrics (0, 0 without speculation)."""
+    accepted = drafted = 0
+    for m in llm.get_metrics():
+        if m.name == "vllm:spec_decode_num_accepted_tokens":
+            accepted += int(m.value)
+        elif m.name == "vllm:spec_decode_num_draft_tokens":
+            drafted += int(m.value)
+    return accepted, drafted
+
+
+def run_method(method: str, bench: dict, batch_size: int, warmup: int) -> dict:
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    requests = bench["requests"]
+    llm = LLM(model=bench["target_path"], dtype=bench["dtype"], seed=0, max_num_seqs=batch_size,
+              max_model_len=max(len(r["input_ids"]) for r in requests) + bench["max_new_tokens"] + 16,
+              speculative_config=speculative_config(method), disable_log_stats=False)
+    params = SamplingParams(temperature=0.0, max_tokens=bench["max_new_tokens"])
+    prompts = [TokensPrompt(prompt_token_ids=r["input_ids"]) for r in requests]
+    for _ in range(warmup):
+        llm.generate(prompts[:min(2, batch_size)], params, use_tqdm=False)
+    acc0, drafted0 = spec_counts(llm)
+    outputs, times = [], []
+    if batch_size == 1:
+        for p in prompts:
+            start = time.perf_counter()
+            out = llm.generate([p], params, use_tqdm=False)
+            times.append(time.perf_counter() - start)
+            outputs.append(list(out[0].outputs[0].token_ids))
+    else:
+        start = time.perf_counter()
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        share = (time.perf_counter() - start) / len(prompts)
+        outputs = [list(o.outputs[0].token_ids) for o in outs]
+        times = [share] * len(prompts)
+    acc1, drafted1 = spec_counts(llm)
+    del llm
+    return {"outputs": outputs, "times": times, "accepted": acc1 - acc0, "drafted": drafted1 - drafted0}
+
+
+def summarize(method: str, bench: dict, got: dict, batch_size: int) -> dict:
+    ref_run = next(r for r in bench["runs"] if r["method"] == "hf")
+    ref = ref_run["outputs"]
+    cats = [r["category"] for r in bench["requests"]]
+    new = sum(len(o) for o in got["outputs"])
+    time_s = sum(got["times"])
+    tps = new / time_s
+    speculative = method != "vllm"
+    steps = new - got["accepted"] if speculative else None  # each step commits its accepted drafts + one token
+    run = {"method": method, "batch_size": batch_size, "new_tokens": new, "time_s": time_s, "tokens_per_s": tps,
+           "tau": new / steps if speculative and steps else None,
+           "acceptance_rate": got["accepted"] / got["drafted"] if speculative and got["drafted"] else None,
+           "speedup_vs_hf": tps / ref_run["tokens_per_s"] if batch_size == bench["batch_size"] else None,
+           "mismatches": sum(1 for a, b in zip(got["outputs"], ref) if list(a) != list(b)),
+           "per_category": {}, "engine": "vllm", "speculative_config": speculative_config(method),
+           "outputs": got["outputs"]}
+    for cat in sorted(set(cats)):
+        idx = [i for i, c in enumerate(cats) if c == cat]
+        t = sum(got["times"][i] for i in idx)
+        n = sum(len(got["outputs"][i]) for i in idx)
+        ref_cat = (ref_run.get("per_category") or {}).get(cat, {}).get("tokens_per_s")
+        timed = batch_size == 1
+        run["per_category"][cat] = {"tokens_per_s": n / t if timed and t else None, "tau": None,
+                                    "speedup_vs_hf": (n / t) / ref_cat if timed and t and ref_cat else None}
+    return run
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--from", dest="source", required=True, help="a bench JSON written with bench.save_tokens=true")
+    parser.add_argument("--output", required=True)
+    parser.add_argument("--methods", default="vllm,vllm:ngram", help="comma-separated, e.g. vllm,vllm:ngram")
+    parser.add_argument("--batch-size", type=int, default=None, help="default: the bench run's batch size")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--target", default=None, help="the target's directory (default: the bench's, or the "
+                        "default target converted by specdec under $SPECDEC_CACHE)")
+    args = parser.parse_args()
+    bench = json.loads(Path(args.source).read_text(encoding="utf-8"))
+    if "requests" not in bench or not all("outputs" in r for r in bench["runs"] if r["method"] == "hf"):
+        raise SystemExit(f"{args.source} has no requests/outputs: run the bench with bench.save_tokens=true.")
+    cache = Path(os.environ.get("SPECDEC_CACHE", Path.home() / ".cache" / "specdec"))
+    bench["target_path"] = args.target or bench.get("target_path") or str(cache / "models" / "smollm2-135m-instruct")
+    if not Path(bench["target_path"]).exists():
+        raise SystemExit(f"no target at {bench['target_path']}: run specdec once (it converts the default target) "
+                         "or pass --target <HF model directory>.")
+    batch_size = args.batch_size or bench["batch_size"]
+    runs = []
+    for method in args.methods.split(","):
+        print(f"{method}: {len(bench['requests'])} requests, batch size {batch_size}", file=sys.stderr)
+        runs.append(summarize(method, bench, run_method(method, bench, batch_size, args.warmup), batch_size))
+        r = runs[-1]
+        print(f"  {r['tokens_per_s']:.1f} tokens/s, tau {r['tau']}, mismatches {r['mismatches']}", file=sys.stderr)
+    import torch
+    import vllm
+
+    result = {k: bench[k] for k in ("target", "dtype", "device", "prompts", "prompts_file", "max_new_tokens")}
+    result.update({"threads": torch.get_num_threads(), "batch_size": batch_size, "runs": runs,
+                   "versions": {"vllm": vllm.__version__, "torch": torch.__version__}, "source": args.source})
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.output).write_text(json.dumps(result, indent=1), encoding="utf-8")
+    print(f"wrote {args.output}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
