@@ -63,6 +63,16 @@ def test_packed_weights_are_remade_when_a_weight_changes_and_freed_with_the_modu
     assert len([m for m in cpu_gemm._packs if m.in_features == 16 and m.out_features == 8]) == 0
 
 
+def test_modules_made_under_inference_mode_take_the_kernel():
+    """A drafter built for a request that joins a running batch is made under inference mode: its weights are
+    inference tensors, which have no version counter."""
+    with torch.inference_mode():
+        layer = torch.nn.Linear(16, 8)
+        x = torch.randn(2, 16)
+        with cpu_gemm.fast_linears(layer):
+            torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias))
+
+
 def test_kernel_names_the_route():
     assert cpu_gemm.kernel(tiny_llama(0, dtype=torch.float64)) == "off"
     assert cpu_gemm.kernel(tiny_llama(0, dtype=torch.float32)) == ("onednn+siblings" if cpu_gemm.onednn_available()

@@ -68,7 +68,9 @@ def wanted(model) -> bool:
 
 def _packed(m: torch.nn.Linear) -> torch.Tensor:
     w = m.weight
-    key = (w.data_ptr(), w._version, tuple(w.shape))
+    # an inference tensor (a module built under torch.inference_mode, e.g. a drafter made for a request that joins a
+    # batch) has no version counter; it cannot be changed outside inference mode, so its pointer and shape suffice
+    key = (w.data_ptr(), -1 if w.is_inference() else w._version, tuple(w.shape))
     cached = _packs.get(m)
     if cached is None or cached[0] != key:
         with torch.no_grad():
