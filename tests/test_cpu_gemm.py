@@ -71,6 +71,11 @@ def test_modules_made_under_inference_mode_take_the_kernel():
         x = torch.randn(2, 16)
         with cpu_gemm.fast_linears(layer):
             torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias))
+        model = tiny_llama(3, dtype=torch.float32)  # sibling projections (q/k/v, gate/up) too
+        ids = torch.tensor([[5, 6, 7, 8]])
+        want = model(ids).logits
+        with cpu_gemm.fast_linears(model):
+            torch.testing.assert_close(model(ids).logits, want, rtol=1e-4, atol=1e-4)
 
 
 def test_kernel_names_the_route():

@@ -66,11 +66,16 @@ def wanted(model) -> bool:
     return p is not None and p.device.type == "cpu" and p.dtype == torch.float32
 
 
+def version(t: torch.Tensor) -> int:
+    """``t``'s version counter (it moves on every in-place change), -1 for an inference tensor: a module built under
+    ``torch.inference_mode`` (e.g. a drafter made for a request that joins a running batch) has no counter, and its
+    tensors cannot change outside inference mode, so their pointer and shape identify them."""
+    return -1 if t.is_inference() else t._version
+
+
 def _packed(m: torch.nn.Linear) -> torch.Tensor:
     w = m.weight
-    # an inference tensor (a module built under torch.inference_mode, e.g. a drafter made for a request that joins a
-    # batch) has no version counter; it cannot be changed outside inference mode, so its pointer and shape suffice
-    key = (w.data_ptr(), -1 if w.is_inference() else w._version, tuple(w.shape))
+    key = (w.data_ptr(), version(w), tuple(w.shape))
     cached = _packs.get(m)
     if cached is None or cached[0] != key:
         with torch.no_grad():
@@ -144,8 +149,8 @@ class _Siblings:
         return self._now
 
     def _packed(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        key = tuple((id(m), m.weight.data_ptr(), m.weight._version, tuple(m.weight.shape),
-                     None if m.bias is None else (m.bias.data_ptr(), m.bias._version)) for m in self.members)
+        key = tuple((id(m), m.weight.data_ptr(), version(m.weight), tuple(m.weight.shape),
+                     None if m.bias is None else (m.bias.data_ptr(), version(m.bias))) for m in self.members)
         cached = _fused.get(self.members[0])
         if cached is None or cached[0] != key:
             with torch.no_grad():

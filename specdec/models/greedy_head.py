@@ -26,6 +26,8 @@ import functools
 
 import torch
 
+from specdec.models import cpu_gemm
+
 U_BF16 = 2.0 ** -8
 U_FP32 = 2.0 ** -24
 
@@ -75,7 +77,7 @@ class ScreenedArgmax:
 
     def _prepare(self) -> None:
         w = self.weight
-        key = (w.data_ptr(), w._version, tuple(w.shape))
+        key = (w.data_ptr(), cpu_gemm.version(w), tuple(w.shape))
         if key != self._key:
             with torch.no_grad():
                 w = w.detach()
