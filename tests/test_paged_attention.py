@@ -1,4 +1,4 @@
-"""Paged tree attention (torch reference and the fused-SDPA CPU default) == dense SDPA with the same mask, over random trees, block sizes, GQA
+"""Paged tree attention (torch reference, fused SDPA, the C++ kernel) == dense SDPA with the same mask, over random trees, block sizes, GQA
 ratios and prefix lengths; and the stale-memory case (blocks holding leftovers must not leak into the result)."""
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from specdec.algorithms.tree import ancestor_mask
+from verifiers.paged import cpu_kernel
 from verifiers.paged.kernels import (
     dense_reference,
     gather_prefix,
@@ -18,15 +19,20 @@ from verifiers.paged.kernels import (
 )
 
 
-def sdpa_in_place(query, key, value, k_pool, v_pool, block_tables, prefix_lens, tree_mask, scale):
-    """:func:`paged_tree_attention_sdpa` called as the paged verifier does: the new tokens' K/V written to the pool
-    right after each prefix first (on copies; fresh blocks appended where the tables end), then the whole mask."""
+def write_in_place(key, value, k_pool, v_pool, block_tables, prefix_lens):
+    """What the paged verifier does before an in-place kernel: the new tokens' K/V written to the pool right after
+    each prefix (on copies, stored KV-head major as the cache keeps them; fresh blocks appended where the tables
+    end). Returns the pools and tables."""
     b, hkv, n, d = key.shape
     bs = k_pool.shape[2]
     width = max(-(-(int(p) + n) // bs) for p in prefix_lens)
     extra = b * width
-    k_pool = torch.cat([k_pool, torch.zeros(extra, hkv, bs, d, dtype=k_pool.dtype)])
-    v_pool = torch.cat([v_pool, torch.zeros(extra, hkv, bs, d, dtype=v_pool.dtype)])
+
+    def grown(pool):
+        storage = torch.cat([pool, torch.zeros(extra, hkv, bs, d, dtype=pool.dtype)]).transpose(0, 1).contiguous()
+        return storage.transpose(0, 1)  # [num_blocks, H_kv, bs, D] over [H_kv, num_blocks, bs, D] storage
+
+    k_pool, v_pool = grown(k_pool), grown(v_pool)
     fresh = iter(range(k_pool.shape[0] - extra, k_pool.shape[0]))
     tables = torch.tensor([[int(block_tables[i, j]) if j < block_tables.shape[1] and j * bs < int(prefix_lens[i])
                             else next(fresh) for j in range(width)] for i in range(b)])
@@ -35,11 +41,30 @@ def sdpa_in_place(query, key, value, k_pool, v_pool, block_tables, prefix_lens, 
         blocks, offsets = tables[i, pos // bs], pos % bs
         k_pool[blocks, :, offsets] = key[i].transpose(0, 1)
         v_pool[blocks, :, offsets] = value[i].transpose(0, 1)
-    mask = in_place_mask(prefix_lens, tree_mask, width * bs, query.shape[1] // hkv)
+    return k_pool, v_pool, tables
+
+
+def sdpa_in_place(query, key, value, k_pool, v_pool, block_tables, prefix_lens, tree_mask, scale):
+    """:func:`paged_tree_attention_sdpa` called as the paged verifier does: K/V written first, then the whole
+    mask."""
+    k_pool, v_pool, tables = write_in_place(key, value, k_pool, v_pool, block_tables, prefix_lens)
+    mask = in_place_mask(prefix_lens, tree_mask, tables.shape[1] * k_pool.shape[2], query.shape[1] // key.shape[1])
     return paged_tree_attention_sdpa(query, k_pool, v_pool, tables, mask, scale)
 
 
-CPU_KERNELS = [paged_tree_attention_torch, sdpa_in_place]
+def cpp_in_place(query, key, value, k_pool, v_pool, block_tables, prefix_lens, tree_mask, scale):
+    """The C++ kernel as the paged verifier calls it: K/V written first, every (request, node) one packed row."""
+    if not cpu_kernel.available():
+        pytest.skip(f"the C++ kernel could not be built here: {cpu_kernel.failure()}")
+    k_pool, v_pool, tables = write_in_place(key, value, k_pool, v_pool, block_tables, prefix_lens)
+    b, h, n, d = query.shape
+    rows = query.transpose(1, 2).reshape(b * n, h, d)
+    out = cpu_kernel.paged_tree_attention_cpp(rows, k_pool, v_pool, torch.arange(b).repeat_interleave(n),
+                                              torch.arange(n).repeat(b), tables, prefix_lens, tree_mask, scale)
+    return out.view(b, n, h, d)
+
+
+CPU_KERNELS = [paged_tree_attention_torch, sdpa_in_place, cpp_in_place]
 
 
 def random_parents(g: torch.Generator, n: int, dead: int) -> list[int]:
@@ -64,7 +89,7 @@ def make_case(seed: int, b: int, hkv: int, group: int, n: int, d: int, bs: int, 
     return q, k, v, kp, vp, perm, torch.tensor(prefix), ancestor_mask(parents), d ** -0.5
 
 
-@pytest.mark.parametrize("kernel", CPU_KERNELS, ids=["torch", "sdpa"])
+@pytest.mark.parametrize("kernel", CPU_KERNELS, ids=["torch", "sdpa", "cpp"])
 @given(seed=st.integers(0, 10_000), b=st.integers(1, 3), hkv=st.integers(1, 3), group=st.sampled_from([1, 3]),
        n=st.integers(2, 9), bs=st.sampled_from([1, 2, 4, 16]), data=st.data())
 def test_cpu_kernels_equal_dense_sdpa(kernel, seed, b, hkv, group, n, bs, data):
@@ -76,7 +101,7 @@ def test_cpu_kernels_equal_dense_sdpa(kernel, seed, b, hkv, group, n, bs, data):
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.parametrize("kernel", CPU_KERNELS, ids=["torch", "sdpa"])
+@pytest.mark.parametrize("kernel", CPU_KERNELS, ids=["torch", "sdpa", "cpp"])
 def test_chain_without_prefix_is_causal_attention(kernel):
     q, k, v, kp, vp, table, _, _, scale = make_case(0, 1, 3, 3, 6, 16, 4, [0])
     causal = torch.ones(6, 6, dtype=torch.bool).tril()[None]
@@ -86,7 +111,7 @@ def test_chain_without_prefix_is_causal_attention(kernel):
     torch.testing.assert_close(got, want)
 
 
-@pytest.mark.parametrize("kernel", CPU_KERNELS, ids=["torch", "sdpa"])
+@pytest.mark.parametrize("kernel", CPU_KERNELS, ids=["torch", "sdpa", "cpp"])
 def test_positions_past_the_prefix_are_ignored(kernel):
     """Leftover values in a sequence's last block (past its length) or in padding table entries change nothing."""
     case = list(make_case(1, 2, 2, 3, 5, 8, 4, [6, 3]))
@@ -106,7 +131,7 @@ def test_gather_prefix_orders_blocks_by_table():
     assert got[..., 0].tolist() == [[[6, 7, 0, 1], [2, 3, 4, 5]]]  # [H_kv=1, B=2, P=4]
 
 
-@pytest.mark.parametrize("kernel", CPU_KERNELS, ids=["torch", "sdpa"])
+@pytest.mark.parametrize("kernel", CPU_KERNELS, ids=["torch", "sdpa", "cpp"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_lower_precision_dtypes(kernel, dtype):
     case = make_case(3, 2, 3, 3, 7, 64, 16, [20, 33], dtype=dtype)

@@ -91,14 +91,29 @@ def test_bad_options_fail_clearly():
 # ---------------------------------------------------------------- lossless through the paged verifier (batch 1)
 
 
+@pytest.mark.parametrize("kernel", ["auto", "sdpa"])  # auto: the C++ kernel where it builds
 @pytest.mark.parametrize("seed, plen, max_new", [(0, 12, 40), (1, 1, 24), (4, 30, 40), (6, 120, 32)])
-def test_every_drafter_lossless_with_paged_verifier(drafter_factory, seed, plen, max_new):
+def test_every_drafter_lossless_with_paged_verifier(drafter_factory, seed, plen, max_new, kernel):
     target = get_tiny(seed)
     prompt = random_prompt(seed, plen, repeat=seed % 2 == 0)
     out = specdec.generate(target, prompt, tokenizer=TOK, drafter=drafter_factory.build(target, TOK),
-                           verifier="paged", verifier_kwargs={"block_size": 4, "num_blocks": 64},
+                           verifier="paged", verifier_kwargs={"block_size": 4, "num_blocks": 64, "kernel": kernel},
                            max_new_tokens=max_new)
     assert out.new_tokens == alone(target, prompt[0].tolist(), max_new)
+
+
+def test_cpu_default_is_the_cpp_kernel_and_falls_back_to_sdpa(monkeypatch):
+    from verifiers.paged import cpu_kernel
+    from verifiers.paged.kernels import paged_tree_attention_sdpa
+
+    if cpu_kernel.available():
+        assert PagedVerifier(get_tiny(0), num_blocks=8).kernel is cpu_kernel.paged_tree_attention_cpp
+    monkeypatch.setattr(cpu_kernel, "_module", None)
+    monkeypatch.setattr(cpu_kernel, "_failed", "no compiler (simulated)")
+    assert PagedVerifier(get_tiny(0), num_blocks=8).kernel is paged_tree_attention_sdpa
+    with pytest.raises(ConfigError, match=r"kernel=cpp needs the C\+\+ kernel .*no compiler \(simulated\)\); "
+                                          "use kernel=sdpa"):
+        PagedVerifier(get_tiny(0), num_blocks=8, kernel="cpp")
 
 
 def test_kv_exhaustion_single_request_is_a_clear_error():

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from specdec.algorithms.acceptance import AcceptanceRule
+from specdec.algorithms.acceptance import AcceptanceRule, is_argmax
 from specdec.algorithms.adaptive import AdaptiveBudget
 from specdec.algorithms.sampling import SamplingParams
 from specdec.algorithms.step import Drafted, RequestDecoding
@@ -96,6 +96,7 @@ class BatchEngine:
         self.max_nodes = max_nodes
         self.sampling = sampling or SamplingParams()
         self.needs_hidden = needs_hidden
+        self.argmax_only = is_argmax(rule, self.sampling)
         self.scheduler = Scheduler(max_batch_size, preemption)
         self.requests: dict[int, Request] = {}
 
@@ -130,8 +131,14 @@ class BatchEngine:
         for r in running:
             r.drafted = r.decoding.draft(self.max_nodes, batch_rows=len(running) - 1)
         out, running = self._score(running, events)
+        if not running:
+            return events
+        # the greedy rule reads only each node's argmax: one argmax over every request's tree, not one per request
+        greedy = out.logits.argmax(dim=-1) if self.argmax_only else None  # [B, N]
         for i, r in enumerate(running):
-            row = VerifyOutput(logits=out.logits[i:i + 1], hidden=None if out.hidden is None else out.hidden[i:i + 1])
+            hidden = None if out.hidden is None else out.hidden[i:i + 1]
+            row = VerifyOutput(logits=None, hidden=hidden, greedy=greedy[i:i + 1, :r.drafted.tree.num_nodes]) \
+                if greedy is not None else VerifyOutput(logits=out.logits[i:i + 1], hidden=hidden)
             events.append(self._settle(r, row))
         return events
 

@@ -21,7 +21,7 @@ from verifiers.paged.cache import PagedKVCache
 from verifiers.paged.kernels import paged_tree_attention_sdpa, paged_tree_attention_torch
 
 ATTENTION_NAME = "specdec_paged"
-KERNELS = ("auto", "sdpa", "torch", "triton")
+KERNELS = ("auto", "cpp", "sdpa", "torch", "triton")
 
 
 @dataclass(frozen=True)
@@ -40,6 +40,18 @@ class AttentionGroup:
 
 
 @dataclass(frozen=True)
+class PackedRows:
+    """For a kernel that takes every live node of a forward in one call (:mod:`verifiers.paged.cpu_kernel`): each
+    packed row's request and node, and every request's blocks, prefix length and tree mask."""
+
+    row_req: torch.Tensor  # [T] index into the rest
+    row_node: torch.Tensor  # [T] node in its request's tree
+    block_tables: torch.Tensor  # [B, blocks]
+    prefix_lens: torch.Tensor  # [B]
+    tree_mask: torch.Tensor  # [B, N, N] bool
+
+
+@dataclass(frozen=True)
 class PagedForward:
     """What every attention layer needs for one forward over ``B`` sequences of up to ``N`` tree nodes each.
 
@@ -49,8 +61,9 @@ class PagedForward:
 
     cache: PagedKVCache
     slots: torch.Tensor  # [T] physical slots the live nodes' K/V go to
-    groups: tuple[AttentionGroup, ...]
+    groups: tuple[AttentionGroup, ...]  # empty with `rows`
     kernel: Callable  # paged_tree_attention_sdpa (in place: reads the new K/V from the pool), or one taking them
+    rows: PackedRows | None = None  # the C++ kernel's input: one call for the whole forward, no groups
 
 
 def paged_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -65,6 +78,10 @@ def paged_attention(module, query, key, value, attention_mask, scaling=None, dro
     q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # [T, heads, D]
     step.cache.write(layer, step.slots, k, v)
     scale = scaling if scaling is not None else q.shape[-1] ** -0.5
+    if step.rows is not None:  # one call over every live node, reading K/V in place
+        r = step.rows
+        return step.kernel(q, step.cache.k[layer], step.cache.v[layer], r.row_req, r.row_node, r.block_tables,
+                           r.prefix_lens, r.tree_mask, scale)[None], None
     out = None if len(step.groups) == 1 else q.new_empty(q.shape)
     pools = step.cache.k[layer], step.cache.v[layer]
     for g in step.groups:
@@ -102,13 +119,23 @@ def paged_attention_on(model):
 
 
 def pick_kernel(name: str, device: torch.device, dtype: torch.dtype | None = None) -> Callable:
-    """``sdpa`` (torch's fused attention on the gathered blocks; CPU default), ``torch`` (the reference: separate
-    matmuls and one softmax), ``triton`` (GPU, or CPU under ``TRITON_INTERPRET=1``), ``auto`` (``triton`` on a GPU,
-    except for a float64 model, which compiled Triton dots do not take: ``sdpa`` then)."""
+    """``cpp`` (reads K/V in place, one call a forward; the CPU default where it builds), ``sdpa`` (torch's fused
+    attention on the gathered blocks), ``torch`` (the reference: separate matmuls and one softmax), ``triton`` (GPU,
+    or CPU under ``TRITON_INTERPRET=1``), ``auto`` (``cpp`` on a CPU, else ``sdpa``; ``triton`` on a GPU, except for
+    a float64 model, which compiled Triton dots do not take: ``sdpa`` then)."""
     if name not in KERNELS:
         raise ConfigError(f"unknown paged attention kernel {name!r}; choose one of {list(KERNELS)}.")
     if name == "torch":
         return paged_tree_attention_torch
+    if name == "cpp" or (name == "auto" and device.type == "cpu"):
+        from verifiers.paged import cpu_kernel
+
+        if device.type == "cpu" and cpu_kernel.available():
+            return cpu_kernel.paged_tree_attention_cpp
+        if name == "cpp":
+            why = cpu_kernel.failure() or "the target is not on the CPU"
+            raise ConfigError(f"kernel=cpp needs the C++ kernel built on a CPU ({why}); use kernel=sdpa.")
+        return paged_tree_attention_sdpa
     if name == "sdpa" or (name == "auto" and (device.type != "cuda" or dtype == torch.float64)):
         return paged_tree_attention_sdpa
     from verifiers.paged import triton_kernel

@@ -27,8 +27,9 @@ from specdec.algorithms import tree as tree_ops
 from specdec.errors import SpecdecError
 from specdec.protocols import VerifierCapabilities
 from specdec.types import DEAD, Acceptance, DraftTree, VerifyOutput
-from verifiers.paged.attention import AttentionGroup, PagedForward, paged_attention_on, pick_kernel
+from verifiers.paged.attention import AttentionGroup, PackedRows, PagedForward, paged_attention_on, pick_kernel
 from verifiers.paged.cache import PagedKVCache
+from verifiers.paged.cpu_kernel import paged_tree_attention_cpp
 from verifiers.paged.groups import plan_groups
 from verifiers.paged.kernels import in_place_mask, paged_tree_attention_sdpa
 
@@ -56,7 +57,7 @@ class PagedVerifier:
     """Tree verification over a :class:`~verifiers.paged.cache.PagedKVCache` shared by all requests.
 
     num_blocks x block_size positions are available in all (per layer, K and V); share_prefixes lets requests with
-    a common prompt prefix share its blocks; kernel: ``auto`` | ``sdpa`` | ``torch`` | ``triton``; group_attention: in
+    a common prompt prefix share its blocks; kernel: ``auto`` | ``cpp`` | ``sdpa`` | ``torch`` | ``triton``; group_attention: in
     a batch, attend in groups of similar requests (tree size, prefix length; :mod:`verifiers.paged.groups`) rather
     than padding all of them to the largest (same outputs).
     """
@@ -176,8 +177,8 @@ class PagedVerifier:
         return self.cache.length(self.SINGLE) if self.SINGLE in self.cache.seqs else 0
 
     def cost_key(self) -> dict:
-        """The paged KV layout; greedy tokens come from the logits."""
-        return {"kv": "paged", "lm_head": "logits"}
+        """The paged KV layout and its attention kernel; greedy tokens come from the logits."""
+        return {"kv": "paged", "lm_head": "logits", "attention_kernel": self.kernel.__name__}
 
     # --- the forward -------------------------------------------------------------------------------------
 
@@ -198,9 +199,15 @@ class PagedVerifier:
             live = None
         pack = None if live is None else live.reshape(-1).nonzero().flatten()  # [T]
         slots = slots.to(dev)
-        step = PagedForward(cache=self.cache, slots=slots if pack is None else slots[pack],
-                            groups=self._groups(request_ids, tree_mask.expand(b, n, n), prefix_lens.to(dev), live),
-                            kernel=self.kernel)
+        if self.kernel is paged_tree_attention_cpp:  # every live node in one call: no groups, no padding
+            grid = torch.arange(b * n, device=dev) if pack is None else pack
+            rows = PackedRows(grid // n, grid % n, self.cache.block_tables(request_ids).to(dev), prefix_lens.to(dev),
+                              tree_mask.expand(b, n, n))
+            step = PagedForward(self.cache, slots if pack is None else slots[pack], (), self.kernel, rows)
+        else:
+            step = PagedForward(cache=self.cache, slots=slots if pack is None else slots[pack],
+                                groups=self._groups(request_ids, tree_mask.expand(b, n, n), prefix_lens.to(dev),
+                                                    live), kernel=self.kernel)
         with paged_attention_on(self.model):
             out = self.model(input_ids=packed(tokens, pack), position_ids=packed(position_ids, pack), use_cache=False,
                              output_hidden_states=output_hidden, logits_to_keep=logits_to_keep, specdec_paged=step)
