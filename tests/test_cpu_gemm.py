@@ -50,7 +50,7 @@ def test_other_dtypes_gradients_and_empty_inputs_take_f_linear(route):
 @pytest.mark.skipif(not cpu_gemm.onednn_available(), reason="this torch build has no oneDNN")
 def test_packed_weights_are_remade_when_a_weight_changes_and_freed_with_the_module():
     layer = torch.nn.Linear(16, 8, bias=False)
-    x = torch.randn(2, 16)
+    x = torch.randn(8, 16)  # more rows than the skinny kernel takes: the packed oneDNN route
     with torch.inference_mode(), cpu_gemm.fast_linears(layer):
         first = layer(x)
     with torch.no_grad():
@@ -78,8 +78,16 @@ def test_modules_made_under_inference_mode_take_the_kernel():
             torch.testing.assert_close(model(ids).logits, want, rtol=1e-4, atol=1e-4)
 
 
-def test_kernel_names_the_route():
+def test_kernel_names_the_route(monkeypatch):
+    from specdec.models import cpu_layers, skinny_gemm
+
     assert cpu_gemm.kernel(tiny_llama(0, dtype=torch.float64)) == "off"
+    onednn = "onednn+siblings" + ("+skinny" if skinny_gemm.available() else "") + (
+        "+layers" if cpu_layers.available() else "")
+    assert cpu_gemm.kernel(tiny_llama(0, dtype=torch.float32)) == (onednn if cpu_gemm.onednn_available() else "wxt")
+    for kernel in (skinny_gemm._KERNEL, cpu_layers._KERNEL):
+        monkeypatch.setattr(kernel, "_module", None)
+        monkeypatch.setattr(kernel, "_failed", "no compiler (simulated)")
     assert cpu_gemm.kernel(tiny_llama(0, dtype=torch.float32)) == ("onednn+siblings" if cpu_gemm.onednn_available()
                                                                     else "wxt")
 

@@ -29,6 +29,8 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 
+from specdec.models import cpu_layers, skinny_gemm
+
 MAX_ROWS = 32  # the (W @ x.T).T fallback's range
 PACK_HINT = 16  # the row count oneDNN's weight layout is chosen for (measured: 16-64 are alike here)
 
@@ -54,10 +56,14 @@ def best_route() -> str:
 
 def kernel(model) -> str:
     """Which route :func:`fast_linears` takes for ``model`` by default: ``onednn+siblings`` (oneDNN, sibling
-    projections fused), ``wxt`` or ``off``."""
+    projections fused), ``onednn+siblings+skinny`` (and :mod:`~specdec.models.skinny_gemm` for up to four rows),
+    ``wxt`` or ``off``."""
     if not wanted(model):
         return "off"
-    return "onednn+siblings" if best_route() == "onednn" else "wxt"
+    if best_route() != "onednn":
+        return "wxt"
+    return "onednn+siblings" + ("+skinny" if skinny_gemm.available() else "") + (
+        "+layers" if cpu_layers.available() else "")
 
 
 def wanted(model) -> bool:
@@ -89,17 +95,33 @@ def _onednn_input(x: torch.Tensor) -> bool:
     return x.dtype == torch.float32 and x.device.type == "cpu" and bool(x.numel()) and not torch.is_grad_enabled()
 
 
+def _in_place(linears: list[torch.nn.Linear]) -> bool:
+    """True when the skinny kernel can read these layers' weights (and biases) where they are: contiguous."""
+    return all(m.weight.is_contiguous() and (m.bias is None or m.bias.is_contiguous()) for m in linears)
+
+
+def _skinny_rows(x: torch.Tensor, on: bool) -> torch.Tensor | None:
+    """``x`` as ``[rows, K]`` when the skinny kernel takes it (``on`` and at most its row count), else None."""
+    if not on or x.numel() > skinny_gemm.MAX_ROWS * x.shape[-1]:
+        return None
+    return x.reshape(-1, x.shape[-1]).contiguous()
+
+
 class _Single:
     """A linear layer's forward on the oneDNN route; its packed weight is checked against the weight once per
     context (one is made on entering :func:`fast_linears`), not on every call of a decode."""
 
-    def __init__(self, linear: torch.nn.Linear) -> None:
+    def __init__(self, linear: torch.nn.Linear, skinny: bool = False) -> None:
         self.linear = linear
+        self.skinny = skinny and _in_place([linear])
         self._now: torch.Tensor | None = None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         m = self.linear
         if _onednn_input(x):
+            rows = _skinny_rows(x, self.skinny)
+            if rows is not None:
+                return skinny_gemm.skinny_linear(rows, [m.weight], [m.bias]).reshape(*x.shape[:-1], -1)
             if self._now is None:
                 self._now = _packed(m)
             return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self._now, m.bias, "none", [], "")
@@ -134,8 +156,9 @@ class _Siblings:
     changes.
     """
 
-    def __init__(self, members: list[torch.nn.Linear]) -> None:
+    def __init__(self, members: list[torch.nn.Linear], skinny: bool = False) -> None:
         self.members = members
+        self.skinny = skinny and _in_place(members)
         self.sizes = [m.out_features for m in members]
         self.input: torch.Tensor | None = None
         self.outputs: dict[int, torch.Tensor] = {}
@@ -172,10 +195,19 @@ class _Siblings:
             return out
         if not _onednn_input(x):
             return F.linear(x, self.members[i].weight, self.members[i].bias)
-        weight, bias = self.packed()
-        parts = torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight, bias, "none", [], "").split(self.sizes, -1)
+        parts = self.product(x).split(self.sizes, -1)
         self.input, self.outputs = x, {j: p for j, p in enumerate(parts) if j != i}
         return parts[i]
+
+    def product(self, x: torch.Tensor) -> torch.Tensor:
+        """Every member's output for ``x [..., K]`` (a float32 CPU input, gradients off), side by side:
+        ``[..., sum of out_features]``."""
+        rows = _skinny_rows(x, self.skinny)
+        if rows is not None:  # the members' own weights, read where they are: no concatenated copy
+            out = skinny_gemm.skinny_linear(rows, [m.weight for m in self.members], [m.bias for m in self.members])
+            return out.reshape(*x.shape[:-1], -1)
+        weight, bias = self.packed()
+        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight, bias, "none", [], "")
 
     def clear(self) -> None:
         self.input, self.outputs, self._now = None, {}, None
@@ -201,13 +233,37 @@ def sibling_groups(modules: Iterable[torch.nn.Module]) -> list[list[torch.nn.Lin
     return out
 
 
+def _layer_forwards(modules: Iterable[torch.nn.Module], groups: list[_Siblings]) -> list[torch.nn.Module]:
+    """Give the RMSNorm and gated SiLU MLP modules of ``modules`` their whole-layer kernels; returns those patched."""
+    gate_up = {id(g.members[0]): g for g in groups if len(g.members) == 2}
+    done, seen = [], set()
+    for module in modules:
+        for m in module.modules():
+            if id(m) in seen or "forward" in m.__dict__:
+                continue
+            seen.add(id(m))
+            if cpu_layers.is_rms_norm(m):
+                m.forward = cpu_layers.NormForward(m)
+            elif cpu_layers.is_gated_silu_mlp(m) and id(m.gate_proj) in gate_up:
+                m.forward = cpu_layers.MLPForward(m, gate_up[id(m.gate_proj)])
+            else:
+                continue
+            done.append(m)
+    return done
+
+
 @contextmanager
-def fast_linears(*modules: torch.nn.Module, enabled: bool = True, route: str | None = None, fuse: bool = True):
+def fast_linears(*modules: torch.nn.Module, enabled: bool = True, route: str | None = None, fuse: bool = True,
+                 skinny: bool | None = None, layers: bool | None = None):
     """Use the fast route (``route``: ``onednn`` or ``wxt``; None = the best this build has) in the float32
     ``nn.Linear`` layers of ``modules`` inside the ``with`` block. Gradients enabled: ``F.linear`` as usual.
 
     fuse (oneDNN route): sibling projections that read the same input (q/k/v, gate/up) run as one product
     (:class:`_Siblings`): fewer, larger calls, each reading its input once.
+    skinny (oneDNN route): inputs of at most :data:`specdec.models.skinny_gemm.MAX_ROWS` rows go to the skinny
+    kernel (None: where it is available, see :func:`specdec.models.skinny_gemm.available`).
+    layers (oneDNN route): RMSNorm modules, and gated SiLU MLPs whose gate/up are fused, run as whole-layer kernels
+    (:mod:`specdec.models.cpu_layers`; None: where they are built).
     """
     if not enabled:
         yield
@@ -217,19 +273,22 @@ def fast_linears(*modules: torch.nn.Module, enabled: bool = True, route: str | N
         raise ValueError(f"unknown linear route {route!r}; choose onednn or wxt.")
     patched = [m for m in _linears(modules) if "forward" not in m.__dict__]
     free = {id(m) for m in patched}
-    groups = [_Siblings(g) for g in sibling_groups(modules) if all(id(m) in free for m in g)] \
+    skinny = route == "onednn" and (skinny_gemm.available() if skinny is None else bool(skinny))
+    groups = [_Siblings(g, skinny) for g in sibling_groups(modules) if all(id(m) in free for m in g)] \
         if route == "onednn" and fuse else []
     grouped = {id(m) for g in groups for m in g.members}
     for m in patched:
         if id(m) not in grouped:
-            m.forward = _Single(m) if route == "onednn" else types.MethodType(_wxt_forward, m)
+            m.forward = _Single(m, skinny) if route == "onednn" else types.MethodType(_wxt_forward, m)
     for g in groups:
         for i, m in enumerate(g.members):
             m.forward = functools.partial(g.output, i)
+    whole = _layer_forwards(modules, groups) if route == "onednn" and (
+        cpu_layers.available() if layers is None else bool(layers)) else []
     try:
         yield
     finally:
-        for m in patched:
+        for m in [*patched, *whole]:
             m.__dict__.pop("forward", None)
         for g in groups:
             g.clear()

@@ -11,19 +11,16 @@ Work is split over (query row, KV head) pairs with ATen's thread pool; each pair
 (grouped-query attention: the ``G`` heads sharing a KV head read each key once) with a two-pass softmax (float32 accumulation; float64 for a float64 model),
 the same function as :func:`verifiers.paged.kernels.paged_tree_attention_torch` up to float rounding.
 
-The C++ source is built once per machine with torch's ``cpp_extension`` (a C++ compiler is needed; the first build
-takes about a minute) and cached under torch's extension directory; where it cannot be built, :func:`available` is
-False and the paged verifier uses the SDPA kernel.
+The C++ source is built once per machine (:class:`specdec.models.cpp_build.CppKernel`: a C++ compiler is needed,
+the first build takes about a minute); where it cannot be built, :func:`available` is False and the paged verifier
+uses the SDPA kernel.
 """
 
 from __future__ import annotations
 
-import hashlib
-import os
-import platform
-import threading
-
 import torch
+
+from specdec.models.cpp_build import CppKernel
 
 _SOURCE = r"""
 #include <torch/extension.h>
@@ -159,42 +156,17 @@ torch::Tensor paged_tree_attention(torch::Tensor q, torch::Tensor k_store, torch
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.def("paged_tree_attention", &paged_tree_attention); }
 """
 
-_lock = threading.Lock()
-_module = None
-_failed: str | None = None
-
-
-def _build():
-    """Compile (once per machine and source; torch caches the result) and load the extension."""
-    from torch.utils.cpp_extension import load_inline
-
-    flags = ["-O3"]  # no -ffast-math: it would set the process's float flags (denormals) for the whole model
-    if platform.machine() in ("x86_64", "AMD64"):
-        flags.append("-march=native")
-    digest = hashlib.sha1((_SOURCE + " ".join(flags) + torch.__version__ + platform.node()).encode()).hexdigest()[:10]
-    return load_inline(name=f"specdec_paged_attention_{digest}", cpp_sources=_SOURCE, extra_cflags=flags,
-                       verbose=False)
+_KERNEL = CppKernel("specdec_paged_attention", _SOURCE)
 
 
 def available() -> bool:
     """Whether the kernel is built (building it now if it was not; False where that fails)."""
-    global _module, _failed
-    if _module is not None:
-        return True
-    if _failed is not None or os.environ.get("SPECDEC_NO_CPP_KERNEL"):
-        return False
-    with _lock:
-        if _module is None and _failed is None:
-            try:
-                _module = _build()
-            except Exception as e:  # noqa: BLE001 - no compiler, no headers: the SDPA kernel serves instead
-                _failed = f"{type(e).__name__}: {e}"
-    return _module is not None
+    return _KERNEL.available()
 
 
 def failure() -> str | None:
     """Why the kernel could not be built (None if it was, or was not tried)."""
-    return _failed
+    return _KERNEL.failure()
 
 
 def paged_tree_attention_cpp(query: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
@@ -209,8 +181,6 @@ def paged_tree_attention_cpp(query: torch.Tensor, k_pool: torch.Tensor, v_pool: 
     block_tables: ``[B, blocks]``; prefix_lens: ``[B]``; tree_mask: ``[B, N, N]`` bool (node i sees node j).
     Returns ``[T, H, D]``. Example: one request, ``prefix_lens = [0]``, a causal ``tree_mask``: causal attention.
     """
-    if not available():
-        raise RuntimeError(f"the C++ paged attention kernel could not be built: {_failed}")
     k_store, v_store = k_pool.transpose(0, 1), v_pool.transpose(0, 1)  # the storage: [H_kv, num_blocks, bs, D]
-    return _module.paged_tree_attention(query.contiguous(), k_store, v_store, row_req.long(), row_node.long(),
+    return _KERNEL.module.paged_tree_attention(query.contiguous(), k_store, v_store, row_req.long(), row_node.long(),
                                         block_tables.long(), prefix_lens.long(), tree_mask.bool(), float(scale))

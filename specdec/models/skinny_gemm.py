@@ -1,0 +1,140 @@
+"""Linear layers on a few rows at the speed of reading their weights once (a C++ kernel for CPUs with AVX-512).
+
+A decode step of a small model on a CPU is bound by streaming its weights from memory: SmolLM2-135M's 540 MB of
+float32 weights take about 14 ms to read on this machine's two cores (``tensor.sum()`` over them), but oneDNN's
+packed matmul takes about 22 ms for them at one row, and ``F.linear`` (MKL's gemv) about 45 ms. This kernel
+reads each weight row once, in storage order (one sequential stream per thread, which the hardware prefetcher
+follows), and takes its dot product with every input row while the row is in cache: at one input row it runs at the
+read floor (measured in docs/benchmarks.md). Each extra input row adds a chain of fused multiply-adds per weight row
+(up to four at once, in registers), so the kernel turns compute-bound as rows are added: from about six rows
+oneDNN's blocked kernel is as fast, and :func:`specdec.models.cpu_gemm.fast_linears` takes this kernel up to
+:data:`MAX_ROWS` rows and oneDNN beyond.
+
+It reads the weights where they are (no packed copy) and takes a list of weights that read one input (a layer's
+q/k/v projections), writing their outputs side by side. Output rows are split over torch's OpenMP threads. Results
+differ from ``F.linear`` by float32 rounding only (the order of the sum over the input features).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from specdec.models.cpp_build import CppKernel
+
+MAX_ROWS = 4  # rows fast_linears sends here; from about six, oneDNN is as fast (docs/benchmarks.md)
+
+_SOURCE = r"""
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <algorithm>
+#include <vector>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+
+// y[j * ldy] = dot(w[0:K], x[j, 0:K]) (+ bias) for the MR input rows j: one weight row read once, one accumulator per
+// input row (the template keeps every accumulator in a register)
+template <int MR>
+static inline void row_dots(const float* x, int64_t K, const float* w, const float* bias, float* y, int64_t ldy) {
+  __m512 acc[MR];
+#pragma GCC unroll 4
+  for (int j = 0; j < MR; ++j) acc[j] = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 16 <= K; k += 16) {
+    const __m512 wv = _mm512_loadu_ps(w + k);
+#pragma GCC unroll 4
+    for (int j = 0; j < MR; ++j) acc[j] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + j * K + k), acc[j]);
+  }
+  if (k < K) {
+    const __mmask16 tail = (__mmask16)((1u << (K - k)) - 1u);
+    const __m512 wv = _mm512_maskz_loadu_ps(tail, w + k);
+    for (int j = 0; j < MR; ++j) acc[j] = _mm512_fmadd_ps(wv, _mm512_maskz_loadu_ps(tail, x + j * K + k), acc[j]);
+  }
+  for (int j = 0; j < MR; ++j) {
+    const float s = _mm512_reduce_add_ps(acc[j]);
+    y[j * ldy] = bias ? s + *bias : s;
+  }
+}
+#endif
+
+static inline void one_row(const float* x, int64_t M, int64_t K, const float* w, const float* bias, float* y,
+                           int64_t ldy) {
+#if defined(__AVX512F__)
+  int64_t m = 0;
+  for (; m + 4 <= M; m += 4) row_dots<4>(x + m * K, K, w, bias, y + m * ldy, ldy);
+  switch (M - m) {
+    case 3: row_dots<3>(x + m * K, K, w, bias, y + m * ldy, ldy); break;
+    case 2: row_dots<2>(x + m * K, K, w, bias, y + m * ldy, ldy); break;
+    case 1: row_dots<1>(x + m * K, K, w, bias, y + m * ldy, ldy); break;
+    default: break;
+  }
+#else
+  for (int64_t m = 0; m < M; ++m) {
+    float s = 0.f;
+    for (int64_t k = 0; k < K; ++k) s += x[m * K + k] * w[k];
+    y[m * ldy] = bias ? s + *bias : s;
+  }
+#endif
+}
+
+// x: [M, K]; weights: [N_i, K] each; returns [M, sum N_i] (the weights' outputs side by side)
+torch::Tensor skinny_linear(const torch::Tensor& x, const std::vector<torch::Tensor>& weights,
+                            const std::vector<c10::optional<torch::Tensor>>& biases) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x must be a contiguous float32 [M, K]");
+  TORCH_CHECK(weights.size() == biases.size() && !weights.empty(), "one bias (or None) per weight");
+  const int64_t M = x.size(0), K = x.size(1);
+  std::vector<int64_t> offs{0};
+  for (size_t i = 0; i < weights.size(); ++i) {
+    const auto& w = weights[i];
+    TORCH_CHECK(w.dim() == 2 && w.size(1) == K && w.scalar_type() == at::kFloat && w.is_contiguous(),
+                "weights must be contiguous float32 [N, K] with the input's K");
+    TORCH_CHECK(!biases[i].has_value() || (biases[i]->numel() == w.size(0) && biases[i]->is_contiguous() &&
+                                           biases[i]->scalar_type() == at::kFloat), "a bias must match its weight");
+    offs.push_back(offs.back() + w.size(0));
+  }
+  const int64_t N = offs.back();
+  auto y = torch::empty({M, N}, x.options());
+  const float* xp = x.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, N, 64, [&](int64_t begin, int64_t end) {
+    size_t wi = std::upper_bound(offs.begin(), offs.end(), begin) - offs.begin() - 1;
+    for (int64_t n = begin; n < end; ++n) {
+      while (n >= offs[wi + 1]) ++wi;
+      const int64_t local = n - offs[wi];
+      const float* bp = biases[wi].has_value() ? biases[wi]->data_ptr<float>() + local : nullptr;
+      one_row(xp, M, K, weights[wi].data_ptr<float>() + local * K, bp, yp + n, N);
+    }
+  });
+  return y;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.def("skinny_linear", &skinny_linear); }
+"""
+
+_KERNEL = CppKernel("specdec_skinny_gemm", _SOURCE)
+
+
+def available() -> bool:
+    """Whether the kernel is built and pays: a CPU with AVX-512 (elsewhere oneDNN is as fast or faster)."""
+    return _avx512() and _KERNEL.available()
+
+
+def failure() -> str | None:
+    """Why the kernel is not used (None when it is, or was not tried)."""
+    return _KERNEL.failure() if _avx512() else "this CPU has no AVX-512"
+
+
+@functools.cache
+def _avx512() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return " avx512f" in f.read()
+    except OSError:  # not Linux: leave it to oneDNN
+        return False
+
+
+def skinny_linear(x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor | None]) -> torch.Tensor:
+    """``x @ cat(weights).T + cat(biases)``: x ``[M, K]`` float32 contiguous (M <= a few), weights ``[N_i, K]``
+    contiguous float32, one bias (or None) per weight. Returns ``[M, sum N_i]``."""
+    return _KERNEL.module.skinny_linear(x, weights, biases)

@@ -1,0 +1,69 @@
+"""The skinny linear kernel (specdec.models.skinny_gemm): F.linear's products for a few rows, several weights side by
+side, and fast_linears' use of it (siblings included) up to MAX_ROWS rows, oneDNN beyond, F.linear without it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from specdec.models import cpu_gemm, skinny_gemm
+from tests.tiny import tiny_llama
+
+needs_kernel = pytest.mark.skipif(not skinny_gemm.available(), reason=f"no skinny kernel: {skinny_gemm.failure()}")
+
+
+@needs_kernel
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 9])
+@pytest.mark.parametrize("k", [1, 15, 16, 17, 40])
+def test_equals_linear_for_several_weights(rows, k):
+    g = torch.Generator().manual_seed(rows * 100 + k)
+    x = torch.randn(rows, k, generator=g)
+    weights = [torch.randn(n, k, generator=g) for n in (3, 64, 1, 130)]  # one tile never lines up with another
+    biases = [torch.randn(3, generator=g), None, torch.randn(1, generator=g), None]
+    y = skinny_gemm.skinny_linear(x, weights, biases)
+    want = torch.cat([F.linear(x, w, b) for w, b in zip(weights, biases)], dim=-1)
+    assert y.shape == (rows, 198) and y.is_contiguous()
+    torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
+
+
+@needs_kernel
+def test_bad_shapes_are_refused():
+    with pytest.raises(RuntimeError, match="input's K"):
+        skinny_gemm.skinny_linear(torch.randn(1, 8), [torch.randn(4, 7)], [None])
+    with pytest.raises(RuntimeError, match="float32"):
+        skinny_gemm.skinny_linear(torch.randn(1, 8, dtype=torch.float64), [torch.randn(4, 8)], [None])
+
+
+@needs_kernel
+@pytest.mark.skipif(not cpu_gemm.onednn_available(), reason="this torch build has no oneDNN")
+@pytest.mark.parametrize("rows", [1, 3, skinny_gemm.MAX_ROWS, skinny_gemm.MAX_ROWS + 1])
+def test_fast_linears_takes_it_up_to_max_rows(rows, monkeypatch):
+    calls = []
+    real = skinny_gemm.skinny_linear
+    monkeypatch.setattr(skinny_gemm, "skinny_linear", lambda *a: calls.append(a[0].shape[0]) or real(*a))
+    model = tiny_llama(2, dtype=torch.float32)
+    ids = torch.arange(3, 3 + rows)[None]
+    with torch.inference_mode():
+        want = model(ids).logits
+        with cpu_gemm.fast_linears(model):
+            got = model(ids).logits
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    if rows <= skinny_gemm.MAX_ROWS:
+        # per layer: q/k/v as one call, o, gate/up as one call, down; then the LM head
+        assert calls == [rows] * (4 * model.config.num_hidden_layers + 1)
+    else:
+        assert calls == []
+
+
+@pytest.mark.skipif(not cpu_gemm.onednn_available(), reason="this torch build has no oneDNN")
+def test_without_the_kernel_fast_linears_uses_onednn(monkeypatch):
+    monkeypatch.setattr(skinny_gemm._KERNEL, "_module", None)
+    monkeypatch.setattr(skinny_gemm._KERNEL, "_failed", "no compiler (simulated)")
+    assert not skinny_gemm.available() and "simulated" in (skinny_gemm.failure() or "no AVX-512: simulated")
+    model = tiny_llama(2, dtype=torch.float32)
+    ids = torch.tensor([[3, 4]])
+    with torch.inference_mode():
+        want = model(ids).logits
+        with cpu_gemm.fast_linears(model):
+            torch.testing.assert_close(model(ids).logits, want, rtol=1e-4, atol=1e-4)
