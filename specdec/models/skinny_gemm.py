@@ -33,26 +33,34 @@ _SOURCE = r"""
 #if defined(__AVX512F__)
 #include <immintrin.h>
 
-// y[j * ldy] = dot(w[0:K], x[j, 0:K]) (+ bias) for the MR input rows j: one weight row read once, one accumulator per
-// input row (the template keeps every accumulator in a register)
+// y[j * ldy] = dot(w[0:K], x[j, 0:K]) (+ bias) for the MR input rows j: one weight row read once; two accumulators
+// per input row (even and odd 16-float chunks: half as long a chain of dependent multiply-adds, ~10% faster here);
+// the template keeps every accumulator in a register
 template <int MR>
 static inline void row_dots(const float* x, int64_t K, const float* w, const float* bias, float* y, int64_t ldy) {
-  __m512 acc[MR];
+  __m512 a[MR], b[MR];
 #pragma GCC unroll 4
-  for (int j = 0; j < MR; ++j) acc[j] = _mm512_setzero_ps();
+  for (int j = 0; j < MR; ++j) { a[j] = _mm512_setzero_ps(); b[j] = _mm512_setzero_ps(); }
   int64_t k = 0;
-  for (; k + 16 <= K; k += 16) {
-    const __m512 wv = _mm512_loadu_ps(w + k);
+  for (; k + 32 <= K; k += 32) {
+    const __m512 w0 = _mm512_loadu_ps(w + k), w1 = _mm512_loadu_ps(w + k + 16);
 #pragma GCC unroll 4
-    for (int j = 0; j < MR; ++j) acc[j] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + j * K + k), acc[j]);
+    for (int j = 0; j < MR; ++j) {
+      a[j] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x + j * K + k), a[j]);
+      b[j] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x + j * K + k + 16), b[j]);
+    }
+  }
+  for (; k + 16 <= K; k += 16) {
+    const __m512 w0 = _mm512_loadu_ps(w + k);
+    for (int j = 0; j < MR; ++j) a[j] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x + j * K + k), a[j]);
   }
   if (k < K) {
     const __mmask16 tail = (__mmask16)((1u << (K - k)) - 1u);
-    const __m512 wv = _mm512_maskz_loadu_ps(tail, w + k);
-    for (int j = 0; j < MR; ++j) acc[j] = _mm512_fmadd_ps(wv, _mm512_maskz_loadu_ps(tail, x + j * K + k), acc[j]);
+    const __m512 w0 = _mm512_maskz_loadu_ps(tail, w + k);
+    for (int j = 0; j < MR; ++j) b[j] = _mm512_fmadd_ps(w0, _mm512_maskz_loadu_ps(tail, x + j * K + k), b[j]);
   }
   for (int j = 0; j < MR; ++j) {
-    const float s = _mm512_reduce_add_ps(acc[j]);
+    const float s = _mm512_reduce_add_ps(_mm512_add_ps(a[j], b[j]));
     y[j * ldy] = bias ? s + *bias : s;
   }
 }
