@@ -125,8 +125,9 @@ class BatchVerifier(Verifier, Protocol):
         """Cache a new request's ``input_ids [1, T]``; hidden ``[1, T, H]`` if asked."""
 
     def score_batch(self, request_ids: Sequence[Hashable], trees: Sequence[DraftTree],
-                    output_hidden: bool = False) -> VerifyOutput:
-        """One forward over each request's tree; logits ``[B, N, V]`` padded to the largest tree."""
+                    output_hidden: bool = False, greedy: bool = False) -> VerifyOutput:
+        """One forward over each request's tree; logits ``[B, N, V]`` padded to the largest tree (``greedy``: as in
+        :meth:`Verifier.score`, may return ``greedy [B, N]`` instead)."""
 
     def commit_request(self, request_id: Hashable, keep: Sequence[int]) -> None:
         """Keep the accepted nodes (root first) of the request's last scored tree."""

@@ -109,6 +109,36 @@ def test_hf_verifier_returns_the_logits_argmax_for_greedy_steps():
     assert torch.allclose(outs[True].hidden, outs[False].hidden)
 
 
+@needs_kernel
+def test_paged_verifier_returns_the_logits_argmax_for_greedy_batches():
+    """A batch of trees of different sizes (dead nodes padded in): the screened greedy tokens equal the logits'
+    argmax at every live node, hidden states alike; and a batched greedy generate is unchanged by the screen."""
+    import specdec
+    from tests.tiny import tiny_tokenizer
+
+    target = get_tiny(2, torch.float32)
+    g = torch.Generator().manual_seed(7)
+    prompts = [torch.randint(3, 96, (1, n), generator=g) for n in (9, 14, 5)]
+    trees = [tree_ops.from_sequences(int(p[0, -1]), seqs, max_nodes=7)
+             for p, seqs in zip(prompts, ([[5, 6, 7], [5, 9], [11]], [[4]], [[8, 8, 8, 8]]))]
+    outs = {}
+    for screen in (True, False):
+        v = registry.build_verifier("paged", target, num_blocks=32, block_size=4, screen_greedy=screen)
+        assert (v.greedy_head is not None) == screen
+        for i, p in enumerate(prompts):
+            v.start(i, p[:, :-1])
+        outs[screen] = v.score_batch([0, 1, 2], trees, output_hidden=True, greedy=True)
+    assert outs[True].logits is None and outs[False].greedy is None
+    for i, t in enumerate(trees):
+        n = t.num_nodes
+        assert torch.equal(outs[True].greedy[i, :n], outs[False].logits[i, :n].argmax(-1))
+        torch.testing.assert_close(outs[True].hidden[i, :n], outs[False].hidden[i, :n])
+    runs = [specdec.SpecDecoder(target, tiny_tokenizer(), drafter="ngram", verifier="paged",
+                                verifier_kwargs={"num_blocks": 64, "block_size": 4, "screen_greedy": s})
+            .generate([p for p in prompts], max_new_tokens=10) for s in (True, False)]
+    assert [r.new_tokens for r in runs[0]] == [r.new_tokens for r in runs[1]]
+
+
 def test_profiles_are_keyed_by_the_greedy_head():
     target = get_tiny(0, torch.float32)
     on = profiler.profile_key(target)

@@ -133,8 +133,9 @@ class BatchEngine:
         out, running = self._score(running, events)
         if not running:
             return events
-        # the greedy rule reads only each node's argmax: one argmax over every request's tree, not one per request
-        greedy = out.logits.argmax(dim=-1) if self.argmax_only else None  # [B, N]
+        # the greedy rule reads only each node's argmax: from the verifier's screened head, or one argmax over every
+        # request's tree, not one per request
+        greedy = (out.greedy if out.greedy is not None else out.logits.argmax(dim=-1)) if self.argmax_only else None
         for i, r in enumerate(running):
             hidden = None if out.hidden is None else out.hidden[i:i + 1]
             row = VerifyOutput(logits=None, hidden=hidden, greedy=greedy[i:i + 1, :r.drafted.tree.num_nodes]) \
@@ -177,7 +178,8 @@ class BatchEngine:
         while True:
             try:
                 ids, trees = [r.request_id for r in running], [r.drafted.tree for r in running]
-                return self.verifier.score_batch(ids, trees, output_hidden=self.needs_hidden), running
+                return self.verifier.score_batch(ids, trees, output_hidden=self.needs_hidden,
+                                                 greedy=self.argmax_only), running
             except KVBlocksExhausted as e:
                 failing = self.requests[e.request_id]
                 if self.scheduler.policy == "refuse" or len(running) == 1:

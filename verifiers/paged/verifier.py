@@ -25,6 +25,7 @@ import torch
 
 from specdec.algorithms import tree as tree_ops
 from specdec.errors import SpecdecError
+from specdec.models.greedy_head import ScreenedArgmax, screenable
 from specdec.protocols import VerifierCapabilities
 from specdec.types import DEAD, Acceptance, DraftTree, VerifyOutput
 from verifiers.paged.attention import AttentionGroup, PackedRows, PagedForward, paged_attention_on, pick_kernel
@@ -59,14 +60,16 @@ class PagedVerifier:
     num_blocks x block_size positions are available in all (per layer, K and V); share_prefixes lets requests with
     a common prompt prefix share its blocks; kernel: ``auto`` | ``cpp`` | ``sdpa`` | ``torch`` | ``triton``; group_attention: in
     a batch, attend in groups of similar requests (tree size, prefix length; :mod:`verifiers.paged.groups`) rather
-    than padding all of them to the largest (same outputs).
+    than padding all of them to the largest (same outputs); screen_greedy: greedy steps take each node's argmax from
+    a bfloat16 screen of the LM head checked in float32 (:mod:`specdec.models.greedy_head`: exact, half the head's
+    weight traffic) where the target and CPU allow it.
     """
 
-    capabilities = VerifierCapabilities(hidden_states=True, greedy_scoring=False, batching=True)
+    capabilities = VerifierCapabilities(hidden_states=True, greedy_scoring=True, batching=True)
     SINGLE = "single"  # request id used by the one-request protocol
 
     def __init__(self, model, num_blocks: int = 1024, block_size: int = 16, kernel: str = "auto",
-                 share_prefixes: bool = True, group_attention: bool = True) -> None:
+                 share_prefixes: bool = True, group_attention: bool = True, screen_greedy: bool = True) -> None:
         cfg = model.config
         self.model = model
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
@@ -77,6 +80,8 @@ class PagedVerifier:
         self.heads_per_kv = cfg.num_attention_heads // kv_heads
         self.group_attention = group_attention
         self._pending: dict[Hashable, DraftTree] = {}
+        self.greedy_head = ScreenedArgmax(model.get_output_embeddings()) \
+            if screen_greedy and screenable(model) else None
 
     # --- the batched face ------------------------------------------------------------------------------------
 
@@ -107,9 +112,10 @@ class PagedVerifier:
         return hidden
 
     def score_batch(self, request_ids: Sequence[Hashable], trees: Sequence[DraftTree],
-                    output_hidden: bool = False) -> VerifyOutput:
+                    output_hidden: bool = False, greedy: bool = False) -> VerifyOutput:
         """One forward over every request's tree (each ``[1, n_i]``), padded to one node budget with dead nodes
-        (which the dense layers never see: only live nodes are packed into the model's input).
+        (which the dense layers never see: only live nodes are packed into the model's input). ``greedy``: only
+        each node's argmax is needed; with the screened head it comes back as ``greedy [B, N]`` (no logits).
 
         Reserves KV for every request first: on :class:`~specdec.serving.block_allocator.KVBlocksExhausted` nothing
         was reserved (the requests reserved before the failing one are rolled back) and the error names the request in
@@ -129,7 +135,7 @@ class PagedVerifier:
         prefix = torch.tensor([self.cache.length(r) for r in request_ids], device=batch.tokens.device)
         out = self._forward(request_ids, batch.tokens, tree_ops.ancestor_mask(batch.parents),
                             tree_ops.position_ids(batch.parents, prefix), torch.cat(slots), prefix, output_hidden,
-                            live=batch.parents != DEAD)
+                            live=batch.parents != DEAD, greedy=greedy)
         for rid, t in zip(request_ids, trees):
             self._pending[rid] = t
         return out
@@ -166,8 +172,8 @@ class PagedVerifier:
         return self.start(self.SINGLE, input_ids, output_hidden)
 
     def score(self, tree: DraftTree, output_hidden: bool = False, greedy: bool = False) -> VerifyOutput:
-        """One request's tree (``greedy`` is ignored: the logits come back, their argmax is the greedy token)."""
-        return self.score_batch([self.SINGLE], [tree], output_hidden)
+        """One request's tree (``greedy``: see :meth:`score_batch`)."""
+        return self.score_batch([self.SINGLE], [tree], output_hidden, greedy)
 
     def commit(self, tree: DraftTree, acceptance: Acceptance) -> None:
         self.commit_request(self.SINGLE, acceptance.accepted_nodes(0))
@@ -177,21 +183,23 @@ class PagedVerifier:
         return self.cache.length(self.SINGLE) if self.SINGLE in self.cache.seqs else 0
 
     def cost_key(self) -> dict:
-        """The paged KV layout and its attention kernel; greedy tokens come from the logits."""
-        return {"kv": "paged", "lm_head": "logits", "attention_kernel": self.kernel.__name__}
+        """The paged KV layout, its attention kernel, and whether greedy tokens come from the screened head."""
+        return {"kv": "paged", "lm_head": "bf16-screen" if self.greedy_head is not None else "logits",
+                "attention_kernel": self.kernel.__name__}
 
     # --- the forward -------------------------------------------------------------------------------------
 
     @torch.inference_mode()
     def _forward(self, request_ids: Sequence[Hashable], tokens: torch.Tensor, tree_mask: torch.Tensor,
                  position_ids: torch.Tensor, slots: torch.Tensor, prefix_lens: torch.Tensor, output_hidden: bool,
-                 logits_to_keep: int = 0, live: torch.Tensor | None = None) -> VerifyOutput:
+                 logits_to_keep: int = 0, live: torch.Tensor | None = None, greedy: bool = False) -> VerifyOutput:
         """``tokens [B, N]`` at ``position_ids [B, N]`` after each request's ``prefix_lens [B]`` cached positions,
         into the slots ``[B * N]`` that :meth:`PagedKVCache.reserve` returned.
 
         Only ``live [B, N]`` nodes (default: all) run through the model, packed into one row; logits ``[B, N, V]``
         (hidden ``[B, N, H]``) come back in the padded layout, zeros at dead nodes. ``logits_to_keep=1`` (a
-        one-sequence prefill) returns the last node's logits only.
+        one-sequence prefill) returns the last node's logits only. ``greedy`` (with the screened head): the decoder
+        alone runs, and ``greedy [B, N]`` (0 at dead nodes) comes back instead of the logits.
         """
         b, n = tokens.shape
         dev = tokens.device
@@ -208,6 +216,13 @@ class PagedVerifier:
             step = PagedForward(cache=self.cache, slots=slots if pack is None else slots[pack],
                                 groups=self._groups(request_ids, tree_mask.expand(b, n, n), prefix_lens.to(dev),
                                                     live), kernel=self.kernel)
+        if greedy and self.greedy_head is not None and not logits_to_keep:
+            with paged_attention_on(self.model):
+                h = self.model.get_decoder()(input_ids=packed(tokens, pack), position_ids=packed(position_ids, pack),
+                                             use_cache=False, specdec_paged=step).last_hidden_state[0]  # [T, H]
+            tokens_ = self.greedy_head(h)[:, None]  # [T, 1]
+            return VerifyOutput(logits=None, hidden=unpacked(h, pack, b, n) if output_hidden else None,
+                                greedy=unpacked(tokens_, pack, b, n)[..., 0])
         with paged_attention_on(self.model):
             out = self.model(input_ids=packed(tokens, pack), position_ids=packed(position_ids, pack), use_cache=False,
                              output_hidden_states=output_hidden, logits_to_keep=logits_to_keep, specdec_paged=step)
