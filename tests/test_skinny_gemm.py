@@ -67,3 +67,37 @@ def test_without_the_kernel_fast_linears_uses_onednn(monkeypatch):
         want = model(ids).logits
         with cpu_gemm.fast_linears(model):
             torch.testing.assert_close(model(ids).logits, want, rtol=1e-4, atol=1e-4)
+
+
+@needs_kernel
+@pytest.mark.parametrize("rows", [1, 3, 5])
+@pytest.mark.parametrize("k", [7, 32, 33, 96])
+def test_bfloat16_is_float32_accumulation_rounded_once(rows, k):
+    g = torch.Generator().manual_seed(rows * 10 + k)
+    x = torch.randn(rows, k, generator=g).bfloat16()
+    weights = [torch.randn(n, k, generator=g).bfloat16() for n in (3, 70)]
+    biases = [torch.randn(3, generator=g).bfloat16(), None]
+    y = skinny_gemm.skinny_linear(x, weights, biases)
+    exact = torch.cat([F.linear(x.double(), w.double(), None if b is None else b.double())
+                       for w, b in zip(weights, biases)], dim=-1)
+    assert y.dtype == torch.bfloat16 and y.shape == (rows, 73)
+    # one bfloat16 rounding of a float32 sum: within a bfloat16 unit (2**-8 relative) plus float32 summation error
+    assert bool(((y.double() - exact).abs() <= 2 ** -8 * exact.abs() + 1e-5 * k).all())
+
+
+@needs_kernel
+def test_a_bfloat16_model_takes_the_kernel_for_few_rows_only(monkeypatch):
+    calls = []
+    real = skinny_gemm.skinny_linear
+    monkeypatch.setattr(skinny_gemm, "skinny_linear", lambda *a: calls.append(a[0].shape[0]) or real(*a))
+    model = tiny_llama(2, dtype=torch.bfloat16)
+    assert cpu_gemm.wanted(model) and cpu_gemm.kernel(model) == "skinny-bf16"
+    with torch.inference_mode():
+        for rows in (2, skinny_gemm.MAX_ROWS + 3):
+            ids = torch.arange(3, 3 + rows)[None]
+            want = model(ids).logits.float()
+            calls.clear()
+            with cpu_gemm.fast_linears(model):
+                got = model(ids).logits.float()
+            assert calls == ([rows] * (4 * model.config.num_hidden_layers + 1) if rows <= skinny_gemm.MAX_ROWS else [])
+            torch.testing.assert_close(got, want, rtol=0.05, atol=0.05)  # bfloat16 rounding of another sum order

@@ -1,4 +1,4 @@
-"""Faster float32 linear layers on CPU for decoding (kernel choice only; the model code is untouched).
+"""Faster linear layers on CPU for decoding (kernel choice only; the model code is untouched).
 
 ``F.linear`` with few rows (a decode step, a small tree) takes a slow BLAS path on CPU, so a verify step over a few
 tree nodes costs much more than one token. oneDNN's matmul on weights reordered once into its blocked layout
@@ -16,6 +16,11 @@ contiguous: a transposed result would reach attention with a last-dim stride oth
 modules, see :meth:`specdec.protocols.Drafter.modules`), only while the context is active; on the oneDNN route a
 layer's sibling projections that read one input (q/k/v, gate/up) run as one product. Results differ from ``F.linear``
 only by float32 rounding (summation order). :func:`kernel` names the route, e.g. for a cost profile's key.
+
+Inputs of at most :data:`specdec.models.skinny_gemm.MAX_ROWS` rows (a decode step, a small tree) go to the skinny
+kernel instead where it is built (AVX-512): it reads each weight once, at the memory floor. It is also the route of
+bfloat16 models (larger inputs take ``F.linear`` there). RMSNorm and gated SiLU MLP modules run as whole-layer
+kernels inside the same context (:mod:`specdec.models.cpu_layers`).
 """
 
 from __future__ import annotations
@@ -57,9 +62,12 @@ def best_route() -> str:
 def kernel(model) -> str:
     """Which route :func:`fast_linears` takes for ``model`` by default: ``onednn+siblings`` (oneDNN, sibling
     projections fused), ``onednn+siblings+skinny`` (and :mod:`~specdec.models.skinny_gemm` for up to four rows),
-    ``wxt`` or ``off``."""
+    ``wxt``, ``skinny-bf16`` (a bfloat16 model: the skinny kernel for up to four rows, ``F.linear`` beyond) or
+    ``off``."""
     if not wanted(model):
         return "off"
+    if next(model.parameters()).dtype == torch.bfloat16:
+        return "skinny-bf16"
     if best_route() != "onednn":
         return "wxt"
     return "onednn+siblings" + ("+skinny" if skinny_gemm.available() else "") + (
@@ -67,9 +75,13 @@ def kernel(model) -> str:
 
 
 def wanted(model) -> bool:
-    """True when the route helps: a float32 model on CPU."""
+    """True when the route helps: a float32 model on CPU, or a bfloat16 one where the skinny kernel is built."""
     p = next(model.parameters(), None)
-    return p is not None and p.device.type == "cpu" and p.dtype == torch.float32
+    return p is not None and p.device.type == "cpu" and (
+        p.dtype == torch.float32 or (p.dtype == torch.bfloat16 and skinny_gemm.available()))
+
+
+FAST_DTYPES = (torch.float32, torch.bfloat16)  # the weights fast_linears takes (bfloat16: the skinny kernel only)
 
 
 def version(t: torch.Tensor) -> int:
@@ -100,9 +112,11 @@ def _in_place(linears: list[torch.nn.Linear]) -> bool:
     return all(m.weight.is_contiguous() and (m.bias is None or m.bias.is_contiguous()) for m in linears)
 
 
-def _skinny_rows(x: torch.Tensor, on: bool) -> torch.Tensor | None:
-    """``x`` as ``[rows, K]`` when the skinny kernel takes it (``on`` and at most its row count), else None."""
-    if not on or x.numel() > skinny_gemm.MAX_ROWS * x.shape[-1]:
+def _skinny_rows(x: torch.Tensor, on: bool, dtype: torch.dtype) -> torch.Tensor | None:
+    """``x`` as ``[rows, K]`` when the skinny kernel takes it (``on``, at most its row count, the weights' dtype, a
+    CPU input with gradients off), else None."""
+    if (not on or x.dtype != dtype or x.numel() > skinny_gemm.MAX_ROWS * x.shape[-1] or not x.numel()
+            or x.device.type != "cpu" or torch.is_grad_enabled()):
         return None
     return x.reshape(-1, x.shape[-1]).contiguous()
 
@@ -118,10 +132,10 @@ class _Single:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         m = self.linear
-        if _onednn_input(x):
-            rows = _skinny_rows(x, self.skinny)
-            if rows is not None:
-                return skinny_gemm.skinny_linear(rows, [m.weight], [m.bias]).reshape(*x.shape[:-1], -1)
+        rows = _skinny_rows(x, self.skinny, m.weight.dtype)
+        if rows is not None:
+            return skinny_gemm.skinny_linear(rows, [m.weight], [m.bias]).reshape(*x.shape[:-1], -1)
+        if _onednn_input(x) and m.weight.dtype == torch.float32:
             if self._now is None:
                 self._now = _packed(m)
             return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self._now, m.bias, "none", [], "")
@@ -140,7 +154,7 @@ def _linears(modules: Iterable[torch.nn.Module]) -> list[torch.nn.Linear]:
     seen, out = set(), []
     for module in modules:
         for m in module.modules():
-            if type(m) is torch.nn.Linear and m.weight.dtype == torch.float32 and id(m) not in seen:
+            if type(m) is torch.nn.Linear and m.weight.dtype in FAST_DTYPES and id(m) not in seen:
                 seen.add(id(m))
                 out.append(m)
     return out
@@ -159,6 +173,7 @@ class _Siblings:
     def __init__(self, members: list[torch.nn.Linear], skinny: bool = False) -> None:
         self.members = members
         self.skinny = skinny and _in_place(members)
+        self.dtype = members[0].weight.dtype
         self.sizes = [m.out_features for m in members]
         self.input: torch.Tensor | None = None
         self.outputs: dict[int, torch.Tensor] = {}
@@ -193,16 +208,16 @@ class _Siblings:
             if not self.outputs:
                 self.input = None
             return out
-        if not _onednn_input(x):
+        if _skinny_rows(x, self.skinny, self.dtype) is None and not (_onednn_input(x) and self.dtype == torch.float32):
             return F.linear(x, self.members[i].weight, self.members[i].bias)
         parts = self.product(x).split(self.sizes, -1)
         self.input, self.outputs = x, {j: p for j, p in enumerate(parts) if j != i}
         return parts[i]
 
     def product(self, x: torch.Tensor) -> torch.Tensor:
-        """Every member's output for ``x [..., K]`` (a float32 CPU input, gradients off), side by side:
-        ``[..., sum of out_features]``."""
-        rows = _skinny_rows(x, self.skinny)
+        """Every member's output for ``x [..., K]`` (a CPU input of the members' dtype, gradients off; bfloat16 only
+        within the skinny kernel's rows), side by side: ``[..., sum of out_features]``."""
+        rows = _skinny_rows(x, self.skinny, self.dtype)
         if rows is not None:  # the members' own weights, read where they are: no concatenated copy
             out = skinny_gemm.skinny_linear(rows, [m.weight for m in self.members], [m.bias for m in self.members])
             return out.reshape(*x.shape[:-1], -1)
@@ -219,14 +234,15 @@ _fused: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # first member 
 
 
 def sibling_groups(modules: Iterable[torch.nn.Module]) -> list[list[torch.nn.Linear]]:
-    """The :data:`SIBLINGS` groups in ``modules``: float32 ``nn.Linear`` members with one input size."""
+    """The :data:`SIBLINGS` groups in ``modules``: ``nn.Linear`` members with one input size and one dtype
+    (float32 or bfloat16)."""
     seen, out = set(), []
     for module in modules:
         for m in module.modules():
             for names in SIBLINGS:
                 members = [getattr(m, n, None) for n in names]
                 if (all(type(x) is torch.nn.Linear for x in members) and len({x.in_features for x in members}) == 1
-                        and all(x.weight.dtype == torch.float32 for x in members)
+                        and len({x.weight.dtype for x in members}) == 1 and members[0].weight.dtype in FAST_DTYPES
                         and not any(id(x) in seen for x in members)):
                     seen.update(id(x) for x in members)
                     out.append(members)

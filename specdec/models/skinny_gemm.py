@@ -10,7 +10,9 @@ read floor (measured in docs/benchmarks.md). Each extra input row adds a chain o
 oneDNN's blocked kernel is as fast, and :func:`specdec.models.cpu_gemm.fast_linears` takes this kernel up to
 :data:`MAX_ROWS` rows and oneDNN beyond.
 
-It reads the weights where they are (no packed copy) and takes a list of weights that read one input (a layer's
+bfloat16 models take the same path (AVX-512 BF16's pairwise dot products, float32 accumulation, one rounding at the
+end, as oneDNN does): half the bytes, so about half the time of a float32 step. It reads the weights where they are
+(no packed copy) and takes a list of weights that read one input (a layer's
 q/k/v projections), writing their outputs side by side. Output rows are split over torch's OpenMP threads. Results
 differ from ``F.linear`` by float32 rounding only (the order of the sum over the input features).
 """
@@ -66,6 +68,54 @@ static inline void row_dots(const float* x, int64_t K, const float* w, const flo
 }
 #endif
 
+#if defined(__AVX512BF16__)
+// bfloat16: pairs of products accumulated in float32 (vdpbf16ps), one rounding to bfloat16 at the end, as oneDNN
+template <int MR>
+static inline void row_dots_bf16(const at::BFloat16* x, int64_t K, const at::BFloat16* w, const at::BFloat16* bias,
+                                 at::BFloat16* y, int64_t ldy) {
+  __m512 a[MR];
+#pragma GCC unroll 4
+  for (int j = 0; j < MR; ++j) a[j] = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 32 <= K; k += 32) {
+    const __m512bh wv = (__m512bh)_mm512_loadu_si512(w + k);
+#pragma GCC unroll 4
+    for (int j = 0; j < MR; ++j) a[j] = _mm512_dpbf16_ps(a[j], wv, (__m512bh)_mm512_loadu_si512(x + j * K + k));
+  }
+  if (k < K) {
+    const __mmask32 tail = (__mmask32)((1ull << (K - k)) - 1ull);
+    const __m512bh wv = (__m512bh)_mm512_maskz_loadu_epi16(tail, w + k);
+    for (int j = 0; j < MR; ++j)
+      a[j] = _mm512_dpbf16_ps(a[j], wv, (__m512bh)_mm512_maskz_loadu_epi16(tail, x + j * K + k));
+  }
+  for (int j = 0; j < MR; ++j) {
+    const float s = _mm512_reduce_add_ps(a[j]);
+    y[j * ldy] = at::BFloat16(bias ? s + static_cast<float>(*bias) : s);
+  }
+}
+
+static inline void one_row(const at::BFloat16* x, int64_t M, int64_t K, const at::BFloat16* w,
+                           const at::BFloat16* bias, at::BFloat16* y, int64_t ldy) {
+  int64_t m = 0;
+  for (; m + 4 <= M; m += 4) row_dots_bf16<4>(x + m * K, K, w, bias, y + m * ldy, ldy);
+  switch (M - m) {
+    case 3: row_dots_bf16<3>(x + m * K, K, w, bias, y + m * ldy, ldy); break;
+    case 2: row_dots_bf16<2>(x + m * K, K, w, bias, y + m * ldy, ldy); break;
+    case 1: row_dots_bf16<1>(x + m * K, K, w, bias, y + m * ldy, ldy); break;
+    default: break;
+  }
+}
+#else
+static inline void one_row(const at::BFloat16* x, int64_t M, int64_t K, const at::BFloat16* w,
+                           const at::BFloat16* bias, at::BFloat16* y, int64_t ldy) {
+  for (int64_t m = 0; m < M; ++m) {
+    float s = 0.f;
+    for (int64_t k = 0; k < K; ++k) s += static_cast<float>(x[m * K + k]) * static_cast<float>(w[k]);
+    y[m * ldy] = at::BFloat16(bias ? s + static_cast<float>(*bias) : s);
+  }
+}
+#endif
+
 static inline void one_row(const float* x, int64_t M, int64_t K, const float* w, const float* bias, float* y,
                            int64_t ldy) {
 #if defined(__AVX512F__)
@@ -86,34 +136,44 @@ static inline void one_row(const float* x, int64_t M, int64_t K, const float* w,
 #endif
 }
 
-// x: [M, K]; weights: [N_i, K] each; returns [M, sum N_i] (the weights' outputs side by side)
-torch::Tensor skinny_linear(const torch::Tensor& x, const std::vector<torch::Tensor>& weights,
-                            const std::vector<c10::optional<torch::Tensor>>& biases) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x must be a contiguous float32 [M, K]");
-  TORCH_CHECK(weights.size() == biases.size() && !weights.empty(), "one bias (or None) per weight");
-  const int64_t M = x.size(0), K = x.size(1);
-  std::vector<int64_t> offs{0};
-  for (size_t i = 0; i < weights.size(); ++i) {
-    const auto& w = weights[i];
-    TORCH_CHECK(w.dim() == 2 && w.size(1) == K && w.scalar_type() == at::kFloat && w.is_contiguous(),
-                "weights must be contiguous float32 [N, K] with the input's K");
-    TORCH_CHECK(!biases[i].has_value() || (biases[i]->numel() == w.size(0) && biases[i]->is_contiguous() &&
-                                           biases[i]->scalar_type() == at::kFloat), "a bias must match its weight");
-    offs.push_back(offs.back() + w.size(0));
-  }
-  const int64_t N = offs.back();
-  auto y = torch::empty({M, N}, x.options());
-  const float* xp = x.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
+template <typename T>
+static void run(const torch::Tensor& x, const std::vector<torch::Tensor>& weights,
+                const std::vector<c10::optional<torch::Tensor>>& biases, const std::vector<int64_t>& offs,
+                torch::Tensor& y) {
+  const int64_t M = x.size(0), K = x.size(1), N = offs.back();
+  const T* xp = x.data_ptr<T>();
+  T* yp = y.data_ptr<T>();
   at::parallel_for(0, N, 64, [&](int64_t begin, int64_t end) {
     size_t wi = std::upper_bound(offs.begin(), offs.end(), begin) - offs.begin() - 1;
     for (int64_t n = begin; n < end; ++n) {
       while (n >= offs[wi + 1]) ++wi;
       const int64_t local = n - offs[wi];
-      const float* bp = biases[wi].has_value() ? biases[wi]->data_ptr<float>() + local : nullptr;
-      one_row(xp, M, K, weights[wi].data_ptr<float>() + local * K, bp, yp + n, N);
+      const T* bp = biases[wi].has_value() ? biases[wi]->data_ptr<T>() + local : nullptr;
+      one_row(xp, M, K, weights[wi].data_ptr<T>() + local * K, bp, yp + n, N);
     }
   });
+}
+
+// x: [M, K]; weights: [N_i, K] each; returns [M, sum N_i] (the weights' outputs side by side); float32 or bfloat16
+torch::Tensor skinny_linear(const torch::Tensor& x, const std::vector<torch::Tensor>& weights,
+                            const std::vector<c10::optional<torch::Tensor>>& biases) {
+  const auto dt = x.scalar_type();
+  TORCH_CHECK(x.dim() == 2 && (dt == at::kFloat || dt == at::kBFloat16) && x.is_contiguous(),
+              "x must be a contiguous float32 or bfloat16 [M, K]");
+  TORCH_CHECK(weights.size() == biases.size() && !weights.empty(), "one bias (or None) per weight");
+  const int64_t M = x.size(0), K = x.size(1);
+  std::vector<int64_t> offs{0};
+  for (size_t i = 0; i < weights.size(); ++i) {
+    const auto& w = weights[i];
+    TORCH_CHECK(w.dim() == 2 && w.size(1) == K && w.scalar_type() == dt && w.is_contiguous(),
+                "weights must be contiguous [N, K] with the input's K and dtype");
+    TORCH_CHECK(!biases[i].has_value() || (biases[i]->numel() == w.size(0) && biases[i]->is_contiguous() &&
+                                           biases[i]->scalar_type() == dt), "a bias must match its weight");
+    offs.push_back(offs.back() + w.size(0));
+  }
+  auto y = torch::empty({M, offs.back()}, x.options());
+  if (dt == at::kFloat) run<float>(x, weights, biases, offs, y);
+  else run<at::BFloat16>(x, weights, biases, offs, y);
   return y;
 }
 
@@ -143,6 +203,7 @@ def _avx512() -> bool:
 
 
 def skinny_linear(x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor | None]) -> torch.Tensor:
-    """``x @ cat(weights).T + cat(biases)``: x ``[M, K]`` float32 contiguous (M <= a few), weights ``[N_i, K]``
-    contiguous float32, one bias (or None) per weight. Returns ``[M, sum N_i]``."""
+    """``x @ cat(weights).T + cat(biases)``: x ``[M, K]`` contiguous (M <= a few), weights ``[N_i, K]`` contiguous,
+    one bias (or None) per weight, all float32 or all bfloat16 (float32 accumulation, one rounding to bfloat16).
+    Returns ``[M, sum N_i]``."""
     return _KERNEL.module.skinny_linear(x, weights, biases)

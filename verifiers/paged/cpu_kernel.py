@@ -26,6 +26,7 @@ _SOURCE = r"""
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <ATen/OpMathType.h>
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <vector>
@@ -97,9 +98,14 @@ static void run(const torch::Tensor& q, const torch::Tensor& k_store, const torc
     for (int64_t idx = begin; idx < end; ++idx) {
       const int64_t t = idx / Hkv, h = idx % Hkv, r = rr[t], node = rn[t], L = pl[r];
       const bool* mrow = mk + (r * N + node) * N;
-      pos.clear();  // the physical slots this query sees: its prefix, then its ancestors in the tree
-      for (int64_t p = 0; p < L + N; ++p) {
-        if (p >= L && !mrow[p - L]) continue;
+      pos.clear();  // the physical slots this query sees: its prefix, block by block (no division per position),
+      for (int64_t blk = 0, p0 = 0; p0 < L; ++blk, p0 += BS) {  // then its ancestors in the tree
+        const int64_t base = tb[r * MB + blk] * BS, cnt = std::min(BS, L - p0);
+        for (int64_t o = 0; o < cnt; ++o) pos.push_back(base + o);
+      }
+      for (int64_t j = 0; j < N; ++j) {
+        if (!mrow[j]) continue;
+        const int64_t p = L + j;
         pos.push_back(tb[r * MB + p / BS] * BS + p % BS);
       }
       const int64_t P = pos.size();
