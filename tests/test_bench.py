@@ -132,7 +132,8 @@ def test_verifiers_side_by_side(files, tmp_path):
     assert runs["specdec:ngram"]["verifier"]["name"] == "hf"
     assert runs["specdec:ngram@paged"]["verifier"] == {"name": "paged", "num_blocks": 1024, "block_size": 16,
                                                       "kernel": "auto", "share_prefixes": True,
-                                                      "preemption": "recompute", "group_attention": True}
+                                                      "preemption": "recompute", "group_attention": True,
+                                                      "screen_greedy": True}
     assert runs["specdec:ngram@paged"]["mismatches"] == 0 and runs["specdec:ngram@paged"]["batch_size"] == 1
 
 

@@ -34,12 +34,24 @@ _SOURCE = r"""
 #include <vector>
 #if defined(__AVX512F__)
 #include <immintrin.h>
+#endif
+
+// without AVX-512: the same sums, one input row at a time (float32 accumulation)
+template <int MR, typename T>
+static inline void row_dots_ref(const T* x, int64_t K, const T* w, const T* bias, T* y, int64_t ldy) {
+  for (int j = 0; j < MR; ++j) {
+    float s = 0.f;
+    for (int64_t k = 0; k < K; ++k) s += static_cast<float>(x[j * K + k]) * static_cast<float>(w[k]);
+    y[j * ldy] = static_cast<T>(bias ? s + static_cast<float>(*bias) : s);
+  }
+}
 
 // y[j * ldy] = dot(w[0:K], x[j, 0:K]) (+ bias) for the MR input rows j: one weight row read once; two accumulators
 // per input row (even and odd 16-float chunks: half as long a chain of dependent multiply-adds, ~10% faster here);
 // the template keeps every accumulator in a register
 template <int MR>
 static inline void row_dots(const float* x, int64_t K, const float* w, const float* bias, float* y, int64_t ldy) {
+#if defined(__AVX512F__)
   __m512 a[MR], b[MR];
 #pragma GCC unroll 4
   for (int j = 0; j < MR; ++j) { a[j] = _mm512_setzero_ps(); b[j] = _mm512_setzero_ps(); }
@@ -65,14 +77,16 @@ static inline void row_dots(const float* x, int64_t K, const float* w, const flo
     const float s = _mm512_reduce_add_ps(_mm512_add_ps(a[j], b[j]));
     y[j * ldy] = bias ? s + *bias : s;
   }
-}
+#else
+  row_dots_ref<MR>(x, K, w, bias, y, ldy);
 #endif
+}
 
-#if defined(__AVX512BF16__)
 // bfloat16: pairs of products accumulated in float32 (vdpbf16ps), one rounding to bfloat16 at the end, as oneDNN
 template <int MR>
-static inline void row_dots_bf16(const at::BFloat16* x, int64_t K, const at::BFloat16* w, const at::BFloat16* bias,
-                                 at::BFloat16* y, int64_t ldy) {
+static inline void row_dots(const at::BFloat16* x, int64_t K, const at::BFloat16* w, const at::BFloat16* bias,
+                            at::BFloat16* y, int64_t ldy) {
+#if defined(__AVX512BF16__)
   __m512 a[MR];
 #pragma GCC unroll 4
   for (int j = 0; j < MR; ++j) a[j] = _mm512_setzero_ps();
@@ -92,33 +106,14 @@ static inline void row_dots_bf16(const at::BFloat16* x, int64_t K, const at::BFl
     const float s = _mm512_reduce_add_ps(a[j]);
     y[j * ldy] = at::BFloat16(bias ? s + static_cast<float>(*bias) : s);
   }
-}
-
-static inline void one_row(const at::BFloat16* x, int64_t M, int64_t K, const at::BFloat16* w,
-                           const at::BFloat16* bias, at::BFloat16* y, int64_t ldy) {
-  int64_t m = 0;
-  for (; m + 4 <= M; m += 4) row_dots_bf16<4>(x + m * K, K, w, bias, y + m * ldy, ldy);
-  switch (M - m) {
-    case 3: row_dots_bf16<3>(x + m * K, K, w, bias, y + m * ldy, ldy); break;
-    case 2: row_dots_bf16<2>(x + m * K, K, w, bias, y + m * ldy, ldy); break;
-    case 1: row_dots_bf16<1>(x + m * K, K, w, bias, y + m * ldy, ldy); break;
-    default: break;
-  }
-}
 #else
-static inline void one_row(const at::BFloat16* x, int64_t M, int64_t K, const at::BFloat16* w,
-                           const at::BFloat16* bias, at::BFloat16* y, int64_t ldy) {
-  for (int64_t m = 0; m < M; ++m) {
-    float s = 0.f;
-    for (int64_t k = 0; k < K; ++k) s += static_cast<float>(x[m * K + k]) * static_cast<float>(w[k]);
-    y[m * ldy] = at::BFloat16(bias ? s + static_cast<float>(*bias) : s);
-  }
-}
+  row_dots_ref<MR>(x, K, w, bias, y, ldy);
 #endif
+}
 
-static inline void one_row(const float* x, int64_t M, int64_t K, const float* w, const float* bias, float* y,
-                           int64_t ldy) {
-#if defined(__AVX512F__)
+// one weight row against the M input rows, four at a time
+template <typename T>
+static inline void one_row(const T* x, int64_t M, int64_t K, const T* w, const T* bias, T* y, int64_t ldy) {
   int64_t m = 0;
   for (; m + 4 <= M; m += 4) row_dots<4>(x + m * K, K, w, bias, y + m * ldy, ldy);
   switch (M - m) {
@@ -127,13 +122,6 @@ static inline void one_row(const float* x, int64_t M, int64_t K, const float* w,
     case 1: row_dots<1>(x + m * K, K, w, bias, y + m * ldy, ldy); break;
     default: break;
   }
-#else
-  for (int64_t m = 0; m < M; ++m) {
-    float s = 0.f;
-    for (int64_t k = 0; k < K; ++k) s += x[m * K + k] * w[k];
-    y[m * ldy] = bias ? s + *bias : s;
-  }
-#endif
 }
 
 template <typename T>
