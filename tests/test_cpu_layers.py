@@ -40,7 +40,7 @@ def test_listed_layers_match_their_own_forward(model_type):
         want = model(ids).logits
         with cpu_gemm.fast_linears(model):
             patched = [m for m in model.modules() if isinstance(m.__dict__.get("forward"), (
-                cpu_layers.NormForward, cpu_layers.MLPForward))]
+                cpu_gemm._NormForward, cpu_gemm._MLPForward))]
             got = model(ids).logits
     assert len(patched) >= len(norms)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

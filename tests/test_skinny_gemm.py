@@ -85,7 +85,7 @@ def test_bfloat16_is_float32_accumulation_rounded_once(rows, k):
     assert bool(((y.double() - exact).abs() <= 2 ** -8 * exact.abs() + 1e-5 * k).all())
 
 
-@needs_kernel
+@pytest.mark.skipif(not skinny_gemm.bf16_available(), reason="no skinny kernel with AVX-512 BF16 here")
 def test_a_bfloat16_model_takes_the_kernel_for_few_rows_only(monkeypatch):
     calls = []
     real = skinny_gemm.skinny_linear
@@ -101,3 +101,17 @@ def test_a_bfloat16_model_takes_the_kernel_for_few_rows_only(monkeypatch):
                 got = model(ids).logits.float()
             assert calls == ([rows] * (4 * model.config.num_hidden_layers + 1) if rows <= skinny_gemm.MAX_ROWS else [])
             torch.testing.assert_close(got, want, rtol=0.05, atol=0.05)  # bfloat16 rounding of another sum order
+
+
+@needs_kernel
+def test_without_avx512_bf16_a_bfloat16_model_keeps_f_linear(monkeypatch):
+    """AVX-512F without BF16 would run the kernel's scalar bfloat16 loop, slower than F.linear: not taken."""
+    monkeypatch.setattr(skinny_gemm, "_cpu_flags", lambda: " fpu avx512f avx2 ")
+    assert skinny_gemm.available() and not skinny_gemm.bf16_available()
+    model = tiny_llama(2, dtype=torch.bfloat16)
+    assert not cpu_gemm.wanted(model) and cpu_gemm.kernel(model) == "off"
+    calls = []
+    monkeypatch.setattr(skinny_gemm, "skinny_linear", lambda *a: calls.append(a) or None)
+    with torch.inference_mode(), cpu_gemm.fast_linears(model):
+        model(torch.tensor([[3, 4]]))
+    assert calls == []

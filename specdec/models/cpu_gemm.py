@@ -75,10 +75,11 @@ def kernel(model) -> str:
 
 
 def wanted(model) -> bool:
-    """True when the route helps: a float32 model on CPU, or a bfloat16 one where the skinny kernel is built."""
+    """True when the route helps: a float32 model on CPU, or a bfloat16 one where the skinny kernel is built and the
+    CPU has AVX-512 BF16 (without it the kernel's bfloat16 loop is scalar, slower than ``F.linear``)."""
     p = next(model.parameters(), None)
     return p is not None and p.device.type == "cpu" and (
-        p.dtype == torch.float32 or (p.dtype == torch.bfloat16 and skinny_gemm.available()))
+        p.dtype == torch.float32 or (p.dtype == torch.bfloat16 and skinny_gemm.bf16_available()))
 
 
 FAST_DTYPES = (torch.float32, torch.bfloat16)  # the weights fast_linears takes (bfloat16: the skinny kernel only)
@@ -102,23 +103,30 @@ def _packed(m: torch.nn.Linear) -> torch.Tensor:
     return cached[1]
 
 
-def _onednn_input(x: torch.Tensor) -> bool:
-    """True when ``x`` takes the oneDNN route: a non-empty float32 CPU input with gradients off (else F.linear)."""
+def _fast_float32(x: torch.Tensor) -> bool:
+    """True when ``x`` takes a fast float32 route (oneDNN, the layer kernels): a non-empty float32 CPU input with
+    gradients off (else the model's own ops)."""
     return x.dtype == torch.float32 and x.device.type == "cpu" and bool(x.numel()) and not torch.is_grad_enabled()
 
 
-def _in_place(linears: list[torch.nn.Linear]) -> bool:
-    """True when the skinny kernel can read these layers' weights (and biases) where they are: contiguous."""
-    return all(m.weight.is_contiguous() and (m.bias is None or m.bias.is_contiguous()) for m in linears)
+def _skinny_for(linears: list[torch.nn.Linear]) -> bool:
+    """True when the skinny kernel should serve these layers: it reads their weights (and biases) where they are, so
+    they must be contiguous; bfloat16 ones need AVX-512 BF16 (without it its bfloat16 loop is scalar)."""
+    return all(m.weight.is_contiguous() and (m.bias is None or m.bias.is_contiguous()) for m in linears) and (
+        linears[0].weight.dtype == torch.float32 or skinny_gemm.bf16_available())
 
 
-def _skinny_rows(x: torch.Tensor, on: bool, dtype: torch.dtype) -> torch.Tensor | None:
-    """``x`` as ``[rows, K]`` when the skinny kernel takes it (``on``, at most its row count, the weights' dtype, a
-    CPU input with gradients off), else None."""
-    if (not on or x.dtype != dtype or x.numel() > skinny_gemm.MAX_ROWS * x.shape[-1] or not x.numel()
-            or x.device.type != "cpu" or torch.is_grad_enabled()):
-        return None
-    return x.reshape(-1, x.shape[-1]).contiguous()
+def _takes_skinny(x: torch.Tensor, on: bool, dtype: torch.dtype) -> bool:
+    """True when the skinny kernel takes ``x``: ``on``, at most its row count, the weights' dtype, a non-empty CPU
+    input with gradients off."""
+    return (on and x.dtype == dtype and 0 < x.numel() <= skinny_gemm.MAX_ROWS * x.shape[-1]
+            and x.device.type == "cpu" and not torch.is_grad_enabled())
+
+
+def _skinny(x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor | None]) -> torch.Tensor:
+    """The skinny kernel on ``x [..., K]``: ``[..., sum of the weights' rows]``."""
+    rows = x.reshape(-1, x.shape[-1]).contiguous()
+    return skinny_gemm.skinny_linear(rows, weights, biases).reshape(*x.shape[:-1], -1)
 
 
 class _Single:
@@ -127,15 +135,14 @@ class _Single:
 
     def __init__(self, linear: torch.nn.Linear, skinny: bool = False) -> None:
         self.linear = linear
-        self.skinny = skinny and _in_place([linear])
+        self.skinny = skinny and _skinny_for([linear])
         self._now: torch.Tensor | None = None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         m = self.linear
-        rows = _skinny_rows(x, self.skinny, m.weight.dtype)
-        if rows is not None:
-            return skinny_gemm.skinny_linear(rows, [m.weight], [m.bias]).reshape(*x.shape[:-1], -1)
-        if _onednn_input(x) and m.weight.dtype == torch.float32:
+        if _takes_skinny(x, self.skinny, m.weight.dtype):
+            return _skinny(x, [m.weight], [m.bias])
+        if _fast_float32(x) and m.weight.dtype == torch.float32:
             if self._now is None:
                 self._now = _packed(m)
             return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self._now, m.bias, "none", [], "")
@@ -172,7 +179,7 @@ class _Siblings:
 
     def __init__(self, members: list[torch.nn.Linear], skinny: bool = False) -> None:
         self.members = members
-        self.skinny = skinny and _in_place(members)
+        self.skinny = skinny and _skinny_for(members)
         self.dtype = members[0].weight.dtype
         self.sizes = [m.out_features for m in members]
         self.input: torch.Tensor | None = None
@@ -208,7 +215,7 @@ class _Siblings:
             if not self.outputs:
                 self.input = None
             return out
-        if _skinny_rows(x, self.skinny, self.dtype) is None and not (_onednn_input(x) and self.dtype == torch.float32):
+        if not (_takes_skinny(x, self.skinny, self.dtype) or (_fast_float32(x) and self.dtype == torch.float32)):
             return F.linear(x, self.members[i].weight, self.members[i].bias)
         parts = self.product(x).split(self.sizes, -1)
         self.input, self.outputs = x, {j: p for j, p in enumerate(parts) if j != i}
@@ -217,10 +224,8 @@ class _Siblings:
     def product(self, x: torch.Tensor) -> torch.Tensor:
         """Every member's output for ``x [..., K]`` (a CPU input of the members' dtype, gradients off; bfloat16 only
         within the skinny kernel's rows), side by side: ``[..., sum of out_features]``."""
-        rows = _skinny_rows(x, self.skinny, self.dtype)
-        if rows is not None:  # the members' own weights, read where they are: no concatenated copy
-            out = skinny_gemm.skinny_linear(rows, [m.weight for m in self.members], [m.bias for m in self.members])
-            return out.reshape(*x.shape[:-1], -1)
+        if _takes_skinny(x, self.skinny, self.dtype):  # the members' own weights, read where they are: no copy
+            return _skinny(x, [m.weight for m in self.members], [m.bias for m in self.members])
         weight, bias = self.packed()
         return torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight, bias, "none", [], "")
 
@@ -249,6 +254,35 @@ def sibling_groups(modules: Iterable[torch.nn.Module]) -> list[list[torch.nn.Lin
     return out
 
 
+class _NormForward:
+    """An RMSNorm module's forward inside :func:`fast_linears`: :func:`specdec.models.cpu_layers.rms_norm` for
+    float32 inputs, the module's own forward otherwise."""
+
+    def __init__(self, norm: torch.nn.Module) -> None:
+        self.norm = norm
+        self.original = type(norm).forward.__get__(norm)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.norm.weight
+        if _fast_float32(x) and w.dtype == torch.float32 and w.is_contiguous():
+            return cpu_layers.rms_norm(x, w, self.norm.variance_epsilon)
+        return self.original(x)
+
+
+class _MLPForward:
+    """A gated SiLU MLP's forward inside :func:`fast_linears`: gate and up as one product (their sibling group),
+    then :func:`specdec.models.cpu_layers.silu_mul`, then ``down_proj``; the module's own forward otherwise."""
+
+    def __init__(self, mlp: torch.nn.Module, gate_up: _Siblings) -> None:
+        self.mlp, self.gate_up = mlp, gate_up
+        self.original = type(mlp).forward.__get__(mlp)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if _fast_float32(x) and self.gate_up.dtype == torch.float32:
+            return self.mlp.down_proj(cpu_layers.silu_mul(self.gate_up.product(x)))
+        return self.original(x)
+
+
 def _layer_forwards(modules: Iterable[torch.nn.Module], groups: list[_Siblings]) -> list[torch.nn.Module]:
     """Give the RMSNorm and gated SiLU MLP modules of ``modules`` their whole-layer kernels; returns those patched."""
     gate_up = {id(g.members[0]): g for g in groups if len(g.members) == 2}
@@ -259,9 +293,9 @@ def _layer_forwards(modules: Iterable[torch.nn.Module], groups: list[_Siblings])
                 continue
             seen.add(id(m))
             if cpu_layers.is_rms_norm(m):
-                m.forward = cpu_layers.NormForward(m)
+                m.forward = _NormForward(m)
             elif cpu_layers.is_gated_silu_mlp(m) and id(m.gate_proj) in gate_up:
-                m.forward = cpu_layers.MLPForward(m, gate_up[id(m.gate_proj)])
+                m.forward = _MLPForward(m, gate_up[id(m.gate_proj)])
             else:
                 continue
             done.append(m)
@@ -271,8 +305,9 @@ def _layer_forwards(modules: Iterable[torch.nn.Module], groups: list[_Siblings])
 @contextmanager
 def fast_linears(*modules: torch.nn.Module, enabled: bool = True, route: str | None = None, fuse: bool = True,
                  skinny: bool | None = None, layers: bool | None = None):
-    """Use the fast route (``route``: ``onednn`` or ``wxt``; None = the best this build has) in the float32
-    ``nn.Linear`` layers of ``modules`` inside the ``with`` block. Gradients enabled: ``F.linear`` as usual.
+    """Use the fast route (``route``: ``onednn`` or ``wxt``; None = the best this build has) in the float32 and
+    bfloat16 ``nn.Linear`` layers of ``modules`` inside the ``with`` block (bfloat16: the skinny kernel only).
+    Gradients enabled: ``F.linear`` as usual.
 
     fuse (oneDNN route): sibling projections that read the same input (q/k/v, gate/up) run as one product
     (:class:`_Siblings`): fewer, larger calls, each reading its input once.

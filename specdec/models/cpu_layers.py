@@ -8,8 +8,10 @@ and Python, which adds up to a third of a step of SmolLM2-135M once the linears 
   61 calls a step. transformers marks this layer replaceable by a kernel (``use_kernel_forward_from_hub("RMSNorm")``);
   :func:`rms_norm` is one call.
 - **The gated MLP** (``down(silu(gate(x)) * up(x))``): four module calls, a split, an activation and a product.
-  :func:`fast_mlp_forward` runs gate and up as one product (their sibling group in :mod:`specdec.models.cpu_gemm`),
-  ``silu(g) * u`` in one call (:func:`silu_mul`), then ``down``.
+  ``silu(g) * u`` is one call (:func:`silu_mul`) on gate and up computed as one product.
+
+The module forwards that call these (``_NormForward``, ``_MLPForward``) are installed by
+:func:`specdec.models.cpu_gemm.fast_linears`, beside its linear forwards.
 
 Only classes known to have exactly these forwards are replaced (:data:`RMS_NORMS`, :data:`GATED_MLPS`; Gemma's
 ``(1 + w)`` norm and Phi-3's packed ``gate_up_proj`` are not among them), only for float32 CPU inputs without
@@ -123,10 +125,6 @@ def failure() -> str | None:
     return _KERNEL.failure()
 
 
-def _fast_input(x: torch.Tensor) -> bool:
-    return x.dtype == torch.float32 and x.device.type == "cpu" and bool(x.numel()) and not torch.is_grad_enabled()
-
-
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """Llama's RMSNorm of float32 ``x [..., H]`` with ``weight [H]``: one call. Returns ``[..., H]``."""
     return _KERNEL.module.rms_norm(x.reshape(-1, x.shape[-1]).contiguous(), weight, float(eps)).view(x.shape)
@@ -136,35 +134,6 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """``silu(gate) * up`` for ``gate_up [..., 2I]`` (gate, then up): one call. Returns ``[..., I]``."""
     flat = gate_up.reshape(-1, gate_up.shape[-1]).contiguous()
     return _KERNEL.module.silu_mul(flat).view(*gate_up.shape[:-1], gate_up.shape[-1] // 2)
-
-
-class NormForward:
-    """An RMSNorm module's forward while :func:`specdec.models.cpu_gemm.fast_linears` is active."""
-
-    def __init__(self, norm: torch.nn.Module) -> None:
-        self.norm = norm
-        self.original = type(norm).forward.__get__(norm)
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.norm.weight
-        if _fast_input(x) and w.dtype == torch.float32 and w.is_contiguous():
-            return rms_norm(x, w, self.norm.variance_epsilon)
-        return self.original(x)
-
-
-class MLPForward:
-    """A gated SiLU MLP's forward while :func:`specdec.models.cpu_gemm.fast_linears` is active: gate and up as one
-    product (``gate_up``: their sibling group's :meth:`~specdec.models.cpu_gemm._Siblings.product`), then
-    :func:`silu_mul`, then ``down_proj``."""
-
-    def __init__(self, mlp: torch.nn.Module, gate_up) -> None:
-        self.mlp, self.gate_up = mlp, gate_up
-        self.original = type(mlp).forward.__get__(mlp)
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if _fast_input(x):
-            return self.mlp.down_proj(silu_mul(self.gate_up.product(x)))
-        return self.original(x)
 
 
 def is_rms_norm(m: torch.nn.Module) -> bool:

@@ -11,10 +11,11 @@ oneDNN's blocked kernel is as fast, and :func:`specdec.models.cpu_gemm.fast_line
 :data:`MAX_ROWS` rows and oneDNN beyond.
 
 bfloat16 models take the same path (AVX-512 BF16's pairwise dot products, float32 accumulation, one rounding at the
-end, as oneDNN does): half the bytes, so about half the time of a float32 step. It reads the weights where they are
-(no packed copy) and takes a list of weights that read one input (a layer's
-q/k/v projections), writing their outputs side by side. Output rows are split over torch's OpenMP threads. Results
-differ from ``F.linear`` by float32 rounding only (the order of the sum over the input features).
+end, as oneDNN does; :func:`bf16_available`): half the bytes, so about half the time of a float32 step.
+
+It reads the weights where they are (no packed copy) and takes a list of weights that read one input (a layer's q/k/v
+projections), writing their outputs side by side. Output rows are split over torch's OpenMP threads. Results differ
+from ``F.linear`` by float32 rounding only (the order of the sum over the input features).
 """
 
 from __future__ import annotations
@@ -181,13 +182,24 @@ def failure() -> str | None:
     return _KERNEL.failure() if _avx512() else "this CPU has no AVX-512"
 
 
-@functools.cache
+def bf16_available() -> bool:
+    """Whether bfloat16 takes the kernel at its speed: built, and a CPU with AVX-512 BF16 (vdpbf16ps)."""
+    return available() and " avx512_bf16" in _cpu_flags()
+
+
 def _avx512() -> bool:
+    return " avx512f" in _cpu_flags()
+
+
+@functools.cache
+def _cpu_flags() -> str:
+    """The CPU's flags line from /proc/cpuinfo, space-padded ('' where there is none: not Linux, leave it to oneDNN)."""
     try:
         with open("/proc/cpuinfo") as f:
-            return " avx512f" in f.read()
-    except OSError:  # not Linux: leave it to oneDNN
-        return False
+            flags = next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        return ""
+    return " " + flags.split(":", 1)[-1].strip() + " "
 
 
 def skinny_linear(x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor | None]) -> torch.Tensor:

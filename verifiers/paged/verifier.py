@@ -206,16 +206,15 @@ class PagedVerifier:
         if live is not None and bool(live.all()):
             live = None
         pack = None if live is None else live.reshape(-1).nonzero().flatten()  # [T]
-        slots = slots.to(dev)
+        slots = slots.to(dev) if pack is None else slots.to(dev)[pack]
         if self.kernel is paged_tree_attention_cpp:  # every live node in one call: no groups, no padding
             grid = torch.arange(b * n, device=dev) if pack is None else pack
             rows = PackedRows(grid // n, grid % n, self.cache.block_tables(request_ids).to(dev), prefix_lens.to(dev),
                               tree_mask.expand(b, n, n))
-            step = PagedForward(self.cache, slots if pack is None else slots[pack], (), self.kernel, rows)
+            step = PagedForward(self.cache, slots, (), self.kernel, rows)
         else:
-            step = PagedForward(cache=self.cache, slots=slots if pack is None else slots[pack],
-                                groups=self._groups(request_ids, tree_mask.expand(b, n, n), prefix_lens.to(dev),
-                                                    live), kernel=self.kernel)
+            step = PagedForward(cache=self.cache, slots=slots, kernel=self.kernel,
+                                groups=self._groups(request_ids, tree_mask.expand(b, n, n), prefix_lens.to(dev), live))
         if greedy and self.greedy_head is not None and not logits_to_keep:
             with paged_attention_on(self.model):
                 h = self.model.get_decoder()(input_ids=packed(tokens, pack), position_ids=packed(position_ids, pack),
