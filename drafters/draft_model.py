@@ -24,6 +24,7 @@ from specdec import models
 from specdec.algorithms import tree as tree_ops
 from specdec.errors import ConfigError
 from specdec.models import checkpoint, hf_cache
+from specdec.models.families import check_servable
 from specdec.models.hf_forward import forward_masked, forward_tokens
 from specdec.models.surgery import DraftVocabHead, from_state
 from specdec.protocols import Feedback
@@ -73,6 +74,7 @@ class DraftModelDrafter:
         width = int(width if width is not None else recommended.get("width") or 1)
         if depth < 1 or width < 1:
             raise ConfigError(f"draft_model needs depth >= 1 and width >= 1; got depth={depth}, width={width}.")
+        check_servable(model, role="draft model")
         self.model = model.eval()
         head = self.model.get_output_embeddings()
         # logits over a draft vocabulary (ids mapped back through d2t), or over the model's whole vocabulary
@@ -113,7 +115,8 @@ class DraftModelDrafter:
         sub = parents_t[:, :hi]
         mask = None if tree_ops.is_chain(sub) else tree_ops.segment_mask(sub, lo, hi, self._prefix, self.model.dtype)
         pos = self._prefix - 1 + tree_ops.depths(sub)[:, lo:hi]
-        return forward_masked(self.model, self.cache, seg, mask, pos).logits
+        key_pos = None if mask is None else tree_ops.segment_key_positions(sub, hi, self._prefix)
+        return forward_masked(self.model, self.cache, seg, mask, pos, key_pos=key_pos).logits
 
     def observe(self, feedback: Feedback) -> None:
         """Keep the accepted nodes the draft model already ran; drop the rest of the tree from its cache."""

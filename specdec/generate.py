@@ -24,6 +24,7 @@ from specdec.algorithms.loop import decode
 from specdec.algorithms.stopping import Stopper
 from specdec.errors import ConfigError, SpecdecError, VocabularyMismatchError
 from specdec.models import checkpoint, cpu_gemm
+from specdec.models.families import check_servable
 from specdec.params import GenerationParams
 from specdec.protocols import BatchVerifier, check_capabilities, check_drafter, check_verifier
 from specdec.serving.engine import BatchEngine, DrafterPool
@@ -63,6 +64,7 @@ class SpecDecoder:
         if target is None or isinstance(target, str):
             target, loaded_tok = models.load_target(target, dtype=dtype or "float32")
             tokenizer = tokenizer or loaded_tok
+        check_servable(target)  # an encoder-decoder, recurrent or headless model: one clear error, before anything
         self.target = target
         self.tokenizer = tokenizer
         self._drafter_spec = drafter_spec(drafter, drafter_kwargs)  # (kind, kwargs): how to build one more

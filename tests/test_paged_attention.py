@@ -44,15 +44,18 @@ def write_in_place(key, value, k_pool, v_pool, block_tables, prefix_lens):
     return k_pool, v_pool, tables
 
 
-def sdpa_in_place(query, key, value, k_pool, v_pool, block_tables, prefix_lens, tree_mask, scale):
+def sdpa_in_place(query, key, value, k_pool, v_pool, block_tables, prefix_lens, tree_mask, scale, window=None,
+                  softcap=None):
     """:func:`paged_tree_attention_sdpa` called as the paged verifier does: K/V written first, then the whole
     mask."""
     k_pool, v_pool, tables = write_in_place(key, value, k_pool, v_pool, block_tables, prefix_lens)
-    mask = in_place_mask(prefix_lens, tree_mask, tables.shape[1] * k_pool.shape[2], query.shape[1] // key.shape[1])
-    return paged_tree_attention_sdpa(query, k_pool, v_pool, tables, mask, scale)
+    mask = in_place_mask(prefix_lens, tree_mask, tables.shape[1] * k_pool.shape[2], query.shape[1] // key.shape[1],
+                         window)
+    return paged_tree_attention_sdpa(query, k_pool, v_pool, tables, mask, scale, softcap)
 
 
-def cpp_in_place(query, key, value, k_pool, v_pool, block_tables, prefix_lens, tree_mask, scale):
+def cpp_in_place(query, key, value, k_pool, v_pool, block_tables, prefix_lens, tree_mask, scale, window=None,
+                 softcap=None):
     """The C++ kernel as the paged verifier calls it: K/V written first, every (request, node) one packed row."""
     if not cpu_kernel.available():
         pytest.skip(f"the C++ kernel could not be built here: {cpu_kernel.failure()}")
@@ -60,7 +63,8 @@ def cpp_in_place(query, key, value, k_pool, v_pool, block_tables, prefix_lens, t
     b, h, n, d = query.shape
     rows = query.transpose(1, 2).reshape(b * n, h, d)
     out = cpu_kernel.paged_tree_attention_cpp(rows, k_pool, v_pool, torch.arange(b).repeat_interleave(n),
-                                              torch.arange(n).repeat(b), tables, prefix_lens, tree_mask, scale)
+                                              torch.arange(n).repeat(b), tables, prefix_lens, tree_mask, scale,
+                                              window, softcap)
     return out.view(b, n, h, d)
 
 
@@ -140,3 +144,32 @@ def test_lower_precision_dtypes(kernel, dtype):
     want = dense_reference(*[c.double() if isinstance(c, torch.Tensor) and c.is_floating_point() else c for c in case])
     tol = 1e-5 if dtype == torch.float32 else 3e-2
     torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("kernel", CPU_KERNELS, ids=["torch", "sdpa", "cpp"])
+@given(seed=st.integers(0, 10_000), b=st.integers(1, 3), group=st.sampled_from([1, 3]), n=st.integers(2, 9),
+       bs=st.sampled_from([1, 4, 16]), window=st.integers(1, 20), softcap=st.sampled_from([None, 0.7, 5.0]),
+       data=st.data())
+def test_sliding_window_and_softcap(kernel, seed, b, group, n, bs, window, softcap, data):
+    """A layer's sliding window (by position: a node's is prefix + depth) and logit softcapping, against dense
+    attention with the window applied by explicit positions."""
+    prefix = data.draw(st.lists(st.integers(0, 40), min_size=b, max_size=b))
+    case = make_case(seed, b, 2, group, n, 8, bs, prefix)
+    torch.testing.assert_close(kernel(*case, window, softcap), dense_reference(*case, window, softcap),
+                               rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("kernel", CPU_KERNELS, ids=["torch", "sdpa", "cpp"])
+def test_window_hides_what_it_should(kernel):
+    """Window 3 on a chain after a 10-token prefix: node i (position 10 + i) sees positions 8 + i .. 10 + i only,
+    so values outside it change nothing, and without the window they do."""
+    case = list(make_case(2, 1, 1, 1, 4, 8, 4, [10]))
+    case[7] = torch.ones(4, 4, dtype=torch.bool).tril()[None]
+    before = kernel(*case, 3)
+    kp, vp = case[3].clone(), case[4].clone()
+    for p in range(8):  # positions no node's window reaches (node 0 sees 8, 9, 10)
+        kp[case[5][0, p // 4], :, p % 4] = 5.0
+        vp[case[5][0, p // 4], :, p % 4] = 1e3
+    case[3], case[4] = kp, vp
+    torch.testing.assert_close(kernel(*case, 3), before)
+    assert not torch.allclose(kernel(*case), before)

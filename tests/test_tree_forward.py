@@ -144,7 +144,7 @@ class Spy:
     """Wraps a model and records the keyword arguments of each call."""
 
     def __init__(self, model):
-        self.model, self.dtype, self.calls = model, model.dtype, []
+        self.model, self.dtype, self.config, self.calls = model, model.dtype, model.config, []
 
     def __call__(self, **kwargs):
         self.calls.append(kwargs)

@@ -58,11 +58,11 @@ def make_case(seed: int, *, h: int, hkv: int, n: int, d: int, block_size: int, p
     return (query, key, value, k_pool, v_pool, block_tables, torch.tensor(prefix_lens), tree_mask, d ** -0.5)
 
 
-def check(args, out, atol=1e-5):
+def check(args, out, atol=1e-5, window=None, softcap=None):
     b, h, n, d = args[0].shape
     assert out.shape == (b, n, h, d) and out.dtype == args[0].dtype
-    ref = paged_tree_attention_torch(*args)
-    dense = dense_reference(*args)
+    ref = paged_tree_attention_torch(*args, window, softcap)
+    dense = dense_reference(*args, window, softcap)
     torch.testing.assert_close(out.float(), ref.float(), atol=atol, rtol=0)
     torch.testing.assert_close(out.float(), dense.float(), atol=atol, rtol=0)
 
@@ -162,3 +162,13 @@ def test_paged_verifier_with_triton_kernel_is_lossless():
                             verifier_kwargs={"kernel": "triton", "block_size": 4, "num_blocks": 16})
     for p, o in zip(prompts, outs):
         assert o.new_tokens == greedy_reference(target, torch.tensor([p]), 10)
+
+
+@pytest.mark.parametrize("window, softcap", [(3, None), (1, None), (17, 0.8), (None, 2.0), (40, 30.0)])
+def test_sliding_window_and_softcap(window, softcap):
+    """A layer's window (by position: prefix + depth) and softcapping; small tiles so the prefix walk starts at a
+    later tile and rows of one program reach different first positions."""
+    args = make_case(11, h=6, hkv=2, n=9, d=16, block_size=4, prefix_lens=[37, 5, 0], dead=2)
+    check(args, TA._launch(*args, window, softcap, block_m=16, block_p=16, block_n=16), window=window,
+          softcap=softcap)
+    check(args, TA.paged_tree_attention_triton(*args, window, softcap), window=window, softcap=softcap)

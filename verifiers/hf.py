@@ -6,6 +6,7 @@ import torch
 
 from specdec.errors import SpecdecError
 from specdec.models import hf_cache
+from specdec.models.families import check_servable
 from specdec.models.greedy_head import ScreenedArgmax, screenable
 from specdec.models.hf_forward import forward_tokens
 from specdec.protocols import VerifierCapabilities
@@ -26,6 +27,7 @@ class HFVerifier:
     capabilities = VerifierCapabilities(hidden_states=True, greedy_scoring=True, batching=False)
 
     def __init__(self, model, screen_greedy: bool = True) -> None:
+        check_servable(model)
         self.model = model
         self.cache = hf_cache.new_cache()
         self._scored: int | None = None  # cache length before the tree being verified

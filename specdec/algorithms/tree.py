@@ -165,6 +165,18 @@ def segment_mask(parents: torch.Tensor, lo: int, hi: int, prefix_len: int, dtype
     return additive_mask(allowed, prefix_len, dtype)
 
 
+def segment_key_positions(parents: torch.Tensor, hi: int, prefix_len: int) -> torch.Tensor:
+    """``[B, prefix_len + hi - 1]`` positions of the keys :func:`segment_mask` covers: the prefix ``0 ..
+    prefix_len - 1`` (the root is its last), then nodes ``1 .. hi-1`` at ``prefix_len - 1 + depth``.
+
+    >>> segment_key_positions(torch.tensor([[-1, 0, 0, 1]]), 4, 2).tolist()
+    [[0, 1, 2, 2, 3]]
+    """
+    b = parents.shape[0]
+    prefix = torch.arange(prefix_len, device=parents.device).expand(b, prefix_len)
+    return torch.cat([prefix, prefix_len - 1 + depths(parents[:, :hi])[:, 1:]], dim=1)
+
+
 def is_chain(parents: torch.Tensor) -> bool:
     """True when every live node's parent is the node just before it (the causal mask is then exact)."""
     n = parents.shape[1]

@@ -39,6 +39,7 @@ class TargetConfig:
     name: Optional[str] = None  # None = the default target (SmolLM2-135M-Instruct); else a hub id or local path
     dtype: str = "float32"
     device: str = "cpu"
+    declare_family: bool = False  # serve a model type outside the support matrix (to check it: see mismatches)
 
 
 @dataclass

@@ -8,8 +8,10 @@ saving on the default target).
 
 :data:`ATTENTION_NAME` is registered with transformers' ``AttentionInterface`` (and its mask with the ``sdpa``
 mask function), and :func:`gqa_attention_on` switches a model's ``config._attn_implementation`` from ``sdpa`` to it
-only while one of our forwards runs: the model behaves as before outside. Off a CPU, or for a model that does not
-use ``sdpa``, nothing changes.
+only while one of our forwards runs: the model behaves as before outside. Off a CPU, for a model that does not
+use ``sdpa``, or for a family not declared to call attention only through ``AttentionInterface``
+(:func:`specdec.models.families.renames_safely`: Falcon picks its code path by the implementation's name), nothing
+changes.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+from specdec.models.families import renames_safely
 
 ATTENTION_NAME = "specdec_gqa_sdpa"
 
@@ -49,18 +53,19 @@ def route(model: torch.nn.Module) -> str:
     ``sdpa`` model, else the model's own implementation."""
     impl = getattr(model.config, "_attn_implementation", None) or "eager"
     p = next(model.parameters(), None)
-    return "gqa_sdpa" if impl in ("sdpa", ATTENTION_NAME) and p is not None and p.device.type == "cpu" else impl
+    return "gqa_sdpa" if (impl in ("sdpa", ATTENTION_NAME) and p is not None and p.device.type == "cpu"
+                          and renames_safely(model)) else impl
 
 
 @contextmanager
 def gqa_attention_on(*modules: torch.nn.Module):
     """Inside the block, the ``sdpa`` attention of ``modules`` (each read through its ``config``) runs as
-    :func:`gqa_sdpa_attention`; restored after. Modules without a config, or using another attention, are left
-    alone."""
+    :func:`gqa_sdpa_attention`; restored after. Modules without a config, using another attention, or of a
+    family whose code branches on the implementation's name, are left alone."""
     switched = []
     for m in modules:
         cfg = getattr(m, "config", None)
-        if cfg is not None and getattr(cfg, "_attn_implementation", None) == "sdpa":
+        if cfg is not None and getattr(cfg, "_attn_implementation", None) == "sdpa" and renames_safely(m):
             cfg._attn_implementation = ATTENTION_NAME
             switched.append(cfg)
     try:

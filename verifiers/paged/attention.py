@@ -1,15 +1,19 @@
 """The attention function the paged verifier registers with transformers' ``AttentionInterface``.
 
-Each of our forwards passes a :class:`PagedForward` through the model's ``**kwargs`` to every attention layer; the
+Each of our forwards runs inside :func:`paged_attention_on`, which makes its :class:`PagedForward` the active step
+(a context variable, not a keyword argument: some families, StableLM among them, do not pass a layer's ``**kwargs``
+on to its attention, and a keyword lost on the way would silently turn the paged attention into plain SDPA); the
 layer writes the new tokens' K/V into their slots and attends over the paged prefix plus the tree, one kernel call per
-:class:`AttentionGroup` (:mod:`verifiers.paged.groups`). Outside our forwards (no ``specdec_paged`` keyword) it is
-plain SDPA, and :func:`paged_attention_on` switches a model to it only inside the block.
+:class:`AttentionGroup` (:mod:`verifiers.paged.groups`), with the layer's sliding window and the model's logit
+softcapping (:class:`specdec.models.families.AttentionSpec`, read from the model's config). Outside our forwards
+(no active step) it is plain SDPA, and :func:`paged_attention_on` switches a model to it only inside the block.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 import torch
@@ -17,6 +21,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from specdec.errors import ConfigError
+from specdec.models.families import AttentionSpec
 from verifiers.paged.cache import PagedKVCache
 from verifiers.paged.kernels import paged_tree_attention_sdpa, paged_tree_attention_torch
 
@@ -37,6 +42,7 @@ class AttentionGroup:
     prefix_lens: torch.Tensor  # [b] cached positions before the new tokens
     tree_mask: torch.Tensor  # [b, n, n] bool, node i may attend node j
     mask: torch.Tensor | None = None  # the in-place kernel's whole mask (paged_attention.in_place_mask), built once
+    window_mask: torch.Tensor | None = None  # the same for the sliding layers (with the model's window)
 
 
 @dataclass(frozen=True)
@@ -63,14 +69,15 @@ class PagedForward:
     slots: torch.Tensor  # [T] physical slots the live nodes' K/V go to
     groups: tuple[AttentionGroup, ...]  # empty with `rows`
     kernel: Callable  # paged_tree_attention_sdpa (in place: reads the new K/V from the pool), or one taking them
+    spec: AttentionSpec  # each layer's sliding window, and the logit softcapping
     rows: PackedRows | None = None  # the C++ kernel's input: one call for the whole forward, no groups
 
 
 def paged_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """transformers attention function: query ``[1, H, T, D]``, key/value ``[1, H_kv, T, D]`` (packed live nodes)
-    -> ``[1, T, H, D]``. Without a ``specdec_paged`` keyword (a forward that is not ours) it is plain SDPA.
+    -> ``[1, T, H, D]``. Without an active step (a forward that is not ours) it is plain SDPA.
     """
-    step: PagedForward | None = kwargs.pop("specdec_paged", None)
+    step = _ACTIVE.get()
     if step is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
                                       **kwargs)
@@ -78,23 +85,25 @@ def paged_attention(module, query, key, value, attention_mask, scaling=None, dro
     q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # [T, heads, D]
     step.cache.write(layer, step.slots, k, v)
     scale = scaling if scaling is not None else q.shape[-1] ** -0.5
+    window, softcap = step.spec.windows[layer], step.spec.softcap
     if step.rows is not None:  # one call over every live node, reading K/V in place
         r = step.rows
         return step.kernel(q, step.cache.k[layer], step.cache.v[layer], r.row_req, r.row_node, r.block_tables,
-                           r.prefix_lens, r.tree_mask, scale)[None], None
+                           r.prefix_lens, r.tree_mask, scale, window, softcap)[None], None
     out = None if len(step.groups) == 1 else q.new_empty(q.shape)
     pools = step.cache.k[layer], step.cache.v[layer]
     for g in step.groups:
         b, n = g.tree_mask.shape[:2]
         if g.mask is not None:  # the in-place kernel: the new K/V are in the pool already
             qg = q.view(b, n, *q.shape[1:]) if g.unpack is None else q[g.unpack]
-            o = step.kernel(qg.transpose(1, 2), *pools, g.block_tables, g.mask, scale)  # [b, n, H, D]
+            mask = g.mask if window is None else g.window_mask
+            o = step.kernel(qg.transpose(1, 2), *pools, g.block_tables, mask, scale, softcap)  # [b, n, H, D]
         else:
             if g.unpack is None:  # the packed row is the [b, n] grid, flattened
                 qg, kg, vg = (x.view(b, n, *x.shape[1:]).transpose(1, 2) for x in (q, k, v))
             else:
                 qg, kg, vg = (x[g.unpack].transpose(1, 2) for x in (q, k, v))  # [b, heads, n, D]
-            o = step.kernel(qg, kg, vg, *pools, g.block_tables, g.prefix_lens, g.tree_mask, scale)
+            o = step.kernel(qg, kg, vg, *pools, g.block_tables, g.prefix_lens, g.tree_mask, scale, window, softcap)
         o = o.reshape(b * n, *o.shape[2:])
         o = o if g.pack is None else o[g.pack]
         if out is None:
@@ -107,14 +116,19 @@ def paged_attention(module, query, key, value, attention_mask, scaling=None, dro
 AttentionInterface.register(ATTENTION_NAME, paged_attention)
 
 
+_ACTIVE: ContextVar[PagedForward | None] = ContextVar("specdec_paged_step", default=None)
+
+
 @contextmanager
-def paged_attention_on(model):
-    """Route ``model``'s attention through :func:`paged_attention` inside the block; restored after."""
+def paged_attention_on(model, step: PagedForward):
+    """Route ``model``'s attention through :func:`paged_attention` for ``step`` inside the block; restored after."""
     before = model.config._attn_implementation
     model.config._attn_implementation = ATTENTION_NAME
+    token = _ACTIVE.set(step)
     try:
         yield
     finally:
+        _ACTIVE.reset(token)
         model.config._attn_implementation = before
 
 

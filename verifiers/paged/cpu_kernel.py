@@ -9,7 +9,8 @@ lengths, so no attention groups are needed either.
 
 Work is split over (query row, KV head) pairs with ATen's thread pool; each pair computes its ``G`` query heads
 (grouped-query attention: the ``G`` heads sharing a KV head read each key once) with a two-pass softmax (float32 accumulation; float64 for a float64 model),
-the same function as :func:`verifiers.paged.kernels.paged_tree_attention_torch` up to float rounding.
+the same function as :func:`verifiers.paged.kernels.paged_tree_attention_torch` up to float rounding, sliding window
+and softcapping included (a windowed query walks only the blocks its window reaches).
 
 The C++ source is built once per machine (:class:`specdec.models.cpp_build.CppKernel`: a C++ compiler is needed,
 the first build takes about a minute); where it cannot be built, :func:`available` is False and the paged verifier
@@ -77,7 +78,8 @@ inline void exp_inplace<float>(float* e, int64_t n) {
 template <typename scalar_t>
 static void run(const torch::Tensor& q, const torch::Tensor& k_store, const torch::Tensor& v_store,
                 const torch::Tensor& row_req, const torch::Tensor& row_node, const torch::Tensor& tables,
-                const torch::Tensor& prefix, const torch::Tensor& mask, double scale, torch::Tensor& out) {
+                const torch::Tensor& prefix, const torch::Tensor& mask, double scale, int64_t W, double softcap,
+                torch::Tensor& out) {
   const int64_t T = q.size(0), H = q.size(1), D = q.size(2);
   const int64_t Hkv = k_store.size(0), NB = k_store.size(1), BS = k_store.size(2);
   const int64_t G = H / Hkv, N = mask.size(1), MB = tables.size(1);
@@ -91,20 +93,30 @@ static void run(const torch::Tensor& q, const torch::Tensor& k_store, const torc
   const bool* mk = mask.data_ptr<bool>();
   scalar_t* op = out.data_ptr<scalar_t>();
   using acc_t = at::opmath_type<scalar_t>;  // float for float and bfloat16, double for double
-  const acc_t sc = static_cast<acc_t>(scale);
+  const acc_t sc = static_cast<acc_t>(scale), cap = static_cast<acc_t>(softcap);
   at::parallel_for(0, T * Hkv, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> qf(G * D), s, acc(G * D), total(G);
     std::vector<int64_t> pos;
     for (int64_t idx = begin; idx < end; ++idx) {
       const int64_t t = idx / Hkv, h = idx % Hkv, r = rr[t], node = rn[t], L = pl[r];
       const bool* mrow = mk + (r * N + node) * N;
-      pos.clear();  // the physical slots this query sees: its prefix, block by block (no division per position),
-      for (int64_t blk = 0, p0 = 0; p0 < L; ++blk, p0 += BS) {  // then its ancestors in the tree
-        const int64_t base = tb[r * MB + blk] * BS, cnt = std::min(BS, L - p0);
-        for (int64_t o = 0; o < cnt; ++o) pos.push_back(base + o);
+      // a node's depth is its number of ancestors (its mask row's count, less itself); its position is L + depth
+      auto depth = [&](int64_t j) {
+        const bool* m = mk + (r * N + j) * N;
+        int64_t c = 0;
+        for (int64_t i = 0; i < N; ++i) c += m[i];
+        return c - 1;
+      };
+      const int64_t qpos = W > 0 ? L + depth(node) : 0;
+      const int64_t first = W > 0 ? std::max<int64_t>(0, qpos - W + 1) : 0;  // the window's first prefix position
+      pos.clear();  // the physical slots this query sees: its prefix (within the window), block by block (no
+      for (int64_t blk = first / BS, p0 = blk * BS; p0 < L; ++blk, p0 += BS) {  // division per position), then
+        const int64_t base = tb[r * MB + blk] * BS, lo = std::max<int64_t>(first - p0, 0);  // its tree ancestors
+        const int64_t cnt = std::min(BS, L - p0);
+        for (int64_t o = lo; o < cnt; ++o) pos.push_back(base + o);
       }
       for (int64_t j = 0; j < N; ++j) {
-        if (!mrow[j]) continue;
+        if (!mrow[j] || (W > 0 && L + depth(j) <= qpos - W)) continue;
         const int64_t p = L + j;
         pos.push_back(tb[r * MB + p / BS] * BS + p % BS);
       }
@@ -118,6 +130,8 @@ static void run(const torch::Tensor& q, const torch::Tensor& k_store, const torc
         const scalar_t* kr = kh + pos[j] * D;
         for (int64_t g = 0; g < G; ++g) s[g * P + j] = dot<acc_t, scalar_t>(qf.data() + g * D, kr, D);
       }
+      if (cap > 0)  // logit softcapping (Gemma 2): cap * tanh(score / cap), before the softmax
+        for (int64_t j = 0; j < G * P; ++j) s[j] = cap * std::tanh(s[j] / cap);
       for (int64_t g = 0; g < G; ++g) {
         acc_t* sg = s.data() + g * P;
         acc_t mx = -std::numeric_limits<acc_t>::infinity();
@@ -148,13 +162,14 @@ static void run(const torch::Tensor& q, const torch::Tensor& k_store, const torc
 
 torch::Tensor paged_tree_attention(torch::Tensor q, torch::Tensor k_store, torch::Tensor v_store,
                                    torch::Tensor row_req, torch::Tensor row_node, torch::Tensor tables,
-                                   torch::Tensor prefix, torch::Tensor mask, double scale) {
+                                   torch::Tensor prefix, torch::Tensor mask, double scale, int64_t window,
+                                   double softcap) {
   TORCH_CHECK(q.dim() == 3 && k_store.dim() == 4 && mask.dim() == 3, "bad ranks");
   TORCH_CHECK(q.is_contiguous() && k_store.is_contiguous() && v_store.is_contiguous(), "inputs must be contiguous");
   auto out = torch::empty_like(q);
   AT_DISPATCH_FLOATING_TYPES_AND(at::ScalarType::BFloat16, q.scalar_type(), "paged_tree_attention", [&] {
     run<scalar_t>(q, k_store, v_store, row_req.contiguous(), row_node.contiguous(), tables.contiguous(),
-                  prefix.contiguous(), mask.contiguous(), scale, out);
+                  prefix.contiguous(), mask.contiguous(), scale, window, softcap, out);
   });
   return out;
 }
@@ -177,16 +192,19 @@ def failure() -> str | None:
 
 def paged_tree_attention_cpp(query: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
                              row_req: torch.Tensor, row_node: torch.Tensor, block_tables: torch.Tensor,
-                             prefix_lens: torch.Tensor, tree_mask: torch.Tensor, scale: float) -> torch.Tensor:
+                             prefix_lens: torch.Tensor, tree_mask: torch.Tensor, scale: float,
+                             window: int | None = None, softcap: float | None = None) -> torch.Tensor:
     """Attention of each live node of a forward over its request's paged prefix and its tree ancestors.
 
     query: ``[T, H, D]`` (the forward's live nodes, packed); k_pool, v_pool: ``[num_blocks, H_kv, block_size, D]``
     views of ``[H_kv, num_blocks, block_size, D]`` storage (as :class:`~verifiers.paged.cache.PagedKVCache` keeps
     them) holding every request's prefix **and** the new tokens' K/V at positions ``prefix_len + node``;
     row_req / row_node: ``[T]`` each row's request (index into the next three) and node in its tree;
-    block_tables: ``[B, blocks]``; prefix_lens: ``[B]``; tree_mask: ``[B, N, N]`` bool (node i sees node j).
+    block_tables: ``[B, blocks]``; prefix_lens: ``[B]``; tree_mask: ``[B, N, N]`` bool (node i sees node j);
+    window, softcap: the layer's sliding window and logit softcapping (:mod:`verifiers.paged.kernels`; None: none).
     Returns ``[T, H, D]``. Example: one request, ``prefix_lens = [0]``, a causal ``tree_mask``: causal attention.
     """
     k_store, v_store = k_pool.transpose(0, 1), v_pool.transpose(0, 1)  # the storage: [H_kv, num_blocks, bs, D]
     return _KERNEL.module.paged_tree_attention(query.contiguous(), k_store, v_store, row_req.long(), row_node.long(),
-                                        block_tables.long(), prefix_lens.long(), tree_mask.bool(), float(scale))
+                                        block_tables.long(), prefix_lens.long(), tree_mask.bool(), float(scale),
+                                               int(window or 0), float(softcap or 0.0))

@@ -35,6 +35,11 @@ is what lets the two parts be merged without ever materialising the concatenated
 2. **Tree.** The new keys/values are walked in tiles of ``BLOCK_N`` nodes, scores masked by ``tree_mask``, folded
    into the same running ``(m, l, acc)``.
 
+A sliding window (a query at position ``L_b + depth`` sees positions ``> L_b + depth - window``; depths are each
+node's ancestor count, read from ``tree_mask`` on the host) masks both parts, and the prefix walk starts at the
+first tile any of the program's rows can see. Softcapping (``c * tanh(s / c)``) is applied to the scaled scores
+before masking.
+
 Finally ``acc / l`` is written in the query's dtype to an output laid out ``[B, N, H, D]``. Scores are scaled by
 ``scale * log2(e)`` so the kernel can use ``exp2``. The running max starts at a large finite negative number
 instead of ``-inf``, so a tile whose scores are all masked leaves the state unchanged instead of producing NaN.
@@ -69,7 +74,7 @@ import torch
 
 _LOG2E = 1.4426950408889634
 _KERNELS: dict[bool, object] = {}  # interpret mode -> the jitted kernel
-triton = tl = _COMBINE_MAX = _COMBINE_SUM = None  # set by _build_kernel (triton is imported lazily)
+triton = tl = _COMBINE_MAX = _COMBINE_SUM = _COMBINE_MIN = _capped = None  # set by _build_kernel (triton is imported lazily)
 
 
 def _interpret() -> bool:
@@ -109,9 +114,26 @@ def _build_kernel():
     interpreter recognises these combiners by identity (fast numpy path). Same code as ``tl.max``/``tl.sum``
     when compiled.
     """
-    global triton, tl, _COMBINE_MAX, _COMBINE_SUM
+    global triton, tl, _COMBINE_MAX, _COMBINE_SUM, _COMBINE_MIN, _capped
     import triton
     import triton.language as tl
+
+    @triton.jit
+    def _combine_min(a, b):
+        return tl.minimum(a, b)
+
+    _COMBINE_MIN = _combine_min
+
+    @triton.jit
+    def _capped(s, qk_scale, softcap):
+        """Raw scores -> scaled (and softcapped: ``softcap * tanh(s * scale / softcap)``) scores in log2 units;
+        tanh written with exp, which both the compiler and the interpreter have."""
+        if softcap > 0:
+            x = s * (qk_scale / 1.4426950408889634) / softcap
+            s = (1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)) * softcap * 1.4426950408889634
+        else:
+            s = s * qk_scale
+        return s
 
     _COMBINE_MAX = getattr(tl.standard, "_elementwise_max", None)
     _COMBINE_SUM = getattr(tl.standard, "_sum_combine", None)
@@ -129,7 +151,7 @@ def _build_kernel():
 
     @triton.jit
     def _paged_tree_attn_kernel(
-        Q, K, V, KP, VP, BT, PL, TM, O,
+        Q, K, V, KP, VP, BT, PL, TM, DEP, O,
         stride_qb, stride_qh, stride_qn, stride_qd,
         stride_kb, stride_kh, stride_kn, stride_kd,
         stride_vb, stride_vh, stride_vn, stride_vd,
@@ -137,8 +159,11 @@ def _build_kernel():
         stride_vpb, stride_vph, stride_vps, stride_vpd,
         stride_btb, stride_btn,
         stride_tmb, stride_tmi, stride_tmj,
+        stride_depb,
         stride_ob, stride_on, stride_oh, stride_od,
         qk_scale,  # scale * log2(e)
+        softcap,  # logit softcapping (0: none), in score units before the log2(e) factor
+        window,  # sliding window in positions (0: none)
         N, G, D, BS,
         BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
         DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
@@ -162,14 +187,21 @@ def _build_kernel():
         if UPCAST:  # the interpreter cannot tl.dot bfloat16 (it multiplies the raw bits): compute in float32
             q = q.to(tl.float32)
 
+        # each row's position (prefix length + its node's depth) and the first position its window reaches
+        prefix_len = tl.load(PL + b)
+        q_pos = prefix_len + tl.load(DEP + b * stride_depb + node, mask=row_ok, other=0)
+        lowest = tl.where(window > 0, q_pos - window + 1, 0)  # [BLOCK_M]
+
         m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)  # finite: all-masked tiles leave the state as is
         l_i = tl.full([BLOCK_M], 0.0, dtype=tl.float32)
         acc = tl.full([BLOCK_M, BLOCK_D], 0.0, dtype=tl.float32)
 
-        # ---- 1. the cached prefix, BLOCK_P positions at a time, each found through the block table
-        prefix_len = tl.load(PL + b)
+        # ---- 1. the cached prefix, BLOCK_P positions at a time, each found through the block table (from the
+        #         first tile any row's window reaches)
         offs_p = tl.arange(0, BLOCK_P)
-        for start in range(0, prefix_len, BLOCK_P):
+        first = tl.reduce(tl.where(row_ok, lowest, prefix_len), 0, _COMBINE_MIN)
+        first = tl.maximum(first, 0) // BLOCK_P * BLOCK_P
+        for start in range(first, prefix_len, BLOCK_P):
             pos = start + offs_p
             pos_ok = pos < prefix_len
             block_id = tl.load(BT + b * stride_btb + (pos // BS) * stride_btn, mask=pos_ok, other=0).to(tl.int64)
@@ -180,8 +212,9 @@ def _build_kernel():
             k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
             if UPCAST:
                 k = k.to(tl.float32)
-            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_P]
-            s = tl.where(pos_ok[None, :], s, float("-inf"))
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_P]
+            s = _capped(s, qk_scale, softcap)
+            s = tl.where(pos_ok[None, :] & (pos[None, :] >= lowest[:, None]), s, float("-inf"))
 
             m_new = tl.maximum(m_i, tl.reduce(s, 1, _COMBINE_MAX))
             alpha = tl.exp2(m_i - m_new)
@@ -205,9 +238,11 @@ def _build_kernel():
             k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
             if UPCAST:
                 k = k.to(tl.float32)
-            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
+            s = _capped(tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION), qk_scale, softcap)  # [BLOCK_M, BLOCK_N]
             tm_ptrs = TM + b * stride_tmb + node[:, None] * stride_tmi + cols[None, :] * stride_tmj
             allowed = tl.load(tm_ptrs, mask=row_ok[:, None] & col_ok[None, :], other=0) != 0
+            col_pos = prefix_len + tl.load(DEP + b * stride_depb + cols, mask=col_ok, other=0)
+            allowed = allowed & (col_pos[None, :] >= lowest[:, None])
             s = tl.where(allowed, s, float("-inf"))
 
             m_new = tl.maximum(m_i, tl.reduce(s, 1, _COMBINE_MAX))
@@ -240,8 +275,8 @@ def _kernel():
 
 def _launch(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, k_pool: torch.Tensor,
             v_pool: torch.Tensor, block_tables: torch.Tensor, prefix_lens: torch.Tensor, tree_mask: torch.Tensor,
-            scale: float, *, block_m: int | None = None, block_p: int | None = None,
-            block_n: int | None = None) -> torch.Tensor:
+            scale: float, window: int | None = None, softcap: float | None = None, *, block_m: int | None = None,
+            block_p: int | None = None, block_n: int | None = None) -> torch.Tensor:
     """:func:`paged_tree_attention_triton` with explicit tile sizes (powers of two >= 16; ``None``: the default).
 
     Tests use small tiles to exercise the loops over row tiles, prefix tiles and tree tiles.
@@ -281,6 +316,7 @@ def _launch(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, k_pool:
         tables = torch.zeros((b, 1), dtype=torch.int32, device=query.device)
     mask = tree_mask.to(device=query.device)
     mask = mask.view(torch.uint8) if mask.dtype == torch.bool else (mask != 0).view(torch.uint8)
+    depth = (mask.sum(-1, dtype=torch.int32) - 1).contiguous()  # [B, N]: each node's ancestors
 
     block_m = block_m or _tile(g * n, 64)
     block_p = block_p or 64
@@ -292,10 +328,10 @@ def _launch(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, k_pool:
 
     grid = (b, hkv, math.ceil(g * n / block_m))
     _kernel()[grid](
-        query, key, value, k_pool, v_pool, tables, lens, mask, out,
+        query, key, value, k_pool, v_pool, tables, lens, mask, depth, out,
         *query.stride(), *key.stride(), *value.stride(), *k_pool.stride(), *v_pool.stride(),
-        *tables.stride(), *mask.stride(), *out.stride(),
-        float(scale) * _LOG2E,
+        *tables.stride(), *mask.stride(), depth.stride(0), *out.stride(),
+        float(scale) * _LOG2E, float(softcap or 0.0), int(window or 0),
         n, g, d, block_size,
         BLOCK_M=block_m, BLOCK_D=block_d, BLOCK_P=block_p, BLOCK_N=block_n, DOT_PRECISION=precision,
         UPCAST=upcast,
@@ -305,18 +341,20 @@ def _launch(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, k_pool:
 
 def paged_tree_attention_triton(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                                 k_pool: torch.Tensor, v_pool: torch.Tensor, block_tables: torch.Tensor,
-                                prefix_lens: torch.Tensor, tree_mask: torch.Tensor, scale: float) -> torch.Tensor:
+                                prefix_lens: torch.Tensor, tree_mask: torch.Tensor, scale: float,
+                                window: int | None = None, softcap: float | None = None) -> torch.Tensor:
     """Attention of ``N`` new tokens per sequence over its paged prefix plus the new tokens (ancestor mask).
 
     Same contract as :func:`verifiers.paged.kernels.paged_tree_attention_torch`:
     query: ``[B, H, N, D]``; key, value: ``[B, H_kv, N, D]`` (the new tokens' K/V, rotary applied; ``H`` a
     multiple of ``H_kv``); k_pool, v_pool: ``[num_blocks, H_kv, block_size, D]``; block_tables: ``[B, max_blocks]``
     int32/int64 (entries past a sequence's ``ceil(L / block_size)`` blocks are never read); prefix_lens: ``[B]``
-    int (0 allowed); tree_mask: ``[B, N, N]`` bool (diagonal True); scale: the softmax scale. Any strides.
+    int (0 allowed); tree_mask: ``[B, N, N]`` bool (diagonal True); scale: the softmax scale; window, softcap:
+    the layer's sliding window and logit softcapping (None: none). Any strides.
 
     Returns a contiguous ``[B, N, H, D]`` tensor in the query's dtype (float32 accumulation inside).
     All tensors must be on one CUDA device, or on the CPU with ``TRITON_INTERPRET=1`` (see :func:`available`).
 
     Example: with ``prefix_lens = [0]`` and a causal ``tree_mask`` this is plain causal self-attention.
     """
-    return _launch(query, key, value, k_pool, v_pool, block_tables, prefix_lens, tree_mask, scale)
+    return _launch(query, key, value, k_pool, v_pool, block_tables, prefix_lens, tree_mask, scale, window, softcap)

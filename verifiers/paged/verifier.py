@@ -3,8 +3,8 @@
 It plugs into any transformers model whose attention layers call ``ALL_ATTENTION_FUNCTIONS`` (Llama, Qwen2, Mistral,
 ...): :data:`verifiers.paged.attention.ATTENTION_NAME` is registered with transformers' ``AttentionInterface``, and
 only while one of our forwards runs is the model's ``config._attn_implementation`` switched to it — no copied modeling
-code, and the model behaves as before outside. Each forward passes a :class:`PagedForward` through the model's
-``**kwargs`` to every attention layer, which writes the new tokens' K/V into their slots and attends over the paged
+code, and the model behaves as before outside. Each forward makes a :class:`PagedForward` the active step for every
+attention layer, which writes the new tokens' K/V into their slots and attends over the paged
 prefix plus the tree (:mod:`verifiers.paged.attention`; :func:`verifiers.paged.kernels.paged_tree_attention_sdpa` on a
 CPU, the Triton kernel on a GPU, or the plain-torch reference), one call per attention group of similar requests
 (:mod:`verifiers.paged.groups`).
@@ -25,6 +25,7 @@ import torch
 
 from specdec.algorithms import tree as tree_ops
 from specdec.errors import SpecdecError
+from specdec.models.families import check_paged
 from specdec.models.greedy_head import ScreenedArgmax, screenable
 from specdec.protocols import VerifierCapabilities
 from specdec.types import DEAD, Acceptance, DraftTree, VerifyOutput
@@ -71,6 +72,7 @@ class PagedVerifier:
     def __init__(self, model, num_blocks: int = 1024, block_size: int = 16, kernel: str = "auto",
                  share_prefixes: bool = True, group_attention: bool = True, screen_greedy: bool = True) -> None:
         cfg = model.config
+        self.spec = check_paged(model)  # refuses a family the paged kernels cannot serve; its windows and softcap
         self.model = model
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
@@ -211,20 +213,20 @@ class PagedVerifier:
             grid = torch.arange(b * n, device=dev) if pack is None else pack
             rows = PackedRows(grid // n, grid % n, self.cache.block_tables(request_ids).to(dev), prefix_lens.to(dev),
                               tree_mask.expand(b, n, n))
-            step = PagedForward(self.cache, slots, (), self.kernel, rows)
+            step = PagedForward(self.cache, slots, (), self.kernel, self.spec, rows)
         else:
-            step = PagedForward(cache=self.cache, slots=slots, kernel=self.kernel,
+            step = PagedForward(cache=self.cache, slots=slots, kernel=self.kernel, spec=self.spec,
                                 groups=self._groups(request_ids, tree_mask.expand(b, n, n), prefix_lens.to(dev), live))
         if greedy and self.greedy_head is not None and not logits_to_keep:
-            with paged_attention_on(self.model):
+            with paged_attention_on(self.model, step):
                 h = self.model.get_decoder()(input_ids=packed(tokens, pack), position_ids=packed(position_ids, pack),
-                                             use_cache=False, specdec_paged=step).last_hidden_state[0]  # [T, H]
+                                             use_cache=False).last_hidden_state[0]  # [T, H]
             tokens_ = self.greedy_head(h)[:, None]  # [T, 1]
             return VerifyOutput(logits=None, hidden=unpacked(h, pack, b, n) if output_hidden else None,
                                 greedy=unpacked(tokens_, pack, b, n)[..., 0])
-        with paged_attention_on(self.model):
+        with paged_attention_on(self.model, step):
             out = self.model(input_ids=packed(tokens, pack), position_ids=packed(position_ids, pack), use_cache=False,
-                             output_hidden_states=output_hidden, logits_to_keep=logits_to_keep, specdec_paged=step)
+                             output_hidden_states=output_hidden, logits_to_keep=logits_to_keep)
         if logits_to_keep:
             return VerifyOutput(logits=out.logits, hidden=out.hidden_states[-1] if output_hidden else None)
         return VerifyOutput(logits=unpacked(out.logits[0], pack, b, n),
@@ -246,8 +248,11 @@ class PagedVerifier:
             pl, tm = prefix_lens[idx], tree_mask[idx, :m, :m]
             # the blocks the prefixes use; in place, also those of the trees written after them
             width = -(-(longest + (m if in_place else 0)) // bs) * bs
+            window = next((w for w in self.spec.windows if w is not None), None)
             return AttentionGroup(unpack, pack, rows, tables[idx, :width // bs], pl, tm,
-                                  in_place_mask(pl, tm, width, self.heads_per_kv) if in_place else None)
+                                  in_place_mask(pl, tm, width, self.heads_per_kv) if in_place else None,
+                                  in_place_mask(pl, tm, width, self.heads_per_kv, window)
+                                  if in_place and window is not None else None)
 
         if live is None:
             sizes = [n] * b
