@@ -64,6 +64,8 @@ def check_schema(result: dict) -> None:
         assert isinstance(result[key], int)
     for run in result["runs"]:
         assert isinstance(run["method"], str) and isinstance(run["mismatches"], int)
+        assert len(run["divergences"]) == run["mismatches"]  # greedy: one divergence per mismatching output
+        assert (run["max_divergence_gap"] is None) == (run["mismatches"] == 0)
         assert isinstance(run["new_tokens"], int) and run["new_tokens"] > 0
         for key in ("tokens_per_s", "speedup_vs_hf", "time_s"):
             assert isinstance(run[key], float) and run[key] > 0
@@ -232,6 +234,41 @@ MS = [
     Measurement("specdec:ngram", 0, "math", (5, 6, 7, 8), 1.0, verify_steps=2, drafted=6, accepted=2),
     Measurement("specdec:ngram", 1, "code", (1, 3), 0.5, verify_steps=2, drafted=2, accepted=0),
 ]
+
+
+def test_mismatches_report_the_top2_gap_at_the_first_differing_token(files, tmp_path, monkeypatch, capsys):
+    """A method made to change its third token (or its last, if shorter): the run records where each output leaves hf's and the target's
+    top-2 logit gap there, and the report prints a line for it."""
+    real = bench.specdec_runner
+
+    def off_by_one(decoder, n, sampling):
+        run = real(decoder, n, sampling)
+
+        def changed(ids, seed):
+            tokens, counts = run(ids, seed)
+            k = min(2, len(tokens) - 1)
+            return tokens[:k] + [tokens[k] % 90 + 3] + tokens[k + 1:], counts
+
+        return changed
+
+    monkeypatch.setattr(bench, "specdec_runner", off_by_one)
+    result = run_in_process(files, tmp_path, "bench.methods=[hf,specdec:ngram]", "bench.warmup=0",
+                            "bench.save_tokens=true")
+    check_schema(result)
+    hf, spec = result["runs"]
+    assert hf["divergences"] == [] and spec["mismatches"] == 3
+    assert [(d["question_id"], d["position"], d["dtype"]) for d in spec["divergences"]] == [
+        (q, min(2, len(out) - 1), "float64") for q, out in zip([1, 2, 3], hf["outputs"])]
+    assert all(d["token"] != d["reference_token"] and d["gap"] > 0 for d in spec["divergences"])
+    assert spec["max_divergence_gap"] == max(d["gap"] for d in spec["divergences"])
+    assert "specdec:ngram: 3 divergences, top-2 logit gap at the first differing token: max " in capsys.readouterr().out
+
+
+def test_sampled_runs_have_no_divergences(files, tmp_path):
+    result = run_in_process(files, tmp_path, "bench.methods=[hf,specdec:ngram]", "bench.warmup=0",
+                            "bench.temperature=0.8", "bench.limit=1")
+    assert all(r["mismatches"] is None and r["divergences"] is None for r in result["runs"])
+    assert "divergence" not in report.text_report(result)
 
 
 def test_summarize_golden():

@@ -20,7 +20,9 @@ acceptance so far (e.g. ``specdec:ngram+adaptive``, ``specdec:ngram@paged+adapti
 the recommended setting: ``specdec:hybrid+adaptive`` (n-gram + the EAGLE-style head's dynamic trees in one tree,
 with the adaptive budget; ``conf/drafter/hybrid.yaml``).
 For each prompt every method runs in turn (so slow drift of the machine hits all alike); only the generate call
-is timed. Results: a progress bar, tables, and JSON at ``bench.output``.
+is timed. Results: a progress bar, tables, and JSON at ``bench.output``. Greedy runs also record, for every output
+that differs from ``hf``'s, the target's top-2 logit gap at the first differing token (``divergences``; see
+:mod:`specdec.bench.divergence`): in bfloat16/float16 a near-tie the dtype cannot resolve, not a bug.
 
 With ``bench.batch_size`` B > 1 the prompts are served as a batch: ``hf`` is ``model.generate`` on B prompts at a
 time (left-padded), ``specdec:<drafter>`` is continuous batching over all prompts with up to B running at once
@@ -42,12 +44,12 @@ from tqdm import tqdm
 
 from specdec import models, registry
 from specdec.algorithms.acceptance import LOSSY
-from specdec.bench import config, report
+from specdec.bench import config, divergence, report
 from specdec.bench import plots as plots_mod
 from specdec.bench.prompts import DEFAULT_PROMPTS, Prompt, load_prompts
 from specdec.errors import ConfigError, PromptError, SpecdecError
 from specdec.generate import SpecDecoder
-from specdec.models import cpu_gemm
+from specdec.models import cpu_gemm, families
 
 CONF_PATH = str(config.CONF_DIR)
 HF_METHODS = ("hf", "hf_pld", "hf_assisted")
@@ -340,6 +342,8 @@ def run_bench(cfg: DictConfig) -> dict:
     prompts, source = bench_prompts(b)
     torch.set_num_threads(b.threads)
     model, tokenizer = models.load_target(cfg.target.name, dtype=cfg.target.dtype, device=cfg.target.device)
+    if cfg.target.declare_family:  # checking a family outside the support matrix: the mismatches column says
+        families.register_family(model.config.model_type, paged=True)
     runners = build_runners(cfg, model, tokenizer, drafters)
     inputs = encode(prompts, tokenizer, model, b.chat, b.max_new_tokens)
     with torch.inference_mode():
@@ -349,6 +353,11 @@ def run_bench(cfg: DictConfig) -> dict:
             measurements = run_interleaved(runners, prompts, inputs, b.warmup, b.seed)
     sampling = sampling_kwargs(b)
     runs = report.summarize(measurements, list(runners), sampled=bool(sampling), batch_size=b.batch_size)
+    if not sampling:  # greedy: where each mismatch starts and how near a tie the target was there
+        divergence.add_divergences(runs, measurements, model, inputs, [p.question_id for p in prompts])
+    else:  # sampled outputs differ by design, as mismatches says
+        for run in runs:
+            run["divergences"] = run["max_divergence_gap"] = None
     for run in runs:  # which drafter options, verifier and rule each speculative method ran with
         spec = drafters[run["method"]]
         if spec.drafter is not None:

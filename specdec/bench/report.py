@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -159,8 +160,41 @@ def category_table(runs: Sequence[dict]) -> str:
     return format_table(["category", *(r["method"] for r in runs)], rows)
 
 
+def divergence_lines(runs: Sequence[dict]) -> str:
+    """One line per run with ``divergences`` (:mod:`specdec.bench.divergence`): how many of its greedy outputs
+    left the reference's, and the target's top-2 logit gap at the first differing token (max and median, as a logit
+    difference and in steps of the dtype's resolution there); empty when no run has any.
+
+    >>> e = {"gap": 0.0625, "gap_ulps": 1.0, "dtype": "bfloat16"}
+    >>> runs = [{"method": "s", "divergences": [e, {**e, "gap": 0.125, "gap_ulps": 2.0}]}]
+    >>> print(divergence_lines(runs))  # doctest: +NORMALIZE_WHITESPACE
+    s: 2 divergences, top-2 logit gap at the first differing token: max 0.125 (2 bfloat16 steps),
+    median 0.09375 (1.5 steps); 1 of 2 within 1 step
+    """
+    lines = []
+    for r in runs:
+        ds = r.get("divergences") or []
+        if not ds:
+            continue
+        worst = max(ds, key=lambda d: d["gap"])
+        within = sum(1 for d in ds if d["gap_ulps"] <= 1)
+        median_gap = statistics.median(d["gap"] for d in ds)
+        median_steps = statistics.median(d["gap_ulps"] for d in ds)
+        lines.append(f"{r['method']}: {len(ds)} divergence{'s' * (len(ds) != 1)}, top-2 logit gap at the first "
+                     f"differing token: max {worst['gap']:.4g} ({_steps(worst['gap_ulps'], worst['dtype'])}), "
+                     f"median {median_gap:.4g} ({_steps(median_steps)}); {within} of {len(ds)} within 1 step")
+    return "\n".join(lines)
+
+
+def _steps(x: float, dtype: str = "") -> str:
+    """``2 bfloat16 steps``, ``1 step``, ``315 float32 steps``, ``1.2e+13 float64 steps``."""
+    n = f"{x:.0f}" if 100 <= x < 1e6 else f"{x:.3g}"
+    return " ".join(filter(None, [n, dtype, "step" if n == "1" else "steps"]))
+
+
 def text_report(result: dict) -> str:
-    """The bench's printed summary: a header line, the headline table and the per-category table."""
+    """The bench's printed summary: a header line, the headline table (with a divergence line per method whose
+    greedy outputs differ from the reference's, see :func:`divergence_lines`) and the per-category table."""
     head = (f"{result['target']} ({result['dtype']}, {result['device']}, {result['threads']} threads), "
             f"{result['prompts']} prompts, up to {result['max_new_tokens']} new tokens each")
     if result.get("batch_size", 1) > 1:
@@ -169,7 +203,8 @@ def text_report(result: dict) -> str:
         s = result["sampling"]
         head += (f"; sampled (temperature {s['temperature']}, top_k {s['top_k']}, top_p {s['top_p']}): "
                  "mismatches are not meaningful")
-    return "\n\n".join([head, runs_table(result["runs"]), "speedup vs hf by category", category_table(result["runs"])])
+    table = "\n\n".join(filter(None, [runs_table(result["runs"]), divergence_lines(result["runs"])]))
+    return "\n\n".join([head, table, "speedup vs hf by category", category_table(result["runs"])])
 
 
 def _times(x: float | None) -> str:
