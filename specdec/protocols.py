@@ -95,6 +95,9 @@ class Verifier(Protocol):
     def commit(self, tree: DraftTree, acceptance: Acceptance) -> None:
         """Keep the accepted path's KV (root included) in the cache and drop every other node's."""
 
+    def finish(self) -> None:
+        """The request is over (finished, stopped early, or failed): free what it holds (its KV cache or blocks)."""
+
     @property
     def cached_length(self) -> int:
         """Number of tokens whose KV the cache holds."""
@@ -151,8 +154,8 @@ def check_verifier(verifier) -> Verifier:
     """``verifier`` if it implements :class:`Verifier` and its declared ``batching`` matches what it implements."""
     if not isinstance(verifier, Verifier):
         raise ConfigError(f"{type(verifier).__name__} is not a verifier: it does not implement "
-                          "specdec.protocols.Verifier (capabilities, prefill, score, commit, cached_length, "
-                          "cost_key).")
+                          "specdec.protocols.Verifier (capabilities, prefill, score, commit, finish, "
+                          "cached_length, cost_key).")
     if verifier.capabilities.batching != isinstance(verifier, BatchVerifier):
         raise ConfigError(f"{type(verifier).__name__} declares batching={verifier.capabilities.batching} but "
                           f"{'does not implement' if verifier.capabilities.batching else 'implements'} "

@@ -76,6 +76,9 @@ class CountingVerifier:
     def commit(self, tree, acceptance):
         self.inner.commit(tree, acceptance)
 
+    def finish(self):
+        self.inner.finish()
+
     @property
     def cached_length(self) -> int:
         return self.inner.cached_length

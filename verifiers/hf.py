@@ -57,6 +57,11 @@ class HFVerifier:
         hf_cache.keep_positions(self.cache, self._scored, acceptance.accepted_nodes(0))
         self._scored = None
 
+    def finish(self) -> None:
+        """Drop the request's cache (its memory goes back now, not at the next prefill)."""
+        self.cache = hf_cache.new_cache()
+        self._scored = None
+
     @property
     def cached_length(self) -> int:
         return hf_cache.cache_length(self.cache)

@@ -39,7 +39,9 @@ def decode(
     The last prompt token is the first tree's root; the cache holds every committed token but the current root.
     ``budget`` (optional) re-decides the node budget before each step from measured costs and this request's
     acceptance so far (:mod:`specdec.algorithms.adaptive`); otherwise every tree gets ``max_nodes``.
-    Yields one :class:`~specdec.algorithms.step.Step` per verify step; a caller may stop iterating at any time.
+    Yields one :class:`~specdec.algorithms.step.Step` per verify step; a caller may stop iterating at any time
+    (closing the generator): the verifier is then told the request is over (:meth:`Verifier.finish`), as it is when
+    the loop ends or fails.
     """
     sampling = sampling or SamplingParams()
     needs_hidden = drafter.needs_hidden_states
@@ -47,8 +49,11 @@ def decode(
     drafter.reset()
     request = RequestDecoding(drafter, rule, input_ids, prompt_len=input_ids.shape[1], remaining=max_new_tokens,
                               sampling=sampling, generator=generator, budget=budget)
-    request.hidden = verifier.prefill(input_ids[:, :-1], output_hidden=needs_hidden)  # [1, T-1, H] or None
-    while request.remaining > 0:
-        drafted = request.draft(max_nodes)
-        out = verifier.score(drafted.tree, output_hidden=needs_hidden, greedy=argmax_only)
-        yield request.settle(drafted, out, lambda acceptance: verifier.commit(drafted.tree, acceptance))
+    try:
+        request.hidden = verifier.prefill(input_ids[:, :-1], output_hidden=needs_hidden)  # [1, T-1, H] or None
+        while request.remaining > 0:
+            drafted = request.draft(max_nodes)
+            out = verifier.score(drafted.tree, output_hidden=needs_hidden, greedy=argmax_only)
+            yield request.settle(drafted, out, lambda acceptance: verifier.commit(drafted.tree, acceptance))
+    finally:
+        verifier.finish()

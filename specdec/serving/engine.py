@@ -26,6 +26,7 @@ from specdec.algorithms.adaptive import AdaptiveBudget
 from specdec.algorithms.sampling import SamplingParams
 from specdec.algorithms.step import Drafted, RequestDecoding
 from specdec.algorithms.stopping import Stopper
+from specdec.errors import SpecdecError
 from specdec.protocols import BatchVerifier, Drafter
 from specdec.serving.block_allocator import KVBlocksExhausted
 from specdec.serving.scheduler import Scheduler
@@ -127,6 +128,13 @@ class BatchEngine:
         events = self._admit()
         running = list(self.scheduler.running)
         if not running:
+            if self.scheduler.waiting and not events:  # nothing runs, nothing could start: never spin
+                v, r = self.verifier, self.scheduler.waiting[0]
+                raise SpecdecError(
+                    f"request {r.request_id} needs {v.blocks_for(self._context(r).shape[1] - 1 + self.max_nodes)} "
+                    f"KV blocks but only {v.num_free_blocks} of {v.num_blocks} are free while no request of this "
+                    "batch holds any: blocks are held outside it (a request not released on this verifier); "
+                    "release it, or build the verifier anew.")
             return events
         for r in running:
             r.drafted = r.decoding.draft(self.max_nodes, batch_rows=len(running) - 1)

@@ -180,6 +180,10 @@ class PagedVerifier:
     def commit(self, tree: DraftTree, acceptance: Acceptance) -> None:
         self.commit_request(self.SINGLE, acceptance.accepted_nodes(0))
 
+    def finish(self) -> None:
+        """The one request is over: its blocks go back to the pool (a later batch may need all of them)."""
+        self.release(self.SINGLE)
+
     @property
     def cached_length(self) -> int:
         return self.cache.length(self.SINGLE) if self.SINGLE in self.cache.seqs else 0
