@@ -67,7 +67,7 @@ class DraftModelDrafter:
                 recommended = meta["config"]
             else:
                 device = models.device_of(target) if target is not None else "cpu"
-                model, _ = models.load_target(path, dtype=dtype or "float32", device=device)
+                model, _ = models.load_target(path, dtype=dtype or "float32", device=device, role="draft model")
         elif target is not None and models.device_of(model) != models.device_of(target):
             model = model.to(models.device_of(target))  # its tokens come from the target's cache and go back there
         depth = int(depth if depth is not None else recommended.get("depth") or 4)

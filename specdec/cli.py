@@ -28,6 +28,9 @@ def _generate(argv: list[str]) -> int:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--raw", action="store_true", help="treat the prompt as raw completion text (no template)")
     args = parser.parse_args(argv)
+    if args.drafter == registry.ASSISTANT_DRAFTER and not args.draft_path:
+        parser.error(f"--drafter {registry.ASSISTANT_DRAFTER} needs --draft-path <hub id or local path of a causal LM "
+                     "sharing the target's tokenizer, or a train/ checkpoint>.")
 
     from transformers import TextStreamer
 

@@ -8,7 +8,9 @@ statistics and batches.
 
 from __future__ import annotations
 
+import os
 import sys
+import threading
 import time
 import warnings
 from contextlib import ExitStack
@@ -27,6 +29,7 @@ from specdec.models import checkpoint, cpu_gemm
 from specdec.models.families import check_servable
 from specdec.params import GenerationParams
 from specdec.protocols import BatchVerifier, check_capabilities, check_drafter, check_verifier
+from specdec.serving.block_allocator import KVBlocksExhausted
 from specdec.serving.engine import BatchEngine, DrafterPool
 from specdec.serving.scheduler import POLICIES
 from specdec.types import GenerationOutput, GenerationStats
@@ -82,6 +85,7 @@ class SpecDecoder:
         self.adaptive = adaptive
         self.cost_profile = cost_profile
         self.calibrator = Calibrator()  # the drafter's confidence calibration, shared by this decoder's requests
+        self._lock = threading.RLock()  # one request (or batch) at a time: the verifier and drafter hold its state
         if adaptive and cost_profile is None:
             from specdec.bench import profiler  # measuring is the bench app's; only adaptive decoding needs it
 
@@ -96,8 +100,8 @@ class SpecDecoder:
         check_capabilities(self.drafter, self.verifier.capabilities)
         check_vocabulary(self.drafter, target)
 
-    def generate(self, input_ids=None, *, prompt=None, chat: bool = True, streamer=None, generation_config=None,
-                 max_batch_size: int | None = None, progress: bool = False,
+    def generate(self, input_ids=None, *, prompt=None, attention_mask=None, chat: bool = True, streamer=None,
+                 generation_config=None, max_batch_size: int | None = None, progress: bool = False,
                  **params) -> GenerationOutput | list[GenerationOutput]:
         """Generate after ``input_ids [1, T]`` (or ``prompt``: text, or chat messages with ``chat=True``).
 
@@ -106,68 +110,103 @@ class SpecDecoder:
         ``generation_config`` (a :class:`~specdec.params.GenerationParams` or a transformers ``GenerationConfig``).
         Stops like ``model.generate``: at EOS (kept), at a stop string (the completing token kept), or at exactly
         ``max_new_tokens``. ``streamer`` (e.g. a ``TextStreamer``) gets the prompt, then each token, then ``end()``.
-        Sampling warps like transformers and is reproducible for a fixed ``seed``.
+        Sampling warps like transformers and is reproducible for a fixed ``seed`` (an adaptive decoder calibrates a
+        seeded sampled request afresh, so what it served before does not change its tokens).
+        ``attention_mask [B, T]`` (1 = token, 0 = padding, left or right), as ``model.generate`` takes it: pads
+        are dropped and each row is decoded as the prompt it holds. A request on the paged verifier that runs out
+        of KV blocks ends with ``stats.finish_reason == "kv_exhausted"`` and ``error`` set, keeping its tokens.
 
         A batch of prompts (see :func:`specdec.inputs.is_batch`) goes to :meth:`generate_batch` and returns a list.
+        Calls from several threads are served one at a time (each decoder holds one lock): never mixed.
         """
-        request = GenerationParams.resolve(generation_config, params)
-        if inputs.is_batch(input_ids, prompt):
-            if streamer is not None:
-                raise SpecdecError("streamer works with one request; for a batch, drive "
-                                   "specdec.serving.engine.BatchEngine and read the tokens each step() emits.")
-            return self.generate_batch(input_ids, prompt=prompt, chat=chat, generation_config=request,
-                                       max_batch_size=max_batch_size, progress=progress)
+        with self._lock:
+            request = GenerationParams.resolve(generation_config, params)
+            input_ids = inputs.unpad(input_ids, attention_mask, self.target)
+            if inputs.is_batch(input_ids, prompt):
+                if streamer is not None:
+                    raise SpecdecError("streamer works with one request; for a batch, drive "
+                                       "specdec.serving.engine.BatchEngine and read the tokens each step() emits.")
+                return self.generate_batch(input_ids, prompt=prompt, chat=chat, generation_config=request,
+                                           max_batch_size=max_batch_size, progress=progress)
+            return self._generate_one(input_ids, prompt, chat, streamer, request)
+
+    def _generate_one(self, input_ids, prompt, chat: bool, streamer, request: GenerationParams) -> GenerationOutput:
         request.check()
         ids = inputs.request_ids(input_ids, prompt, tokenizer=self.tokenizer, chat=chat, device=self.device)
+        inputs.check_ids(self.target, ids)
         inputs.check_length(self.target, ids, request.max_new_tokens)
+        if isinstance(self.verifier, BatchVerifier):  # a prompt that cannot fit even alone fails now, losing nothing
+            need = self.verifier.blocks_for(ids.shape[1])  # the prompt and a one-node tree
+            if need > self.verifier.num_blocks:
+                raise KVBlocksExhausted(
+                    f"the prompt ({ids.shape[1]} tokens) needs {need} KV blocks but the cache has "
+                    f"{self.verifier.num_blocks}; raise verifier.num_blocks (or block_size), or shorten the prompt.",
+                    needed=need, total=self.verifier.num_blocks)
         rule = get_rule(self._rule_name(request.do_sample))
         stopper = Stopper(ids[0].tolist(), request.max_new_tokens, request.eos(self.target), request.stop_strings,
                           self.tokenizer)
-        stats, new_tokens = GenerationStats(), []
+        stats, new_tokens, error = GenerationStats(), [], None
         if streamer is not None:
             streamer.put(ids.cpu())
         start = time.perf_counter()
         steps = decode(self.verifier, self.drafter, rule, ids, max_new_tokens=request.max_new_tokens,
                        max_nodes=self.max_nodes, sampling=request.sampling(self.target),
-                       generator=self._generator(request.seed), budget=self._budget())
+                       generator=self._generator(request.seed), budget=self._budget(request))
         with self._fast_linears():
-            for step in steps:
-                kept, reason = stopper.cut(step.new_tokens)
-                stats.record(drafted=int(step.tree.num_draft_nodes[0]), accepted=int(step.acceptance.num_accepted[0]))
-                new_tokens.extend(kept)
-                for t in kept if streamer is not None else ():
-                    streamer.put(torch.tensor([t], device="cpu"))
-                if reason is not None:
-                    stats.finish_reason = reason
-                    break
-            steps.close()
+            try:
+                for step in steps:
+                    kept, reason = stopper.cut(step.new_tokens)
+                    stats.record(drafted=int(step.tree.num_draft_nodes[0]),
+                                 accepted=int(step.acceptance.num_accepted[0]))
+                    new_tokens.extend(kept)
+                    for t in kept if streamer is not None else ():
+                        streamer.put(torch.tensor([t], device="cpu"))
+                    if reason is not None:
+                        stats.finish_reason = reason
+                        break
+            except KVBlocksExhausted as e:  # one request: nothing to preempt; it ends here, keeping its tokens
+                stats.finish_reason = "kv_exhausted"
+                error = (f"the request ran out of KV blocks after {len(new_tokens)} new tokens (its next tree needs "
+                         f"{e.needed} more blocks of {e.block_size} positions; {e.free} of the {e.total} are free); "
+                         "raise verifier.num_blocks or lower max_new_tokens.")
+            finally:
+                steps.close()  # the verifier frees the request's cache or blocks
         stats.wall_time_s = time.perf_counter() - start
         stats.new_tokens = len(new_tokens)
         if streamer is not None:
             streamer.end()
-        return self._output(ids, new_tokens, stats)
+        return self._output(ids, new_tokens, stats, error)
 
-    def generate_batch(self, input_ids=None, *, prompt=None, chat: bool = True, generation_config=None,
-                       max_batch_size: int | None = None, progress: bool = False, **params) -> list[GenerationOutput]:
+    def generate_batch(self, input_ids=None, *, prompt=None, attention_mask=None, chat: bool = True,
+                       generation_config=None, max_batch_size: int | None = None, progress: bool = False,
+                       **params) -> list[GenerationOutput]:
         """Generate for many requests at once (continuous batching); one :class:`GenerationOutput` per request,
         in order. Needs a verifier that serves batches (``verifier="paged"``).
 
-        input_ids: a list of token-id lists / 1-D tensors (any lengths), or a ``[B, T]`` tensor; or ``prompt``: a
-        list of texts or of chat-message lists; ``params`` / ``generation_config`` as in :meth:`generate`. Up to
-        ``max_batch_size`` requests (default: the decoder's) run in each verify step; the rest wait and join as
-        others finish. Request i samples with seed ``seed + i``. Each output equals that request generated alone
-        (greedy: token for token). A request that runs out of KV blocks under ``preemption="refuse"`` ends with
+        input_ids: a list of token-id lists / 1-D tensors (any lengths), or a ``[B, T]`` tensor (with
+        ``attention_mask`` when padded, as :meth:`generate`); or ``prompt``: a list of texts or of chat-message
+        lists; ``params`` / ``generation_config`` as in :meth:`generate`. Up to ``max_batch_size`` requests
+        (default: the decoder's) run in each verify step; the rest wait and join as others finish. Request i
+        samples with seed ``seed + i``. Each output equals that request generated alone (greedy: token for
+        token). A request that runs out of KV blocks under ``preemption="refuse"`` ends with
         ``stats.finish_reason == "kv_exhausted"`` (the tokens it made are kept; the others are unaffected).
         ``progress``: a progress bar over finished requests.
         """
+        with self._lock:
+            input_ids = inputs.unpad(input_ids, attention_mask, self.target)
+            return self._generate_batch(input_ids, prompt, chat, GenerationParams.resolve(generation_config, params),
+                                        max_batch_size, progress)
+
+    def _generate_batch(self, input_ids, prompt, chat: bool, request: GenerationParams, max_batch_size: int | None,
+                        progress: bool) -> list[GenerationOutput]:
         if not isinstance(self.verifier, BatchVerifier):
             raise SpecdecError(f"batched generation needs a verifier that serves batches: SpecDecoder(..., "
                                f"verifier='{registry.batching_verifier()}') (or verifier={registry.batching_verifier()}"
                                " in Hydra).")
-        request = GenerationParams.resolve(generation_config, params)
         request.check()
         requests = inputs.batch_ids(input_ids, prompt, tokenizer=self.tokenizer, chat=chat, device=self.device)
         for ids in requests:  # every request checked before any runs: bad input loses nothing
+            inputs.check_ids(self.target, ids)
             inputs.check_length(self.target, ids, request.max_new_tokens)
         rule = get_rule(self._rule_name(request.do_sample))
         max_batch_size = max_batch_size or self.max_batch_size
@@ -181,7 +220,7 @@ class SpecDecoder:
         for i, ids in enumerate(requests):
             stopper = Stopper(ids[0].tolist(), request.max_new_tokens, request.eos(self.target),
                               request.stop_strings, self.tokenizer)
-            engine.add(ids, max_new_tokens=request.max_new_tokens, stopper=stopper, budget=self._budget(),
+            engine.add(ids, max_new_tokens=request.max_new_tokens, stopper=stopper, budget=self._budget(request),
                        generator=self._generator(None if request.seed is None else request.seed + i))
         bar = tqdm(total=len(requests), desc=f"requests (batch {max_batch_size})", unit="request",
                    file=sys.stderr, disable=not progress)
@@ -207,12 +246,15 @@ class SpecDecoder:
         """The fast CPU linear kernel (:mod:`specdec.models.cpu_gemm`) in the target's and the drafter's linears."""
         return cpu_gemm.fast_linears(self.target, *self.drafter.modules(), enabled=self.fast_linears)
 
-    def _budget(self) -> AdaptiveBudget | None:
-        """A fresh per-request budget controller when adaptive (None: every tree gets ``max_nodes``)."""
+    def _budget(self, request: GenerationParams) -> AdaptiveBudget | None:
+        """A fresh per-request budget controller when adaptive (None: every tree gets ``max_nodes``). It learns in
+        the decoder's shared calibrator, except a seeded sampled request, which starts from a fresh one: its trees,
+        and so its sampled tokens, then depend on its seed alone (greedy output never depends on the trees)."""
         if not self.adaptive:
             return None
         kind = self._drafter_spec[0] if self._drafter_spec is not None else type(self.drafter).__name__
-        return AdaptiveBudget(self.cost_profile, kind, max_nodes=self.max_nodes, calibrator=self.calibrator)
+        calibrator = Calibrator() if request.do_sample and request.seed is not None else self.calibrator
+        return AdaptiveBudget(self.cost_profile, kind, max_nodes=self.max_nodes, calibrator=calibrator)
 
     def _drafter_pool(self, fast: ExitStack) -> DrafterPool:
         """One drafter per running request: the decoder's own first, then new ones built from its spec, each with
@@ -246,6 +288,10 @@ def drafter_spec(drafter, drafter_kwargs: dict | None) -> tuple[str, dict] | Non
     drafter object (used as it is)."""
     if drafter is None:
         drafter = registry.NO_DRAFTER
+    if isinstance(drafter, str) and drafter not in registry.DRAFTERS and \
+            (os.sep in drafter or drafter.startswith((".", "~"))) and not os.path.isdir(os.path.expanduser(drafter)):
+        raise ConfigError(f"drafter={drafter!r}: no such directory. Pass a train/ checkpoint directory that "
+                          f"exists, or a drafter name ({', '.join(registry.DRAFTERS)}).")
     if isinstance(drafter, str) and checkpoint.is_checkpoint(drafter):  # a trained drafter's directory
         return checkpoint.read_meta(drafter)["kind"], {"path": drafter, **(drafter_kwargs or {})}
     if isinstance(drafter, str):

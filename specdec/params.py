@@ -16,6 +16,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from specdec.algorithms.sampling import SamplingParams
 from specdec.errors import ConfigError
 
@@ -88,6 +90,24 @@ class GenerationParams:
         if not isinstance(self.max_new_tokens, int) or isinstance(self.max_new_tokens, bool) or \
                 self.max_new_tokens <= 0:
             raise ConfigError(f"max_new_tokens must be a positive integer; got {self.max_new_tokens!r}.")
+        eos = self.eos_token_id
+        if isinstance(eos, torch.Tensor):  # transformers takes a tensor of ids too
+            if eos.is_floating_point() or eos.dim() > 1:
+                raise ConfigError(f"eos_token_id as a tensor must be integer ids ([] or [n]); got {eos.dtype} "
+                                  f"{tuple(eos.shape)}.")
+            eos = eos.tolist()
+            object.__setattr__(self, "eos_token_id", eos)  # normalised once, before anything reads it
+        if isinstance(eos, str) and eos != DEFAULT:
+            raise ConfigError(f"eos_token_id must be a token id (int), a list of ids, None or 'default'; got the "
+                              f"string {eos!r} (for a token's text, pass tokenizer.convert_tokens_to_ids({eos!r})).")
+        ids = [eos] if isinstance(eos, int) else eos if isinstance(eos, (list, tuple)) else []
+        if eos is not None and eos != DEFAULT and (not isinstance(eos, (int, list, tuple)) or any(
+                not isinstance(i, int) or isinstance(i, bool) or i < 0 for i in ids) or isinstance(eos, bool)):
+            raise ConfigError(f"eos_token_id must be a non-negative token id or a list of them; got {eos!r}.")
+        stops = [self.stop_strings] if isinstance(self.stop_strings, str) else self.stop_strings
+        if stops is not None and (not isinstance(stops, (list, tuple))
+                                  or any(not isinstance(x, str) or not x for x in stops)):
+            raise ConfigError(f"stop_strings must be a non-empty string or a list of them; got {self.stop_strings!r}.")
 
     def eos(self, target) -> int | list[int] | None:
         """The EOS id(s) to stop at: the target's generation config's for ``"default"``."""

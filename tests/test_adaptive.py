@@ -209,7 +209,7 @@ def test_adaptive_batch_is_lossless_and_budgets_differ_per_request():
                               max_batch_size=3)
     budgets = []
     make = dec._budget
-    dec._budget = lambda: budgets.append(make()) or budgets[-1]
+    dec._budget = lambda *a: budgets.append(make(*a)) or budgets[-1]
     outs = dec.generate(prompts, max_new_tokens=30)
     assert [o.new_tokens for o in outs] == [greedy_reference(target, torch.tensor([p]), 30) for p in prompts]
     assert len(budgets) == 5 and len({tuple(b.history) for b in budgets}) > 1
@@ -237,8 +237,8 @@ def test_sampling_with_adaptive_budgets_keeps_the_target_distribution(kind):
     histories = set()
     make = dec._budget
 
-    def recording():
-        b = make()
+    def recording(*a):
+        b = make(*a)
         b.stats.decay = 0.3
         histories.add(id(b))
         recording.last = b

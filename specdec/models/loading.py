@@ -93,11 +93,18 @@ def resolve_target_path(name: str | None) -> str:
     return str(name)
 
 
+try:  # huggingface_hub validates configs with errors of its own (not ValueError)
+    from huggingface_hub.errors import StrictDataclassError as _HubConfigError
+except ImportError:  # an older huggingface_hub
+    _HubConfigError = ValueError
+CONFIG_ERRORS = (ValueError, TypeError, KeyError, _HubConfigError)  # what loading an inconsistent config raises
+
+
 def load_target(name: str | None = None, dtype: str | torch.dtype | None = "float32", device: str = "cpu",
-                attn_implementation: str | None = None):
+                attn_implementation: str | None = None, role: str = "target"):
     """``(model, tokenizer)`` for a hub id, a local path or the default target; cached per process.
 
-    The model is in eval mode on ``device`` in ``dtype``.
+    The model is in eval mode on ``device`` in ``dtype``; ``role`` names it in errors (``"draft model"``).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -111,10 +118,14 @@ def load_target(name: str | None = None, dtype: str | torch.dtype | None = "floa
         try:
             model = AutoModelForCausalLM.from_pretrained(path, **kwargs).to(device).eval()
         except OSError as e:
+            unset = "leave target unset for the default model" if role == "target" else f"fix the {role}'s path"
             raise ConfigError(
-                f"could not load target {name!r} ({e.__class__.__name__}: {e}). Pass a local checkpoint directory "
-                "or a hub id that is reachable, or leave target unset for the default model."
+                f"could not load the {role} {name!r} ({e.__class__.__name__}: {e}). Pass a local checkpoint "
+                f"directory or a hub id that is reachable, or {unset}."
             ) from e
+        except CONFIG_ERRORS as e:  # a config transformers (or huggingface_hub's validation) rejects
+            raise ConfigError(f"the {role} at {name!r} has an invalid config ({e.__class__.__name__}: {e}); fix "
+                              "its config.json or re-save the model with save_pretrained.") from None
         tokenizer = AutoTokenizer.from_pretrained(path)
         _LOADED[key] = (model, tokenizer)
     return _LOADED[key]
@@ -130,6 +141,16 @@ def encode_prompt(tokenizer, prompt: str | list[dict], chat: bool = True) -> tor
         )
     if len(prompt) == 0:
         raise PromptError("the prompt is empty; pass some text (or at least one chat message).")
+    for i, m in enumerate([] if isinstance(prompt, str) else prompt):
+        if not isinstance(m.get("role"), str) or not isinstance(m.get("content"), (str, list)):
+            raise PromptError(f"chat message {i} needs a 'role' (str) and a 'content' (str); got keys "
+                              f"{sorted(m)}: pass [{{'role': 'user', 'content': '...'}}, ...].")
+    for text in [prompt] if isinstance(prompt, str) else [m["content"] for m in prompt if isinstance(m["content"], str)]:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise PromptError(f"the prompt is not valid Unicode text (a lone surrogate at character {e.start}: "
+                              f"{text[e.start:e.end]!r}); decode your bytes with errors='replace' first.") from None
     if chat and getattr(tokenizer, "chat_template", None):
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
         ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt")

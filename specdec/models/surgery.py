@@ -18,6 +18,7 @@ from torch import nn
 
 from specdec.errors import ConfigError
 from specdec.models import checkpoint
+from specdec.models.loading import CONFIG_ERRORS
 
 
 def decoder(model) -> nn.Module:
@@ -140,7 +141,13 @@ def from_state(target, hf_config: dict, state: dict[str, torch.Tensor], path: st
     dtype = dtype or target.dtype
     state = dict(state)
     d2t = state.pop("d2t", None)
-    model = new_model(target, type(target.config).from_dict(hf_config), dtype)
+    try:
+        config = type(target.config).from_dict(hf_config)
+        model = new_model(target, config, dtype)
+    except CONFIG_ERRORS as e:  # a config transformers (or huggingface_hub's validation) rejects
+        raise checkpoint.CheckpointError(
+            f"the draft model's config in {path} is inconsistent ({type(e).__name__}: {str(e).splitlines()[0]}); "
+            "re-export the checkpoint with python -m train.draft_model.") from None
     share_vocab(model, target)
     checkpoint.load_into(own_modules(model), {k: v.to(dtype) for k, v in state.items()}, path)
     if d2t is not None and not full_vocab:

@@ -25,7 +25,13 @@ from specdec.errors import SpecdecError
 
 
 class KVBlocksExhausted(SpecdecError):
-    """Not enough free KV blocks for a request; the message says how many were needed and how to get more."""
+    """Not enough free KV blocks for a request; the message says how many were needed and how to get more.
+
+    needed / free / total / block_size: the sizes, for a caller that words its own message (one request)."""
+
+    def __init__(self, message: str, needed: int = 0, free: int = 0, total: int = 0, block_size: int = 0) -> None:
+        super().__init__(message)
+        self.needed, self.free, self.total, self.block_size = needed, free, total, block_size
 
 
 class BlockAllocator:
@@ -55,8 +61,8 @@ class BlockAllocator:
         if n > len(self._free):
             raise KVBlocksExhausted(
                 f"need {n} free KV blocks but only {len(self._free)} of {self.num_blocks} are free "
-                f"(block_size={self.block_size}); raise verifier.num_blocks, lower max_batch_size or max_new_tokens."
-            )
+                f"(block_size={self.block_size}); raise verifier.num_blocks, lower max_batch_size or max_new_tokens.",
+                needed=n, free=len(self._free), total=self.num_blocks, block_size=self.block_size)
         out = [self._free.pop() for _ in range(n)]
         for blk in out:
             self._refs[blk] = 1
