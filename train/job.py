@@ -106,7 +106,7 @@ def run(spec: JobSpec, cfg: dict, progress: bool = True) -> Path:
                     enabled=main_process, **log_cfg)
     trainer = Trainer(module, spec.loss_fn, data.train, schedule, out_dir, logger, evaluate, progress=progress)
     train_start = time.perf_counter()
-    module = trainer.run(resume=bool(cfg.get("resume", False)))
+    module = trainer.run(resume=bool(cfg.get("resume", False)), overwrite=bool(cfg.get("overwrite", False)))
     train_s = time.perf_counter() - train_start
     if not last:  # resumed at the final step: evaluate once for the card
         module.eval()

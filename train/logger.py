@@ -44,6 +44,18 @@ class Logger:
         if self.run is not None:
             self.run.log(metrics, step=step)
 
+    def truncate_after(self, step: int) -> None:
+        """Drop the lines of ``metrics.jsonl`` logged after ``step`` (a resumed run logs them again; a fresh run,
+        ``step`` 0, starts an empty file), so no step appears twice."""
+        if not self.enabled:
+            return
+        path = self.out_dir / "metrics.jsonl"
+        self._file.close()
+        kept = [line for line in path.read_text(encoding="utf-8").splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= step]
+        path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        self._file = path.open("a", encoding="utf-8")
+
     def finish(self) -> None:
         if not self.enabled:
             return

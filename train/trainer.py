@@ -116,10 +116,30 @@ class Trainer:
         os.replace(tmp, final)
         shutil.rmtree(old, ignore_errors=True)
 
-    def load_state(self) -> bool:
-        """Continue from ``out_dir/state`` if it exists; returns whether it did."""
+    def _recover(self) -> None:
+        """A crash between the two renames of :meth:`save_state` leaves no ``state/`` but a complete new state in
+        ``.state.tmp`` and the previous one in ``.state.old``: put the newest complete one back as ``state/``."""
+        final = self.out_dir / STATE_DIR
+        if final.exists():
+            return
+        for name in (f".{STATE_DIR}.tmp", f".{STATE_DIR}.old"):
+            candidate = self.out_dir / name
+            if all((candidate / f).exists() for f in ("module.safetensors", "optimizer.pt", "trainer.json")):
+                os.replace(candidate, final)
+                print(f"recovered the training state from {candidate} (a save was interrupted)")
+                return
+
+    def existing_state(self) -> Path | None:
+        """The training state in ``out_dir`` a fresh run would overwrite (after any recovery), or None."""
+        self._recover()
         path = self.out_dir / STATE_DIR
-        if not path.exists():
+        return path if path.exists() else None
+
+    def load_state(self) -> bool:
+        """Continue from ``out_dir/state`` if it exists (recovering an interrupted save first); returns whether it
+        did."""
+        path = self.existing_state()
+        if path is None:
             return False
         try:
             meta = json.loads((path / "trainer.json").read_text())
@@ -157,10 +177,22 @@ class Trainer:
         dev = self.accelerator.device
         return Batch(*(t.to(dev) for t in (b.tokens, b.hidden, b.loss_mask, b.valid, b.target_top1)))
 
-    def run(self, resume: bool = False) -> torch.nn.Module:
-        if resume and self.load_state():
-            self.resumed_from = self.step
-            print(f"resumed from {self.out_dir / STATE_DIR} at step {self.step}")
+    def run(self, resume: bool = False, overwrite: bool = False) -> torch.nn.Module:
+        """Train to ``schedule.steps``. ``resume``: continue from the saved state (saying so, or that there was
+        none); without it an existing state is refused unless ``overwrite`` (then training starts over and the
+        state and metrics are replaced at the first save)."""
+        if resume:
+            if self.load_state():
+                self.resumed_from = self.step
+                print(f"resumed from {self.out_dir / STATE_DIR} at step {self.step}")
+            else:
+                print(f"resume=true found no training state in {self.out_dir}; starting at step 0")
+        elif (found := self.existing_state()) is not None and not overwrite:
+            step = json.loads((found / "trainer.json").read_text()).get("step") \
+                if (found / "trainer.json").exists() else "?"
+            raise CheckpointError(f"{found} holds a training state at step {step}: resume=true continues it, "
+                                  "overwrite=true starts over and replaces it (or choose another output_dir).")
+        self.logger.truncate_after(self.step)  # metrics past the state's step belong to the run that crashed
         s = self.schedule
         bar = tqdm(total=s.steps, initial=self.step, desc="train", unit="step", disable=not self.progress)
         tic, positions = time.perf_counter(), 0
