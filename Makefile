@@ -32,7 +32,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -m "not slow and not soak"
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis outputs bench_results
