@@ -12,6 +12,11 @@ can load), compares every output with the bench's ``hf`` outputs (transformers `
 same JSON fields as the bench, with ``speedup_vs_hf`` against the bench's ``hf`` run (run them back to back, on a quiet
 machine). Batch 1: one request at a time, each call timed. Batch B (``--batch-size``): all requests submitted at once,
 ``max_num_seqs=B`` (continuous batching), the whole run timed.
+
+``--serve`` answers requests one JSON line at a time on stdin/stdout instead, so the bench can run vLLM methods
+interleaved with its own, prompt by prompt, in one sitting (``bench.methods=[hf,specdec:none,vllm,vllm:ngram]``;
+:mod:`specdec.bench.peer`): it prints ``{"ready": ...}`` once every engine is built, then for each
+``{"method", "ids", "max_new_tokens"}`` line one ``{"tokens", "accepted", "drafted", "time_s"}`` line.
 """
 
 from __future__ import annotations
@@ -112,16 +117,55 @@ def summarize(method: str, bench: dict, got: dict, batch_size: int) -> dict:
     return run
 
 
+def serve(target: str, dtype: str, methods: list[str], max_model_len: int) -> int:
+    """The ``--serve`` loop: one engine per method, greedy, one request per line (see the module docstring)."""
+    import torch
+    import vllm
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    # several engines in one process: each gets a fixed 1 GiB KV cache (vLLM's default claims most of the host's
+    # memory for the first engine); one request at a time needs far less, and capacity does not change speed
+    engines = {m: LLM(model=target, dtype=dtype, seed=0, max_num_seqs=1, max_model_len=max_model_len,
+                      speculative_config=speculative_config(m), disable_log_stats=False,
+                      gpu_memory_utilization=0.3, kv_cache_memory_bytes=1 << 30) for m in methods}
+    print(json.dumps({"ready": True, "versions": {"vllm": vllm.__version__, "torch": torch.__version__},
+                      "threads": torch.get_num_threads()}), flush=True)
+    for line in sys.stdin:
+        req = json.loads(line)
+        if req.get("quit"):
+            break
+        llm = engines[req["method"]]
+        acc0, drafted0 = spec_counts(llm)
+        params = SamplingParams(temperature=0.0, max_tokens=int(req["max_new_tokens"]))
+        start = time.perf_counter()
+        out = llm.generate([TokensPrompt(prompt_token_ids=req["ids"])], params, use_tqdm=False)
+        elapsed = time.perf_counter() - start
+        acc1, drafted1 = spec_counts(llm)
+        print(json.dumps({"tokens": list(out[0].outputs[0].token_ids), "accepted": acc1 - acc0,
+                          "drafted": drafted1 - drafted0, "time_s": elapsed}), flush=True)
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--from", dest="source", required=True, help="a bench JSON written with bench.save_tokens=true")
-    parser.add_argument("--output", required=True)
+    parser.add_argument("--serve", action="store_true", help="answer requests on stdin (see the module docstring)")
+    parser.add_argument("--dtype", default="float32", help="--serve: the target's dtype")
+    parser.add_argument("--max-model-len", type=int, default=4096, help="--serve: prompt + new tokens, at most")
+    parser.add_argument("--from", dest="source", help="a bench JSON written with bench.save_tokens=true")
+    parser.add_argument("--output")
     parser.add_argument("--methods", default="vllm,vllm:ngram", help="comma-separated, e.g. vllm,vllm:ngram")
     parser.add_argument("--batch-size", type=int, default=None, help="default: the bench run's batch size")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--target", default=None, help="the target's directory (default: the bench's, or the "
                         "default target converted by specdec under $SPECDEC_CACHE)")
     args = parser.parse_args()
+    if args.serve:
+        if not args.target:
+            raise SystemExit("--serve needs --target <HF model directory>.")
+        return serve(args.target, args.dtype, args.methods.split(","), args.max_model_len)
+    if not args.source or not args.output:
+        raise SystemExit("pass --from <bench JSON> and --output <JSON> (or --serve).")
     bench = json.loads(Path(args.source).read_text(encoding="utf-8"))
     if "requests" not in bench or not all("outputs" in r for r in bench["runs"] if r["method"] == "hf"):
         raise SystemExit(f"{args.source} has no requests/outputs: run the bench with bench.save_tokens=true.")

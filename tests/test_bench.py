@@ -380,3 +380,23 @@ def test_saved_tokens_let_a_peer_engine_run_the_same_requests(files, tmp_path, c
     assert report.main([str(tmp_path / "a.json"), str(tmp_path / "b.json")]) == 0
     table = capsys.readouterr().out
     assert "specdec:ngram" in table and "\nvllm " in table
+
+
+def test_vllm_methods_run_interleaved_through_the_peer_server(files, tmp_path):
+    """``vllm`` methods go to the peer engine's line protocol (a stand-in here: tests/fake_peer.py), prompt by
+    prompt between ours, and are reported like every method."""
+    result = run_in_process(files, tmp_path, "bench.methods=[hf,specdec:ngram,vllm,vllm:ngram]",
+                            f"bench.peer_python={sys.executable}", "bench.peer_script=tests/fake_peer.py",
+                            f"bench.peer_log={tmp_path / 'peer.log'}")
+    runs = {r["method"]: r for r in result["runs"]}
+    assert runs["vllm"]["mismatches"] == 0 and runs["vllm:ngram"]["mismatches"] == 0
+    assert runs["vllm"]["tau"] is None
+    # the child's counts (accepted = len // 2, drafted = 2 * len per request) make tau and the acceptance rate
+    assert 0 < runs["vllm:ngram"]["acceptance_rate"] <= 0.25 and 1.5 <= runs["vllm:ngram"]["tau"] <= 2.0
+
+
+def test_vllm_methods_need_their_environment(files, tmp_path):
+    with pytest.raises(ConfigError, match="vllm_env.sh"):
+        run_in_process(files, tmp_path, "bench.methods=[hf,vllm]", "bench.peer_python=/nonexistent/python")
+    with pytest.raises(ConfigError, match="greedy only"):
+        run_in_process(files, tmp_path, "bench.methods=[hf,vllm]", "bench.temperature=0.7")

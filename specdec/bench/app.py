@@ -44,7 +44,7 @@ from tqdm import tqdm
 
 from specdec import models, registry
 from specdec.algorithms.acceptance import LOSSY
-from specdec.bench import config, divergence, report
+from specdec.bench import config, divergence, peer, report
 from specdec.bench import plots as plots_mod
 from specdec.bench.prompts import DEFAULT_PROMPTS, Prompt, load_prompts
 from specdec.errors import ConfigError, PromptError, SpecdecError
@@ -56,7 +56,8 @@ HF_METHODS = ("hf", "hf_pld", "hf_assisted")
 
 # a method: (input ids [1, T], seed) -> (new tokens, (verify steps, drafted, accepted, accepted by depth) or None
 # for HF methods)
-Runner = Callable[[torch.Tensor, int], tuple[list[int], "tuple[int, int, int] | None"]]
+# (tokens, counts) or, for a runner that times its own generate call (the peer engine), (tokens, counts, time_s)
+Runner = Callable[[torch.Tensor, int], tuple]
 # a batched method: (every prompt's input ids, seed) -> one (new tokens, counts) per prompt
 BatchRunner = Callable[[list[torch.Tensor], int], list[tuple[list[int], "tuple[int, int, int] | None"]]]
 
@@ -77,6 +78,7 @@ class MethodSpec:
     verifier: DictConfig | None
     adaptive: bool = False  # "+adaptive": node budgets re-decided per step from the cost profile
     fast_linears: bool = False  # "+fast" on an HF method: model.generate with specdec's linear kernel (cpu_gemm)
+    peer: bool = False  # "vllm", "vllm:<speculation>": vLLM's CPU engine in its own environment (bench.peer)
 
 
 def method_drafters(cfg: DictConfig) -> dict[str, MethodSpec]:
@@ -89,6 +91,11 @@ def method_drafters(cfg: DictConfig) -> dict[str, MethodSpec]:
                           f"measured against it. Add it, e.g. bench.methods=[hf,{','.join(methods)}].")
     out = {}
     for m in methods:
+        if peer.is_peer(m):
+            if sampling_kwargs(cfg.bench):
+                raise ConfigError(f"{m} runs greedy only; drop it from bench.methods for a sampled run.")
+            out[m] = MethodSpec(None, None, peer=True)
+            continue
         if hf_method(m):
             plus, modifier = m.partition("+")[1:]
             if plus and modifier != "fast":
@@ -130,6 +137,9 @@ def hf_method(method: str) -> str | None:
 def check_batched(methods: dict[str, MethodSpec]) -> None:
     """With bench.batch_size > 1: only ``hf`` and paged ``specdec:*`` methods can serve a batch."""
     for m, spec in methods.items():
+        if spec.peer:
+            raise ConfigError(f"{m} runs interleaved at batch 1; for vLLM at batch B use scripts/peer_vllm.py "
+                              "--batch-size B on a bench JSON saved with bench.save_tokens=true.")
         if hf_method(m) not in (None, "hf"):
             raise ConfigError(f"{m} runs one request at a time in transformers; with bench.batch_size > 1 use "
                               "bench.methods=[hf,specdec:<drafter>].")
@@ -225,6 +235,8 @@ def build_runners(cfg: DictConfig, model, tokenizer, drafters: dict[str, MethodS
     batch = cfg.bench.batch_size
     runners: dict[str, Runner] = {}
     for method, spec in drafters.items():
+        if spec.peer:  # added by run_bench, once the prompts' lengths are known
+            continue
         node = spec.drafter
         base = hf_method(method)
         fast_modules = [model]  # "+fast": the modules whose linears take specdec's kernel
@@ -290,8 +302,10 @@ def run_interleaved(runners: dict[str, Runner], prompts: list[Prompt], inputs: l
     for i, (p, ids) in enumerate(bar):
         for method, run in runners.items():
             start = time.perf_counter()
-            tokens, counts = run(ids, seed + i)
+            got = run(ids, seed + i)
             elapsed = time.perf_counter() - start
+            tokens, counts = got[:2]
+            elapsed = got[2] if len(got) > 2 else elapsed  # a peer engine times its own call
             steps, drafted, accepted, depth = counts if counts is not None else (None, 0, 0, ())
             measurements.append(report.Measurement(method, i, p.category, tuple(tokens), elapsed, steps,
                                                    drafted, accepted, depth))
@@ -346,11 +360,21 @@ def run_bench(cfg: DictConfig) -> dict:
         families.register_family(model.config.model_type, paged=True)
     runners = build_runners(cfg, model, tokenizer, drafters)
     inputs = encode(prompts, tokenizer, model, b.chat, b.max_new_tokens)
-    with torch.inference_mode():
-        if b.batch_size > 1:
-            measurements = run_batched(runners, prompts, inputs, b.batch_size, b.warmup, b.seed)
-        else:
-            measurements = run_interleaved(runners, prompts, inputs, b.warmup, b.seed)
+    peers = [m for m, spec in drafters.items() if spec.peer]
+    server = peer.PeerServer(b.peer_python, peers, models.resolve_target_path(cfg.target.name), cfg.target.dtype,
+                             max(x.shape[1] for x in inputs) + b.max_new_tokens + 16, script=b.peer_script,
+                             log=b.peer_log) if peers else None
+    try:
+        if server is not None:  # every method in bench.methods order
+            runners = {m: runners[m] if m in runners else server.runner(m, b.max_new_tokens) for m in drafters}
+        with torch.inference_mode():
+            if b.batch_size > 1:
+                measurements = run_batched(runners, prompts, inputs, b.batch_size, b.warmup, b.seed)
+            else:
+                measurements = run_interleaved(runners, prompts, inputs, b.warmup, b.seed)
+    finally:
+        if server is not None:
+            server.close()
     sampling = sampling_kwargs(b)
     runs = report.summarize(measurements, list(runners), sampled=bool(sampling), batch_size=b.batch_size)
     if not sampling:  # greedy: where each mismatch starts and how near a tie the target was there

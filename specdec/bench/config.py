@@ -74,6 +74,9 @@ class BenchConfig:
     batch_size: int = 1  # > 1: batched requests (verifier=paged) against HF batched generate
     plots: bool = False  # PNG plots next to the JSON (speedup per category and method, acceptance by depth)
     save_tokens: bool = False  # the requests' input ids and every method's outputs in the JSON (for a peer engine)
+    peer_python: str = ".venv-vllm/bin/python"  # vLLM's environment, for the vllm methods (scripts/vllm_env.sh)
+    peer_script: str = "scripts/peer_vllm.py"
+    peer_log: Optional[str] = None  # where the vLLM child's stderr goes (null = discarded)
 
 
 @dataclass
