@@ -126,8 +126,7 @@ class SpecDecoder:
                 if streamer is not None:
                     raise SpecdecError("streamer works with one request; for a batch, drive "
                                        "specdec.serving.engine.BatchEngine and read the tokens each step() emits.")
-                return self.generate_batch(input_ids, prompt=prompt, chat=chat, generation_config=request,
-                                           max_batch_size=max_batch_size, progress=progress)
+                return self._generate_batch(input_ids, prompt, chat, request, max_batch_size, progress)
             return self._generate_one(input_ids, prompt, chat, streamer, request)
 
     def _generate_one(self, input_ids, prompt, chat: bool, streamer, request: GenerationParams) -> GenerationOutput:

@@ -100,10 +100,11 @@ class GenerationParams:
         if isinstance(eos, str) and eos != DEFAULT:
             raise ConfigError(f"eos_token_id must be a token id (int), a list of ids, None or 'default'; got the "
                               f"string {eos!r} (for a token's text, pass tokenizer.convert_tokens_to_ids({eos!r})).")
-        ids = [eos] if isinstance(eos, int) else eos if isinstance(eos, (list, tuple)) else []
-        if eos is not None and eos != DEFAULT and (not isinstance(eos, (int, list, tuple)) or any(
-                not isinstance(i, int) or isinstance(i, bool) or i < 0 for i in ids) or isinstance(eos, bool)):
-            raise ConfigError(f"eos_token_id must be a non-negative token id or a list of them; got {eos!r}.")
+        if eos is not None and eos != DEFAULT:
+            ids = [eos] if isinstance(eos, int) else eos
+            if not isinstance(ids, (list, tuple)) or any(not isinstance(i, int) or isinstance(i, bool) or i < 0
+                                                         for i in ids):
+                raise ConfigError(f"eos_token_id must be a non-negative token id or a list of them; got {eos!r}.")
         stops = [self.stop_strings] if isinstance(self.stop_strings, str) else self.stop_strings
         if stops is not None and (not isinstance(stops, (list, tuple))
                                   or any(not isinstance(x, str) or not x for x in stops)):

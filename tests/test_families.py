@@ -251,7 +251,7 @@ def test_sampling_keeps_the_distribution(name, verifier):
     """The first two sampled tokens after a prompt longer than the window (V = 8, window 4) follow the target's
     exact joint distribution (tests/test_sampling_e2e.py's method), through a width-2 draft-model tree."""
     from tests.test_rejection import assert_matches
-    from tests.test_sampling_e2e import exact_joint, params
+    from tests.test_sampling_e2e import exact_joint, first_two_counts, params
 
     v, n = 8, 1200
     model = tiny_family(name, vocab_size=v, window=4)
@@ -259,13 +259,8 @@ def test_sampling_keeps_the_distribution(name, verifier):
     draft = tiny_llama(1234, vocab_size=v, init=0.1, layers=1)
     dec = specdec.SpecDecoder(model, None, drafter=DraftModelDrafter(model, None, model=draft, depth=2, width=2),
                               verifier=verifier)
-    counts = torch.zeros(v, v, dtype=torch.long)
-    accepted = 0
-    for i in range(n):
-        out = dec.generate(prompt, max_new_tokens=3, do_sample=True, seed=90_000 + i, eos_token_id=None)
-        counts[out.new_tokens[0], out.new_tokens[1]] += 1
-        accepted += sum(out.stats.accepted)
-    assert accepted > n // 10
+    counts, _, accepted = first_two_counts(dec, prompt, v, n, seed0=90_000)
+    assert sum(accepted) > n // 10
     assert_matches(counts, exact_joint(model, prompt, params(False)), f"{name}/{verifier}")
 
 

@@ -81,19 +81,25 @@ def build_drafter(kind: str):
     return DraftModelDrafter(target(), None, model=model, depth=2, width=width)
 
 
-@functools.cache
-def specdec_samples(kind: str, warped: bool = False, seed0: int = 0):
-    """Counts ``[V, V]`` of (token 1, token 2) over N_SAMPLES generations; also (drafted, accepted) per step."""
-    decoder = SpecDecoder(target(), None, drafter=build_drafter(kind))
-    counts = torch.zeros(V, V, dtype=torch.long)
+def first_two_counts(decoder, prompt: torch.Tensor, v: int, n: int, seed0: int, **params):
+    """Counts ``[v, v]`` of (token 1, token 2) over ``n`` sampled generations of ``decoder`` after ``prompt``
+    (seeds ``seed0 + i``, ``params`` on top); also (drafted, accepted) per verify step."""
+    counts = torch.zeros(v, v, dtype=torch.long)
     drafted, accepted = [], []
-    for i in range(N_SAMPLES):
-        out = decoder.generate(PROMPT, max_new_tokens=MAX_NEW_TOKENS, do_sample=True, seed=seed0 + i,
-                               eos_token_id=None, **(WARPED if warped else {}))
+    for i in range(n):
+        out = decoder.generate(prompt, max_new_tokens=MAX_NEW_TOKENS, do_sample=True, seed=seed0 + i,
+                               eos_token_id=None, **params)
         counts[out.new_tokens[0], out.new_tokens[1]] += 1
         drafted += out.stats.drafted
         accepted += out.stats.accepted
     return counts, drafted, accepted
+
+
+@functools.cache
+def specdec_samples(kind: str, warped: bool = False, seed0: int = 0):
+    """Counts ``[V, V]`` of (token 1, token 2) over N_SAMPLES generations; also (drafted, accepted) per step."""
+    decoder = SpecDecoder(target(), None, drafter=build_drafter(kind))
+    return first_two_counts(decoder, PROMPT, V, N_SAMPLES, seed0, **(WARPED if warped else {}))
 
 
 def params(warped: bool) -> SamplingParams:

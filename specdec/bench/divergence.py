@@ -95,13 +95,18 @@ def add_divergences(runs: list[dict], measurements: Sequence[Measurement], model
     "gap_ulps", "dtype"}``; a token is None where that output had already ended.
     """
     ref = {m.prompt_index: m.tokens for m in measurements if m.method == reference}
+    seen: dict[tuple[int, int], Divergence] = {}  # methods that leave the reference at the same token share it
     for run in runs:
         entries = []
         for m in (m for m in measurements if m.method == run["method"]):
             other = ref.get(m.prompt_index, ())
-            d = first_divergence(model, inputs[m.prompt_index], other, m.tokens)
-            if d is None:
+            position = first_difference(other, m.tokens)
+            if position is None:
                 continue
+            key = (m.prompt_index, position)
+            if key not in seen:
+                seen[key] = first_divergence(model, inputs[m.prompt_index], other, m.tokens)
+            d = seen[key]
             entries.append({"prompt_index": m.prompt_index, "question_id": question_ids[m.prompt_index],
                             "position": d.position, "reference_token": _at(other, d.position),
                             "token": _at(m.tokens, d.position), "top_logit": d.top_logit, "gap": d.gap,

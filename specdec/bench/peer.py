@@ -11,6 +11,7 @@ unlike two sittings minutes apart. The generate call is timed in the child (``ti
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -44,7 +45,7 @@ class PeerServer:
         self.proc = subprocess.Popen([str(exe), str(path), "--serve", "--target", target_path, "--dtype", dtype,
                                       "--max-model-len", str(max_model_len), "--methods", ",".join(methods)],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True,
-                                     env={**__import__("os").environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"})
+                                     env={**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"})
         print(f"starting vLLM for {methods} ...", file=sys.stderr)
         self.info = self._read()
         if not self.info.get("ready"):

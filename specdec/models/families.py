@@ -86,6 +86,11 @@ class AttentionSpec:
         return any(w is not None for w in self.windows)
 
     @property
+    def window(self) -> int | None:
+        """The sliding layers' window (one per model: its config's ``sliding_window``), None without any."""
+        return next((w for w in self.windows if w is not None), None)
+
+    @property
     def uniform(self) -> bool:
         """Every layer has the same window (one mask serves all)."""
         return len(set(self.windows)) <= 1

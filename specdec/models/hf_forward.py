@@ -61,8 +61,7 @@ def layer_masks(model, mask: torch.Tensor | None, pos: torch.Tensor, key_pos: to
     if key_pos is None:
         key_pos = torch.arange(mask.shape[-1], device=mask.device).expand(mask.shape[0], -1)
     gap = pos.to(mask.device)[:, None, :, None] - key_pos.to(mask.device)[:, None, None, :]  # [B, 1, n, K]
-    window = next(w for w in spec.windows if w is not None)
-    windowed = mask.masked_fill(gap >= window, torch.finfo(mask.dtype).min)
+    windowed = mask.masked_fill(gap >= spec.window, torch.finfo(mask.dtype).min)
     return windowed if spec.uniform else {FULL: mask, SLIDING: windowed}
 
 

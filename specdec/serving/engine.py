@@ -131,8 +131,7 @@ class BatchEngine:
             if self.scheduler.waiting and not events:  # nothing runs, nothing could start: never spin
                 v, r = self.verifier, self.scheduler.waiting[0]
                 raise SpecdecError(
-                    f"request {r.request_id} needs {v.blocks_for(self._context(r).shape[1] - 1 + self.max_nodes)} "
-                    f"KV blocks but only {v.num_free_blocks} of {v.num_blocks} are free while no request of this "
+                    f"request {r.request_id} needs {self._blocks_to_admit(r)} KV blocks but only {v.num_free_blocks} of {v.num_blocks} are free while no request of this "
                     "batch holds any: blocks are held outside it (a request not released on this verifier); "
                     "release it, or build the verifier anew.")
             return events
@@ -154,11 +153,7 @@ class BatchEngine:
     # --- the parts of a step ---------------------------------------------------------------------------------
 
     def _admit(self) -> list[Event]:
-        v = self.verifier
-
-        def need(r: Request) -> int:  # prefill (all but the root) + one tree
-            return v.blocks_for(self._context(r).shape[1] - 1 + self.max_nodes)
-
+        v, need = self.verifier, self._blocks_to_admit
         admitted, too_large = self.scheduler.admit(v.num_free_blocks, v.num_blocks, need)
         events = [self._refuse(r, f"request {r.request_id} needs {need(r)} KV blocks for its prompt and one tree, "
                                   f"more than the {v.num_blocks} the cache has; raise verifier.num_blocks or "
@@ -174,6 +169,10 @@ class BatchEngine:
             except KVBlocksExhausted:  # admission counted blocks without prefix sharing; this is a safety net
                 self._preempt(r)
         return events
+
+    def _blocks_to_admit(self, r: Request) -> int:
+        """KV blocks a waiting request needs to join: its prefill (all but the root) and one tree."""
+        return self.verifier.blocks_for(self._context(r).shape[1] - 1 + self.max_nodes)
 
     def _context(self, r: Request) -> torch.Tensor:
         """``[1, T + generated]``: what a (re-)admitted request is prefilled with."""

@@ -75,8 +75,8 @@ def paged_tree_attention_torch(query: torch.Tensor, key: torch.Tensor, value: to
     g = h // hkv
     q = query.reshape(b, hkv, g * n, d).transpose(0, 1)  # [H_kv, B, G*N, D], rows ordered (group, node)
     tree_scores = softcapped(torch.matmul(q, key.transpose(0, 1).transpose(-1, -2)) * scale, softcap)  # [H_kv, B, G*N, N]
-    depth = node_depths(tree_mask)  # [B, N]
     if window is not None:
+        depth = node_depths(tree_mask)  # [B, N]
         tree_mask = tree_mask & (depth[:, None, :] > depth[:, :, None] - window)
     allowed = tree_mask[None, :, None]  # [1, B, 1, N, N]
     tree_scores = tree_scores.view(hkv, b, g, n, n).masked_fill(~allowed, float("-inf")).view(hkv, b, g * n, n)

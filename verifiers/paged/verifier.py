@@ -252,11 +252,10 @@ class PagedVerifier:
             pl, tm = prefix_lens[idx], tree_mask[idx, :m, :m]
             # the blocks the prefixes use; in place, also those of the trees written after them
             width = -(-(longest + (m if in_place else 0)) // bs) * bs
-            window = next((w for w in self.spec.windows if w is not None), None)
             return AttentionGroup(unpack, pack, rows, tables[idx, :width // bs], pl, tm,
                                   in_place_mask(pl, tm, width, self.heads_per_kv) if in_place else None,
-                                  in_place_mask(pl, tm, width, self.heads_per_kv, window)
-                                  if in_place and window is not None else None)
+                                  in_place_mask(pl, tm, width, self.heads_per_kv, self.spec.window)
+                                  if in_place and self.spec.sliding else None)
 
         if live is None:
             sizes = [n] * b
