@@ -48,19 +48,26 @@ def test_other_dtypes_gradients_and_empty_inputs_take_f_linear(route):
 
 
 @pytest.mark.skipif(not cpu_gemm.onednn_available(), reason="this torch build has no oneDNN")
-def test_packed_weights_are_remade_when_a_weight_changes_and_freed_with_the_module():
+@pytest.mark.parametrize("route", ["skinny", "onednn"])
+def test_packed_weights_are_remade_when_a_weight_changes_and_freed_with_the_module(route):
+    from specdec.models import skinny_gemm
+
+    if route == "skinny" and not skinny_gemm.available():
+        pytest.skip(f"no skinny kernel: {skinny_gemm.failure()}")
+    cache = cpu_gemm._panel_packs if route == "skinny" else cpu_gemm._packs
     layer = torch.nn.Linear(16, 8, bias=False)
-    x = torch.randn(8, 16)  # more rows than the skinny kernel takes: the packed oneDNN route
+    # a few rows take the skinny kernel's panels; more rows than it takes, the packed oneDNN route
+    x = torch.randn(3 if route == "skinny" else skinny_gemm.MAX_ROWS + 1, 16)
     with torch.inference_mode(), cpu_gemm.fast_linears(layer):
         first = layer(x)
     with torch.no_grad():
         layer.weight.mul_(2)  # e.g. an optimizer step between two validation runs
     with torch.inference_mode(), cpu_gemm.fast_linears(layer):
         torch.testing.assert_close(layer(x), 2 * first)
-    assert layer in cpu_gemm._packs
+    assert layer in cache
     del layer
     gc.collect()
-    assert len([m for m in cpu_gemm._packs if m.in_features == 16 and m.out_features == 8]) == 0
+    assert len([m for m in cache if m.in_features == 16 and m.out_features == 8]) == 0
 
 
 def test_modules_made_under_inference_mode_take_the_kernel():
@@ -82,7 +89,7 @@ def test_kernel_names_the_route(monkeypatch):
     from specdec.models import cpu_layers, skinny_gemm
 
     assert cpu_gemm.kernel(tiny_llama(0, dtype=torch.float64)) == "off"
-    onednn = "onednn+siblings" + ("+skinny" if skinny_gemm.available() else "") + (
+    onednn = "onednn+siblings" + ("+panels" if skinny_gemm.available() else "") + (
         "+layers" if cpu_layers.available() else "")
     assert cpu_gemm.kernel(tiny_llama(0, dtype=torch.float32)) == (onednn if cpu_gemm.onednn_available() else "wxt")
     for kernel in (skinny_gemm._KERNEL, cpu_layers._KERNEL):

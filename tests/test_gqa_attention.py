@@ -52,7 +52,7 @@ def test_switched_only_inside_and_only_for_sdpa_models():
     eager.config._attn_implementation = "eager"
     with gqa_attention_on(eager):
         assert eager.config._attn_implementation == "eager"
-    assert gqa_attention.route(model) == "gqa_sdpa" and gqa_attention.route(eager) == "eager"
+    assert gqa_attention.route(model).startswith("gqa_sdpa") and gqa_attention.route(eager) == "eager"
 
 
 def test_tree_forward_equals_plain_sdpa_forward(monkeypatch):

@@ -145,3 +145,22 @@ def test_profiles_are_keyed_by_the_greedy_head():
     off = profiler.profile_key(target, cost_key=registry.build_verifier("hf", target, screen_greedy=False).cost_key())
     assert off["lm_head"] == "logits"
     assert on["lm_head"] == ("bf16-screen" if available() else "logits")
+
+
+@needs_kernel
+@pytest.mark.parametrize("panels", [True, False])
+def test_both_screens_are_exact(panels, monkeypatch):
+    """The skinny kernel's bfloat16 panels (AVX-512 BF16) and oneDNN's packed bfloat16 screen the same way."""
+    from specdec.models import skinny_gemm
+
+    if panels and not skinny_gemm.bf16_available():
+        pytest.skip("no AVX-512 BF16 here")
+    monkeypatch.setattr(skinny_gemm, "bf16_available", lambda: panels)
+    g = torch.Generator().manual_seed(11)
+    w = torch.randn(3000, 64, generator=g) * 0.1
+    w[7] = w[8] + 1e-6  # a near-tie below bfloat16's resolution
+    h = torch.randn(9, 64, generator=g)
+    h[0] = w[8] * 40
+    screen = ScreenedArgmax(w)
+    assert torch.equal(screen(h), reference(h, w))
+    assert (screen._panels is not None) == panels

@@ -1,5 +1,6 @@
 """The skinny linear kernel (specdec.models.skinny_gemm): F.linear's products for a few rows, several weights side by
-side, and fast_linears' use of it (siblings included) up to MAX_ROWS rows, oneDNN beyond, F.linear without it."""
+side, each row's result independent of the others bitwise, and fast_linears' use of it (siblings included) up to
+MAX_ROWS rows, oneDNN beyond, F.linear without it."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ needs_kernel = pytest.mark.skipif(not skinny_gemm.available(), reason=f"no skinn
 
 
 @needs_kernel
-@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 9])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 9, 16, 19])
 @pytest.mark.parametrize("k", [1, 15, 16, 17, 40])
 def test_equals_linear_for_several_weights(rows, k):
     g = torch.Generator().manual_seed(rows * 100 + k)
@@ -28,11 +29,48 @@ def test_equals_linear_for_several_weights(rows, k):
 
 
 @needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_rows_result_does_not_depend_on_the_other_rows(dtype):
+    """Bitwise: a tree's node gets the products a one-token step computes, in any block of eight rows."""
+    if dtype == torch.bfloat16 and not skinny_gemm.bf16_available():
+        pytest.skip("no AVX-512 BF16 here")
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(skinny_gemm.MAX_ROWS, 45, generator=g).to(dtype)
+    packed = skinny_gemm.pack([torch.randn(70, 45, generator=g).to(dtype)], [torch.randn(70, generator=g).to(dtype)])
+    whole = skinny_gemm.panel_linear(x, packed)
+    for start, rows in [(0, 1), (3, 1), (9, 1), (2, 5), (5, 11)]:
+        assert torch.equal(skinny_gemm.panel_linear(x[start:start + rows].contiguous(), packed),
+                           whole[start:start + rows])
+
+
+@needs_kernel
+def test_fast_linears_repacks_a_changed_weight():
+    model = tiny_llama(2, dtype=torch.float32)
+    ids = torch.tensor([[3, 4, 5]])
+    with torch.inference_mode(), cpu_gemm.fast_linears(model):
+        before = model(ids).logits
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight.mul_(2)
+        model.model.layers[1].self_attn.k_proj.weight.mul_(2)
+    with torch.inference_mode():
+        want = model(ids).logits
+        with cpu_gemm.fast_linears(model):
+            got = model(ids).logits
+    assert not torch.allclose(before, want)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+@needs_kernel
 def test_bad_shapes_are_refused():
     with pytest.raises(RuntimeError, match="input's K"):
         skinny_gemm.skinny_linear(torch.randn(1, 8), [torch.randn(4, 7)], [None])
     with pytest.raises(RuntimeError, match="float32"):
         skinny_gemm.skinny_linear(torch.randn(1, 8, dtype=torch.float64), [torch.randn(4, 8)], [None])
+    packed = skinny_gemm.pack([torch.randn(40, 8)], [None])
+    with pytest.raises(RuntimeError, match="another input size"):
+        skinny_gemm.panel_linear(torch.randn(2, 9), packed)
+    with pytest.raises(RuntimeError, match="dtype"):
+        skinny_gemm.panel_linear(torch.randn(2, 8).bfloat16(), packed)
 
 
 @needs_kernel
@@ -40,8 +78,8 @@ def test_bad_shapes_are_refused():
 @pytest.mark.parametrize("rows", [1, 3, skinny_gemm.MAX_ROWS, skinny_gemm.MAX_ROWS + 1])
 def test_fast_linears_takes_it_up_to_max_rows(rows, monkeypatch):
     calls = []
-    real = skinny_gemm.skinny_linear
-    monkeypatch.setattr(skinny_gemm, "skinny_linear", lambda *a: calls.append(a[0].shape[0]) or real(*a))
+    real = skinny_gemm.panel_linear
+    monkeypatch.setattr(skinny_gemm, "panel_linear", lambda *a: calls.append(a[0].shape[0]) or real(*a))
     model = tiny_llama(2, dtype=torch.float32)
     ids = torch.arange(3, 3 + rows)[None]
     with torch.inference_mode():
@@ -70,7 +108,7 @@ def test_without_the_kernel_fast_linears_uses_onednn(monkeypatch):
 
 
 @needs_kernel
-@pytest.mark.parametrize("rows", [1, 3, 5])
+@pytest.mark.parametrize("rows", [1, 3, 5, 9])
 @pytest.mark.parametrize("k", [7, 32, 33, 96])
 def test_bfloat16_is_float32_accumulation_rounded_once(rows, k):
     g = torch.Generator().manual_seed(rows * 10 + k)
@@ -88,10 +126,10 @@ def test_bfloat16_is_float32_accumulation_rounded_once(rows, k):
 @pytest.mark.skipif(not skinny_gemm.bf16_available(), reason="no skinny kernel with AVX-512 BF16 here")
 def test_a_bfloat16_model_takes_the_kernel_for_few_rows_only(monkeypatch):
     calls = []
-    real = skinny_gemm.skinny_linear
-    monkeypatch.setattr(skinny_gemm, "skinny_linear", lambda *a: calls.append(a[0].shape[0]) or real(*a))
+    real = skinny_gemm.panel_linear
+    monkeypatch.setattr(skinny_gemm, "panel_linear", lambda *a: calls.append(a[0].shape[0]) or real(*a))
     model = tiny_llama(2, dtype=torch.bfloat16)
-    assert cpu_gemm.wanted(model) and cpu_gemm.kernel(model) == "skinny-bf16"
+    assert cpu_gemm.wanted(model) and cpu_gemm.kernel(model) == "panels-bf16"
     with torch.inference_mode():
         for rows in (2, skinny_gemm.MAX_ROWS + 3):
             ids = torch.arange(3, 3 + rows)[None]
@@ -111,7 +149,7 @@ def test_without_avx512_bf16_a_bfloat16_model_keeps_f_linear(monkeypatch):
     model = tiny_llama(2, dtype=torch.bfloat16)
     assert not cpu_gemm.wanted(model) and cpu_gemm.kernel(model) == "off"
     calls = []
-    monkeypatch.setattr(skinny_gemm, "skinny_linear", lambda *a: calls.append(a) or None)
+    monkeypatch.setattr(skinny_gemm, "panel_linear", lambda *a: calls.append(a) or None)
     with torch.inference_mode(), cpu_gemm.fast_linears(model):
         model(torch.tensor([[3, 4]]))
     assert calls == []

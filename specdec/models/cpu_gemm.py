@@ -17,8 +17,10 @@ modules, see :meth:`specdec.protocols.Drafter.modules`), only while the context 
 layer's sibling projections that read one input (q/k/v, gate/up) run as one product. Results differ from ``F.linear``
 only by float32 rounding (summation order). :func:`kernel` names the route, e.g. for a cost profile's key.
 
-Inputs of at most :data:`specdec.models.skinny_gemm.MAX_ROWS` rows (a decode step, a small tree) go to the skinny
-kernel instead where it is built (AVX-512): it reads each weight once, at the memory floor. It is also the route of
+Inputs of at most :data:`specdec.models.skinny_gemm.MAX_ROWS` rows (a decode step, a tree, a batch of a few) go to
+the skinny kernel instead where it is built (AVX-512): it reads a copy of each weight packed in panels once, at the
+memory floor, and a row's result does not depend on the other rows. Its panels are kept like oneDNN's reordered
+weights (so a layer used at both sizes holds three copies of its weights: its own and the two packed ones). It is also the route of
 bfloat16 models (larger inputs take ``F.linear`` there). RMSNorm and gated SiLU MLP modules run as whole-layer
 kernels inside the same context (:mod:`specdec.models.cpu_layers`).
 """
@@ -61,16 +63,17 @@ def best_route() -> str:
 
 def kernel(model) -> str:
     """Which route :func:`fast_linears` takes for ``model`` by default: ``onednn+siblings`` (oneDNN, sibling
-    projections fused), ``onednn+siblings+skinny`` (and :mod:`~specdec.models.skinny_gemm` for up to four rows),
-    ``wxt``, ``skinny-bf16`` (a bfloat16 model: the skinny kernel for up to four rows, ``F.linear`` beyond) or
+    projections fused), ``onednn+siblings+panels`` (and :mod:`~specdec.models.skinny_gemm`'s packed panels up to
+    its ``MAX_ROWS`` rows), ``wxt``, ``panels-bf16`` (a bfloat16 model: the skinny kernel up to ``MAX_ROWS`` rows,
+    ``F.linear`` beyond) or
     ``off``."""
     if not wanted(model):
         return "off"
     if next(model.parameters()).dtype == torch.bfloat16:
-        return "skinny-bf16"
+        return "panels-bf16"
     if best_route() != "onednn":
         return "wxt"
-    return "onednn+siblings" + ("+skinny" if skinny_gemm.available() else "") + (
+    return "onednn+siblings" + ("+panels" if skinny_gemm.available() else "") + (
         "+layers" if cpu_layers.available() else "")
 
 
@@ -123,10 +126,24 @@ def _takes_skinny(x: torch.Tensor, on: bool, dtype: torch.dtype) -> bool:
             and x.device.type == "cpu" and not torch.is_grad_enabled())
 
 
-def _skinny(x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor | None]) -> torch.Tensor:
+_panel_packs: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # first layer -> (key, skinny_gemm.Panels)
+
+
+def _panels(linears: list[torch.nn.Linear]) -> skinny_gemm.Panels:
+    """The layers' weights packed side by side for the skinny kernel, re-made when a weight or bias changes."""
+    key = tuple((id(m), m.weight.data_ptr(), version(m.weight), tuple(m.weight.shape),
+                 None if m.bias is None else (m.bias.data_ptr(), version(m.bias))) for m in linears)
+    cached = _panel_packs.get(linears[0])
+    if cached is None or cached[0] != key:
+        cached = (key, skinny_gemm.pack([m.weight for m in linears], [m.bias for m in linears]))
+        _panel_packs[linears[0]] = cached
+    return cached[1]
+
+
+def _skinny(x: torch.Tensor, panels: skinny_gemm.Panels) -> torch.Tensor:
     """The skinny kernel on ``x [..., K]``: ``[..., sum of the weights' rows]``."""
     rows = x.reshape(-1, x.shape[-1]).contiguous()
-    return skinny_gemm.skinny_linear(rows, weights, biases).reshape(*x.shape[:-1], -1)
+    return skinny_gemm.panel_linear(rows, panels).reshape(*x.shape[:-1], -1)
 
 
 class _Single:
@@ -137,11 +154,14 @@ class _Single:
         self.linear = linear
         self.skinny = skinny and _skinny_for([linear])
         self._now: torch.Tensor | None = None
+        self._panels: skinny_gemm.Panels | None = None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         m = self.linear
         if _takes_skinny(x, self.skinny, m.weight.dtype):
-            return _skinny(x, [m.weight], [m.bias])
+            if self._panels is None:
+                self._panels = _panels([m])
+            return _skinny(x, self._panels)
         if _fast_float32(x) and m.weight.dtype == torch.float32:
             if self._now is None:
                 self._now = _packed(m)
@@ -185,6 +205,7 @@ class _Siblings:
         self.input: torch.Tensor | None = None
         self.outputs: dict[int, torch.Tensor] = {}
         self._now: tuple[torch.Tensor, torch.Tensor | None] | None = None  # packed() in this context
+        self._panels: skinny_gemm.Panels | None = None  # the skinny kernel's, in this context
 
     def packed(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The concatenated packed weights and bias, checked against the weights once per context (a group is
@@ -224,13 +245,15 @@ class _Siblings:
     def product(self, x: torch.Tensor) -> torch.Tensor:
         """Every member's output for ``x [..., K]`` (a CPU input of the members' dtype, gradients off; bfloat16 only
         within the skinny kernel's rows), side by side: ``[..., sum of out_features]``."""
-        if _takes_skinny(x, self.skinny, self.dtype):  # the members' own weights, read where they are: no copy
-            return _skinny(x, [m.weight for m in self.members], [m.bias for m in self.members])
+        if _takes_skinny(x, self.skinny, self.dtype):
+            if self._panels is None:
+                self._panels = _panels(self.members)
+            return _skinny(x, self._panels)
         weight, bias = self.packed()
         return torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight, bias, "none", [], "")
 
     def clear(self) -> None:
-        self.input, self.outputs, self._now = None, {}, None
+        self.input, self.outputs, self._now, self._panels = None, {}, None, None
 
 
 # projections that read the same input, by attribute name (Llama, Mistral, Qwen2, ... and EAGLE's head layer)

@@ -2,174 +2,198 @@
 
 A decode step of a small model on a CPU is bound by streaming its weights from memory: SmolLM2-135M's 540 MB of
 float32 weights take about 14 ms to read on this machine's two cores (``tensor.sum()`` over them), but oneDNN's
-packed matmul takes about 22 ms for them at one row, and ``F.linear`` (MKL's gemv) about 45 ms. This kernel
-reads each weight row once, in storage order (one sequential stream per thread, which the hardware prefetcher
-follows), and takes its dot product with every input row while the row is in cache: at one input row it runs at the
-read floor (measured in docs/benchmarks.md). Each extra input row adds a chain of fused multiply-adds per weight row
-(up to four at once, in registers), so the kernel turns compute-bound as rows are added: from about six rows
-oneDNN's blocked kernel is as fast, and :func:`specdec.models.cpu_gemm.fast_linears` takes this kernel up to
-:data:`MAX_ROWS` rows and oneDNN beyond.
+packed matmul takes about 18-22 ms for them at one row, and ``F.linear`` (MKL's gemv) about 45 ms.
 
-bfloat16 models take the same path (AVX-512 BF16's pairwise dot products, float32 accumulation, one rounding at the
-end, as oneDNN does; :func:`bf16_available`): half the bytes, so about half the time of a float32 step.
+This kernel reads a copy of the weights packed once into **panels** of 32 output features, input feature by input
+feature (``[N/32, K, 32]``): a panel is one sequential stream (which the hardware prefetcher follows) and each
+64-byte load of it serves 16 outputs. For every input feature, each input row's value is broadcast and multiplied
+into two registers of 16 outputs per row, for up to eight rows at once (more rows: eight at a time over a panel
+still in cache). No horizontal sums, so the cost per weight byte barely grows with the rows: the 121 linears of a
+SmolLM2-135M step take about the same time at eight rows as at one (measured in docs/benchmarks.md), where a
+row-major kernel pays a chain of multiply-adds per extra row. From about 16 rows the kernel is bound by the CPU's
+multiply-add rate, as oneDNN is, and oneDNN's blocking does better there: :func:`specdec.models.cpu_gemm.fast_linears`
+takes this kernel up to :data:`MAX_ROWS` rows and oneDNN beyond.
 
-It reads the weights where they are (no packed copy) and takes a list of weights that read one input (a layer's q/k/v
-projections), writing their outputs side by side. Output rows are split over torch's OpenMP threads. Results differ
-from ``F.linear`` by float32 rounding only (the order of the sum over the input features).
+Every output is one float32 sum over the input features in their order, whatever the number of rows and wherever the
+row sits in the input: **a row's result is bitwise the same in a batch of any size** (a tree of 12 nodes verifies
+each node with the products a one-token step would compute). Results differ from ``F.linear`` by float32 rounding
+only (the order of the sum).
+
+bfloat16 weights are packed in pairs of input features (``[N/32, K/2, 32, 2]``) for AVX-512 BF16's pairwise dot
+products (``vdpbf16ps``): float32 accumulation, one rounding to bfloat16 at the end, as oneDNN does
+(:func:`bf16_available`); half the bytes, so about half the time of a float32 step.
+
+The packed panels are a second copy of the weights (:func:`pack`; :func:`specdec.models.cpu_gemm.fast_linears` keeps
+one per layer, or per group of sibling projections packed side by side, while the module lives). Output features are
+split over torch's OpenMP threads, a panel each.
 """
 
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
 
 from specdec.models.cpp_build import CppKernel
 
-MAX_ROWS = 4  # rows fast_linears sends here; from about six, oneDNN is as fast (docs/benchmarks.md)
+MAX_ROWS = 16  # rows fast_linears sends here; from about 16, oneDNN is as fast or faster (docs/benchmarks.md)
+PANEL = 32  # output features per panel (two AVX-512 registers of float32)
 
 _SOURCE = r"""
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <algorithm>
-#include <vector>
+#include <type_traits>
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
 
-// without AVX-512: the same sums, one input row at a time (float32 accumulation)
-template <int MR, typename T>
-static inline void row_dots_ref(const T* x, int64_t K, const T* w, const T* bias, T* y, int64_t ldy) {
-  for (int j = 0; j < MR; ++j) {
-    float s = 0.f;
-    for (int64_t k = 0; k < K; ++k) s += static_cast<float>(x[j * K + k]) * static_cast<float>(w[k]);
-    y[j * ldy] = static_cast<T>(bias ? s + static_cast<float>(*bias) : s);
-  }
-}
+constexpr int64_t P = 32;  // output features per panel
+constexpr int64_t RB = 8;  // input rows per pass over a panel (2 x RB accumulators stay in registers)
 
-// y[j * ldy] = dot(w[0:K], x[j, 0:K]) (+ bias) for the MR input rows j: one weight row read once; two accumulators
-// per input row (even and odd 16-float chunks: half as long a chain of dependent multiply-adds, ~10% faster here);
-// the template keeps every accumulator in a register
-template <int MR>
-static inline void row_dots(const float* x, int64_t K, const float* w, const float* bias, float* y, int64_t ldy) {
+// y[r * ldy + j] (+ bias[j]) for the R input rows of xt ([K][R], float32) and the first `valid` outputs of one panel
+// ([K][32]); float32 sums over k in order
+template <int R>
+static inline void panel_f32(const float* xt, int64_t K, const float* p, const float* bias, float* y, int64_t ldy,
+                             int64_t valid) {
 #if defined(__AVX512F__)
-  __m512 a[MR], b[MR];
-#pragma GCC unroll 4
-  for (int j = 0; j < MR; ++j) { a[j] = _mm512_setzero_ps(); b[j] = _mm512_setzero_ps(); }
-  int64_t k = 0;
-  for (; k + 32 <= K; k += 32) {
-    const __m512 w0 = _mm512_loadu_ps(w + k), w1 = _mm512_loadu_ps(w + k + 16);
-#pragma GCC unroll 4
-    for (int j = 0; j < MR; ++j) {
-      a[j] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x + j * K + k), a[j]);
-      b[j] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x + j * K + k + 16), b[j]);
+  __m512 a0[R], a1[R];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) { a0[r] = _mm512_setzero_ps(); a1[r] = _mm512_setzero_ps(); }
+  for (int64_t k = 0; k < K; ++k) {
+    const __m512 w0 = _mm512_loadu_ps(p + k * P), w1 = _mm512_loadu_ps(p + k * P + 16);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const __m512 xv = _mm512_set1_ps(xt[k * R + r]);
+      a0[r] = _mm512_fmadd_ps(w0, xv, a0[r]);
+      a1[r] = _mm512_fmadd_ps(w1, xv, a1[r]);
     }
   }
-  for (; k + 16 <= K; k += 16) {
-    const __m512 w0 = _mm512_loadu_ps(w + k);
-    for (int j = 0; j < MR; ++j) a[j] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x + j * K + k), a[j]);
-  }
-  if (k < K) {
-    const __mmask16 tail = (__mmask16)((1u << (K - k)) - 1u);
-    const __m512 w0 = _mm512_maskz_loadu_ps(tail, w + k);
-    for (int j = 0; j < MR; ++j) b[j] = _mm512_fmadd_ps(w0, _mm512_maskz_loadu_ps(tail, x + j * K + k), b[j]);
-  }
-  for (int j = 0; j < MR; ++j) {
-    const float s = _mm512_reduce_add_ps(_mm512_add_ps(a[j], b[j]));
-    y[j * ldy] = bias ? s + *bias : s;
+  const __mmask16 m0 = (__mmask16)(valid >= 16 ? 0xFFFF : (1u << valid) - 1u);
+  const __mmask16 m1 = (__mmask16)(valid >= 32 ? 0xFFFF : valid <= 16 ? 0 : (1u << (valid - 16)) - 1u);
+  const __m512 b0 = bias ? _mm512_maskz_loadu_ps(m0, bias) : _mm512_setzero_ps();
+  const __m512 b1 = bias ? _mm512_maskz_loadu_ps(m1, bias + 16) : _mm512_setzero_ps();
+  for (int r = 0; r < R; ++r) {
+    _mm512_mask_storeu_ps(y + r * ldy, m0, bias ? _mm512_add_ps(a0[r], b0) : a0[r]);
+    _mm512_mask_storeu_ps(y + r * ldy + 16, m1, bias ? _mm512_add_ps(a1[r], b1) : a1[r]);
   }
 #else
-  row_dots_ref<MR>(x, K, w, bias, y, ldy);
+  for (int r = 0; r < R; ++r)
+    for (int64_t j = 0; j < valid; ++j) {
+      float s = 0.f;
+      for (int64_t k = 0; k < K; ++k) s += p[k * P + j] * xt[k * R + r];
+      y[r * ldy + j] = bias ? s + bias[j] : s;
+    }
 #endif
 }
 
-// bfloat16: pairs of products accumulated in float32 (vdpbf16ps), one rounding to bfloat16 at the end, as oneDNN
-template <int MR>
-static inline void row_dots(const at::BFloat16* x, int64_t K, const at::BFloat16* w, const at::BFloat16* bias,
-                            at::BFloat16* y, int64_t ldy) {
+// bfloat16: xt holds pairs of input features ([K/2][R] of 32 bits), the panel [K/2][32][2]; float32 sums of pairs
+// (vdpbf16ps), one rounding to bfloat16 at the end
+template <int R>
+static inline void panel_bf16(const at::BFloat16* xt, int64_t K2, const at::BFloat16* p, const float* bias,
+                              at::BFloat16* y, int64_t ldy, int64_t valid) {
 #if defined(__AVX512BF16__)
-  __m512 a[MR];
-#pragma GCC unroll 4
-  for (int j = 0; j < MR; ++j) a[j] = _mm512_setzero_ps();
-  int64_t k = 0;
-  for (; k + 32 <= K; k += 32) {
-    const __m512bh wv = (__m512bh)_mm512_loadu_si512(w + k);
-#pragma GCC unroll 4
-    for (int j = 0; j < MR; ++j) a[j] = _mm512_dpbf16_ps(a[j], wv, (__m512bh)_mm512_loadu_si512(x + j * K + k));
+  __m512 a0[R], a1[R];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) { a0[r] = _mm512_setzero_ps(); a1[r] = _mm512_setzero_ps(); }
+  const int32_t* xi = reinterpret_cast<const int32_t*>(xt);
+  for (int64_t k = 0; k < K2; ++k) {
+    const __m512bh w0 = (__m512bh)_mm512_loadu_si512(p + k * 2 * P), w1 = (__m512bh)_mm512_loadu_si512(p + k * 2 * P + P);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const __m512bh xv = (__m512bh)_mm512_set1_epi32(xi[k * R + r]);
+      a0[r] = _mm512_dpbf16_ps(a0[r], w0, xv);
+      a1[r] = _mm512_dpbf16_ps(a1[r], w1, xv);
+    }
   }
-  if (k < K) {
-    const __mmask32 tail = (__mmask32)((1ull << (K - k)) - 1ull);
-    const __m512bh wv = (__m512bh)_mm512_maskz_loadu_epi16(tail, w + k);
-    for (int j = 0; j < MR; ++j)
-      a[j] = _mm512_dpbf16_ps(a[j], wv, (__m512bh)_mm512_maskz_loadu_epi16(tail, x + j * K + k));
-  }
-  for (int j = 0; j < MR; ++j) {
-    const float s = _mm512_reduce_add_ps(a[j]);
-    y[j * ldy] = at::BFloat16(bias ? s + static_cast<float>(*bias) : s);
+  float out[P];
+  for (int r = 0; r < R; ++r) {
+    _mm512_storeu_ps(out, a0[r]);
+    _mm512_storeu_ps(out + 16, a1[r]);
+    for (int64_t j = 0; j < valid; ++j) y[r * ldy + j] = at::BFloat16(bias ? out[j] + bias[j] : out[j]);
   }
 #else
-  row_dots_ref<MR>(x, K, w, bias, y, ldy);
+  for (int r = 0; r < R; ++r)
+    for (int64_t j = 0; j < valid; ++j) {
+      float s = 0.f;
+      for (int64_t k = 0; k < K2; ++k)
+        for (int h = 0; h < 2; ++h)
+          s += static_cast<float>(p[(k * P + j) * 2 + h]) * static_cast<float>(xt[(k * R + r) * 2 + h]);
+      y[r * ldy + j] = at::BFloat16(bias ? s + bias[j] : s);
+    }
 #endif
 }
 
-// one weight row against the M input rows, four at a time
 template <typename T>
-static inline void one_row(const T* x, int64_t M, int64_t K, const T* w, const T* bias, T* y, int64_t ldy) {
-  int64_t m = 0;
-  for (; m + 4 <= M; m += 4) row_dots<4>(x + m * K, K, w, bias, y + m * ldy, ldy);
-  switch (M - m) {
-    case 3: row_dots<3>(x + m * K, K, w, bias, y + m * ldy, ldy); break;
-    case 2: row_dots<2>(x + m * K, K, w, bias, y + m * ldy, ldy); break;
-    case 1: row_dots<1>(x + m * K, K, w, bias, y + m * ldy, ldy); break;
+static inline void panel(int R, const T* xt, int64_t K, const T* p, const float* bias, T* y, int64_t ldy,
+                         int64_t valid) {
+#define SPECDEC_PANEL(n) \
+  case n: \
+    if constexpr (std::is_same<T, float>::value) panel_f32<n>(xt, K, p, bias, y, ldy, valid); \
+    else panel_bf16<n>(xt, K, p, bias, y, ldy, valid); \
+    break;
+  switch (R) {
+    SPECDEC_PANEL(1) SPECDEC_PANEL(2) SPECDEC_PANEL(3) SPECDEC_PANEL(4)
+    SPECDEC_PANEL(5) SPECDEC_PANEL(6) SPECDEC_PANEL(7) SPECDEC_PANEL(8)
     default: break;
   }
+#undef SPECDEC_PANEL
 }
 
-template <typename T>
-static void run(const torch::Tensor& x, const std::vector<torch::Tensor>& weights,
-                const std::vector<c10::optional<torch::Tensor>>& biases, const std::vector<int64_t>& offs,
-                torch::Tensor& y) {
-  const int64_t M = x.size(0), K = x.size(1), N = offs.back();
-  const T* xp = x.data_ptr<T>();
-  T* yp = y.data_ptr<T>();
-  at::parallel_for(0, N, 64, [&](int64_t begin, int64_t end) {
-    size_t wi = std::upper_bound(offs.begin(), offs.end(), begin) - offs.begin() - 1;
-    for (int64_t n = begin; n < end; ++n) {
-      while (n >= offs[wi + 1]) ++wi;
-      const int64_t local = n - offs[wi];
-      const T* bp = biases[wi].has_value() ? biases[wi]->data_ptr<T>() + local : nullptr;
-      one_row(xp, M, K, weights[wi].data_ptr<T>() + local * K, bp, yp + n, N);
-    }
-  });
-}
-
-// x: [M, K]; weights: [N_i, K] each; returns [M, sum N_i] (the weights' outputs side by side); float32 or bfloat16
-torch::Tensor skinny_linear(const torch::Tensor& x, const std::vector<torch::Tensor>& weights,
-                            const std::vector<c10::optional<torch::Tensor>>& biases) {
+// x: [M, K] (float32 or bfloat16, contiguous); panels: [T, K, 32] float32 or [T, K/2, 32, 2] bfloat16; bias: float32
+// [N] or None; returns [M, N]. The rows go in blocks of RB, each block transposed to [K][rows] so the broadcasts
+// read one cache line per input feature.
+torch::Tensor panel_linear(const torch::Tensor& x, const torch::Tensor& panels, const c10::optional<torch::Tensor>& bias,
+                           int64_t N) {
   const auto dt = x.scalar_type();
   TORCH_CHECK(x.dim() == 2 && (dt == at::kFloat || dt == at::kBFloat16) && x.is_contiguous(),
               "x must be a contiguous float32 or bfloat16 [M, K]");
-  TORCH_CHECK(weights.size() == biases.size() && !weights.empty(), "one bias (or None) per weight");
-  const int64_t M = x.size(0), K = x.size(1);
-  std::vector<int64_t> offs{0};
-  for (size_t i = 0; i < weights.size(); ++i) {
-    const auto& w = weights[i];
-    TORCH_CHECK(w.dim() == 2 && w.size(1) == K && w.scalar_type() == dt && w.is_contiguous(),
-                "weights must be contiguous [N, K] with the input's K and dtype");
-    TORCH_CHECK(!biases[i].has_value() || (biases[i]->numel() == w.size(0) && biases[i]->is_contiguous() &&
-                                           biases[i]->scalar_type() == dt), "a bias must match its weight");
-    offs.push_back(offs.back() + w.size(0));
+  TORCH_CHECK(panels.scalar_type() == dt && panels.is_contiguous(), "the panels must be contiguous, of the input's dtype");
+  const int64_t M = x.size(0), K = x.size(1), T = panels.size(0);
+  const bool bf = dt == at::kBFloat16;
+  const int64_t Kp = bf ? (K + 1) / 2 : K;  // the panels' depth: features, or pairs of features
+  TORCH_CHECK(panels.dim() == (bf ? 4 : 3) && panels.size(1) == Kp && panels.size(2) == P && T * P >= N && N > (T - 1) * P,
+              "the panels were packed for another input size (K) or output size (N)");
+  TORCH_CHECK(!bias.has_value() || (bias->scalar_type() == at::kFloat && bias->numel() == N && bias->is_contiguous()),
+              "the bias must be float32 [N]");
+  auto y = torch::empty({M, N}, x.options());
+  if (M == 0 || N == 0) return y;
+  // xt: for each block of RB rows, [Kp][rows] (pairs of bfloat16 as one 32-bit value)
+  torch::Tensor xin = x;
+  if (bf && K % 2) xin = torch::constant_pad_nd(x, {0, 1});
+  torch::Tensor xt = torch::empty({M * Kp * (bf ? 2 : 1)}, x.options());
+  for (int64_t m = 0; m < M; m += RB) {
+    const int64_t R = std::min(RB, M - m);
+    auto blk = xin.narrow(0, m, R);
+    auto dst = xt.narrow(0, m * Kp * (bf ? 2 : 1), R * Kp * (bf ? 2 : 1));
+    if (bf) dst.view({Kp, R, 2}).copy_(blk.view({R, Kp, 2}).transpose(0, 1));
+    else dst.view({Kp, R}).copy_(blk.t());
   }
-  auto y = torch::empty({M, offs.back()}, x.options());
-  if (dt == at::kFloat) run<float>(x, weights, biases, offs, y);
-  else run<at::BFloat16>(x, weights, biases, offs, y);
+  const float* bp = bias.has_value() ? bias->data_ptr<float>() : nullptr;
+  at::parallel_for(0, T, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t valid = std::min(P, N - t * P);
+      for (int64_t m = 0; m < M; m += RB) {
+        const int R = static_cast<int>(std::min(RB, M - m));
+        if (bf) {
+          const auto* xp = xt.data_ptr<at::BFloat16>() + m * Kp * 2;
+          panel<at::BFloat16>(R, xp, Kp, panels.data_ptr<at::BFloat16>() + t * Kp * P * 2, bp ? bp + t * P : nullptr,
+                              y.data_ptr<at::BFloat16>() + m * N + t * P, N, valid);
+        } else {
+          panel<float>(R, xt.data_ptr<float>() + m * K, K, panels.data_ptr<float>() + t * K * P,
+                       bp ? bp + t * P : nullptr, y.data_ptr<float>() + m * N + t * P, N, valid);
+        }
+      }
+    }
+  });
   return y;
 }
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.def("skinny_linear", &skinny_linear); }
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.def("panel_linear", &panel_linear); }
 """
 
-_KERNEL = CppKernel("specdec_skinny_gemm", _SOURCE)
+_KERNEL = CppKernel("specdec_panel_gemm", _SOURCE)
 
 
 def available() -> bool:
@@ -202,8 +226,47 @@ def _cpu_flags() -> str:
     return " " + flags.split(":", 1)[-1].strip() + " "
 
 
+@dataclass(frozen=True)
+class Panels:
+    """Weights packed for :func:`panel_linear`: ``panels`` ``[N/32, K, 32]`` (float32) or ``[N/32, K/2, 32, 2]``
+    (bfloat16; K padded to even), the output features padded to a whole panel with zeros; ``bias`` float32 ``[N]`` or
+    None; ``out_features`` N, ``in_features`` K."""
+
+    panels: torch.Tensor
+    bias: torch.Tensor | None
+    out_features: int
+    in_features: int
+
+
+def pack(weights: list[torch.Tensor], biases: list[torch.Tensor | None]) -> Panels:
+    """Pack ``cat(weights)`` (each ``[N_i, K]``, one dtype: float32 or bfloat16) and their biases (one per weight, or
+    None) into panels: a copy, made once per layer (or group of layers that read one input)."""
+    with torch.no_grad():
+        w = torch.cat([t.detach() for t in weights]) if len(weights) > 1 else weights[0].detach()
+        n, k = w.shape
+        t = -(-n // PANEL)
+        w = torch.nn.functional.pad(w, (0, k % 2 if w.dtype == torch.bfloat16 else 0, 0, t * PANEL - n))
+        if w.dtype == torch.bfloat16:
+            panels = w.view(t, PANEL, w.shape[1] // 2, 2).permute(0, 2, 1, 3).contiguous()
+        else:
+            panels = w.view(t, PANEL, k).transpose(1, 2).contiguous()
+        bias = None if all(b is None for b in biases) else torch.cat(
+            [b.detach().float() if b is not None else torch.zeros(m.shape[0]) for b, m in zip(biases, weights)])
+    return Panels(panels, bias, n, k)
+
+
+def panel_linear(x: torch.Tensor, packed: Panels) -> torch.Tensor:
+    """``x @ W.T + b`` for the packed ``W``, ``b``: x ``[M, K]`` contiguous, of the weights' dtype. Returns
+    ``[M, N]``; each row's result is bitwise independent of the other rows."""
+    return _KERNEL.module.panel_linear(x, packed.panels, packed.bias, packed.out_features)
+
+
 def skinny_linear(x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor | None]) -> torch.Tensor:
-    """``x @ cat(weights).T + cat(biases)``: x ``[M, K]`` contiguous (M <= a few), weights ``[N_i, K]`` contiguous,
-    one bias (or None) per weight, all float32 or all bfloat16 (float32 accumulation, one rounding to bfloat16).
-    Returns ``[M, sum N_i]``."""
-    return _KERNEL.module.skinny_linear(x, weights, biases)
+    """``x @ cat(weights).T + cat(biases)`` (packing the weights for this one call): x ``[M, K]`` contiguous, weights
+    ``[N_i, K]``, one bias (or None) per weight, all float32 or all bfloat16 (float32 accumulation, one rounding to
+    bfloat16). Returns ``[M, sum N_i]``."""
+    if any(w.dim() != 2 or w.shape[1] != x.shape[-1] for w in weights):
+        raise RuntimeError("weights must be [N, K] with the input's K")
+    if x.dtype not in (torch.float32, torch.bfloat16) or any(w.dtype != x.dtype for w in weights):
+        raise RuntimeError("x and the weights must be all float32 or all bfloat16")
+    return panel_linear(x, pack(weights, biases))
