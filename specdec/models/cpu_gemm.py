@@ -20,8 +20,8 @@ only by float32 rounding (summation order). :func:`kernel` names the route, e.g.
 Inputs of at most :data:`specdec.models.skinny_gemm.MAX_ROWS` rows (a decode step, a tree, a batch of a few) go to
 the skinny kernel instead where it is built (AVX-512): it reads a copy of each weight packed in panels once, at the
 memory floor, and a row's result does not depend on the other rows. Its panels are kept like oneDNN's reordered
-weights (so a layer used at both sizes holds three copies of its weights: its own and the two packed ones). It is also the route of
-bfloat16 models (larger inputs take ``F.linear`` there). RMSNorm and gated SiLU MLP modules run as whole-layer
+weights (so a layer used at both sizes holds three copies of its weights: its own and the two packed ones). It is
+also the route of bfloat16 models (larger inputs take ``F.linear`` there). RMSNorm and gated SiLU MLP modules run as whole-layer
 kernels inside the same context (:mod:`specdec.models.cpu_layers`).
 """
 
@@ -129,10 +129,15 @@ def _takes_skinny(x: torch.Tensor, on: bool, dtype: torch.dtype) -> bool:
 _panel_packs: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # first layer -> (key, skinny_gemm.Panels)
 
 
+def _weights_key(linears: list[torch.nn.Linear]) -> tuple:
+    """What a packed copy of the layers' weights and biases depends on: it is re-made when this changes."""
+    return tuple((id(m), m.weight.data_ptr(), version(m.weight), tuple(m.weight.shape),
+                  None if m.bias is None else (m.bias.data_ptr(), version(m.bias))) for m in linears)
+
+
 def _panels(linears: list[torch.nn.Linear]) -> skinny_gemm.Panels:
     """The layers' weights packed side by side for the skinny kernel, re-made when a weight or bias changes."""
-    key = tuple((id(m), m.weight.data_ptr(), version(m.weight), tuple(m.weight.shape),
-                 None if m.bias is None else (m.bias.data_ptr(), version(m.bias))) for m in linears)
+    key = _weights_key(linears)
     cached = _panel_packs.get(linears[0])
     if cached is None or cached[0] != key:
         cached = (key, skinny_gemm.pack([m.weight for m in linears], [m.bias for m in linears]))
@@ -215,8 +220,7 @@ class _Siblings:
         return self._now
 
     def _packed(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        key = tuple((id(m), m.weight.data_ptr(), version(m.weight), tuple(m.weight.shape),
-                     None if m.bias is None else (m.bias.data_ptr(), version(m.bias))) for m in self.members)
+        key = _weights_key(self.members)
         cached = _fused.get(self.members[0])
         if cached is None or cached[0] != key:
             with torch.no_grad():

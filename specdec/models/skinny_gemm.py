@@ -159,34 +159,46 @@ torch::Tensor panel_linear(const torch::Tensor& x, const torch::Tensor& panels, 
               "the bias must be float32 [N]");
   auto y = torch::empty({M, N}, x.options());
   if (M == 0 || N == 0) return y;
-  // xt: for each block of RB rows, [Kp][rows] (pairs of bfloat16 as one 32-bit value)
-  torch::Tensor xin = x;
-  if (bf && K % 2) xin = torch::constant_pad_nd(x, {0, 1});
-  torch::Tensor xt = torch::empty({M * Kp * (bf ? 2 : 1)}, x.options());
-  for (int64_t m = 0; m < M; m += RB) {
-    const int64_t R = std::min(RB, M - m);
-    auto blk = xin.narrow(0, m, R);
-    auto dst = xt.narrow(0, m * Kp * (bf ? 2 : 1), R * Kp * (bf ? 2 : 1));
-    if (bf) dst.view({Kp, R, 2}).copy_(blk.view({R, Kp, 2}).transpose(0, 1));
-    else dst.view({Kp, R}).copy_(blk.t());
-  }
+  // xt: for each block of RB rows, [Kp][rows] (a bfloat16 pair as one 32-bit value; an odd K's last pair padded
+  // with zero), written by a plain loop (an ATen strided copy per block cost more than the transposition itself)
+  const int64_t W = bf ? 2 : 1;  // values per panel depth step
+  auto xt = torch::empty({M * Kp * W}, x.options());
   const float* bp = bias.has_value() ? bias->data_ptr<float>() : nullptr;
-  at::parallel_for(0, T, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t valid = std::min(P, N - t * P);
-      for (int64_t m = 0; m < M; m += RB) {
-        const int R = static_cast<int>(std::min(RB, M - m));
-        if (bf) {
-          const auto* xp = xt.data_ptr<at::BFloat16>() + m * Kp * 2;
-          panel<at::BFloat16>(R, xp, Kp, panels.data_ptr<at::BFloat16>() + t * Kp * P * 2, bp ? bp + t * P : nullptr,
-                              y.data_ptr<at::BFloat16>() + m * N + t * P, N, valid);
-        } else {
-          panel<float>(R, xt.data_ptr<float>() + m * K, K, panels.data_ptr<float>() + t * K * P,
-                       bp ? bp + t * P : nullptr, y.data_ptr<float>() + m * N + t * P, N, valid);
-        }
-      }
+  if (bf) {
+    const at::BFloat16* xs = x.data_ptr<at::BFloat16>();
+    at::BFloat16* xd = xt.data_ptr<at::BFloat16>();
+    for (int64_t m = 0; m < M; m += RB) {
+      const int64_t R = std::min(RB, M - m);
+      for (int64_t k = 0; k < Kp; ++k)
+        for (int64_t r = 0; r < R; ++r)
+          for (int64_t h = 0; h < 2; ++h)
+            xd[m * Kp * 2 + (k * R + r) * 2 + h] = 2 * k + h < K ? xs[(m + r) * K + 2 * k + h] : at::BFloat16(0.f);
     }
-  });
+    const at::BFloat16* pp = panels.data_ptr<at::BFloat16>();
+    at::BFloat16* yp = y.data_ptr<at::BFloat16>();
+    at::parallel_for(0, T, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t)
+        for (int64_t m = 0; m < M; m += RB)
+          panel<at::BFloat16>(static_cast<int>(std::min(RB, M - m)), xd + m * Kp * 2, Kp, pp + t * Kp * P * 2,
+                              bp ? bp + t * P : nullptr, yp + m * N + t * P, N, std::min(P, N - t * P));
+    });
+  } else {
+    const float* xs = x.data_ptr<float>();
+    float* xd = xt.data_ptr<float>();
+    for (int64_t m = 0; m < M; m += RB) {
+      const int64_t R = std::min(RB, M - m);
+      for (int64_t k = 0; k < K; ++k)
+        for (int64_t r = 0; r < R; ++r) xd[m * K + k * R + r] = xs[(m + r) * K + k];
+    }
+    const float* pp = panels.data_ptr<float>();
+    float* yp = y.data_ptr<float>();
+    at::parallel_for(0, T, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t)
+        for (int64_t m = 0; m < M; m += RB)
+          panel<float>(static_cast<int>(std::min(RB, M - m)), xd + m * K, K, pp + t * K * P,
+                       bp ? bp + t * P : nullptr, yp + m * N + t * P, N, std::min(P, N - t * P));
+    });
+  }
   return y;
 }
 
