@@ -82,7 +82,11 @@ class HybridDrafter:
         if not 0 <= min_share <= 1 / len(specs):
             raise ConfigError(f"min_share must be between 0 and 1/{len(specs)}; got {min_share}.")
         self.parts = [_part(spec, target, tokenizer) for spec in specs]
-        self.needs_hidden_states = any(p.needs_hidden_states for p in self.parts)
+        specs = {p.needs_hidden_states for p in self.parts} - {False}
+        if len(specs) > 1:
+            raise ConfigError(f"hybrid drafter parts read different target hidden states {sorted(map(str, specs))}; "
+                              "mix parts that read the same features (or none).")
+        self.needs_hidden_states = specs.pop() if specs else False
         vocabs = {p.vocab_size for p in self.parts} - {None}
         if len(vocabs) > 1:
             raise ConfigError(f"hybrid drafter parts have different vocabularies {sorted(vocabs)}.")

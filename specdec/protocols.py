@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from specdec.errors import CapabilityError, ConfigError
-from specdec.types import Acceptance, DraftContext, DraftTree, VerifyOutput
+from specdec.types import Acceptance, DraftContext, DraftTree, HiddenSpec, VerifyOutput
 
 
 @dataclass(frozen=True)
@@ -40,12 +40,13 @@ class Drafter(Protocol):
     """Anything that proposes draft trees.
 
     Declared capabilities: ``needs_hidden_states`` (it reads the target's hidden states from the context; the
-    verifier must give them), ``returns_probs`` (its trees can carry ``draft_probs``, which the chain/tree rejection
+    verifier must give them: True for the last hidden state, a tuple of layer indices for those layers'
+    concatenated, see :data:`specdec.types.HiddenSpec`), ``returns_probs`` (its trees can carry ``draft_probs``, which the chain/tree rejection
     rules use when sampling), ``vocab_size`` (the size of the vocabulary its token ids come from, checked against the
     target's; None when its ids are the target's own by construction, e.g. copied from the context).
     """
 
-    needs_hidden_states: bool
+    needs_hidden_states: HiddenSpec
     returns_probs: bool
     vocab_size: int | None
 
@@ -83,11 +84,11 @@ class Verifier(Protocol):
 
     capabilities: ClassVar[VerifierCapabilities]
 
-    def prefill(self, input_ids: torch.Tensor, output_hidden: bool = False) -> torch.Tensor | None:
+    def prefill(self, input_ids: torch.Tensor, output_hidden: HiddenSpec = False) -> torch.Tensor | None:
         """Start a request: cache ``input_ids [B, T]`` (every prompt token except the root); with
         ``output_hidden``, return their last hidden states ``[B, T, H]``."""
 
-    def score(self, tree: DraftTree, output_hidden: bool = False, greedy: bool = False) -> VerifyOutput:
+    def score(self, tree: DraftTree, output_hidden: HiddenSpec = False, greedy: bool = False) -> VerifyOutput:
         """One target forward over all tree nodes; logits ``[B, N, V]`` (and hidden ``[B, N, H]`` if asked).
         ``greedy``: only the argmax at each node is needed; a verifier with ``greedy_scoring`` may then return
         ``greedy [B, N]`` in place of the logits (exactly the logits' argmax)."""
@@ -124,11 +125,11 @@ class BatchVerifier(Verifier, Protocol):
 
     def blocks_for(self, num_tokens: int) -> int: ...
 
-    def start(self, request_id: Hashable, input_ids: torch.Tensor, output_hidden: bool = False) -> torch.Tensor | None:
+    def start(self, request_id: Hashable, input_ids: torch.Tensor, output_hidden: HiddenSpec = False) -> torch.Tensor | None:
         """Cache a new request's ``input_ids [1, T]``; hidden ``[1, T, H]`` if asked."""
 
     def score_batch(self, request_ids: Sequence[Hashable], trees: Sequence[DraftTree],
-                    output_hidden: bool = False, greedy: bool = False) -> VerifyOutput:
+                    output_hidden: HiddenSpec = False, greedy: bool = False) -> VerifyOutput:
         """One forward over each request's tree; logits ``[B, N, V]`` padded to the largest tree (``greedy``: as in
         :meth:`Verifier.score`, may return ``greedy [B, N]`` instead)."""
 

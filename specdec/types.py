@@ -13,6 +13,13 @@ import torch
 from specdec.errors import SpecdecError
 
 
+
+HiddenSpec = bool | tuple[int, ...]
+"""Which target hidden states a forward returns (a drafter's ``needs_hidden_states``, a verifier's ``output_hidden``):
+False none, True the last one (after the final norm, so ``lm_head(hidden)`` = the logits), a tuple of layer
+indices the concatenation of transformers' ``hidden_states[i]`` (the *input* of decoder layer ``i``; 0 = the
+embeddings), ``[.., len(spec) * H]`` (EAGLE-3's features)."""
+
 @dataclass(frozen=True)
 class DraftTree:
     """A batch of draft trees with a fixed node budget N (dead nodes pad).
@@ -144,7 +151,8 @@ class DraftContext:
     prompt_len: length of the prompt inside ``input_ids``.
     max_nodes: node budget for the next tree, root included.
     max_depth: deepest useful draft (the tokens still allowed, minus the bonus token).
-    hidden: ``[B, T', H]`` the target's last hidden states (after its final norm) that the drafter has not seen
+    hidden: ``[B, T', H]`` the target's last hidden states (after its final norm; or the layers the drafter's
+        ``needs_hidden_states`` lists, concatenated: ``[B, T', k H]``) that the drafter has not seen
         yet: at the first proposal those of every prompt token but the root (``T' = T - 1``), then those along the
         path the last verify step accepted, root first (``T' = a + 1``). The last row is always the state of the
         token just before the root. None unless the drafter declared ``needs_hidden_states``.

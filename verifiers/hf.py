@@ -8,9 +8,9 @@ from specdec.errors import SpecdecError
 from specdec.models import hf_cache
 from specdec.models.families import check_servable
 from specdec.models.greedy_head import ScreenedArgmax, screenable
-from specdec.models.hf_forward import forward_tokens
+from specdec.models.hf_forward import forward_tokens, hidden_width
 from specdec.protocols import VerifierCapabilities
-from specdec.types import Acceptance, DraftTree, VerifyOutput
+from specdec.types import Acceptance, DraftTree, HiddenSpec, VerifyOutput
 
 
 class HFVerifier:
@@ -34,7 +34,7 @@ class HFVerifier:
         self.greedy_head = ScreenedArgmax(model.get_output_embeddings()) \
             if screen_greedy and screenable(model) else None
 
-    def prefill(self, input_ids: torch.Tensor, output_hidden: bool = False) -> torch.Tensor | None:
+    def prefill(self, input_ids: torch.Tensor, output_hidden: HiddenSpec = False) -> torch.Tensor | None:
         """Cache ``input_ids [1, T]`` (T may be 0: a one-token prompt has nothing to prefill); with
         ``output_hidden`` return their last hidden states ``[1, T, H]``."""
         if input_ids.shape[0] != 1:
@@ -42,11 +42,11 @@ class HFVerifier:
         self.cache = hf_cache.new_cache()
         self._scored = None
         if input_ids.shape[1] == 0:
-            return input_ids.new_zeros(1, 0, self.model.config.hidden_size, dtype=self.model.dtype) \
+            return input_ids.new_zeros(1, 0, hidden_width(self.model.config, output_hidden), dtype=self.model.dtype) \
                 if output_hidden else None
         return forward_tokens(self.model, self.cache, input_ids, output_hidden=output_hidden, logits_to_keep=1).hidden
 
-    def score(self, tree: DraftTree, output_hidden: bool = False, greedy: bool = False) -> VerifyOutput:
+    def score(self, tree: DraftTree, output_hidden: HiddenSpec = False, greedy: bool = False) -> VerifyOutput:
         self._scored = hf_cache.cache_length(self.cache)
         return forward_tokens(self.model, self.cache, tree.tokens, tree.parents, output_hidden,
                               greedy_head=self.greedy_head if greedy else None)

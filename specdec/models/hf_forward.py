@@ -20,17 +20,34 @@ from specdec.models import hf_cache
 from specdec.models.families import FULL, SLIDING, attention_spec
 from specdec.models.gqa_attention import gqa_attention_on
 from specdec.models.greedy_head import ScreenedArgmax
-from specdec.types import VerifyOutput
+from specdec.types import HiddenSpec, VerifyOutput
+
+
+def select_hidden(spec: HiddenSpec, last: torch.Tensor, layers: tuple | None) -> torch.Tensor | None:
+    """The hidden states ``spec`` asks for, from a forward's ``last`` hidden state and its per-layer ``layers``."""
+    if not spec:
+        return None
+    if spec is True:
+        return last
+    return torch.cat([layers[i] for i in spec], dim=-1)
+
+
+def hidden_width(config, spec: HiddenSpec) -> int:
+    """Feature width of ``spec``'s hidden states for a target with ``config`` (0 when none are asked)."""
+    if not spec:
+        return 0
+    return int(config.hidden_size) * (1 if spec is True else len(spec))
 
 
 @torch.inference_mode()
 def forward_tokens(model, cache, tokens: torch.Tensor, parents: torch.Tensor | None = None,
-                   output_hidden: bool = False, logits_to_keep: int = 0,
+                   output_hidden: HiddenSpec = False, logits_to_keep: int = 0,
                    greedy_head: ScreenedArgmax | None = None) -> VerifyOutput:
     """Forward ``tokens [B, N]`` after the cached prefix; ``parents [B, N]`` makes it a tree (None: a chain).
 
     Returns logits ``[B, N, V]`` (only the last ``logits_to_keep`` positions when > 0: a prefill needs none of
-    them, and the LM head is a large part of a small model's cost) and, if asked, hidden states ``[B, N, H]``.
+    them, and the LM head is a large part of a small model's cost) and, if asked, hidden states ``[B, N, H]`` (or
+    the layers :data:`HiddenSpec` names).
     With ``greedy_head`` (a target :func:`specdec.models.greedy_head.screenable` says it fits) it returns the greedy
     tokens ``[B, N]`` instead of the logits. The cache grows by N.
     """
@@ -67,7 +84,7 @@ def layer_masks(model, mask: torch.Tensor | None, pos: torch.Tensor, key_pos: to
 
 @torch.inference_mode()
 def forward_masked(model, cache, tokens: torch.Tensor, mask: torch.Tensor | None, pos: torch.Tensor,
-                   output_hidden: bool = False, logits_to_keep: int = 0,
+                   output_hidden: HiddenSpec = False, logits_to_keep: int = 0,
                    greedy_head: ScreenedArgmax | None = None, key_pos: torch.Tensor | None = None) -> VerifyOutput:
     """Forward ``tokens [B, n]`` with an explicit additive mask ``[B, 1, n, cached + n]`` (None: causal) and
     ``position_ids [B, n]``; ``key_pos [B, cached + n]``: the positions of the keys the mask covers (None: slot
@@ -79,17 +96,20 @@ def forward_masked(model, cache, tokens: torch.Tensor, mask: torch.Tensor | None
     with gqa_attention_on(model):
         if greedy_head is not None:
             decoder = model.get_decoder()
-            h = decoder(input_ids=tokens, attention_mask=mask, position_ids=pos, use_cache=True,
-                        **hf_cache.cache_kwargs(decoder, cache)).last_hidden_state  # [B, n, H]
-            return VerifyOutput(logits=None, hidden=h if output_hidden else None, greedy=greedy_head(h))
+            per_layer = isinstance(output_hidden, tuple)
+            dec = decoder(input_ids=tokens, attention_mask=mask, position_ids=pos, use_cache=True,
+                          output_hidden_states=per_layer, **hf_cache.cache_kwargs(decoder, cache))
+            h = dec.last_hidden_state  # [B, n, H]
+            return VerifyOutput(logits=None, hidden=select_hidden(output_hidden, h, dec.hidden_states),
+                                greedy=greedy_head(h))
         out = model(
             input_ids=tokens,
             attention_mask=mask,
             position_ids=pos,
             use_cache=True,
             **hf_cache.cache_kwargs(model, cache),
-            output_hidden_states=output_hidden,
+            output_hidden_states=bool(output_hidden),
             logits_to_keep=logits_to_keep,
         )
-    hidden = out.hidden_states[-1] if output_hidden else None
+    hidden = select_hidden(output_hidden, out.hidden_states[-1], out.hidden_states) if output_hidden else None
     return VerifyOutput(logits=out.logits, hidden=hidden)

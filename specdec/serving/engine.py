@@ -30,7 +30,7 @@ from specdec.errors import SpecdecError
 from specdec.protocols import BatchVerifier, Drafter
 from specdec.serving.block_allocator import KVBlocksExhausted
 from specdec.serving.scheduler import Scheduler
-from specdec.types import GenerationStats, VerifyOutput
+from specdec.types import GenerationStats, HiddenSpec, VerifyOutput
 
 
 @dataclass
@@ -89,7 +89,7 @@ class BatchEngine:
     """
 
     def __init__(self, verifier: BatchVerifier, drafters: DrafterPool, rule: AcceptanceRule, *, max_nodes: int,
-                 max_batch_size: int, sampling: SamplingParams | None = None, needs_hidden: bool = False,
+                 max_batch_size: int, sampling: SamplingParams | None = None, needs_hidden: HiddenSpec = False,
                  preemption: str = "recompute") -> None:
         self.verifier = verifier
         self.drafters = drafters

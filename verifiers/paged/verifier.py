@@ -27,8 +27,9 @@ from specdec.algorithms import tree as tree_ops
 from specdec.errors import SpecdecError
 from specdec.models.families import check_paged
 from specdec.models.greedy_head import ScreenedArgmax, screenable
+from specdec.models.hf_forward import hidden_width, select_hidden
 from specdec.protocols import VerifierCapabilities
-from specdec.types import DEAD, Acceptance, DraftTree, VerifyOutput
+from specdec.types import DEAD, Acceptance, DraftTree, HiddenSpec, VerifyOutput
 from verifiers.paged.attention import AttentionGroup, PackedRows, PagedForward, paged_attention_on, pick_kernel
 from verifiers.paged.cache import PagedKVCache
 from verifiers.paged.cpu_kernel import paged_tree_attention_cpp
@@ -87,7 +88,7 @@ class PagedVerifier:
 
     # --- the batched face ------------------------------------------------------------------------------------
 
-    def start(self, request_id: Hashable, input_ids: torch.Tensor, output_hidden: bool = False) -> torch.Tensor | None:
+    def start(self, request_id: Hashable, input_ids: torch.Tensor, output_hidden: HiddenSpec = False) -> torch.Tensor | None:
         """Cache ``input_ids [1, T]`` for a new request (the prompt minus its last token, the first tree's root).
 
         Leading blocks another live request already holds are shared, not recomputed (not when ``output_hidden``:
@@ -110,11 +111,11 @@ class PagedVerifier:
             self.cache.free(request_id)
             raise
         if output_hidden and hidden is None:
-            hidden = input_ids.new_zeros(1, 0, self.model.config.hidden_size, dtype=self.model.dtype)
+            hidden = input_ids.new_zeros(1, 0, hidden_width(self.model.config, output_hidden), dtype=self.model.dtype)
         return hidden
 
     def score_batch(self, request_ids: Sequence[Hashable], trees: Sequence[DraftTree],
-                    output_hidden: bool = False, greedy: bool = False) -> VerifyOutput:
+                    output_hidden: HiddenSpec = False, greedy: bool = False) -> VerifyOutput:
         """One forward over every request's tree (each ``[1, n_i]``), padded to one node budget with dead nodes
         (which the dense layers never see: only live nodes are packed into the model's input). ``greedy``: only
         each node's argmax is needed; with the screened head it comes back as ``greedy [B, N]`` (no logits).
@@ -167,13 +168,13 @@ class PagedVerifier:
 
     # --- the one-request Verifier protocol -----------------------------------------------------------------
 
-    def prefill(self, input_ids: torch.Tensor, output_hidden: bool = False) -> torch.Tensor | None:
+    def prefill(self, input_ids: torch.Tensor, output_hidden: HiddenSpec = False) -> torch.Tensor | None:
         if input_ids.shape[0] != 1:
             raise SpecdecError("prefill() takes one request [1, T]; batches go through specdec.serving.engine.")
         self.release(self.SINGLE)
         return self.start(self.SINGLE, input_ids, output_hidden)
 
-    def score(self, tree: DraftTree, output_hidden: bool = False, greedy: bool = False) -> VerifyOutput:
+    def score(self, tree: DraftTree, output_hidden: HiddenSpec = False, greedy: bool = False) -> VerifyOutput:
         """One request's tree (``greedy``: see :meth:`score_batch`)."""
         return self.score_batch([self.SINGLE], [tree], output_hidden, greedy)
 
@@ -197,7 +198,7 @@ class PagedVerifier:
 
     @torch.inference_mode()
     def _forward(self, request_ids: Sequence[Hashable], tokens: torch.Tensor, tree_mask: torch.Tensor,
-                 position_ids: torch.Tensor, slots: torch.Tensor, prefix_lens: torch.Tensor, output_hidden: bool,
+                 position_ids: torch.Tensor, slots: torch.Tensor, prefix_lens: torch.Tensor, output_hidden: HiddenSpec,
                  logits_to_keep: int = 0, live: torch.Tensor | None = None, greedy: bool = False) -> VerifyOutput:
         """``tokens [B, N]`` at ``position_ids [B, N]`` after each request's ``prefix_lens [B]`` cached positions,
         into the slots ``[B * N]`` that :meth:`PagedKVCache.reserve` returned.
@@ -223,18 +224,21 @@ class PagedVerifier:
                                 groups=self._groups(request_ids, tree_mask.expand(b, n, n), prefix_lens.to(dev), live))
         if greedy and self.greedy_head is not None and not logits_to_keep:
             with paged_attention_on(self.model, step):
-                h = self.model.get_decoder()(input_ids=packed(tokens, pack), position_ids=packed(position_ids, pack),
-                                             use_cache=False).last_hidden_state[0]  # [T, H]
+                dec = self.model.get_decoder()(input_ids=packed(tokens, pack), position_ids=packed(position_ids, pack),
+                                               use_cache=False, output_hidden_states=isinstance(output_hidden, tuple))
+            h = dec.last_hidden_state[0]  # [T, H]
             tokens_ = self.greedy_head(h)[:, None]  # [T, 1]
-            return VerifyOutput(logits=None, hidden=unpacked(h, pack, b, n) if output_hidden else None,
+            hidden = select_hidden(output_hidden, dec.last_hidden_state, dec.hidden_states)
+            return VerifyOutput(logits=None, hidden=None if hidden is None else unpacked(hidden[0], pack, b, n),
                                 greedy=unpacked(tokens_, pack, b, n)[..., 0])
         with paged_attention_on(self.model, step):
             out = self.model(input_ids=packed(tokens, pack), position_ids=packed(position_ids, pack), use_cache=False,
-                             output_hidden_states=output_hidden, logits_to_keep=logits_to_keep)
+                             output_hidden_states=bool(output_hidden), logits_to_keep=logits_to_keep)
+        hidden = select_hidden(output_hidden, out.hidden_states[-1], out.hidden_states) if output_hidden else None
         if logits_to_keep:
-            return VerifyOutput(logits=out.logits, hidden=out.hidden_states[-1] if output_hidden else None)
+            return VerifyOutput(logits=out.logits, hidden=hidden)
         return VerifyOutput(logits=unpacked(out.logits[0], pack, b, n),
-                            hidden=unpacked(out.hidden_states[-1][0], pack, b, n) if output_hidden else None)
+                            hidden=None if hidden is None else unpacked(hidden[0], pack, b, n))
 
     def _groups(self, request_ids: Sequence[Hashable], tree_mask: torch.Tensor, prefix_lens: torch.Tensor,
                 live: torch.Tensor | None) -> tuple[AttentionGroup, ...]:
