@@ -20,7 +20,7 @@ from torch import nn
 
 from drafters.growing import DraftVocab, DynamicGrowth, TreeGrower
 from drafters.tree_shape import TreeShape
-from specdec import models
+from specdec import interop, models
 from specdec.algorithms import tree as tree_ops
 from specdec.errors import ConfigError, SpecdecError
 from specdec.models import checkpoint, hf_cache
@@ -41,26 +41,33 @@ def head_config(target_config, attn_implementation: str = "sdpa"):
 
 class EagleHead(nn.Module):
     """fc(concat(embedding of x_{i+1}, f_i)) -> one decoder layer -> predicted f_{i+1}; ``logits`` over the draft vocab.
+    ``input_norm=False``: the layer has no input RMSNorm (EAGLE-1's layout, :mod:`specdec.interop.eagle1`).
 
     Shapes: ``feats [B, L, H]``, ``embeds [B, L, H]``, ``position_ids [B, L]``, ``mask [B, 1, L, past + L]``
     (additive, or None for causal without a cache) -> ``[B, L, H]``. ``d2t [V_draft]`` maps draft ids to target ids.
     """
 
-    def __init__(self, target_config, layer_cls: type, rotary_cls: type, d2t: torch.Tensor) -> None:
+    def __init__(self, target_config, layer_cls: type, rotary_cls: type, d2t: torch.Tensor,
+                 input_norm: bool = True) -> None:
         super().__init__()
         cfg = head_config(target_config)
         h = cfg.hidden_size
         self.config = cfg
         self.fc = nn.Linear(2 * h, h, bias=True)
         self.layer = layer_cls(cfg, layer_idx=0)
+        if not input_norm:  # EAGLE-1's layer: fc's output goes to attention without the input RMSNorm
+            if not isinstance(getattr(self.layer, "input_layernorm", None), nn.Module):
+                raise ConfigError(f"{layer_cls.__name__} has no input_layernorm to leave out; a head without an "
+                                  "input norm (EAGLE-1) needs a Llama-style decoder layer.")
+            self.layer.input_layernorm = nn.Identity()
         self.rotary = rotary_cls(config=cfg)
         self.lm_head = nn.Linear(h, len(d2t), bias=False)
         self.register_buffer("d2t", d2t.long().clone())
 
     @classmethod
-    def for_target(cls, target, d2t: torch.Tensor) -> EagleHead:
+    def for_target(cls, target, d2t: torch.Tensor, input_norm: bool = True) -> EagleHead:
         base = decoder(target)
-        return cls(target.config, type(base.layers[0]), type(base.rotary_emb), d2t)
+        return cls(target.config, type(base.layers[0]), type(base.rotary_emb), d2t, input_norm)
 
     def init_from_target(self, target, layer: int = -1) -> None:
         """Warm start: the decoder layer from one of the target's with its output projections zeroed (so the head
@@ -78,8 +85,14 @@ class EagleHead(nn.Module):
             self.fc.weight[:, h:].copy_(torch.eye(h, device=self.fc.weight.device))
             self.fc.bias.zero_()
 
+    def attention_modules(self) -> list[nn.Module]:
+        """The modules whose ``config`` picks the attention implementation (for ``gqa_attention_on``)."""
+        return [self]
+
     def forward(self, feats: torch.Tensor, embeds: torch.Tensor, position_ids: torch.Tensor,
-                mask: torch.Tensor | None = None, cache=None) -> torch.Tensor:
+                mask: torch.Tensor | None = None, cache=None, from_target: bool = True) -> torch.Tensor:
+        """``from_target``: whether ``feats`` are the target's or the head's own predictions; the same to this
+        head (it predicts target features), not to an EAGLE-3 head."""
         x = self.fc(torch.cat([embeds, feats.to(embeds.dtype)], dim=-1))
         pos_emb = self.rotary(x, position_ids)
         out = self.layer(x, attention_mask=mask, position_ids=position_ids, use_cache=cache is not None,
@@ -111,6 +124,31 @@ def reduced_vocab(counts: torch.Tensor, size: int, always: list[int] = ()) -> to
     return torch.tensor(sorted(keep))
 
 
+def check_fits(cfg: dict, embedding: torch.Tensor | None, target, path) -> None:
+    """Refuse a public head (no target fingerprint) made for another target, naming what differs.
+
+    ``cfg``: the checkpoint's meta config (``hidden_size``, ``vocab_size``, ``model_type`` and ``layer``: settings of
+    its layer by transformers' config names, e.g. ``rms_norm_eps``); the head runs the target's own layer class
+    with the target's settings, so any difference would be an approximation. ``embedding [V, H]``: a token
+    embedding the checkpoint carries (EAGLE-1 copies the target's); it must be the target's, up to half-precision
+    rounding."""
+    tc = target.config
+    own = target.get_input_embeddings().weight
+    have = {"hidden_size": int(tc.hidden_size), "vocab_size": int(own.shape[0]),
+            "model_type": getattr(tc, "model_type", None)}
+    want = {k: cfg.get(k) for k in have} | dict(cfg.get("layer") or {})
+    diffs = [f"{k}: head {v!r} vs target {have.get(k, getattr(tc, k, None))!r}" for k, v in want.items()
+             if v is not None and v != have.get(k, getattr(tc, k, None))]
+    if not diffs and embedding is not None and not (
+            embedding.shape == own.shape and torch.allclose(embedding.float(), own.detach().float().cpu(),
+                                                            rtol=1e-2, atol=1e-3)):
+        diffs.append("its token embedding (embed_tokens.weight) is not the target's")
+    if diffs:
+        raise checkpoint.CheckpointError(
+            f"the EAGLE head at {path} was made for another target ({'; '.join(diffs)}). Use a head trained for "
+            "this target (python -m train.eagle target=...) or the target it was made for.")
+
+
 class EagleDrafter:
     """Proposes top-k trees (``choices``) from an EAGLE-style head; lossless with greedy and sampled requests.
 
@@ -121,6 +159,10 @@ class EagleDrafter:
     dynamic: grow each tree by expected acceptance instead (EAGLE-2; ``top_k`` children per expanded node,
     ``depth`` levels at most, default 6, fewer when a level's best path value is below ``min_value``), cut to the
     step's node budget. The tree is grown by :class:`drafters.growing.TreeGrower` from this head's forward.
+    trained: the trained tree shape of ``head`` (when passed in place of a path). allow_pickle: read a public
+    pickle checkpoint (an EAGLE-1 ``pytorch_model.bin``; only one you trust). A public EAGLE-1 directory
+    (:mod:`specdec.interop.eagle1`) runs with the target's own LM head and is checked against the target
+    (:func:`check_fits`).
     """
 
     needs_hidden_states = True
@@ -129,17 +171,24 @@ class EagleDrafter:
     def __init__(self, target=None, tokenizer=None, path: str | None = None, head: EagleHead | None = None,
                  choices: list[list[int]] | None = None, depth: int | None = None, width: int = 1,
                  dtype: str | None = None, max_nodes: int | None = None, dynamic: bool = False,
-                 top_k: int = 4, min_value: float = 0.0) -> None:
+                 top_k: int = 4, min_value: float = 0.0, trained: list[list[int]] | None = None,
+                 allow_pickle: bool = False) -> None:
         if target is None:
             raise ConfigError("the eagle drafter runs on the target's features: pass target=... .")
         growth = DynamicGrowth(dynamic, top_k, int(depth) if depth else 6, min_value)
-        trained = None
         if head is None:
             path = path or checkpoint.shipped(KIND)
-            state, meta = checkpoint.load(path, kind=KIND, target=target)
-            head = EagleHead.for_target(target, state["d2t"])
+            state, meta = interop.load_checkpoint(path, kind=KIND, target=target, allow_pickle=allow_pickle)
+            cfg = meta["config"]
+            if meta.get("target") is None:  # a public head has no target fingerprint: check what it states
+                check_fits(cfg, state.pop("embed_tokens.weight", None), target, path)
+            head = EagleHead.for_target(target, state["d2t"], input_norm=cfg.get("input_norm", True))
+            if cfg.get("lm_head") == "target":  # EAGLE-1: the target's own LM head, in the target's dtype (exact)
+                rows = target.get_output_embeddings().weight.detach()
+                head.to(rows.dtype)
+                state = {**state, "lm_head.weight": rows[state["d2t"].to(rows.device)]}
             checkpoint.load_into(head, state, path)
-            trained = meta["config"].get("choices")
+            trained = cfg.get("choices")
         self.embed = target.get_input_embeddings()
         self.vocab_size = int(self.embed.weight.shape[0])
         d2t = head.d2t
@@ -164,7 +213,7 @@ class EagleDrafter:
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.head.fc.weight.dtype
+        return self.head.lm_head.weight.dtype
 
     def propose(self, ctx: DraftContext) -> DraftTree:
         if ctx.input_ids.shape[0] != 1:
@@ -187,8 +236,8 @@ class EagleDrafter:
                                f"(had {start} pairs, {ctx.input_ids.shape[1]} committed tokens).")
         pos = torch.arange(start, start + m, device=nxt.device)[None]
         mask = causal_mask(start, m, self.dtype, nxt.device) if m > 1 else None
-        with gqa_attention_on(self.head):
-            g = self.head(ctx.hidden.to(self.dtype), self.embed(nxt).to(self.dtype), pos, mask, self.cache)
+        with gqa_attention_on(*self.head.attention_modules()):
+            g = self.head(ctx.hidden, self.embed(nxt).to(self.dtype), pos, mask, self.cache)
         self._pairs = start + m
         self._g = {0: g[:, -1]}
         return self.head.logits(g[0, -1])
@@ -203,8 +252,8 @@ class EagleDrafter:
         seg = torch.tensor([tokens[lo:hi]], device=parents_t.device)
         mask = tree_ops.segment_mask(sub, lo, hi, self._pairs, self.dtype)
         pos = self._pairs - 1 + tree_ops.depths(sub)[:, lo:hi]
-        with gqa_attention_on(self.head):
-            g = self.head(feats, self.embed(seg).to(self.dtype), pos, mask, self.cache)
+        with gqa_attention_on(*self.head.attention_modules()):
+            g = self.head(feats, self.embed(seg).to(self.dtype), pos, mask, self.cache, from_target=False)
         for j, i in enumerate(range(lo, hi)):
             self._g[i] = g[:, j]
         return self.head.logits(g)  # [1, n, V_draft]

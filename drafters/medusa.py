@@ -17,7 +17,7 @@ from torch import nn
 
 from drafters.growing import DraftVocab, DynamicGrowth, TreeGrower, to_target_vocab
 from drafters.tree_shape import TreeShape
-from specdec import models
+from specdec import interop, models
 from specdec.algorithms import tree as tree_ops
 from specdec.errors import ConfigError, SpecdecError
 from specdec.models import checkpoint
@@ -87,6 +87,18 @@ class MedusaHeads(nn.Module):
         return to_target_vocab(self.logits(h), self.d2t, vocab_size)
 
 
+def check_fits(cfg: dict, target, path) -> None:
+    """Refuse public heads (``cfg``: their meta config, with ``hidden_size`` and ``vocab_size``) made for another
+    target, naming what differs."""
+    have = {"hidden_size": int(target.config.hidden_size), "vocab_size": models.vocab_size(target)}
+    diffs = [f"{k}: heads {cfg[k]!r} vs target {v!r}" for k, v in have.items()
+             if cfg.get(k) is not None and int(cfg[k]) != v]
+    if diffs:
+        raise checkpoint.CheckpointError(
+            f"the Medusa heads at {path} were made for another target ({'; '.join(diffs)}). Use heads trained for "
+            "this target (python -m train.medusa target=...) or the target they were made for.")
+
+
 class MedusaDrafter:
     """Proposes Medusa trees (``choices``) from K heads on the target's hidden state; lossless with greedy and
     sampled requests.
@@ -103,6 +115,8 @@ class MedusaDrafter:
     of its tokens' head probabilities), cut to the step's node budget; its candidates are deterministic, so no
     ``draft_probs`` are reported (the rejection rule treats them as point masses: lossless). Both kinds of tree are
     grown by :class:`drafters.growing.TreeGrower`, whose "forward" for a level is the head of the next depth.
+    path may also be a public Medusa directory (vLLM's or FasterDecoding's layout: :mod:`specdec.interop.medusa`);
+    allow_pickle: read one stored as a pickle (``medusa_lm_head.pt``; only one you trust).
     """
 
     needs_hidden_states = True
@@ -111,14 +125,16 @@ class MedusaDrafter:
     def __init__(self, target=None, tokenizer=None, path: str | None = None, heads: MedusaHeads | None = None,
                  choices: list[list[int]] | None = None, depth: int | None = None, width: int = 1,
                  dtype: str | None = None, max_nodes: int | None = None, dynamic: bool = False,
-                 top_k: int = 4, min_value: float = 0.0) -> None:
+                 top_k: int = 4, min_value: float = 0.0, allow_pickle: bool = False) -> None:
         if target is None:
             raise ConfigError("the medusa drafter runs on the target's hidden states: pass target=... .")
         trained = None
         if heads is None:
             path = path or checkpoint.shipped(KIND)
-            state, meta = checkpoint.load(path, kind=KIND, target=target)
+            state, meta = interop.load_checkpoint(path, kind=KIND, target=target, allow_pickle=allow_pickle)
             cfg = meta["config"]
+            if meta.get("target") is None:  # public heads have no target fingerprint: check what they state
+                check_fits(cfg, target, path)
             heads = MedusaHeads.for_target(target, int(cfg["num_heads"]), int(cfg["num_layers"]), state["d2t"])
             checkpoint.load_into(heads, state, path)
             trained = cfg.get("choices")

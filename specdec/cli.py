@@ -3,6 +3,7 @@
     specdec generate "Write a haiku about caches" [--drafter ngram] [--max-new-tokens 128] [--target PATH_OR_ID]
     specdec bench [hydra overrides ...]          # same as python -m specdec.bench
     specdec profile [--target PATH_OR_ID] [--dtype float32] [--threads 2] [--verifier hf] [--remeasure]
+    specdec export CHECKPOINT --to eagle3|speculators|medusa OUT_DIR [--verifier ID] [--speculative-tokens 3]
 """
 
 from __future__ import annotations
@@ -72,6 +73,30 @@ def _profile(argv: list[str]) -> int:
     return 0
 
 
+def _export(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="specdec export",
+        description="Write a drafter checkpoint in a layout vLLM/SGLang load (specdec.interop.export in Python).")
+    parser.add_argument("checkpoint", help="a specdec drafter checkpoint directory (or a public one to convert)")
+    parser.add_argument("out_dir")
+    parser.add_argument("--to", required=True, choices=["eagle3", "speculators", "medusa"])
+    parser.add_argument("--verifier", default=None,
+                        help="speculators only: the target's hub id or path (default: specdec's default target)")
+    parser.add_argument("--speculative-tokens", type=int, default=3,
+                        help="speculators only: the chain length vLLM drafts (default 3)")
+    parser.add_argument("--allow-pickle", action="store_true",
+                        help="read a public pickle checkpoint as the source (it can run code: trusted files only)")
+    args = parser.parse_args(argv)
+
+    from specdec import interop
+
+    options = {"verifier": args.verifier, "speculative_tokens": args.speculative_tokens} \
+        if args.to == "speculators" else {}
+    out = interop.export(args.checkpoint, args.to, args.out_dir, allow_pickle=args.allow_pickle, **options)
+    print(f"{args.to} drafter written to {out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
@@ -83,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
             return _generate(rest)
         if command == "profile":
             return _profile(rest)
+        if command == "export":
+            return _export(rest)
         if command == "bench":
             from specdec.bench import app as bench
 
@@ -92,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     except SpecdecError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"unknown command {command!r}; use `specdec generate`, `specdec bench` or `specdec profile` "
+    print(f"unknown command {command!r}; use `specdec generate`, `specdec bench`, `specdec profile` or `specdec export` "
           "(see specdec --help).", file=sys.stderr)
     return 2
 

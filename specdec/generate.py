@@ -18,7 +18,7 @@ from contextlib import ExitStack
 import torch
 from tqdm import tqdm
 
-from specdec import inputs, models, registry
+from specdec import inputs, interop, models, registry
 from specdec.algorithms.acceptance import LOSSY, get_rule
 from specdec.algorithms.adaptive import AdaptiveBudget, Calibrator
 from specdec.algorithms.cost import CostProfile
@@ -293,6 +293,8 @@ def drafter_spec(drafter, drafter_kwargs: dict | None) -> tuple[str, dict] | Non
                           f"exists, or a drafter name ({', '.join(registry.DRAFTERS)}).")
     if isinstance(drafter, str) and checkpoint.is_checkpoint(drafter):  # a trained drafter's directory
         return checkpoint.read_meta(drafter)["kind"], {"path": drafter, **(drafter_kwargs or {})}
+    if isinstance(drafter, str) and interop.is_public(drafter):  # a public EAGLE-1/EAGLE-3/Medusa directory
+        return interop.detect(os.path.expanduser(drafter))[0], {"path": drafter, **(drafter_kwargs or {})}
     if isinstance(drafter, str):
         return drafter, dict(drafter_kwargs or {})
     if drafter_kwargs:

@@ -40,6 +40,7 @@ DRAFTERS: dict[str, DrafterEntry] = {
     "draft_model": DrafterEntry("drafters.draft_model:DraftModelDrafter", requires={"path": (
         "a draft model", "hub id or local checkpoint directory of a small causal LM sharing the target's tokenizer")}),
     "eagle": DrafterEntry("drafters.eagle:EagleDrafter"),
+    "eagle3": DrafterEntry("drafters.eagle3:Eagle3Drafter"),
     "medusa": DrafterEntry("drafters.medusa:MedusaDrafter"),
     "layerskip": DrafterEntry("drafters.layerskip:LayerSkipDrafter"),
     "hybrid": DrafterEntry("drafters.hybrid:HybridDrafter"),

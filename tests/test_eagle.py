@@ -49,17 +49,22 @@ def tiny_head(target, vocab: int = 40) -> EagleHead:
     return head.eval()
 
 
+def check_cache_matches_full(head, feat_width: int, width: int, dtype: torch.dtype) -> None:
+    """A head run in two cached chunks (4 + 3 positions) equals one full causal forward."""
+    feats = torch.randn(1, 7, feat_width, dtype=dtype)
+    emb = torch.randn(1, 7, width, dtype=dtype)
+    pos = torch.arange(7)[None]
+    full = head(feats, emb, pos, causal_mask(0, 7, dtype))
+    cache = hf_cache.new_cache()
+    first = head(feats[:, :4], emb[:, :4], pos[:, :4], causal_mask(0, 4, dtype), cache)
+    rest = head(feats[:, 4:], emb[:, 4:], pos[:, 4:], causal_mask(4, 3, dtype), cache)
+    torch.testing.assert_close(torch.cat([first, rest], 1), full)
+
+
 def test_head_cache_matches_full_forward():
     target = tiny_llama(0)
-    head = tiny_head(target)
-    feats = torch.randn(1, 7, target.config.hidden_size, dtype=target.dtype)
-    emb = torch.randn(1, 7, target.config.hidden_size, dtype=target.dtype)
-    pos = torch.arange(7)[None]
-    full = head(feats, emb, pos, causal_mask(0, 7, target.dtype))
-    cache = hf_cache.new_cache()
-    first = head(feats[:, :4], emb[:, :4], pos[:, :4], causal_mask(0, 4, target.dtype), cache)
-    rest = head(feats[:, 4:], emb[:, 4:], pos[:, 4:], causal_mask(4, 3, target.dtype), cache)
-    torch.testing.assert_close(torch.cat([first, rest], 1), full)
+    h = target.config.hidden_size
+    check_cache_matches_full(tiny_head(target), h, h, target.dtype)
 
 
 @pytest.mark.parametrize("choices", [None, [[0]], [[0], [1], [0, 0], [0, 0, 0], [1, 0]]])

@@ -33,7 +33,7 @@ def default_target():
     return models.load_target(None, dtype="float32")
 
 
-@pytest.mark.parametrize("drafter", ["none", "ngram", "eagle", "medusa", "layerskip", "draft_model"])
+@pytest.mark.parametrize("drafter", ["none", "ngram", "eagle", "eagle3", "medusa", "layerskip", "draft_model"])
 def test_default_model_greedy_equality(default_target, drafter):
     """Every drafter, the shipped trained ones included (``draft_model``: the distilled checkpoint by path)."""
     model, tokenizer = default_target
@@ -49,3 +49,21 @@ def test_default_model_greedy_equality(default_target, drafter):
         assert out.sequences[0].tolist() == ref[0].tolist()
         assert out.text == tokenizer.decode(ref_new, skip_special_tokens=True)
         assert out.stats.tau >= 1.0
+
+
+@pytest.mark.parametrize("layout", ["eagle3", "speculators"])
+def test_shipped_eagle3_exported_and_loaded_back_drafts_the_same(default_target, layout, tmp_path):
+    """The shipped EAGLE-3 head written in vLLM's layouts and read back: same tokens, same steps, same acceptance
+    (with the same tree: the engines' layouts do not hold the tree shape the training job chose)."""
+    from specdec import interop
+
+    model, tokenizer = default_target
+    out_dir = interop.export(checkpoint.shipped("eagle3"), layout, tmp_path / layout)
+    ids = models.encode_prompt(tokenizer, PROMPTS[1])
+    ours = specdec.generate(model, ids, tokenizer=tokenizer, drafter="eagle3", max_new_tokens=32,
+                            drafter_kwargs={"depth": 3})
+    back = specdec.generate(model, ids, tokenizer=tokenizer, drafter=str(out_dir), max_new_tokens=32,
+                            drafter_kwargs={"depth": 3})
+    assert back.new_tokens == ours.new_tokens
+    assert back.stats.accepted == ours.stats.accepted
+

@@ -40,8 +40,11 @@ def cache_dir_for(cfg: dict, target) -> Path:
     return models.cache_dir() / "data" / f"{key['target']['model_type']}-{digest}"
 
 
-def build(cfg: dict, target, tokenizer, progress: bool = True) -> Data:
-    """Make (or reuse) the train and validation feature sets described by the ``data`` config section."""
+def build(cfg: dict, target, tokenizer, progress: bool = True, aux_layers: tuple[int, ...] = ()) -> Data:
+    """Make (or reuse) the train and validation feature sets described by the ``data`` config section.
+
+    ``aux_layers``: also record those layers' hidden states (EAGLE-3); they go to their own feature directories
+    (``train-aux-2-15-27/``) beside the plain ones, sharing the cached answers."""
     out = cache_dir_for(cfg, target)
     out.mkdir(parents=True, exist_ok=True)
     root, seed, val_fraction = cfg.get("root"), int(cfg.get("seed", 0)), float(cfg.get("val_fraction", 0.05))
@@ -66,6 +69,7 @@ def build(cfg: dict, target, tokenizer, progress: bool = True) -> Data:
 
     feat = dict(max_len=int(cfg["max_len"]), batch_tokens=int(cfg["features"]["batch_tokens"]),
                 topk=int(cfg["features"]["topk"]), progress=progress)
-    train_set = features.extract(target, tokenizer, train_rows, out / "train", **feat)
-    val_set = features.extract(target, tokenizer, val_rows, out / "val", **feat)
+    suffix = "-aux-" + "-".join(map(str, aux_layers)) if aux_layers else ""
+    train_set = features.extract(target, tokenizer, train_rows, out / f"train{suffix}", aux_layers=aux_layers, **feat)
+    val_set = features.extract(target, tokenizer, val_rows, out / f"val{suffix}", aux_layers=aux_layers, **feat)
     return Data(train=train_set, val=val_set, val_prompts=val_prompts, cache_dir=out, num_answers=num_answers)

@@ -152,7 +152,7 @@ def metrics(module: DraftTrainModule, val: FeatureSet, batch_size: int = 8) -> d
     count = 0
     for s in range(0, len(val), batch_size):
         b = val.batch(list(range(s, min(len(val), s + batch_size))))
-        b = Batch(*(t.to(dev) for t in vars(b).values()))
+        b = b.to(dev)
         where = positions(b)
         draft, teacher = logits_at(module, b, where)
         sums["tv"] += float(distill_loss(draft, teacher, "tv").sum())

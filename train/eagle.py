@@ -43,6 +43,11 @@ class EagleTrainModule(nn.Module):
         t2d[head.d2t] = torch.arange(len(head.d2t))
         self.register_buffer("t2d", t2d, persistent=False)
 
+    def blocks(self, batch: Batch) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """The unrolled blocks' outputs ``[B, L-1, H]`` and the next features ``[B, L-1, H]`` (see
+        :func:`forward_blocks`)."""
+        return forward_blocks(self, batch)
+
 
 def make_module(target, data, cfg: dict) -> EagleTrainModule:
     opts = dict(cfg["drafter"])
@@ -74,20 +79,23 @@ def unrolled_mask(valid_len: int, k: int, dtype: torch.dtype, device=None) -> to
     return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)[None, None]
 
 
-def forward_blocks(module: EagleTrainModule, batch: Batch) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """Predicted features of each unrolled block ``[B, L-1, H]`` and the pair positions' feature targets."""
+def forward_blocks(module: EagleTrainModule, batch: Batch, feats_in: torch.Tensor | None = None
+                   ) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Outputs of each unrolled block ``[B, L-1, H]`` and the pair positions' feature targets ``f_{i+1}``.
+
+    ``feats_in [B, L-1, F]``: what block 0 reads at pair ``i`` (default the last hidden state ``f_i``; an EAGLE-3
+    head reads its feature layers); later blocks read the previous block's outputs (``from_target=False``)."""
     head = module.head
     f = batch.hidden
-    feats_in, tgt = f[:, :-1], f[:, 1:]
-    emb = F.embedding(batch.tokens[:, 1:], module.embed_w).to(head.fc.weight.dtype)
-    b, n, _ = feats_in.shape
+    feats, tgt = (f[:, :-1] if feats_in is None else feats_in), f[:, 1:]
+    emb = F.embedding(batch.tokens[:, 1:], module.embed_w).to(head.lm_head.weight.dtype)
+    b, n, _ = feats.shape
     pos = torch.arange(n, device=f.device)[None].expand(b, n)
     cache = hf_cache.new_cache()
     outs: list[torch.Tensor] = []
-    feats = feats_in
     for k in range(int(module.opts.get("unroll", 1))):
         mask = unrolled_mask(n, k, emb.dtype, f.device)
-        g = head(feats, emb, pos, mask, cache)
+        g = head(feats, emb, pos, mask, cache, from_target=k == 0)
         outs.append(g)
         feats = torch.cat([torch.zeros_like(g[:, :1]), g[:, :-1]], dim=1)  # block k+1 at i reads g_k[i-1]
     return outs, tgt
@@ -102,7 +110,7 @@ def predicted_mask(batch: Batch) -> torch.Tensor:
 
 def loss_fn(module: EagleTrainModule, batch: Batch) -> tuple[torch.Tensor, dict]:
     opts = module.opts
-    outs, tgt = forward_blocks(module, batch)
+    outs, tgt = module.blocks(batch)
     mask = predicted_mask(batch).float()
     teacher = torch.softmax(tgt.float() @ module.teacher_w.float().T, dim=-1)  # [B, L-1, Vd]
     top1 = module.t2d[batch.target_top1[:, 1:]]  # target's argmax in draft ids (-1: outside the draft vocab)
@@ -111,15 +119,18 @@ def loss_fn(module: EagleTrainModule, batch: Batch) -> tuple[torch.Tensor, dict]
         m = mask.clone()
         m[:, :k] = 0
         denom = m.sum().clamp_min(1.0)
-        reg = (F.smooth_l1_loss(g.float(), tgt.float(), reduction="none").mean(-1) * m).sum() / denom
         logp = torch.log_softmax(module.head.logits(g).float(), dim=-1)
         ce = (-(teacher * logp).sum(-1) * m).sum() / denom
         w = float(opts.get("unroll_decay", 0.8)) ** k
-        total = total + w * (float(opts["feature_weight"]) * reg + float(opts["token_weight"]) * ce)
+        term = float(opts.get("token_weight", 1.0)) * ce
+        if float(opts.get("feature_weight", 0.0)):  # an EAGLE-3 head's outputs are not target features: no term
+            reg = (F.smooth_l1_loss(g.float(), tgt.float(), reduction="none").mean(-1) * m).sum() / denom
+            term = term + float(opts["feature_weight"]) * reg
+            metrics[f"depth{k + 1}_feature_l1"] = float(reg.detach())
+        total = total + w * term
         weights += w
         metrics[f"depth{k + 1}_top1"] = float(((logp.argmax(-1) == top1).float() * m).sum() / denom)
         metrics[f"depth{k + 1}_ce"] = float(ce.detach())
-        metrics[f"depth{k + 1}_feature_l1"] = float(reg.detach())
     return total / weights, metrics
 
 
@@ -130,8 +141,8 @@ def rank_accuracy(module: EagleTrainModule, val: FeatureSet, ranks: int = 4, bat
     count = torch.zeros(())
     for s in range(0, len(val), batch_size):
         batch = val.batch(list(range(s, min(len(val), s + batch_size))))
-        batch = Batch(*(t.to(module.embed_w.device) for t in vars(batch).values()))
-        outs, _ = forward_blocks(module, batch)
+        batch = batch.to(module.embed_w.device)
+        outs, _ = module.blocks(batch)
         top1 = module.t2d[batch.target_top1[:, 1:]]
         base = predicted_mask(batch)
         rows = []

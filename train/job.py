@@ -36,7 +36,8 @@ class JobSpec:
     make_module(target, data, cfg) -> trainable module; loss_fn(module, batch) -> (loss, metrics);
     metrics(module, val_set) -> dict of validation agreement metrics; make_drafter(target, tokenizer, module, data)
     -> a Drafter for validation tau (``data``: the job's :class:`train.dataset.Data`); export(module, target, data, val_metrics, cfg) -> (state_dict, drafter config)
-    for the final checkpoint (e.g. the tree chosen from validation accuracy).
+    for the final checkpoint (e.g. the tree chosen from validation accuracy). feature_layers(target, cfg) -> the
+    target layers whose hidden states the data step records besides the last (EAGLE-3; default none).
     """
 
     kind: str
@@ -45,6 +46,7 @@ class JobSpec:
     metrics: Callable
     make_drafter: Callable
     export: Callable
+    feature_layers: Callable = lambda target, cfg: ()
 
 
 def validation_tau(target, tokenizer, drafter, prompts: list[dict], max_new_tokens: int) -> float:
@@ -85,7 +87,8 @@ def run(spec: JobSpec, cfg: dict, progress: bool = True) -> Path:
     target.requires_grad_(False)
     start = time.perf_counter()
     with state.main_process_first():  # several processes: the main one builds the cache, the others then read it
-        data = dataset.build(cfg["data"], target, tokenizer, progress=progress and state.is_main_process)
+        data = dataset.build(cfg["data"], target, tokenizer, progress=progress and state.is_main_process,
+                             aux_layers=tuple(spec.feature_layers(target, cfg)))
     data_s = time.perf_counter() - start
     module = spec.make_module(target, data, cfg)
     val_cfg = cfg["data"]["val"]
@@ -124,6 +127,12 @@ def run(spec: JobSpec, cfg: dict, progress: bool = True) -> Path:
     final = checkpoint.save(final, spec.kind, state, drafter_cfg, target=target,
                             extra={"training": info}, card=card(spec.kind, cfg, info))
     print(f"{spec.kind} drafter written to {final} (validation tau {last.get('tau', float('nan')):.2f})")
+    export_cfg = dict(cfg.get("export") or {})
+    for layout in export_cfg.pop("to", None) or []:  # the Hydra equivalent of `specdec export`
+        from specdec import interop
+
+        options = {k: v for k, v in export_cfg.items() if v is not None} if layout == "speculators" else {}
+        print(f"{layout} layout written to {interop.export(final, layout, out_dir / f'{FINAL}-{layout}', **options)}")
     return final
 
 

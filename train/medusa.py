@@ -98,7 +98,7 @@ def rank_accuracy(module: MedusaTrainModule, val: FeatureSet, ranks: int = 4, ba
     counts = torch.zeros(num_heads, 1)
     for s in range(0, len(val), batch_size):
         batch = val.batch(list(range(s, min(len(val), s + batch_size))))
-        batch = Batch(*(t.to(device) for t in vars(batch).values()))
+        batch = batch.to(device)
         for k in range(1, num_heads + 1):
             logits, mask, top1 = head_terms(module, batch, k)
             cand = logits.topk(min(ranks, logits.shape[-1]), dim=-1).indices  # [B, L-k, R]

@@ -175,7 +175,7 @@ class Trainer:
         idx = idx[self.accelerator.process_index::self.accelerator.num_processes] or idx[:1]
         b = self.train_set.batch(idx)
         dev = self.accelerator.device
-        return Batch(*(t.to(dev) for t in (b.tokens, b.hidden, b.loss_mask, b.valid, b.target_top1)))
+        return b.to(dev)
 
     def run(self, resume: bool = False, overwrite: bool = False) -> torch.nn.Module:
         """Train to ``schedule.steps``. ``resume``: continue from the saved state (saying so, or that there was

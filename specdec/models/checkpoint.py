@@ -46,8 +46,12 @@ def target_fingerprint(model) -> dict:
 
 
 def check_target(meta: dict, model, path: str | Path) -> None:
-    """Refuse a checkpoint trained for another target, saying which property differs."""
-    want = meta.get("target") or {}
+    """Refuse a checkpoint trained for another target, saying which property differs. A checkpoint without a
+    fingerprint (``meta["target"]`` None: a public layout, or saved without a target) is left to the drafter,
+    which checks its shapes."""
+    want = meta.get("target")
+    if want is None:
+        return
     have = target_fingerprint(model)
     diffs = [f"{k}: checkpoint {want.get(k)!r} vs target {have[k]!r}" for k in have if want.get(k) != have[k]]
     if diffs:
@@ -93,7 +97,8 @@ def cast_floats(state: dict[str, torch.Tensor], dtype: torch.dtype | None) -> di
 
 
 def is_checkpoint(path: str | Path) -> bool:
-    """Whether ``path`` names a drafter checkpoint directory (a string that is not one is a drafter name)."""
+    """Whether ``path`` names a drafter checkpoint directory written here (a string that is not one is a drafter
+    name, or a public layout: :func:`specdec.interop.is_public`)."""
     try:
         return (Path(path).expanduser() / META).exists()
     except (OSError, ValueError):
@@ -115,7 +120,8 @@ def read_meta(path: str | Path) -> dict:
 
 
 def load(path: str | Path, kind: str | None = None, target=None) -> tuple[dict[str, torch.Tensor], dict]:
-    """``(state_dict, meta)`` of a checkpoint, checking its kind and (given ``target``) the target it fits."""
+    """``(state_dict, meta)`` of a checkpoint, checking its kind and (given ``target``) the target it fits.
+    Drafters read public layouts too, through :func:`specdec.interop.load_checkpoint`."""
     path = Path(path).expanduser()
     meta = read_meta(path)
     if kind is not None and meta["kind"] != kind:
@@ -143,6 +149,12 @@ def load_into(module: torch.nn.Module, state: dict[str, torch.Tensor], path: str
             f"checkpoint {path} does not fit this drafter (missing {missing[:4]}, unexpected {unexpected[:4]}, "
             f"shapes {shapes[:4]}); it was saved with another configuration or target."
         )
+    floats = [t.dtype for t in state.values() if t.is_floating_point()]
+    mine = {t.dtype for t in own.values() if t.is_floating_point()}
+    if floats and mine:  # stored wider than the module (a float64 public head): widen it, so no bit is lost
+        wide = max(floats, key=lambda d: torch.finfo(d).bits)
+        if all(torch.finfo(wide).bits > torch.finfo(d).bits for d in mine):
+            module.to(wide)
     module.load_state_dict(state)
 
 
