@@ -36,8 +36,17 @@ METHODS = {
 }
 
 
+def engine_model(method: str, target: str) -> str:
+    """What vLLM loads as its model: the target, or for ``vllm:speculators=<dir>`` the speculators directory
+    (vLLM reads the target and its speculative settings from that directory's config)."""
+    return method[len("vllm:speculators="):] if method.startswith("vllm:speculators=") else target
+
+
 def speculative_config(method: str) -> dict | None:
-    """``vllm``, ``vllm:ngram``, ``vllm:ngram<k>`` (k draft tokens) or ``vllm:eagle3=<dir>[,<k>]``."""
+    """``vllm``, ``vllm:ngram``, ``vllm:ngram<k>`` (k draft tokens), ``vllm:eagle3=<dir>[,<k>]`` or
+    ``vllm:speculators=<dir>`` (none: the directory says)."""
+    if method.startswith("vllm:speculators="):
+        return None
     if method in METHODS:
         return METHODS[method]
     if method.startswith("vllm:ngram") and method[len("vllm:ngram"):].isdigit():
@@ -45,18 +54,20 @@ def speculative_config(method: str) -> dict | None:
     if method.startswith("vllm:eagle3="):
         path, _, k = method[len("vllm:eagle3="):].partition(",")
         return {"method": "eagle3", "model": path, "num_speculative_tokens": int(k or 4)}
-    raise SystemExit(f"unknown method {method!r}; use vllm, vllm:ngram[<k>] or vllm:eagle3=<dir>[,<k>]")
+    raise SystemExit(f"unknown method {method!r}; use vllm, vllm:ngram[<k>], vllm:eagle3=<dir>[,<k>] or "
+                     "vllm:speculators=<dir>")
 
 
-def spec_counts(llm) -> tuple[int, int]:
-    """(accepted draft tokens, draft tokens) so far, from the engine's metrics (0, 0 without speculation)."""
-    accepted = drafted = 0
+def spec_counts(llm, drafts: bool = False) -> tuple[int, ...]:
+    """(accepted draft tokens, draft tokens[, drafts]) so far, from the engine's metrics (zeros without
+    speculation); vLLM's mean acceptance length is ``1 + accepted / drafts``."""
+    counts = {"vllm:spec_decode_num_accepted_tokens": 0, "vllm:spec_decode_num_draft_tokens": 0,
+              "vllm:spec_decode_num_drafts": 0}
     for m in llm.get_metrics():
-        if m.name == "vllm:spec_decode_num_accepted_tokens":
-            accepted += int(m.value)
-        elif m.name == "vllm:spec_decode_num_draft_tokens":
-            drafted += int(m.value)
-    return accepted, drafted
+        if m.name in counts:
+            counts[m.name] += int(m.value)
+    out = tuple(counts.values())
+    return out if drafts else out[:2]
 
 
 def run_method(method: str, bench: dict, batch_size: int, warmup: int) -> dict:
@@ -64,14 +75,15 @@ def run_method(method: str, bench: dict, batch_size: int, warmup: int) -> dict:
     from vllm.inputs import TokensPrompt
 
     requests = bench["requests"]
-    llm = LLM(model=bench["target_path"], dtype=bench["dtype"], seed=0, max_num_seqs=batch_size,
+    llm = LLM(model=engine_model(method, bench["target_path"]), dtype=bench["dtype"], seed=0, max_num_seqs=batch_size,
               max_model_len=max(len(r["input_ids"]) for r in requests) + bench["max_new_tokens"] + 16,
-              speculative_config=speculative_config(method), disable_log_stats=False)
+              speculative_config=speculative_config(method), disable_log_stats=False,
+              gpu_memory_utilization=0.3, kv_cache_memory_bytes=1 << 30)  # CPU: a fixed KV size, not a RAM share
     params = SamplingParams(temperature=0.0, max_tokens=bench["max_new_tokens"])
     prompts = [TokensPrompt(prompt_token_ids=r["input_ids"]) for r in requests]
     for _ in range(warmup):
         llm.generate(prompts[:min(2, batch_size)], params, use_tqdm=False)
-    acc0, drafted0 = spec_counts(llm)
+    acc0, drafted0, drafts0 = spec_counts(llm, drafts=True)
     outputs, times = [], []
     if batch_size == 1:
         for p in prompts:
@@ -85,9 +97,10 @@ def run_method(method: str, bench: dict, batch_size: int, warmup: int) -> dict:
         share = (time.perf_counter() - start) / len(prompts)
         outputs = [list(o.outputs[0].token_ids) for o in outs]
         times = [share] * len(prompts)
-    acc1, drafted1 = spec_counts(llm)
+    acc1, drafted1, drafts1 = spec_counts(llm, drafts=True)
     del llm
-    return {"outputs": outputs, "times": times, "accepted": acc1 - acc0, "drafted": drafted1 - drafted0}
+    return {"outputs": outputs, "times": times, "accepted": acc1 - acc0, "drafted": drafted1 - drafted0,
+            "drafts": drafts1 - drafts0}
 
 
 def summarize(method: str, bench: dict, got: dict, batch_size: int) -> dict:
@@ -102,6 +115,7 @@ def summarize(method: str, bench: dict, got: dict, batch_size: int) -> dict:
     run = {"method": method, "batch_size": batch_size, "new_tokens": new, "time_s": time_s, "tokens_per_s": tps,
            "tau": new / steps if speculative and steps else None,
            "acceptance_rate": got["accepted"] / got["drafted"] if speculative and got["drafted"] else None,
+           "mean_acceptance_length": 1 + got["accepted"] / got["drafts"] if speculative and got["drafts"] else None,
            "speedup_vs_hf": tps / ref_run["tokens_per_s"] if batch_size == bench["batch_size"] else None,
            "mismatches": sum(1 for a, b in zip(got["outputs"], ref) if list(a) != list(b)),
            "per_category": {}, "engine": "vllm", "speculative_config": speculative_config(method),
@@ -117,6 +131,25 @@ def summarize(method: str, bench: dict, got: dict, batch_size: int) -> dict:
     return run
 
 
+def split_methods(text: str) -> list[str]:
+    """``--methods`` list: comma-separated, where a bare number after a comma is the previous method's ``,<k>``
+    (``vllm,vllm:eagle3=out/eagle3,3`` -> ``["vllm", "vllm:eagle3=out/eagle3,3"]``)."""
+    methods: list[str] = []
+    for part in text.split(","):
+        if part.isdigit() and methods and methods[-1].startswith("vllm:eagle3="):
+            methods[-1] += "," + part
+        elif part:
+            methods.append(part)
+    return methods
+
+
+def build_order(methods: list[str]) -> list[str]:
+    """The order to build engines in: n-gram ones last. vLLM 0.32's CPU platform rescans ``sys.modules`` to patch
+    its Triton kernels whenever an engine starts, and fails (``'_lib_fn_wrapper' object has no attribute 'get'``)
+    once the n-gram proposer has imported numba's llvmlite; engines built before that start fine."""
+    return sorted(methods, key=lambda m: m.startswith("vllm:ngram"))
+
+
 def serve(target: str, dtype: str, methods: list[str], max_model_len: int) -> int:
     """The ``--serve`` loop: one engine per method, greedy, one request per line (see the module docstring)."""
     import torch
@@ -126,9 +159,12 @@ def serve(target: str, dtype: str, methods: list[str], max_model_len: int) -> in
 
     # several engines in one process: each gets a fixed 1 GiB KV cache (vLLM's default claims most of the host's
     # memory for the first engine); one request at a time needs far less, and capacity does not change speed
-    engines = {m: LLM(model=target, dtype=dtype, seed=0, max_num_seqs=1, max_model_len=max_model_len,
+    # every engine's start replaces vLLM's Prometheus metrics with its own, so speculation counts can be read only
+    # for the engine built last (run scripts/peer_vllm.py --from ... on one method for another's acceptance)
+    order = build_order(methods)
+    engines = {m: LLM(model=engine_model(m, target), dtype=dtype, seed=0, max_num_seqs=1, max_model_len=max_model_len,
                       speculative_config=speculative_config(m), disable_log_stats=False,
-                      gpu_memory_utilization=0.3, kv_cache_memory_bytes=1 << 30) for m in methods}
+                      gpu_memory_utilization=0.3, kv_cache_memory_bytes=1 << 30) for m in order}
     print(json.dumps({"ready": True, "versions": {"vllm": vllm.__version__, "torch": torch.__version__},
                       "threads": torch.get_num_threads()}), flush=True)
     for line in sys.stdin:
@@ -142,8 +178,9 @@ def serve(target: str, dtype: str, methods: list[str], max_model_len: int) -> in
         out = llm.generate([TokensPrompt(prompt_token_ids=req["ids"])], params, use_tqdm=False)
         elapsed = time.perf_counter() - start
         acc1, drafted1 = spec_counts(llm)
-        print(json.dumps({"tokens": list(out[0].outputs[0].token_ids), "accepted": acc1 - acc0,
-                          "drafted": drafted1 - drafted0, "time_s": elapsed}), flush=True)
+        counted = req["method"] == order[-1]  # None: not measurable in this process (see above)
+        print(json.dumps({"tokens": list(out[0].outputs[0].token_ids), "accepted": acc1 - acc0 if counted else None,
+                          "drafted": drafted1 - drafted0 if counted else None, "time_s": elapsed}), flush=True)
     return 0
 
 
@@ -154,7 +191,7 @@ def main() -> int:
     parser.add_argument("--max-model-len", type=int, default=4096, help="--serve: prompt + new tokens, at most")
     parser.add_argument("--from", dest="source", help="a bench JSON written with bench.save_tokens=true")
     parser.add_argument("--output")
-    parser.add_argument("--methods", default="vllm,vllm:ngram", help="comma-separated, e.g. vllm,vllm:ngram")
+    parser.add_argument("--methods", default="vllm,vllm:ngram", help="comma-separated, e.g. vllm,vllm:ngram,vllm:eagle3=<dir>,3")
     parser.add_argument("--batch-size", type=int, default=None, help="default: the bench run's batch size")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--target", default=None, help="the target's directory (default: the bench's, or the "
@@ -163,7 +200,7 @@ def main() -> int:
     if args.serve:
         if not args.target:
             raise SystemExit("--serve needs --target <HF model directory>.")
-        return serve(args.target, args.dtype, args.methods.split(","), args.max_model_len)
+        return serve(args.target, args.dtype, split_methods(args.methods), args.max_model_len)
     if not args.source or not args.output:
         raise SystemExit("pass --from <bench JSON> and --output <JSON> (or --serve).")
     bench = json.loads(Path(args.source).read_text(encoding="utf-8"))
@@ -176,7 +213,7 @@ def main() -> int:
                          "or pass --target <HF model directory>.")
     batch_size = args.batch_size or bench["batch_size"]
     runs = []
-    for method in args.methods.split(","):
+    for method in build_order(split_methods(args.methods)):
         print(f"{method}: {len(bench['requests'])} requests, batch size {batch_size}", file=sys.stderr)
         runs.append(summarize(method, bench, run_method(method, bench, batch_size, args.warmup), batch_size))
         r = runs[-1]

@@ -74,7 +74,7 @@ class PeerServer:
             got = self.generate(method, ids[0].tolist(), max_new_tokens)
             tokens = got["tokens"]
             counts = None
-            if method != PREFIX:  # speculative: each step commits its accepted drafts plus one token
+            if method != PREFIX and got["accepted"] is not None:  # speculative: a step commits its accepted drafts + 1
                 counts = (len(tokens) - got["accepted"], got["drafted"], got["accepted"], ())
             return tokens, counts, got["time_s"]
 
