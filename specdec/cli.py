@@ -3,7 +3,7 @@
     specdec generate "Write a haiku about caches" [--drafter ngram] [--max-new-tokens 128] [--target PATH_OR_ID]
     specdec bench [hydra overrides ...]          # same as python -m specdec.bench
     specdec profile [--target PATH_OR_ID] [--dtype float32] [--threads 2] [--verifier hf] [--remeasure]
-    specdec export CHECKPOINT --to eagle3|speculators|medusa OUT_DIR [--verifier ID] [--speculative-tokens 3]
+    specdec export CHECKPOINT OUT_DIR --to eagle3|speculators|medusa [--verifier ID] [--speculative-tokens 3] [--pad-vocab]
 """
 
 from __future__ import annotations
@@ -84,14 +84,17 @@ def _export(argv: list[str]) -> int:
                         help="speculators only: the target's hub id or path (default: specdec's default target)")
     parser.add_argument("--speculative-tokens", type=int, default=3,
                         help="speculators only: the chain length vLLM drafts (default 3)")
+    parser.add_argument("--pad-vocab", action="store_true",
+                        help="medusa only: write heads with a reduced draft vocabulary as full-vocabulary heads "
+                             "(zero rows elsewhere; vLLM loads a reduced vocabulary only with one shared LM head)")
     parser.add_argument("--allow-pickle", action="store_true",
                         help="read a public pickle checkpoint as the source (it can run code: trusted files only)")
     args = parser.parse_args(argv)
 
     from specdec import interop
 
-    options = {"verifier": args.verifier, "speculative_tokens": args.speculative_tokens} \
-        if args.to == "speculators" else {}
+    options = {"speculators": {"verifier": args.verifier, "speculative_tokens": args.speculative_tokens},
+               "medusa": {"pad_vocab": args.pad_vocab}}.get(args.to, {})
     out = interop.export(args.checkpoint, args.to, args.out_dir, allow_pickle=args.allow_pickle, **options)
     print(f"{args.to} drafter written to {out}")
     return 0

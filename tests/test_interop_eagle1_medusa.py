@@ -275,6 +275,11 @@ def test_medusa_reduced_vocab_with_distinct_heads_needs_pad_vocab(tmp_path, targ
     assert torch.equal(state["d2t"], torch.arange(V))
     full = state["lm_heads.1.weight"]
     assert torch.equal(full[REDUCED], heads.lm_heads[1].weight) and int(full.abs().sum(1).gt(0).sum()) == len(REDUCED)
+    from specdec.cli import main  # the same from the shell: refused without the flag, written with it
+
+    assert main(["export", str(src), str(tmp_path / "cli"), "--to", "medusa"]) == 2
+    assert main(["export", str(src), str(tmp_path / "cli"), "--to", "medusa", "--pad-vocab"]) == 0
+    assert json.loads((tmp_path / "cli" / "config.json").read_text()) == cfg
 
 
 def test_medusa_pickle_needs_opt_in(tmp_path, target):

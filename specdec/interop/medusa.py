@@ -191,7 +191,7 @@ def export(state: dict, meta: dict, out_dir: Path, pad_vocab: bool = False) -> P
         raise CheckpointError(
             f"these heads have a reduced draft vocabulary ({len(d2t)} of {vocab} tokens) and distinct LM heads: vLLM "
             "loads a truncated vocabulary only with one shared LM head (original_lm_head), so no exact export "
-            "exists. Pass pad_vocab=True (specdec.interop.export(..., pad_vocab=True)) for full-vocabulary heads "
+            "exists. Pass --pad-vocab (specdec export) or pad_vocab=True (specdec.interop.export) for full-vocabulary heads "
             "with zero rows outside the draft vocabulary (vLLM's proposals then differ from ours where every "
             "draft-vocabulary logit of a head is negative; outputs stay lossless).")
     return write_dir(out_dir, config, out)
