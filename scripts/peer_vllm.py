@@ -36,6 +36,9 @@ METHODS = {
 }
 
 
+DRAFT_HEADS = ("vllm:eagle3", "vllm:medusa")  # methods that take a drafter directory: vllm:<method>=<dir>[,<k>]
+
+
 def engine_model(method: str, target: str) -> str:
     """What vLLM loads as its model: the target, or for ``vllm:speculators=<dir>`` the speculators directory
     (vLLM reads the target and its speculative settings from that directory's config)."""
@@ -43,18 +46,20 @@ def engine_model(method: str, target: str) -> str:
 
 
 def speculative_config(method: str) -> dict | None:
-    """``vllm``, ``vllm:ngram``, ``vllm:ngram<k>`` (k draft tokens), ``vllm:eagle3=<dir>[,<k>]`` or
-    ``vllm:speculators=<dir>`` (none: the directory says)."""
+    """``vllm``, ``vllm:ngram``, ``vllm:ngram<k>`` (k draft tokens), ``vllm:eagle3=<dir>[,<k>]``,
+    ``vllm:medusa=<dir>[,<k>]`` or ``vllm:speculators=<dir>`` (none: the directory says)."""
     if method.startswith("vllm:speculators="):
         return None
     if method in METHODS:
         return METHODS[method]
     if method.startswith("vllm:ngram") and method[len("vllm:ngram"):].isdigit():
         return {**METHODS["vllm:ngram"], "num_speculative_tokens": int(method[len("vllm:ngram"):])}
-    if method.startswith("vllm:eagle3="):
-        path, _, k = method[len("vllm:eagle3="):].partition(",")
-        return {"method": "eagle3", "model": path, "num_speculative_tokens": int(k or 4)}
-    raise SystemExit(f"unknown method {method!r}; use vllm, vllm:ngram[<k>], vllm:eagle3=<dir>[,<k>] or "
+    kind, _, rest = method.partition("=")
+    if kind in DRAFT_HEADS:  # a drafter directory (e.g. written by specdec export) in vLLM's speculative_config
+        path, _, k = rest.partition(",")
+        return {"method": kind.removeprefix("vllm:"), "model": path, "num_speculative_tokens": int(k or 4)}
+    raise SystemExit(f"unknown method {method!r}; use vllm, vllm:ngram[<k>], vllm:eagle3=<dir>[,<k>], "
+                     "vllm:medusa=<dir>[,<k>] or "
                      "vllm:speculators=<dir>")
 
 
@@ -136,7 +141,7 @@ def split_methods(text: str) -> list[str]:
     (``vllm,vllm:eagle3=out/eagle3,3`` -> ``["vllm", "vllm:eagle3=out/eagle3,3"]``)."""
     methods: list[str] = []
     for part in text.split(","):
-        if part.isdigit() and methods and methods[-1].startswith("vllm:eagle3="):
+        if part.isdigit() and methods and methods[-1].partition("=")[0] in DRAFT_HEADS:
             methods[-1] += "," + part
         elif part:
             methods.append(part)

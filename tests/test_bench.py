@@ -395,6 +395,27 @@ def test_vllm_methods_run_interleaved_through_the_peer_server(files, tmp_path):
     assert 0 < runs["vllm:ngram"]["acceptance_rate"] <= 0.25 and 1.5 <= runs["vllm:ngram"]["tau"] <= 2.0
 
 
+def test_peer_methods_with_a_drafter_directory(files, tmp_path):
+    """``vllm:eagle3=<dir>,<k>`` survives the comma-joined method list; a method whose counts the engine cannot
+    report (vLLM keeps only the last-built engine's metrics; n-gram engines are built last) has no tau."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    import peer_vllm
+
+    methods = peer_vllm.split_methods("vllm,vllm:ngram,vllm:eagle3=out/e3,3,vllm:medusa=out/m")
+    assert methods == ["vllm", "vllm:ngram", "vllm:eagle3=out/e3,3", "vllm:medusa=out/m"]
+    assert peer_vllm.build_order(methods)[-1] == "vllm:ngram"
+    assert peer_vllm.speculative_config(methods[2]) == {"method": "eagle3", "model": "out/e3",
+                                                        "num_speculative_tokens": 3}
+    assert peer_vllm.speculative_config(methods[3])["method"] == "medusa"
+    assert peer_vllm.speculative_config("vllm:speculators=out/s") is None
+    assert peer_vllm.engine_model("vllm:speculators=out/s", "target") == "out/s"
+    result = run_in_process(files, tmp_path, "bench.methods=[hf,vllm:ngram,'vllm:eagle3=out/e3,3']",
+                            f"bench.peer_python={sys.executable}", "bench.peer_script=tests/fake_peer.py")
+    runs = {r["method"]: r for r in result["runs"]}
+    assert runs["vllm:eagle3=out/e3,3"]["mismatches"] == 0 and runs["vllm:eagle3=out/e3,3"]["tau"] is None
+    assert runs["vllm:ngram"]["tau"] is not None
+
+
 def test_vllm_methods_need_their_environment(files, tmp_path):
     with pytest.raises(ConfigError, match="vllm_env.sh"):
         run_in_process(files, tmp_path, "bench.methods=[hf,vllm]", "bench.peer_python=/nonexistent/python")
