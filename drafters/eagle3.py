@@ -214,8 +214,9 @@ class Eagle3Head(nn.Module):
 
 def load_head(path, allow_pickle: bool = False, target=None) -> tuple[Eagle3Head, dict]:
     """``(head, meta)`` of an ``eagle3`` checkpoint: written here (``train.eagle3``) or a public EAGLE-3 /
-    speculators directory (:mod:`specdec.interop`). ``target`` resolves a public head's default feature layers."""
-    state, meta = interop.load_checkpoint(path, kind=KIND, allow_pickle=allow_pickle)
+    speculators directory (:mod:`specdec.interop`). ``target``: refuses a checkpoint of ours trained for another
+    target (its fingerprint) and resolves a public head's default feature layers."""
+    state, meta = interop.load_checkpoint(path, kind=KIND, target=target, allow_pickle=allow_pickle)
     arch = dict(meta["config"]["arch"])
     arch["own_embedding"] = "embed.weight" in state
     arch = Eagle3Arch.from_dict(arch, None if target is None else int(target.config.num_hidden_layers))
@@ -266,8 +267,6 @@ class Eagle3Drafter(EagleDrafter):
         if head is None:
             path = path or checkpoint.shipped(KIND)
             head, meta = load_head(path, allow_pickle, target)
-            if meta.get("target") is not None:
-                checkpoint.check_target(meta, target, path)
             trained = meta["config"].get("choices")
         check_fits(head.arch, target, path)
         self.needs_hidden_states = head.arch.aux_layers or True

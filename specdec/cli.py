@@ -93,8 +93,8 @@ def _export(argv: list[str]) -> int:
 
     from specdec import interop
 
-    options = {"speculators": {"verifier": args.verifier, "speculative_tokens": args.speculative_tokens},
-               "medusa": {"pad_vocab": args.pad_vocab}}.get(args.to, {})
+    options = interop.layout_options(args.to, verifier=args.verifier, speculative_tokens=args.speculative_tokens,
+                                     pad_vocab=args.pad_vocab)
     out = interop.export(args.checkpoint, args.to, args.out_dir, allow_pickle=args.allow_pickle, **options)
     print(f"{args.to} drafter written to {out}")
     return 0

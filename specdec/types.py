@@ -12,13 +12,12 @@ import torch
 
 from specdec.errors import SpecdecError
 
-
-
 HiddenSpec = bool | tuple[int, ...]
 """Which target hidden states a forward returns (a drafter's ``needs_hidden_states``, a verifier's ``output_hidden``):
 False none, True the last one (after the final norm, so ``lm_head(hidden)`` = the logits), a tuple of layer
 indices the concatenation of transformers' ``hidden_states[i]`` (the *input* of decoder layer ``i``; 0 = the
 embeddings), ``[.., len(spec) * H]`` (EAGLE-3's features)."""
+
 
 @dataclass(frozen=True)
 class DraftTree:

@@ -15,6 +15,7 @@ from specdec import interop
 from specdec.interop import eagle3 as eagle3_layout
 from specdec.interop.files import write_dir
 from specdec.models import checkpoint, hf_cache
+from specdec.errors import ConfigError
 from specdec.models.checkpoint import CheckpointError
 from specdec.types import DraftContext
 from tests.tiny import random_prompt, tiny_llama
@@ -250,3 +251,13 @@ def test_cli_export(trained, tmp_path):
     assert cfg["speculators_config"]["proposal_methods"][0]["speculative_tokens"] == 5
     assert cfg["speculators_config"]["verifier"]["name_or_path"] == "org/t"
     assert main(["export", str(final), str(tmp_path / "m"), "--to", "medusa"]) == 2  # an eagle3 head is no Medusa
+
+
+def test_export_settings_go_to_the_layouts_that_take_them():
+    given = {"verifier": "org/t", "speculative_tokens": 5, "pad_vocab": True}
+    assert interop.layout_options("speculators", **given) == {"verifier": "org/t", "speculative_tokens": 5}
+    assert interop.layout_options("medusa", **given) == {"pad_vocab": True}
+    assert interop.layout_options("eagle3", **given) == {}
+    assert interop.layout_options("speculators", verifier=None) == {}  # unset: the layout's default
+    with pytest.raises(ConfigError, match="unknown export settings"):
+        interop.layout_options("speculators", verfier="org/t")

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from drafters.eagle3 import KIND, Eagle3Arch, Eagle3Drafter, Eagle3Head, head_copy
+from drafters.eagle3 import KIND, Eagle3Arch, Eagle3Drafter, Eagle3Head, head_copy, load_head
 from specdec.models import checkpoint
 from train.eagle import EagleTrainModule, choices_for, forward_blocks, loss_fn, metrics
 from train.features import Batch
@@ -45,9 +45,7 @@ def make_module(target, data, cfg: dict) -> Eagle3TrainModule:
     opts = dict(cfg["drafter"])
     check_keys(opts, OPTIONS, "drafter (eagle3 training)")
     if opts.get("init_from"):  # fine-tune a trained head (its draft vocabulary and feature layers are kept)
-        state, meta = checkpoint.load(opts["init_from"], kind=KIND, target=target)
-        head = Eagle3Head(Eagle3Arch.from_dict(meta["config"]["arch"]), state["d2t"])
-        checkpoint.load_into(head, state, opts["init_from"])
+        head, _ = load_head(opts["init_from"], target=target)
         return Eagle3TrainModule(head.float(), target, opts)
     d2t = draft_vocabulary(target, data, int(opts["draft_vocab_size"]))
     aux = opts.get("aux_layers")

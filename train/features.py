@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from specdec.models.checkpoint import CheckpointError, target_fingerprint
+from specdec.models.hf_forward import select_hidden
 from train.data import encode_conversation
 
 MANIFEST = "manifest.json"
@@ -113,7 +114,8 @@ def _write_shard(model, seqs, path: Path, batch_tokens: int, topk: int, aux_laye
         probs = out.logits.float().softmax(-1)
         top = probs.topk(topk, dim=-1)
         hidden, top_ids, top_p = out.hidden_states[-1].half().cpu(), top.indices.int().cpu(), top.values.half().cpu()
-        aux = torch.cat([out.hidden_states[i] for i in aux_layers], dim=-1).half().cpu() if aux_layers else None
+        aux = select_hidden(aux_layers, None, out.hidden_states)  # the layers a verifier returns the drafter
+        aux = None if aux is None else aux.half().cpu()
         for row, g in enumerate(group):
             n = len(seqs[g][0])
             results[g] = (hidden[row, :n], top_ids[row, :n], top_p[row, :n]) + \

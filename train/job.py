@@ -131,7 +131,7 @@ def run(spec: JobSpec, cfg: dict, progress: bool = True) -> Path:
     for layout in export_cfg.pop("to", None) or []:  # the Hydra equivalent of `specdec export`
         from specdec import interop
 
-        options = {k: v for k, v in export_cfg.items() if v is not None} if layout == "speculators" else {}
+        options = interop.layout_options(layout, **export_cfg)
         print(f"{layout} layout written to {interop.export(final, layout, out_dir / f'{FINAL}-{layout}', **options)}")
     return final
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import importlib
 from pathlib import Path
 
+from specdec.errors import ConfigError
 from specdec.models import checkpoint
 from specdec.models.checkpoint import CheckpointError
 from specdec.interop.files import read_config
@@ -25,6 +26,7 @@ IMPORTERS = (("eagle3", "specdec.interop.speculators"), ("eagle3", "specdec.inte
              ("medusa", "specdec.interop.medusa"), ("eagle", "specdec.interop.eagle1"))
 EXPORTERS = {"eagle3": "specdec.interop.eagle3", "speculators": "specdec.interop.speculators",
              "medusa": "specdec.interop.medusa"}
+EXPORT_OPTIONS = {"eagle3": (), "speculators": ("verifier", "speculative_tokens"), "medusa": ("pad_vocab",)}
 
 
 def _module(name: str):
@@ -75,6 +77,16 @@ def load_checkpoint(path: str | Path, kind: str | None = None, target=None,
     if not checkpoint.is_checkpoint(path) and is_public(path):
         return load(path, kind, allow_pickle)
     return checkpoint.load(path, kind=kind, target=target)
+
+
+def layout_options(to: str, **given) -> dict:
+    """Of ``given`` export settings (the CLI's flags, a job's ``export`` section), those layout ``to`` takes and
+    that are set (not None); a setting no layout takes is refused."""
+    unknown = sorted(set(given) - {k for keys in EXPORT_OPTIONS.values() for k in keys})
+    if unknown:
+        raise ConfigError(f"unknown export settings {unknown}; the layouts take "
+                          f"{ {to: list(keys) for to, keys in EXPORT_OPTIONS.items()} }.")
+    return {k: v for k, v in given.items() if k in EXPORT_OPTIONS.get(to, ()) and v is not None}
 
 
 def export(src: str | Path, to: str, out_dir: str | Path, allow_pickle: bool = False, **options) -> Path:

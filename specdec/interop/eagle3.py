@@ -127,18 +127,21 @@ def layer_config(arch: dict, dtype: torch.dtype) -> dict:
             "torch_dtype": str(dtype).replace("torch.", ""), "dtype": str(dtype).replace("torch.", "")}
 
 
-def engine_state(state: dict, layer_prefix: str) -> dict:
-    """Our head's state -> engine weights: the layer under ``layer_prefix``, ``d2t`` as offsets, ``t2d``."""
+def engine_state(state: dict, layer_prefix: str, vocab_size: int) -> dict:
+    """Our head's state -> engine weights: the layer under ``layer_prefix``, ``d2t`` as offsets, ``t2d`` over the
+    target's ``vocab_size`` tokens."""
     out = {}
     for k, v in state.items():
         if k == "d2t":
             continue
         name = layer_prefix + k[len("midlayer."):] if k.startswith("midlayer.") else k
         out["embed_tokens.weight" if name == "embed.weight" else name] = v
-    return out
+    d2t = state["d2t"].long()
+    return {**out, "d2t": d2t_offsets(d2t), "t2d": t2d_mask(d2t, vocab_size)}
 
 
-def head_parts(state: dict, meta: dict) -> tuple[dict, torch.Tensor, torch.dtype]:
+def head_parts(state: dict, meta: dict) -> tuple[dict, torch.dtype]:
+    """``(arch, dtype)`` of an ``eagle3`` checkpoint to export, refusing any other kind."""
     if meta.get("kind") != "eagle3":
         raise CheckpointError(f"only an eagle3 drafter exports to the EAGLE-3 layout; this checkpoint holds "
                               f"{meta.get('kind')!r} (train one with python -m train.eagle3).")
@@ -147,22 +150,21 @@ def head_parts(state: dict, meta: dict) -> tuple[dict, torch.Tensor, torch.dtype
         raise CheckpointError("this head's feature layers are the engine default of an unknown target; load it "
                               "with its target and save it again before exporting.")
     dtype = next(v.dtype for k, v in state.items() if v.is_floating_point())
-    return arch, state["d2t"].long(), dtype
+    return arch, dtype
 
 
 def export(state: dict, meta: dict, out_dir: Path, **options) -> Path:
     """The EAGLE-3 directory vLLM/SGLang load with ``speculative_config={"method": "eagle3", "model": out_dir}``."""
     if options:
         raise CheckpointError(f"export to eagle3 takes no options; got {sorted(options)}.")
-    arch, d2t, dtype = head_parts(state, meta)
+    arch, dtype = head_parts(state, meta)
     aux = list(arch["aux_layers"])
     config = {"architectures": [ARCHITECTURE], **layer_config(arch, dtype),
               "draft_vocab_size": arch["draft_vocab_size"], "target_hidden_size": arch["target_hidden_size"],
               "norm_before_residual": arch["norm_before_residual"],
               "eagle_config": {"use_aux_hidden_state": bool(aux), **({"eagle_aux_hidden_state_layer_ids": aux}
                                                                      if aux else {})}}
-    weights = {**engine_state(state, "midlayer."), "d2t": d2t_offsets(d2t), "t2d": t2d_mask(d2t, arch["vocab_size"])}
-    return write_dir(out_dir, config, weights, {"README.md": card(meta, "eagle3")})
+    return write_dir(out_dir, config, engine_state(state, "midlayer.", arch["vocab_size"]), {"README.md": card(meta, "eagle3")})
 
 
 def card(meta: dict, layout: str) -> str:

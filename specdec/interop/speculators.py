@@ -43,7 +43,7 @@ def export(state: dict, meta: dict, out_dir: Path, verifier: str | None = None,
            verifier_architectures: list[str] | None = None, speculative_tokens: int = 3) -> Path:
     """The speculators directory vLLM serves as ``LLM(model=out_dir)``; ``verifier``: the target's hub id or path
     (default: specdec's default target), ``speculative_tokens``: the chain length vLLM drafts."""
-    arch, d2t, dtype = eagle3.head_parts(state, meta)
+    arch, dtype = eagle3.head_parts(state, meta)
     aux = list(arch["aux_layers"])
     if int(speculative_tokens) < 1:
         raise CheckpointError("speculative_tokens must be at least 1.")
@@ -68,6 +68,4 @@ def export(state: dict, meta: dict, out_dir: Path, verifier: str | None = None,
         },
         "torch_dtype": str(dtype).replace("torch.", ""),
     }
-    weights = {**eagle3.engine_state(state, "layers.0."), "d2t": eagle3.d2t_offsets(d2t),
-               "t2d": eagle3.t2d_mask(d2t, arch["vocab_size"])}
-    return write_dir(out_dir, config, weights, {"README.md": eagle3.card(meta, "speculators")})
+    return write_dir(out_dir, config, eagle3.engine_state(state, "layers.0.", arch["vocab_size"]), {"README.md": eagle3.card(meta, "speculators")})
