@@ -18,6 +18,7 @@ import copy
 import torch
 from torch import nn
 
+from drafters import eagle_batch
 from drafters.growing import DraftVocab, DynamicGrowth, TreeGrower
 from drafters.tree_shape import TreeShape
 from specdec import interop, models
@@ -162,7 +163,9 @@ class EagleDrafter:
     trained: the trained tree shape of ``head`` (when passed in place of a path). allow_pickle: read a public
     pickle checkpoint (an EAGLE-1 ``pytorch_model.bin``; only one you trust). A public EAGLE-1 directory
     (:mod:`specdec.interop.eagle1`) runs with the target's own LM head and is checked against the target
-    (:func:`check_fits`).
+    (:func:`check_fits`). batched: with several greedy requests in a batch, draft one chain per request for all of
+    them in one head forward per level (:mod:`drafters.eagle_batch`, as vLLM's EAGLE drafts) instead of each request
+    growing its own tree in forwards of its own.
     """
 
     needs_hidden_states = True
@@ -172,7 +175,7 @@ class EagleDrafter:
                  choices: list[list[int]] | None = None, depth: int | None = None, width: int = 1,
                  dtype: str | None = None, max_nodes: int | None = None, dynamic: bool = False,
                  top_k: int = 4, min_value: float = 0.0, trained: list[list[int]] | None = None,
-                 allow_pickle: bool = False) -> None:
+                 allow_pickle: bool = False, batched: bool = True) -> None:
         if target is None:
             raise ConfigError("the eagle drafter runs on the target's features: pass target=... .")
         growth = DynamicGrowth(dynamic, top_k, int(depth) if depth else 6, min_value)
@@ -201,7 +204,45 @@ class EagleDrafter:
         # a trained tree lists its best paths first: a smaller node budget keeps those (TreeShape.cut)
         self.grower = TreeGrower(TreeShape.build(choices, depth=depth, width=width, trained=trained, default=(5, 2),
                                                  max_nodes=max_nodes), growth)
+        self.batched = batched
         self.reset()
+
+    def spawn(self) -> EagleDrafter:
+        """A drafter for another request sharing this one's head (and so its batched forwards)."""
+        other = copy.copy(self)
+        other.reset()
+        return other
+
+    def batches_with(self, other) -> bool:
+        return isinstance(other, EagleDrafter) and other.head is self.head
+
+    def propose_batch(self, drafters: list[EagleDrafter], ctxs: list[DraftContext]) -> list[DraftTree]:
+        """One chain per greedy request (``drafters[i]`` drafts for ``ctxs[i]``; all spawned from one drafter, so
+        they share this head), one head forward per level for all of them (:func:`drafters.eagle_batch.propose_chains`).
+        A chain is as long as the tree this drafter would grow for the request's budget (its deepest level when
+        dynamic), and a dynamic drafter's ``min_value`` stops it early."""
+        if not all(self.batches_with(d) for d in drafters):
+            raise SpecdecError("propose_batch takes drafters that share this drafter's head (made with spawn()).")
+        trees: list[DraftTree | None] = [None] * len(ctxs)
+        rows = []
+        for i, (d, ctx) in enumerate(zip(drafters, ctxs)):
+            if ctx.hidden is None:
+                raise SpecdecError("the eagle drafter needs the target's hidden states; the verifier returned none.")
+            if ctx.hidden.shape[1] == 0 and d._pairs == 0:  # a one-token prompt: no feature yet
+                root = ctx.input_ids[:, -1:]
+                trees[i] = DraftTree(root, root.new_full(root.shape, -1))
+            else:
+                rows.append(i)
+        growth = self.grower.dynamic
+        deepest = growth.depth if growth.enabled else self.grower.shape.max_depth
+        lengths = [max(0, min(self.grower.shape.budget(ctxs[i].max_nodes) - 1, ctxs[i].max_depth, deepest))
+                   for i in rows]
+        if rows:
+            chains = eagle_batch.propose_chains(self, [drafters[i] for i in rows], [ctxs[i] for i in rows], lengths,
+                                                growth.min_value if growth.enabled else 0.0)
+            for i, tree in zip(rows, chains):
+                trees[i] = tree
+        return trees
 
     def modules(self) -> list[nn.Module]:
         return [self.head]

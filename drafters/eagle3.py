@@ -260,7 +260,7 @@ class Eagle3Drafter(EagleDrafter):
     def __init__(self, target=None, tokenizer=None, path: str | None = None, head: Eagle3Head | None = None,
                  choices: list[list[int]] | None = None, depth: int | None = None, width: int = 1,
                  dtype: str | None = None, max_nodes: int | None = None, dynamic: bool = False,
-                 top_k: int = 4, min_value: float = 0.0, allow_pickle: bool = False) -> None:
+                 top_k: int = 4, min_value: float = 0.0, allow_pickle: bool = False, batched: bool = True) -> None:
         if target is None:
             raise ConfigError("the eagle3 drafter runs on the target's features: pass target=... .")
         trained = None
@@ -271,7 +271,8 @@ class Eagle3Drafter(EagleDrafter):
         check_fits(head.arch, target, path)
         self.needs_hidden_states = head.arch.aux_layers or True
         super().__init__(target, tokenizer, head=head, choices=choices, depth=depth, width=width, dtype=dtype,
-                         max_nodes=max_nodes, dynamic=dynamic, top_k=top_k, min_value=min_value, trained=trained)
+                         max_nodes=max_nodes, dynamic=dynamic, top_k=top_k, min_value=min_value, trained=trained,
+                         batched=batched)
         if self.head.embed is not None:  # a public head with its own embedding table
             self.embed = self.head.embed
 

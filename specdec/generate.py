@@ -28,7 +28,7 @@ from specdec.errors import ConfigError, SpecdecError, VocabularyMismatchError
 from specdec.models import checkpoint, cpu_gemm
 from specdec.models.families import check_servable
 from specdec.params import GenerationParams
-from specdec.protocols import BatchVerifier, check_capabilities, check_drafter, check_verifier
+from specdec.protocols import BatchDrafter, BatchVerifier, check_capabilities, check_drafter, check_verifier
 from specdec.serving.block_allocator import KVBlocksExhausted
 from specdec.serving.engine import BatchEngine, DrafterPool
 from specdec.serving.scheduler import POLICIES
@@ -209,7 +209,8 @@ class SpecDecoder:
             inputs.check_length(self.target, ids, request.max_new_tokens)
         rule = get_rule(self._rule_name(request.do_sample))
         max_batch_size = max_batch_size or self.max_batch_size
-        if self._drafter_spec is None and len(requests) > 1 and max_batch_size > 1:
+        if self._drafter_spec is None and not isinstance(self.drafter, BatchDrafter) and len(requests) > 1 \
+                and max_batch_size > 1:
             raise SpecdecError("a batch of more than one request needs one drafter per request: pass the drafter "
                                "by name or checkpoint path (not as an object), or max_batch_size=1.")
         fast = ExitStack()  # the fast linear kernel, also in the drafters the pool builds for later requests
@@ -258,6 +259,9 @@ class SpecDecoder:
     def _drafter_pool(self, fast: ExitStack) -> DrafterPool:
         """One drafter per running request: the decoder's own first, then new ones built from its spec, each with
         the fast linear kernel until ``fast`` closes."""
+
+        if isinstance(self.drafter, BatchDrafter):  # the requests' drafters share its weights: they draft together
+            return DrafterPool(self.drafter.spawn, first=self.drafter)
 
         def build():
             d = self._build_drafter()

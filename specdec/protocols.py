@@ -64,6 +64,28 @@ class Drafter(Protocol):
         empty for a drafter without a model."""
 
 
+@runtime_checkable
+class BatchDrafter(Drafter, Protocol):
+    """A drafter that drafts for several requests in one forward (one per draft level for the whole batch), declared
+    by implementing these members; ``batched`` says whether it should (an option, e.g. to compare the two). The
+    batching engine (:mod:`specdec.serving.engine`) gives each running request a drafter made with ``spawn`` and, for
+    greedy batches whose drafters all ``batches_with`` the first, calls ``propose_batch`` once a step in place of each
+    request's ``propose``.
+    """
+
+    batched: bool
+
+    def spawn(self) -> BatchDrafter:
+        """A drafter for another request that shares this one's weights (and so can draft in the same forwards)."""
+
+    def batches_with(self, other: Drafter) -> bool:
+        """Whether ``other`` can draft in this drafter's batched forwards (it shares its weights)."""
+
+    def propose_batch(self, drafters: Sequence[BatchDrafter], ctxs: Sequence[DraftContext]) -> list[DraftTree]:
+        """One tree per request (``drafters[i]`` holds the state of the request ``ctxs[i]`` describes; all spawned
+        from one drafter), each within its context's ``max_nodes`` / ``max_depth``, for greedy requests."""
+
+
 @dataclass(frozen=True)
 class VerifierCapabilities:
     """What a verifier gives, declared on its class (readable before one is built, e.g. to check a config).

@@ -49,10 +49,17 @@ def draft(drafter: Drafter, ctx: DraftContext, budget: AdaptiveBudget | None = N
     """Propose (timed), limit to ``ctx.max_depth``, and let ``budget`` (if any) cut the tree to what pays;
     ``batch_rows``: rows the batch's other requests put in the same verify step."""
     start = time.perf_counter()
-    proposed = tree_ops.limit_depth(drafter.propose(ctx), ctx.max_depth)
-    draft_ms = 1000 * (time.perf_counter() - start) if ctx.max_nodes > 1 else None
+    proposed = drafter.propose(ctx)
+    return finish_draft(proposed, ctx, 1000 * (time.perf_counter() - start), budget, batch_rows)
+
+
+def finish_draft(proposed: DraftTree, ctx: DraftContext, ms: float, budget: AdaptiveBudget | None = None,
+                 batch_rows: int = 0) -> Drafted:
+    """A proposal (``ms``: what proposing it took) limited to ``ctx.max_depth`` and cut by ``budget`` (if any): the
+    part of :func:`draft` after the drafter's call, also for trees proposed for a whole batch at once."""
+    proposed = tree_ops.limit_depth(proposed, ctx.max_depth)
     tree, kept = budget.cut(proposed, batch_rows=batch_rows) if budget is not None else (proposed, None)
-    return Drafted(proposed, tree, kept, draft_ms)
+    return Drafted(proposed, tree, kept, ms if ctx.max_nodes > 1 else None)
 
 
 @dataclass(frozen=True)
@@ -86,11 +93,15 @@ class RequestDecoding:
     def draft(self, max_nodes: int, batch_rows: int = 0) -> Drafted:
         """This step's tree: the budget's node count (or ``max_nodes``), then the drafter's proposal and its cut.
         ``batch_rows``: rows the batch's other requests put in the same verify step."""
+        return draft(self.drafter, self.context(max_nodes, batch_rows), self.budget, batch_rows=batch_rows)
+
+    def context(self, max_nodes: int, batch_rows: int = 0) -> DraftContext:
+        """What the drafter sees this step: the budget's node count (or ``max_nodes``), the committed tokens, the
+        hidden states it has not seen."""
         nodes = self.budget.nodes(batch_rows=batch_rows) if self.budget is not None else max_nodes
-        ctx = DraftContext(input_ids=self.committed, prompt_len=self.prompt_len, max_nodes=nodes,
-                           max_depth=self.remaining - 1, hidden=self.hidden, sampling=self.sampling,
-                           generator=self.generator)
-        return draft(self.drafter, ctx, self.budget, batch_rows=batch_rows)
+        return DraftContext(input_ids=self.committed, prompt_len=self.prompt_len, max_nodes=nodes,
+                            max_depth=self.remaining - 1, hidden=self.hidden, sampling=self.sampling,
+                            generator=self.generator)
 
     def settle(self, drafted: Drafted, out: VerifyOutput, commit: Callable[[Acceptance], None]) -> Step:
         """Accept -> commit -> observe for one scored tree; ``out`` holds this request's row only (logits

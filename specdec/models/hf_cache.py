@@ -137,3 +137,39 @@ def keep_positions(cache: DynamicCache, start: int, keep: list[int]) -> None:
             continue
         layer.keys = torch.cat([layer.keys[..., :start, :], layer.keys.index_select(-2, idx)], dim=-2)
         layer.values = torch.cat([layer.values[..., :start, :], layer.values.index_select(-2, idx)], dim=-2)
+
+
+def layer_kv(cache: DynamicCache, layer: int = 0) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Layer ``layer``'s keys and values ``[B, H_kv, T, D]`` (None while it holds nothing)."""
+    if len(cache.layers) <= layer:
+        return None
+    entry = cache.layers[layer]
+    if not getattr(entry, "is_initialized", True) or entry.keys is None or entry.keys.numel() == 0:
+        return None
+    return entry.keys, entry.values
+
+
+def append(cache: DynamicCache, keys: torch.Tensor, values: torch.Tensor, layer: int = 0) -> None:
+    """Append ``keys``/``values`` ``[B, H_kv, n, D]`` to layer ``layer`` (as a forward's update would)."""
+    cache.update(keys, values, layer)
+
+
+def padded(caches: list[DynamicCache], width: int) -> DynamicCache:
+    """One cache holding the one-layer caches of several requests side by side: keys/values ``[B, H_kv, width, D]``,
+    request ``i``'s ``T_i <= width`` positions first and zeros after (a mask must hide them); empty when ``width``
+    is 0. For a batched forward of a one-layer head whose requests each keep a cache of their own: the forward's
+    new positions go after ``width``."""
+    out = new_cache()
+    held = [layer_kv(c) for c in caches]
+    if width == 0:
+        return out
+    k0, v0 = next(kv for kv in held if kv is not None)
+    k = k0.new_zeros(len(caches), k0.shape[1], width, k0.shape[-1])
+    v = v0.new_zeros(len(caches), v0.shape[1], width, v0.shape[-1])
+    for i, kv in enumerate(held):
+        if kv is not None:
+            t = kv[0].shape[-2]
+            k[i, :, :t].copy_(kv[0][0])
+            v[i, :, :t].copy_(kv[1][0])
+    out.update(k, v, 0)
+    return out

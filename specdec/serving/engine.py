@@ -24,10 +24,10 @@ import torch
 from specdec.algorithms.acceptance import AcceptanceRule, is_argmax
 from specdec.algorithms.adaptive import AdaptiveBudget
 from specdec.algorithms.sampling import SamplingParams
-from specdec.algorithms.step import Drafted, RequestDecoding
+from specdec.algorithms.step import Drafted, RequestDecoding, finish_draft
 from specdec.algorithms.stopping import Stopper
 from specdec.errors import SpecdecError
-from specdec.protocols import BatchVerifier, Drafter
+from specdec.protocols import BatchDrafter, BatchVerifier, Drafter
 from specdec.serving.block_allocator import KVBlocksExhausted
 from specdec.serving.scheduler import Scheduler
 from specdec.types import GenerationStats, HiddenSpec, VerifyOutput
@@ -135,8 +135,7 @@ class BatchEngine:
                     "batch holds any: blocks are held outside it (a request not released on this verifier); "
                     "release it, or build the verifier anew.")
             return events
-        for r in running:
-            r.drafted = r.decoding.draft(self.max_nodes, batch_rows=len(running) - 1)
+        self._draft(running)
         out, running = self._score(running, events)
         if not running:
             return events
@@ -151,6 +150,23 @@ class BatchEngine:
         return events
 
     # --- the parts of a step ---------------------------------------------------------------------------------
+
+    def _draft(self, running: list[Request]) -> None:
+        """Each running request's tree for this step: in one call for the whole batch when its drafters draft
+        together (:class:`~specdec.protocols.BatchDrafter`, greedy requests), else request by request."""
+        rows = len(running) - 1  # the rows the other requests put in the step
+        first, drafters = running[0].decoding.drafter, [r.decoding.drafter for r in running]
+        if not (self.argmax_only and len(running) > 1 and isinstance(first, BatchDrafter) and first.batched
+                and all(first.batches_with(d) for d in drafters)):
+            for r in running:
+                r.drafted = r.decoding.draft(self.max_nodes, batch_rows=rows)
+            return
+        ctxs = [r.decoding.context(self.max_nodes, batch_rows=rows) for r in running]
+        start = time.perf_counter()
+        trees = first.propose_batch(drafters, ctxs)
+        ms = 1000 * (time.perf_counter() - start) / len(running)  # each request's share of the batch's drafting
+        for r, ctx, tree in zip(running, ctxs, trees):
+            r.drafted = finish_draft(tree, ctx, ms, r.decoding.budget, batch_rows=rows)
 
     def _admit(self) -> list[Event]:
         v, need = self.verifier, self._blocks_to_admit
