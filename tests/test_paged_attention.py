@@ -173,3 +173,13 @@ def test_window_hides_what_it_should(kernel):
     case[3], case[4] = kp, vp
     torch.testing.assert_close(kernel(*case, 3), before)
     assert not torch.allclose(kernel(*case), before)
+
+
+@pytest.mark.parametrize("d", [16, 64, 80, 96, 128])
+@pytest.mark.parametrize("group", [1, 3, 4])
+def test_cpp_float32_route_equals_dense(d, group):
+    """The C++ kernel's AVX-512 float32 route (head dims a multiple of 16: keys four at a time, sums in registers)
+    against dense attention, prefixes of every length mod 4 and trees with padding."""
+    case = make_case(5 + d + group, 3, 2, group, 7, d, 16, [0, 21, 38], dtype=torch.float32)
+    want = dense_reference(*[c.double() if isinstance(c, torch.Tensor) and c.is_floating_point() else c for c in case])
+    torch.testing.assert_close(cpp_in_place(*case).double(), want, rtol=1e-5, atol=1e-5)

@@ -23,6 +23,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from specdec.errors import ConfigError
 from specdec.models.families import AttentionSpec
 from verifiers.paged.cache import PagedKVCache
+from verifiers.paged.cpu_kernel import paged_attention_step
 from verifiers.paged.kernels import paged_tree_attention_sdpa, paged_tree_attention_torch
 
 ATTENTION_NAME = "specdec_paged"
@@ -48,7 +49,8 @@ class AttentionGroup:
 @dataclass(frozen=True)
 class PackedRows:
     """For a kernel that takes every live node of a forward in one call (:mod:`verifiers.paged.cpu_kernel`): each
-    packed row's request and node, and every request's blocks, prefix length and tree mask."""
+    packed row's request and node, and every request's blocks, prefix length and tree mask (contiguous int64 and
+    bool tensors, made once per forward for all its layers)."""
 
     row_req: torch.Tensor  # [T] index into the rest
     row_node: torch.Tensor  # [T] node in its request's tree
@@ -82,16 +84,19 @@ def paged_attention(module, query, key, value, attention_mask, scaling=None, dro
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
                                       **kwargs)
     layer = module.layer_idx
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    window, softcap = step.spec.windows[layer], step.spec.softcap
+    pools = step.cache.k[layer], step.cache.v[layer]
+    if step.rows is not None and key.dtype == pools[0].dtype:  # write and attend in one call over every live node
+        return paged_attention_step(query[0], key[0], value[0], step.slots, *pools, step.rows, scale, window,
+                                    softcap)[None], None
     q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # [T, heads, D]
     step.cache.write(layer, step.slots, k, v)
-    scale = scaling if scaling is not None else q.shape[-1] ** -0.5
-    window, softcap = step.spec.windows[layer], step.spec.softcap
     if step.rows is not None:  # one call over every live node, reading K/V in place
         r = step.rows
-        return step.kernel(q, step.cache.k[layer], step.cache.v[layer], r.row_req, r.row_node, r.block_tables,
-                           r.prefix_lens, r.tree_mask, scale, window, softcap)[None], None
+        return step.kernel(q, *pools, r.row_req, r.row_node, r.block_tables, r.prefix_lens, r.tree_mask, scale,
+                           window, softcap)[None], None
     out = None if len(step.groups) == 1 else q.new_empty(q.shape)
-    pools = step.cache.k[layer], step.cache.v[layer]
     for g in step.groups:
         b, n = g.tree_mask.shape[:2]
         if g.mask is not None:  # the in-place kernel: the new K/V are in the pool already

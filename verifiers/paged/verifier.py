@@ -216,8 +216,8 @@ class PagedVerifier:
         slots = slots.to(dev) if pack is None else slots.to(dev)[pack]
         if self.kernel is paged_tree_attention_cpp:  # every live node in one call: no groups, no padding
             grid = torch.arange(b * n, device=dev) if pack is None else pack
-            rows = PackedRows(grid // n, grid % n, self.cache.block_tables(request_ids).to(dev), prefix_lens.to(dev),
-                              tree_mask.expand(b, n, n))
+            rows = PackedRows(grid // n, grid % n, self.cache.block_tables(request_ids).to(dev).long().contiguous(),
+                              prefix_lens.to(dev).long().contiguous(), tree_mask.expand(b, n, n).bool().contiguous())
             step = PagedForward(self.cache, slots, (), self.kernel, self.spec, rows)
         else:
             step = PagedForward(cache=self.cache, slots=slots, kernel=self.kernel, spec=self.spec,
