@@ -32,6 +32,7 @@ from specdec.protocols import VerifierCapabilities
 from specdec.types import DEAD, Acceptance, DraftTree, HiddenSpec, VerifyOutput
 from verifiers.paged.attention import AttentionGroup, PackedRows, PagedForward, paged_attention_on, pick_kernel
 from verifiers.paged.cache import PagedKVCache
+from verifiers.paged import cpu_kernel
 from verifiers.paged.cpu_kernel import paged_tree_attention_cpp
 from verifiers.paged.groups import plan_groups
 from verifiers.paged.kernels import in_place_mask, paged_tree_attention_sdpa
@@ -192,7 +193,8 @@ class PagedVerifier:
     def cost_key(self) -> dict:
         """The paged KV layout, its attention kernel, and whether greedy tokens come from the screened head."""
         return {"kv": "paged", "lm_head": "bf16-screen" if self.greedy_head is not None else "logits",
-                "attention_kernel": self.kernel.__name__}
+                "attention_kernel": self.kernel.__name__ + (f"/v{cpu_kernel.VERSION}" if self.kernel is
+                                                            paged_tree_attention_cpp else "")}
 
     # --- the forward -------------------------------------------------------------------------------------
 
