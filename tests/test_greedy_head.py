@@ -10,6 +10,7 @@ from specdec.algorithms import acceptance
 from specdec.algorithms import tree as tree_ops
 from specdec.algorithms.sampling import SamplingParams
 from specdec.bench import profiler
+from specdec.models import greedy_head
 from specdec.models.greedy_head import ScreenedArgmax, available, screenable
 from tests.conftest import get_tiny
 
@@ -144,7 +145,7 @@ def test_profiles_are_keyed_by_the_greedy_head():
     on = profiler.profile_key(target)
     off = profiler.profile_key(target, cost_key=registry.build_verifier("hf", target, screen_greedy=False).cost_key())
     assert off["lm_head"] == "logits"
-    assert on["lm_head"] == ("bf16-screen" if available() else "logits")
+    assert on["lm_head"] == (greedy_head.kind() if available() else "logits")
 
 
 @needs_kernel
@@ -164,3 +165,31 @@ def test_both_screens_are_exact(panels, monkeypatch):
     screen = ScreenedArgmax(w)
     assert torch.equal(screen(h), reference(h, w))
     assert (screen._panels is not None) == panels
+
+
+@needs_kernel
+@pytest.mark.parametrize("rows", [1, 8, 37])
+def test_cpp_screen_keeps_the_torch_screens_candidates(rows, monkeypatch):
+    """The one-pass C++ screen (specdec.models.screen_cpp) keeps the same (row, token) pairs as the torch ops, on rows
+    whose floor is above and below ``scale * max ||W_i||`` (both slack cases), and the argmax is the same either way."""
+    from specdec.models import screen_cpp
+
+    if not screen_cpp.available():
+        pytest.skip(f"C++ screen not built: {screen_cpp._KERNEL.failure()}")
+    g = torch.Generator().manual_seed(rows)
+    w = torch.randn(4099, 64, generator=g) * 0.1  # not a multiple of 16: the scalar tail runs too
+    w[4097] = w[3] + 1e-6  # a near-tie in the tail
+    h = torch.randn(rows, 64, generator=g) * torch.linspace(0.01, 30, rows)[:, None]
+    h[0] = w[3] * 50
+    screen = ScreenedArgmax(w)
+    want = reference(h, w)
+    assert torch.equal(screen(h), want)
+    c, u = screen.bound_factors()
+    a = (h.to(torch.bfloat16) @ w.to(torch.bfloat16).T).contiguous()
+    scale = c * h.norm(dim=1, keepdim=True)
+    got = screen_cpp.candidates(a, screen._row_norm, scale[:, 0], screen._max_norm, u)
+    ref = screen._screen(a, scale, u)
+    assert sorted(zip(*[t.tolist() for t in got])) == sorted(zip(*[t.tolist() for t in ref]))
+    assert set(zip(range(rows), want.tolist())) <= set(zip(*[t.tolist() for t in got]))
+    monkeypatch.setattr(screen_cpp, "available", lambda: False)
+    assert torch.equal(screen(h), want)

@@ -7,7 +7,7 @@ import torch
 from specdec.errors import SpecdecError
 from specdec.models import hf_cache
 from specdec.models.families import check_servable
-from specdec.models.greedy_head import ScreenedArgmax, screenable
+from specdec.models.greedy_head import ScreenedArgmax, kind as screen_kind, screenable
 from specdec.models.hf_forward import forward_tokens, hidden_width
 from specdec.protocols import VerifierCapabilities
 from specdec.types import Acceptance, DraftTree, HiddenSpec, VerifyOutput
@@ -68,4 +68,4 @@ class HFVerifier:
 
     def cost_key(self) -> dict:
         """The KV layout (growing in-place buffers) and whether greedy tokens come from the screened head."""
-        return {"kv": hf_cache.LAYOUT, "lm_head": "bf16-screen" if self.greedy_head is not None else "logits"}
+        return {"kv": hf_cache.LAYOUT, "lm_head": screen_kind() if self.greedy_head is not None else "logits"}

@@ -26,7 +26,7 @@ import functools
 
 import torch
 
-from specdec.models import cpu_gemm, skinny_gemm
+from specdec.models import cpu_gemm, screen_cpp, skinny_gemm
 
 U_BF16 = 2.0 ** -8
 U_FP32 = 2.0 ** -24
@@ -49,6 +49,11 @@ def available() -> bool:
         return bool(torch.equal(y.float(), torch.full((1, 2), 3.0)))
     except (AttributeError, RuntimeError, NotImplementedError):
         return False
+
+
+def kind() -> str:
+    """The screen's name in a cost profile's key: its candidate pass in C++ or in torch ops."""
+    return "bf16-screen+cpp" if screen_cpp.available() else "bf16-screen"
 
 
 def screenable(model) -> bool:
@@ -111,6 +116,19 @@ class ScreenedArgmax:
         a = skinny_gemm.panel_linear(hb, self._panels) if self._panels is not None else \
             torch.ops.mkldnn._linear_pointwise(hb, self._packed, None, "none", [], "")  # [R, V] bfloat16
         scale = c * h.norm(dim=1, keepdim=True)  # [R, 1]: b_i = scale * ||W_i|| + u |a_i|
+        if screen_cpp.available():  # the same screen in one pass per row (specdec.models.screen_cpp)
+            rows, toks = screen_cpp.candidates(a, self._row_norm, scale[:, 0], self._max_norm, u)
+        else:
+            rows, toks = self._screen(a, scale, u)
+        exact = (self.weight[toks] * h[rows]).sum(-1)  # [C] float32 logits of the candidates
+        r = h.shape[0]
+        best = exact.new_full((r,), float("-inf")).scatter_reduce(0, rows, exact, "amax")
+        win = exact == best[rows]  # ties: the lowest id, as torch.argmax
+        out = toks.new_full((r,), self.weight.shape[0]).scatter_reduce(0, rows[win], toks[win], "amin")
+        return out.reshape(hidden.shape[:-1])
+
+    def _screen(self, a: torch.Tensor, scale: torch.Tensor, u: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """The screen in torch ops: ``(rows, tokens)`` of the candidates in ``a [R, V]``; ``scale [R, 1]``."""
         top, arg = a.max(dim=-1, keepdim=True)  # the screened best, a float32 lower bound of its logit below
         top = top.float()
         floor = top - scale * self._row_norm[arg] - u * top.abs()  # [R, 1] <= the best float32 logit
@@ -122,10 +140,4 @@ class ScreenedArgmax:
             lo_a, hi_a = torch.aminmax(a, dim=-1, keepdim=True)
             slack = torch.where(low, u * torch.maximum(lo_a.abs(), hi_a.abs()).float(), slack)
         # float32 arithmetic (a bfloat16 a_i widens exactly); 1e-30: float32 underflow of flushed products
-        rows, toks = (torch.addcmul(a, self._row_norm[None], scale) >= floor - slack - 1e-30).nonzero(as_tuple=True)
-        exact = (self.weight[toks] * h[rows]).sum(-1)  # [C] float32 logits of the candidates
-        r = h.shape[0]
-        best = exact.new_full((r,), float("-inf")).scatter_reduce(0, rows, exact, "amax")
-        win = exact == best[rows]  # ties: the lowest id, as torch.argmax
-        out = toks.new_full((r,), self.weight.shape[0]).scatter_reduce(0, rows[win], toks[win], "amin")
-        return out.reshape(hidden.shape[:-1])
+        return (torch.addcmul(a, self._row_norm[None], scale) >= floor - slack - 1e-30).nonzero(as_tuple=True)

@@ -26,7 +26,7 @@ import torch
 from specdec.algorithms import tree as tree_ops
 from specdec.errors import SpecdecError
 from specdec.models.families import check_paged
-from specdec.models.greedy_head import ScreenedArgmax, screenable
+from specdec.models.greedy_head import ScreenedArgmax, kind as screen_kind, screenable
 from specdec.models.hf_forward import hidden_width, select_hidden
 from specdec.protocols import VerifierCapabilities
 from specdec.types import DEAD, Acceptance, DraftTree, HiddenSpec, VerifyOutput
@@ -192,7 +192,7 @@ class PagedVerifier:
 
     def cost_key(self) -> dict:
         """The paged KV layout, its attention kernel, and whether greedy tokens come from the screened head."""
-        return {"kv": "paged", "lm_head": "bf16-screen" if self.greedy_head is not None else "logits",
+        return {"kv": "paged", "lm_head": screen_kind() if self.greedy_head is not None else "logits",
                 "attention_kernel": self.kernel.__name__ + (f"/v{cpu_kernel.VERSION}" if self.kernel is
                                                             paged_tree_attention_cpp else "")}
 
