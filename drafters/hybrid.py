@@ -67,16 +67,22 @@ def matched_path(tree: DraftTree, tokens: list[int]) -> list[int]:
     return path
 
 
+# the recommended mix for the default target, as conf/drafter/hybrid.yaml has it (the bench's specdec:adaptive):
+# n-gram continuations beside the EAGLE-style head's dynamic trees, which stop growing at a level whose best path
+# probability is below 0.6 (the head is overconfident below it, docs/benchmarks.md)
+DEFAULT_PARTS = ({"name": "ngram"}, {"name": "eagle", "dynamic": True, "max_nodes": None, "min_value": 0.6})
+
+
 class HybridDrafter:
     """Merges the trees of several drafters. ``drafters``: each a config name (``"ngram"``), a dict
     ``{name: ..., **options}`` (as in ``conf/drafter/hybrid.yaml``), or a drafter object (anything implementing
-    :class:`specdec.protocols.Drafter`, e.g. one built with custom weights)."""
+    :class:`specdec.protocols.Drafter`, e.g. one built with custom weights); None: :data:`DEFAULT_PARTS`."""
 
     returns_probs = False
 
     def __init__(self, target=None, tokenizer=None, drafters: list | None = None, min_share: float = 0.2,
                  decay: float = 0.9) -> None:
-        specs = list(drafters or ["ngram", "eagle"])
+        specs = list(drafters or DEFAULT_PARTS)
         if len(specs) < 2:
             raise ConfigError("the hybrid drafter mixes at least two drafters, e.g. drafters=[ngram,eagle].")
         if not 0 <= min_share <= 1 / len(specs):

@@ -130,3 +130,10 @@ def test_unknown_drafter_group_option_is_hydras_error():
 def test_load_drafter_config_unknown_names_the_options():
     with pytest.raises(ConfigError, match=r"no drafter config 'bogus'.*\['draft_model', 'eagle', 'eagle3', 'eagle_dynamic', 'hybrid'"):
         config.load_drafter_config("bogus")
+
+
+def test_the_hybrid_drafters_default_parts_are_its_configs():
+    """SpecDecoder(drafter="hybrid") from Python drafts as the bench's specdec:adaptive does (conf/drafter/hybrid.yaml)."""
+    from drafters.hybrid import DEFAULT_PARTS
+
+    assert OmegaConf.to_container(OmegaConf.load(CONF_DIR / "drafter" / "hybrid.yaml"))["drafters"] == list(DEFAULT_PARTS)
