@@ -16,7 +16,11 @@ machine). Batch 1: one request at a time, each call timed. Batch B (``--batch-si
 ``--serve`` answers requests one JSON line at a time on stdin/stdout instead, so the bench can run vLLM methods
 interleaved with its own, prompt by prompt, in one sitting (``bench.methods=[hf,specdec:none,vllm,vllm:ngram]``;
 :mod:`specdec.bench.peer`): it prints ``{"ready": ...}`` once every engine is built, then for each
-``{"method", "ids", "max_new_tokens"}`` line one ``{"tokens", "accepted", "drafted", "time_s"}`` line.
+``{"method", "ids", "max_new_tokens"}`` line one ``{"tokens", "accepted", "drafted", "time_s"}`` line. With
+``--max-num-seqs B`` its engines batch: a ``{"method", "batch": [ids, ...], "max_new_tokens"}`` line submits those
+requests at once (continuous batching, at most B running) and gets one ``{"outputs": [tokens, ...], "accepted",
+"drafted", "time_s"}`` line, so the bench can alternate vLLM's batches with its own (``bench.batch_size=B
+bench.rounds=R``).
 """
 
 from __future__ import annotations
@@ -155,8 +159,9 @@ def build_order(methods: list[str]) -> list[str]:
     return sorted(methods, key=lambda m: m.startswith("vllm:ngram"))
 
 
-def serve(target: str, dtype: str, methods: list[str], max_model_len: int) -> int:
-    """The ``--serve`` loop: one engine per method, greedy, one request per line (see the module docstring)."""
+def serve(target: str, dtype: str, methods: list[str], max_model_len: int, max_num_seqs: int = 1) -> int:
+    """The ``--serve`` loop: one engine per method, greedy, one request (or one batch of requests) per line (see
+    the module docstring)."""
     import torch
     import vllm
     from vllm import LLM, SamplingParams
@@ -167,7 +172,8 @@ def serve(target: str, dtype: str, methods: list[str], max_model_len: int) -> in
     # every engine's start replaces vLLM's Prometheus metrics with its own, so speculation counts can be read only
     # for the engine built last (run scripts/peer_vllm.py --from ... on one method for another's acceptance)
     order = build_order(methods)
-    engines = {m: LLM(model=engine_model(m, target), dtype=dtype, seed=0, max_num_seqs=1, max_model_len=max_model_len,
+    engines = {m: LLM(model=engine_model(m, target), dtype=dtype, seed=0, max_num_seqs=max_num_seqs,
+                      max_model_len=max_model_len,
                       speculative_config=speculative_config(m), disable_log_stats=False,
                       gpu_memory_utilization=0.3, kv_cache_memory_bytes=1 << 30) for m in order}
     print(json.dumps({"ready": True, "versions": {"vllm": vllm.__version__, "torch": torch.__version__},
@@ -179,13 +185,18 @@ def serve(target: str, dtype: str, methods: list[str], max_model_len: int) -> in
         llm = engines[req["method"]]
         acc0, drafted0 = spec_counts(llm)
         params = SamplingParams(temperature=0.0, max_tokens=int(req["max_new_tokens"]))
+        batch = req.get("batch")
+        prompts = [TokensPrompt(prompt_token_ids=ids) for ids in (batch if batch is not None else [req["ids"]])]
         start = time.perf_counter()
-        out = llm.generate([TokensPrompt(prompt_token_ids=req["ids"])], params, use_tqdm=False)
+        out = llm.generate(prompts, params, use_tqdm=False)
         elapsed = time.perf_counter() - start
         acc1, drafted1 = spec_counts(llm)
         counted = req["method"] == order[-1]  # None: not measurable in this process (see above)
-        print(json.dumps({"tokens": list(out[0].outputs[0].token_ids), "accepted": acc1 - acc0 if counted else None,
-                          "drafted": drafted1 - drafted0 if counted else None, "time_s": elapsed}), flush=True)
+        reply = {"accepted": acc1 - acc0 if counted else None, "drafted": drafted1 - drafted0 if counted else None,
+                 "time_s": elapsed}
+        outputs = [list(o.outputs[0].token_ids) for o in out]
+        reply.update({"outputs": outputs} if batch is not None else {"tokens": outputs[0]})
+        print(json.dumps(reply), flush=True)
     return 0
 
 
@@ -194,6 +205,7 @@ def main() -> int:
     parser.add_argument("--serve", action="store_true", help="answer requests on stdin (see the module docstring)")
     parser.add_argument("--dtype", default="float32", help="--serve: the target's dtype")
     parser.add_argument("--max-model-len", type=int, default=4096, help="--serve: prompt + new tokens, at most")
+    parser.add_argument("--max-num-seqs", type=int, default=1, help="--serve: requests an engine runs at once")
     parser.add_argument("--from", dest="source", help="a bench JSON written with bench.save_tokens=true")
     parser.add_argument("--output")
     parser.add_argument("--methods", default="vllm,vllm:ngram", help="comma-separated, e.g. vllm,vllm:ngram,vllm:eagle3=<dir>,3")
@@ -205,7 +217,7 @@ def main() -> int:
     if args.serve:
         if not args.target:
             raise SystemExit("--serve needs --target <HF model directory>.")
-        return serve(args.target, args.dtype, split_methods(args.methods), args.max_model_len)
+        return serve(args.target, args.dtype, split_methods(args.methods), args.max_model_len, args.max_num_seqs)
     if not args.source or not args.output:
         raise SystemExit("pass --from <bench JSON> and --output <JSON> (or --serve).")
     bench = json.loads(Path(args.source).read_text(encoding="utf-8"))

@@ -24,29 +24,37 @@ def main() -> int:
     parser.add_argument("--dtype")
     parser.add_argument("--max-model-len", type=int)
     parser.add_argument("--methods")
+    parser.add_argument("--max-num-seqs", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(1)
     model = AutoModelForCausalLM.from_pretrained(args.target, dtype=getattr(torch, args.dtype)).eval()
     print("some library chatter on stdout")
     methods = split_methods(args.methods)
     counted = build_order(methods)[-1]  # as in vLLM: only the engine built last reports speculation counts
-    print(json.dumps({"ready": True, "methods": methods, "max_model_len": args.max_model_len}), flush=True)
+    print(json.dumps({"ready": True, "methods": methods, "max_model_len": args.max_model_len,
+                      "max_num_seqs": args.max_num_seqs}), flush=True)
     for line in sys.stdin:
         req = json.loads(line)
         if req.get("quit"):
             break
         assert req["method"] in methods
-        ids = torch.tensor([req["ids"]])
+        batch = req.get("batch")
+        assert batch is None or args.max_num_seqs > 1  # batches go to engines built for them
         start = time.perf_counter()
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=req["max_new_tokens"],
-                             do_sample=False, eos_token_id=model.generation_config.eos_token_id)
-        tokens = out[0, ids.shape[1]:].tolist()
+        outputs = []
+        for prompt in batch if batch is not None else [req["ids"]]:  # one at a time: the same greedy tokens
+            ids = torch.tensor([prompt])
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=req["max_new_tokens"],
+                                 do_sample=False, eos_token_id=model.generation_config.eos_token_id)
+            outputs.append(out[0, ids.shape[1]:].tolist())
+        n = sum(len(t) for t in outputs)
         speculative = req["method"] != "vllm"
-        accepted, drafted = (len(tokens) // 2, 2 * len(tokens)) if speculative else (0, 0)
+        accepted, drafted = (n // 2, 2 * n) if speculative else (0, 0)
         if req["method"] != counted:
             accepted = drafted = None
-        print(json.dumps({"tokens": tokens, "accepted": accepted, "drafted": drafted,
-                          "time_s": time.perf_counter() - start}), flush=True)
+        reply = {"accepted": accepted, "drafted": drafted, "time_s": time.perf_counter() - start}
+        reply.update({"outputs": outputs} if batch is not None else {"tokens": outputs[0]})
+        print(json.dumps(reply), flush=True)
     return 0
 
 

@@ -175,8 +175,45 @@ def test_batched_bench(files, tmp_path):
     assert "batch size 2" in bench.report.text_report(result)
 
 
+def test_batched_rounds_alternate_methods_vllm_batches_included(files, tmp_path):
+    """bench.rounds=2 at batch 2: every method runs the first group of prompts before any runs the second; the
+    peer engine gets each group as one batch (tests/fake_peer.py) and its batch counts add up to the run's."""
+    result = run_in_process(files, tmp_path, "verifier=paged", "verifier.block_size=4", "bench.batch_size=2",
+                            "bench.rounds=2", "bench.methods=[hf,specdec:ngram,vllm,vllm:ngram]",
+                            "bench.all_turns=true", "bench.warmup=0", "bench.save_tokens=true",
+                            f"bench.peer_python={sys.executable}", "bench.peer_script=tests/fake_peer.py",
+                            f"bench.peer_log={tmp_path / 'peer.log'}")
+    runs = {r["method"]: r for r in result["runs"]}
+    assert result["prompts"] == 4 and set(runs) == {"hf", "specdec:ngram", "vllm", "vllm:ngram"}
+    for run in runs.values():
+        assert run["batch_size"] == 2 and run["mismatches"] == 0 and run["tokens_per_s"] > 0
+        assert len(run["outputs"]) == 4 and all(run["outputs"])
+    assert runs["vllm"]["tau"] is None
+    lengths = [len(o) for o in runs["vllm:ngram"]["outputs"]]  # the stand-in accepts half of each batch's tokens
+    steps = sum(lengths) - sum(lengths[:2]) // 2 - sum(lengths[2:]) // 2
+    assert runs["vllm:ngram"]["tau"] == pytest.approx(sum(lengths) / steps)
+
+
+def test_run_batched_alternates_methods_by_group():
+    calls = []
+
+    def runner(name):
+        def run(inputs, seed):
+            calls.append((name, len(inputs), seed))
+            return [([1, 2], None)] * len(inputs)
+        return run
+
+    prompts = [bench.Prompt(str(i), "c", "x") for i in range(5)]
+    inputs = [torch.ones(1, 3, dtype=torch.long)] * 5
+    ms = bench.run_batched({"a": runner("a"), "b": runner("b")}, prompts, inputs, batch_size=2, warmup=0, seed=10,
+                           rounds=2)
+    assert calls == [("a", 3, 10), ("b", 3, 10), ("a", 2, 13), ("b", 2, 13)]
+    assert sorted(m.prompt_index for m in ms if m.method == "a") == [0, 1, 2, 3, 4]
+
+
 @pytest.mark.parametrize("overrides, fragment", [
     (["bench.batch_size=2", "bench.methods=[hf,specdec:ngram]"], "batched runs need verifier=paged"),
+    (["bench.batch_size=2", "bench.rounds=0"], "bench.rounds must be >= 1"),
     (["bench.batch_size=2", "verifier=paged", "bench.methods=[hf,hf_pld]"], "hf_pld runs one request at a time"),
     (["bench.batch_size=0"], "bench.batch_size must be >= 1"),
     (["bench.methods=[hf,specdec:ngram@fast]"], "no verifier config 'fast'"),

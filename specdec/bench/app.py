@@ -26,8 +26,13 @@ that differs from ``hf``'s, the target's top-2 logit gap at the first differing 
 
 With ``bench.batch_size`` B > 1 the prompts are served as a batch: ``hf`` is ``model.generate`` on B prompts at a
 time (left-padded), ``specdec:<drafter>`` is continuous batching over all prompts with up to B running at once
-(``verifier=paged``). Each method's whole run is timed and throughput is total new tokens / total time; per-category
-timing does not exist in a batch, so the category table shows tau only.
+(``verifier=paged``), ``vllm*`` is vLLM's engine with ``max_num_seqs`` B. Each method's whole run is timed and
+throughput is total new tokens / total time; per-category timing does not exist in a batch, so the category table
+shows tau only. ``bench.rounds`` R splits the prompts into R groups and runs every method on a group before the
+next, so methods alternate as they do prompt by prompt at batch 1:
+
+    python -m specdec.bench verifier=paged bench.batch_size=8 bench.limit=32 bench.rounds=4 \
+        "bench.methods=[hf,specdec:none,vllm,vllm:ngram]"
 """
 
 from __future__ import annotations
@@ -58,8 +63,9 @@ HF_METHODS = ("hf", "hf_pld", "hf_assisted")
 # for HF methods)
 # (tokens, counts) or, for a runner that times its own generate call (the peer engine), (tokens, counts, time_s)
 Runner = Callable[[torch.Tensor, int], tuple]
-# a batched method: (every prompt's input ids, seed) -> one (new tokens, counts) per prompt
-BatchRunner = Callable[[list[torch.Tensor], int], list[tuple[list[int], "tuple[int, int, int] | None"]]]
+# a batched method: (every prompt's input ids, seed) -> one (new tokens, counts) per prompt, or (new tokens, counts,
+# time share) from a runner that times its own batch (the peer engine)
+BatchRunner = Callable[[list[torch.Tensor], int], list[tuple]]
 
 
 def default_methods(drafter: str) -> list[str]:
@@ -135,11 +141,10 @@ def hf_method(method: str) -> str | None:
 
 
 def check_batched(methods: dict[str, MethodSpec]) -> None:
-    """With bench.batch_size > 1: only ``hf`` and paged ``specdec:*`` methods can serve a batch."""
+    """With bench.batch_size > 1: only ``hf``, paged ``specdec:*`` and ``vllm*`` methods can serve a batch."""
     for m, spec in methods.items():
-        if spec.peer:
-            raise ConfigError(f"{m} runs interleaved at batch 1; for vLLM at batch B use scripts/peer_vllm.py "
-                              "--batch-size B on a bench JSON saved with bench.save_tokens=true.")
+        if spec.peer:  # vLLM batches too (max_num_seqs = bench.batch_size)
+            continue
         if hf_method(m) not in (None, "hf"):
             raise ConfigError(f"{m} runs one request at a time in transformers; with bench.batch_size > 1 use "
                               "bench.methods=[hf,specdec:<drafter>].")
@@ -317,25 +322,34 @@ def run_interleaved(runners: dict[str, Runner], prompts: list[Prompt], inputs: l
 
 
 def run_batched(runners: dict[str, BatchRunner], prompts: list[Prompt], inputs: list[torch.Tensor],
-                batch_size: int, warmup: int = 1, seed: int = 0) -> list[report.Measurement]:
-    """Warm each method up on one small batch, then time each method's whole run over all the prompts.
+                batch_size: int, warmup: int = 1, seed: int = 0, rounds: int = 1) -> list[report.Measurement]:
+    """Warm each method up on one small batch, then time each method's run over the prompts: in ``rounds``
+    consecutive groups of them, every method running a group before the next group starts (methods alternate, so
+    the machine's drift hits all alike; ``rounds=1``: each method's whole run at once).
 
-    A request's measurement carries the run's time divided evenly (a batch has no per-request time), so totals
-    give the run's throughput. Request i samples with seed ``seed + i`` in specdec; HF samples from one stream.
+    A request's measurement carries its group's time divided evenly (a batch has no per-request time), or the share
+    a peer engine timed itself; totals give the throughput. Request i samples with seed ``seed + i`` in specdec;
+    HF samples from one stream.
     """
     for run in runners.values():
         for _ in range(warmup):
             run(inputs[:min(2, batch_size)], seed)
     measurements = []
-    for method, run in runners.items():
-        print(f"{method}: {len(inputs)} requests, batch size {batch_size}", file=sys.stderr)
-        start = time.perf_counter()
-        results = run(inputs, seed)
-        share = (time.perf_counter() - start) / len(inputs)
-        for i, (p, (tokens, counts)) in enumerate(zip(prompts, results)):
-            steps, drafted, accepted, depth = counts if counts is not None else (None, 0, 0, ())
-            measurements.append(report.Measurement(method, i, p.category, tuple(tokens), share, steps,
-                                                   drafted, accepted, depth))
+    size = -(-len(inputs) // max(1, min(rounds, len(inputs))))
+    groups = [range(lo, min(lo + size, len(inputs))) for lo in range(0, len(inputs), size)]
+    for g, group in enumerate(groups):
+        for method, run in runners.items():
+            where = f", group {g + 1} of {len(groups)}" if len(groups) > 1 else ""
+            print(f"{method}: {len(group)} requests, batch size {batch_size}{where}", file=sys.stderr)
+            start = time.perf_counter()
+            results = run([inputs[i] for i in group], seed + group.start)
+            share = (time.perf_counter() - start) / len(group)
+            for i, got in zip(group, results):
+                tokens, counts = got[:2]
+                steps, drafted, accepted, depth = counts if counts is not None else (None, 0, 0, ())
+                measurements.append(report.Measurement(method, i, prompts[i].category, tuple(tokens),
+                                                       got[2] if len(got) > 2 else share, steps, drafted, accepted,
+                                                       depth))
     return measurements
 
 
@@ -363,13 +377,14 @@ def run_bench(cfg: DictConfig) -> dict:
     peers = [m for m, spec in drafters.items() if spec.peer]
     server = peer.PeerServer(b.peer_python, peers, models.resolve_target_path(cfg.target.name), cfg.target.dtype,
                              max(x.shape[1] for x in inputs) + b.max_new_tokens + 16, script=b.peer_script,
-                             log=b.peer_log) if peers else None
+                             log=b.peer_log, max_num_seqs=b.batch_size) if peers else None
     try:
         if server is not None:  # every method in bench.methods order
-            runners = {m: runners[m] if m in runners else server.runner(m, b.max_new_tokens) for m in drafters}
+            peer_runner = server.batch_runner if b.batch_size > 1 else server.runner
+            runners = {m: runners[m] if m in runners else peer_runner(m, b.max_new_tokens) for m in drafters}
         with torch.inference_mode():
             if b.batch_size > 1:
-                measurements = run_batched(runners, prompts, inputs, b.batch_size, b.warmup, b.seed)
+                measurements = run_batched(runners, prompts, inputs, b.batch_size, b.warmup, b.seed, b.rounds)
             else:
                 measurements = run_interleaved(runners, prompts, inputs, b.warmup, b.seed)
     finally:

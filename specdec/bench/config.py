@@ -72,6 +72,7 @@ class BenchConfig:
     top_p: float = 1.0
     seed: int = 0
     batch_size: int = 1  # > 1: batched requests (verifier=paged) against HF batched generate
+    rounds: int = 1  # batch_size > 1: groups of prompts, every method runs a group before the next group
     plots: bool = False  # PNG plots next to the JSON (speedup per category and method, acceptance by depth)
     save_tokens: bool = False  # the requests' input ids and every method's outputs in the JSON (for a peer engine)
     peer_python: str = ".venv-vllm/bin/python"  # vLLM's environment, for the vllm methods (scripts/vllm_env.sh)
@@ -249,6 +250,8 @@ def _check_names(cfg: DictConfig) -> None:
             raise ConfigError(f"bench.{key} must be >= 1; got {b[key]}.")
     if b.batch_size < 1:
         raise ConfigError(f"bench.batch_size must be >= 1; got {b.batch_size}.")
+    if b.rounds < 1:
+        raise ConfigError(f"bench.rounds must be >= 1; got {b.rounds}.")
     if b.warmup < 0 or (b.limit is not None and b.limit < 1):
         raise ConfigError("bench.warmup must be >= 0 and bench.limit null or >= 1.")
     if b.temperature < 0:

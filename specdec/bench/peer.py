@@ -6,6 +6,8 @@ engine per vLLM method and then answers one request per JSON line; each vLLM met
 runner. Between requests the child waits on its stdin (no spinning threads), so the two engines never run at once,
 and every prompt is decoded by every method within seconds of each other: the machine's drift cancels in the ratios,
 unlike two sittings minutes apart. The generate call is timed in the child (``time_s``), so the pipe costs nothing.
+With ``bench.batch_size`` B > 1 the engines run B requests at once (``max_num_seqs=B``) and a bench round hands
+vLLM the same group of requests it hands our batched methods (:meth:`PeerServer.batch_runner`).
 """
 
 from __future__ import annotations
@@ -32,18 +34,20 @@ class PeerServer:
     """``scripts/peer_vllm.py --serve`` in vLLM's environment, for ``methods`` on the target at ``target_path``.
 
     python: that environment's interpreter (relative paths from the repository root); max_model_len: the longest
-    prompt plus new tokens any request will need.
+    prompt plus new tokens any request will need; max_num_seqs: requests an engine runs at once (the bench's
+    batch size).
     """
 
     def __init__(self, python: str, methods: list[str], target_path: str, dtype: str, max_model_len: int,
-                 script: str = "scripts/peer_vllm.py", log: str | None = None) -> None:
+                 script: str = "scripts/peer_vllm.py", log: str | None = None, max_num_seqs: int = 1) -> None:
         exe, path = (REPO / python if not Path(python).is_absolute() else Path(python)), REPO / script
         if not exe.exists():
             raise ConfigError(f"no peer interpreter at {exe}: make vLLM's environment with `bash scripts/vllm_env.sh` "
                               "(or set bench.peer_python), or drop the vllm methods from bench.methods.")
         self.log = open(log, "w") if log else subprocess.DEVNULL  # noqa: SIM115 - kept open as the child's stderr
         self.proc = subprocess.Popen([str(exe), str(path), "--serve", "--target", target_path, "--dtype", dtype,
-                                      "--max-model-len", str(max_model_len), "--methods", ",".join(methods)],
+                                      "--max-model-len", str(max_model_len), "--max-num-seqs", str(max_num_seqs),
+                                      "--methods", ",".join(methods)],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True,
                                      env={**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"})
         print(f"starting vLLM for {methods} ...", file=sys.stderr)
@@ -66,6 +70,37 @@ class PeerServer:
         self.proc.stdin.write(json.dumps({"method": method, "ids": ids, "max_new_tokens": max_new_tokens}) + "\n")
         self.proc.stdin.flush()
         return self._read()
+
+    def generate_batch(self, method: str, batch: list[list[int]], max_new_tokens: int) -> dict:
+        """Greedy tokens for every request of ``batch``, submitted at once: ``{"outputs", "accepted", "drafted",
+        "time_s"}`` (counts for the whole batch)."""
+        self.proc.stdin.write(json.dumps({"method": method, "batch": batch, "max_new_tokens": max_new_tokens}) + "\n")
+        self.proc.stdin.flush()
+        return self._read()
+
+    def batch_runner(self, method: str, max_new_tokens: int):
+        """A bench batch runner ``(inputs: list of [1, T], seed) -> [(tokens, counts, time share)]`` for ``method``:
+        the requests as one batch. vLLM counts accepted drafts per batch, so each request gets a share of them in
+        proportion to its tokens (they add up to the batch's: tau over the run is exact), and an equal share of the
+        batch's time."""
+
+        def run(inputs: list[torch.Tensor], seed: int):
+            got = self.generate_batch(method, [ids[0].tolist() for ids in inputs], max_new_tokens)
+            outputs, share = got["outputs"], got["time_s"] / len(inputs)
+            total = sum(len(t) for t in outputs)
+            counted = method != PREFIX and got["accepted"] is not None and total > 0
+            results, done = [], 0
+            for tokens in outputs:
+                counts = None
+                if counted:  # cumulative floors: the shares add up to the batch's counts exactly
+                    acc = got["accepted"] * (done + len(tokens)) // total - got["accepted"] * done // total
+                    drafted = got["drafted"] * (done + len(tokens)) // total - got["drafted"] * done // total
+                    counts = (len(tokens) - acc, drafted, acc, ())
+                done += len(tokens)
+                results.append((tokens, counts, share))
+            return results
+
+        return run
 
     def runner(self, method: str, max_new_tokens: int):
         """A bench runner ``(ids [1, T], seed) -> (tokens, counts, time_s)`` for ``method`` (greedy only)."""
