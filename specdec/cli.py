@@ -81,7 +81,8 @@ def _export(argv: list[str]) -> int:
     parser.add_argument("out_dir")
     parser.add_argument("--to", required=True, choices=["eagle3", "speculators", "medusa"])
     parser.add_argument("--verifier", default=None,
-                        help="speculators only: the target's hub id or path (default: specdec's default target)")
+                        help="speculators only: the target's hub id or path (default: the one the training job "
+                             "recorded, else specdec's default target for a head of its shape)")
     parser.add_argument("--speculative-tokens", type=int, default=3,
                         help="speculators only: the chain length vLLM drafts (default 3)")
     parser.add_argument("--pad-vocab", action="store_true",

@@ -102,7 +102,7 @@ def test_export_then_import_gives_the_same_proposals(tmp_path, layout, aux):
     head = tiny_head(target, aux=aux, draft_ids=torch.tensor([2, 3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37, 41]))
     ours = checkpoint.save(tmp_path / "ours", "eagle3", dict(head.state_dict()), {"arch": head.arch.to_dict()},
                            target=target)
-    out = interop.export(ours, layout, tmp_path / layout)
+    out = interop.export(ours, layout, tmp_path / layout, **({"verifier": "org/tiny"} if layout == "speculators" else {}))
     assert interop.detect(out)[0] == "eagle3" and not checkpoint.is_checkpoint(out)
     a = Eagle3Drafter(target, path=str(ours), choices=[[0], [1], [0, 0], [0, 1], [0, 0, 0]])
     b = Eagle3Drafter(target, path=str(out), choices=[[0], [1], [0, 0], [0, 1], [0, 0, 0]])
@@ -231,7 +231,8 @@ def test_job_writes_checkpoint_exports_and_is_lossless(trained):
     assert meta["kind"] == "eagle3" and meta["config"]["arch"]["aux_layers"] == [0, 1]
     assert "## How it was made" in (final / "README.md").read_text()
     assert (final.parent / "final-eagle3" / "config.json").exists()
-    assert (final.parent / "final-speculators" / "config.json").exists()
+    spec_cfg = json.loads((final.parent / "final-speculators" / "config.json").read_text())["speculators_config"]
+    assert spec_cfg["verifier"] == {"name_or_path": str(tmp / "target"), "architectures": ["LlamaForCausalLM"]}
     target, tok = specdec.models.load_target(str(tmp / "target"))
     for path in (final, final.parent / "final-eagle3"):
         for seed in range(2):
@@ -251,6 +252,27 @@ def test_cli_export(trained, tmp_path):
     assert cfg["speculators_config"]["proposal_methods"][0]["speculative_tokens"] == 5
     assert cfg["speculators_config"]["verifier"]["name_or_path"] == "org/t"
     assert main(["export", str(final), str(tmp_path / "m"), "--to", "medusa"]) == 2  # an eagle3 head is no Medusa
+
+
+def test_speculators_export_names_the_heads_own_target(tmp_path):
+    """The verifier a speculators config names: the one given, else the target the training job recorded, else
+    specdec's default target only for a head made for its shape; another target's head without a name is refused."""
+    target = tiny_llama(0, layers=4)
+    head = tiny_head(target, aux=(0, 2, 3), draft_ids=torch.arange(3, 40))
+    state, arch = dict(head.state_dict()), {"arch": head.arch.to_dict()}
+    ours = checkpoint.save(tmp_path / "ours", "eagle3", state, arch, target=target)
+    with pytest.raises(CheckpointError, match="--verifier <target>"):
+        interop.export(ours, "speculators", tmp_path / "a")
+    named = checkpoint.save(tmp_path / "named", "eagle3", state, arch, target=target,
+                            extra={"target_name": "org/tiny", "target_architectures": ["LlamaForCausalLM"]})
+
+    def verifier(out):
+        return json.loads((out / "config.json").read_text())["speculators_config"]["verifier"]["name_or_path"]
+
+    assert verifier(interop.export(named, "speculators", tmp_path / "b")) == "org/tiny"
+    assert verifier(interop.export(named, "speculators", tmp_path / "c", verifier="org/other")) == "org/other"
+    shipped = checkpoint.shipped("eagle3")  # made for the default target's shape
+    assert verifier(interop.export(shipped, "speculators", tmp_path / "d")) == "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 
 def test_export_settings_go_to_the_layouts_that_take_them():

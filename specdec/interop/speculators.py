@@ -17,6 +17,21 @@ from specdec.interop.files import read_weights, write_dir
 from specdec.models.checkpoint import CheckpointError
 
 DEFAULT_VERIFIER = "HuggingFaceTB/SmolLM2-135M-Instruct"
+# the default target's shape in a checkpoint's target fingerprint (specdec.models.checkpoint.target_fingerprint)
+DEFAULT_SHAPE = {"model_type": "llama", "vocab_size": 49152, "hidden_size": 576, "num_hidden_layers": 30}
+
+
+def default_verifier(meta: dict) -> str:
+    """specdec's default target when ``meta``'s head was made for its shape (or says nothing of its target);
+    refuses a head made for another target, whose verifier the exporter cannot guess."""
+    fp = meta.get("target")
+    if fp is None or all(fp.get(k) == v for k, v in DEFAULT_SHAPE.items()):
+        return DEFAULT_VERIFIER
+    raise CheckpointError(
+        f"this head was made for a {fp.get('model_type')} target (vocabulary {fp.get('vocab_size')}, hidden size "
+        f"{fp.get('hidden_size')}, {fp.get('num_hidden_layers')} layers), not specdec's default, and its checkpoint "
+        "does not name it: pass the target's hub id or path, `specdec export ... --to speculators --verifier "
+        "<target>` (export.verifier=<target> in a training job).")
 
 
 def detect(config: dict) -> bool:
@@ -42,7 +57,10 @@ def load(path: Path, config: dict, allow_pickle: bool) -> tuple[dict, dict]:
 def export(state: dict, meta: dict, out_dir: Path, verifier: str | None = None,
            verifier_architectures: list[str] | None = None, speculative_tokens: int = 3) -> Path:
     """The speculators directory vLLM serves as ``LLM(model=out_dir)``; ``verifier``: the target's hub id or path
-    (default: specdec's default target), ``speculative_tokens``: the chain length vLLM drafts."""
+    (default: the one the training job recorded, else specdec's default target when the head was made for its
+    shape; a head made for another target needs it named), ``speculative_tokens``: the chain length vLLM drafts."""
+    verifier = verifier or meta.get("target_name") or default_verifier(meta)
+    verifier_architectures = verifier_architectures or meta.get("target_architectures")
     arch, dtype = eagle3.head_parts(state, meta)
     aux = list(arch["aux_layers"])
     if int(speculative_tokens) < 1:
