@@ -125,7 +125,7 @@ def run(spec: JobSpec, cfg: dict, progress: bool = True) -> Path:
             "train_sequences": len(data.train), "self_distilled_answers": data.num_answers, "resumed_from_step": trainer.resumed_from,
             "command": " ".join(["python -m", f"train.{spec.kind}", *(shlex.quote(a) for a in sys.argv[1:])])}
     # the target's name (None: specdec's default) and classes, for exports that name their verifier (speculators)
-    named = {"target_name": tcfg.get("name"), "target_architectures": list(target.config.architectures or []) or None}
+    named = {"target_name": tcfg.get("name"), "target_architectures": target.config.architectures}
     final = checkpoint.save(final, spec.kind, state, drafter_cfg, target=target,
                             extra={"training": info, **named}, card=card(spec.kind, cfg, info))
     print(f"{spec.kind} drafter written to {final} (validation tau {last.get('tau', float('nan')):.2f})")

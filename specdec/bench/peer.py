@@ -65,18 +65,20 @@ class PeerServer:
             if line.startswith("{"):  # anything else a library prints to stdout is not ours
                 return json.loads(line)
 
-    def generate(self, method: str, ids: list[int], max_new_tokens: int) -> dict:
-        """Greedy tokens for ``ids``: ``{"tokens", "accepted", "drafted", "time_s"}``."""
-        self.proc.stdin.write(json.dumps({"method": method, "ids": ids, "max_new_tokens": max_new_tokens}) + "\n")
+    def _ask(self, request: dict) -> dict:
+        """One request line to the child, its answer line back."""
+        self.proc.stdin.write(json.dumps(request) + "\n")
         self.proc.stdin.flush()
         return self._read()
+
+    def generate(self, method: str, ids: list[int], max_new_tokens: int) -> dict:
+        """Greedy tokens for ``ids``: ``{"tokens", "accepted", "drafted", "time_s"}``."""
+        return self._ask({"method": method, "ids": ids, "max_new_tokens": max_new_tokens})
 
     def generate_batch(self, method: str, batch: list[list[int]], max_new_tokens: int) -> dict:
         """Greedy tokens for every request of ``batch``, submitted at once: ``{"outputs", "accepted", "drafted",
         "time_s"}`` (counts for the whole batch)."""
-        self.proc.stdin.write(json.dumps({"method": method, "batch": batch, "max_new_tokens": max_new_tokens}) + "\n")
-        self.proc.stdin.flush()
-        return self._read()
+        return self._ask({"method": method, "batch": batch, "max_new_tokens": max_new_tokens})
 
     def batch_runner(self, method: str, max_new_tokens: int):
         """A bench batch runner ``(inputs: list of [1, T], seed) -> [(tokens, counts, time share)]`` for ``method``:
