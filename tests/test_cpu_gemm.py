@@ -86,11 +86,12 @@ def test_modules_made_under_inference_mode_take_the_kernel():
 
 
 def test_kernel_names_the_route(monkeypatch):
-    from specdec.models import cpu_layers, skinny_gemm
+    from specdec.models import cpu_decoder_layer, cpu_layers, skinny_gemm
 
     assert cpu_gemm.kernel(tiny_llama(0, dtype=torch.float64)) == "off"
     onednn = "onednn+siblings" + ("+panels" if skinny_gemm.available() else "") + (
-        "+layers" if cpu_layers.available() else "")
+        "+layers" if cpu_layers.available() else "") + ("+decoder" if skinny_gemm.available() and
+                                                        cpu_layers.available() and cpu_decoder_layer.available() else "")
     assert cpu_gemm.kernel(tiny_llama(0, dtype=torch.float32)) == (onednn if cpu_gemm.onednn_available() else "wxt")
     for kernel in (skinny_gemm._KERNEL, cpu_layers._KERNEL):
         monkeypatch.setattr(kernel, "_module", None)

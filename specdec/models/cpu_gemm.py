@@ -36,7 +36,7 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 
-from specdec.models import cpu_layers, skinny_gemm
+from specdec.models import cpu_decoder_layer, cpu_layers, skinny_gemm
 
 MAX_ROWS = 32  # the (W @ x.T).T fallback's range
 PACK_HINT = 16  # the row count oneDNN's weight layout is chosen for (measured: 16-64 are alike here)
@@ -64,9 +64,9 @@ def best_route() -> str:
 def kernel(model) -> str:
     """Which route :func:`fast_linears` takes for ``model`` by default: ``onednn+siblings`` (oneDNN, sibling
     projections fused), ``onednn+siblings+panels`` (and :mod:`~specdec.models.skinny_gemm`'s packed panels up to
-    its ``MAX_ROWS`` rows), ``wxt``, ``panels-bf16`` (a bfloat16 model: the skinny kernel up to ``MAX_ROWS`` rows,
-    ``F.linear`` beyond) or
-    ``off``."""
+    its ``MAX_ROWS`` rows; ``+layers``: RMSNorm and the gated MLP as whole-layer kernels, ``+decoder``: Llama-style
+    decoder layers fused, :mod:`~specdec.models.cpu_decoder_layer`), ``wxt``, ``panels-bf16`` (a bfloat16 model: the
+    skinny kernel up to ``MAX_ROWS`` rows, ``F.linear`` beyond) or ``off``."""
     if not wanted(model):
         return "off"
     if next(model.parameters()).dtype == torch.bfloat16:
@@ -74,7 +74,8 @@ def kernel(model) -> str:
     if best_route() != "onednn":
         return "wxt"
     return "onednn+siblings" + ("+panels" if skinny_gemm.available() else "") + (
-        "+layers" if cpu_layers.available() else "")
+        "+layers" if cpu_layers.available() else "") + (
+        "+decoder" if skinny_gemm.available() and cpu_layers.available() and cpu_decoder_layer.available() else "")
 
 
 def wanted(model) -> bool:
@@ -310,16 +311,39 @@ class _MLPForward:
         return self.original(x)
 
 
-def _layer_forwards(modules: Iterable[torch.nn.Module], groups: list[_Siblings]) -> list[torch.nn.Module]:
-    """Give the RMSNorm and gated SiLU MLP modules of ``modules`` their whole-layer kernels; returns those patched."""
+def _decoder_layer(m: torch.nn.Module, groups: dict[int, _Siblings]) -> cpu_decoder_layer.DecoderLayerForward | None:
+    """The fused forward of a Llama-style decoder layer whose q/k/v and gate/up are skinny sibling groups and whose
+    weights are float32 (None for any other module)."""
+    if not cpu_decoder_layer.is_llama_layer(m):
+        return None
+    attn, mlp = m.self_attn, m.mlp
+    qkv, gu = groups.get(id(attn.q_proj)), groups.get(id(mlp.gate_proj))
+    if qkv is None or gu is None or len(qkv.members) != 3 or len(gu.members) != 2 or not (qkv.skinny and gu.skinny):
+        return None
+    singles = [attn.o_proj, mlp.down_proj]
+    if not all(x.weight.dtype == torch.float32 for x in [*qkv.members, *gu.members, *singles]) \
+            or not _skinny_for(singles):
+        return None
+    return cpu_decoder_layer.DecoderLayerForward(
+        m, lambda: (_panels(qkv.members), _panels([attn.o_proj]), _panels(gu.members), _panels([mlp.down_proj])))
+
+
+def _layer_forwards(modules: Iterable[torch.nn.Module], groups: list[_Siblings],
+                    decoder_layers: bool = True) -> list[torch.nn.Module]:
+    """Give the RMSNorm and gated SiLU MLP modules of ``modules`` their whole-layer kernels, and Llama-style decoder
+    layers their fused forward (``decoder_layers``); returns those patched."""
     gate_up = {id(g.members[0]): g for g in groups if len(g.members) == 2}
+    first = {id(g.members[0]): g for g in groups}
     done, seen = [], set()
     for module in modules:
         for m in module.modules():
             if id(m) in seen or "forward" in m.__dict__:
                 continue
             seen.add(id(m))
-            if cpu_layers.is_rms_norm(m):
+            fused = _decoder_layer(m, first) if decoder_layers else None
+            if fused is not None:
+                m.forward = fused
+            elif cpu_layers.is_rms_norm(m):
                 m.forward = _NormForward(m)
             elif cpu_layers.is_gated_silu_mlp(m) and id(m.gate_proj) in gate_up:
                 m.forward = _MLPForward(m, gate_up[id(m.gate_proj)])
@@ -331,7 +355,7 @@ def _layer_forwards(modules: Iterable[torch.nn.Module], groups: list[_Siblings])
 
 @contextmanager
 def fast_linears(*modules: torch.nn.Module, enabled: bool = True, route: str | None = None, fuse: bool = True,
-                 skinny: bool | None = None, layers: bool | None = None):
+                 skinny: bool | None = None, layers: bool | None = None, decoder_layers: bool | None = None):
     """Use the fast route (``route``: ``onednn`` or ``wxt``; None = the best this build has) in the float32 and
     bfloat16 ``nn.Linear`` layers of ``modules`` inside the ``with`` block (bfloat16: the skinny kernel only).
     Gradients enabled: ``F.linear`` as usual.
@@ -342,6 +366,9 @@ def fast_linears(*modules: torch.nn.Module, enabled: bool = True, route: str | N
     kernel (None: where it is available, see :func:`specdec.models.skinny_gemm.available`).
     layers (oneDNN route): RMSNorm modules, and gated SiLU MLPs whose gate/up are fused, run as whole-layer kernels
     (:mod:`specdec.models.cpu_layers`; None: where they are built).
+    decoder_layers (with ``layers`` and the skinny kernel): Llama-style decoder layers run as two C++ calls around
+    their attention for inputs of at most the skinny kernel's rows (:mod:`specdec.models.cpu_decoder_layer`; None:
+    where it is built).
     """
     if not enabled:
         yield
@@ -361,7 +388,8 @@ def fast_linears(*modules: torch.nn.Module, enabled: bool = True, route: str | N
     for g in groups:
         for i, m in enumerate(g.members):
             m.forward = functools.partial(g.output, i)
-    whole = _layer_forwards(modules, groups) if route == "onednn" and (
+    fused = skinny and (cpu_decoder_layer.available() if decoder_layers is None else bool(decoder_layers))
+    whole = _layer_forwards(modules, groups, fused) if route == "onednn" and (
         cpu_layers.available() if layers is None else bool(layers)) else []
     try:
         yield

@@ -32,7 +32,8 @@ RMS_NORMS = frozenset({"LlamaRMSNorm", "MistralRMSNorm", "MixtralRMSNorm", "Qwen
                        "Qwen2MoeRMSNorm", "Qwen3MoeRMSNorm", "Phi3RMSNorm"})
 GATED_MLPS = frozenset({"LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP"})
 
-_SOURCE = r"""
+# the kernels' C++ (no module definition), also compiled into specdec.models.cpu_decoder_layer's extension
+SOURCE_BODY = r"""
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <cmath>
@@ -105,14 +106,14 @@ torch::Tensor silu_mul(const torch::Tensor& gu) {
   });
   return out;
 }
+"""
 
+_KERNEL = CppKernel("specdec_cpu_layers", SOURCE_BODY + r"""
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm", &rms_norm);
   m.def("silu_mul", &silu_mul);
 }
-"""
-
-_KERNEL = CppKernel("specdec_cpu_layers", _SOURCE)
+""")
 
 
 def available() -> bool:

@@ -40,7 +40,8 @@ from specdec.models.cpp_build import CppKernel
 MAX_ROWS = 16  # rows fast_linears sends here; from about 16, oneDNN is as fast or faster (docs/benchmarks.md)
 PANEL = 32  # output features per panel (two AVX-512 registers of float32)
 
-_SOURCE = r"""
+# the kernel's C++ (no module definition), also compiled into specdec.models.cpu_decoder_layer's extension
+SOURCE_BODY = r"""
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <algorithm>
@@ -201,11 +202,11 @@ torch::Tensor panel_linear(const torch::Tensor& x, const torch::Tensor& panels, 
   }
   return y;
 }
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.def("panel_linear", &panel_linear); }
 """
 
-_KERNEL = CppKernel("specdec_panel_gemm", _SOURCE)
+_KERNEL = CppKernel("specdec_panel_gemm", SOURCE_BODY + r"""
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.def("panel_linear", &panel_linear); }
+""")
 
 
 def available() -> bool:

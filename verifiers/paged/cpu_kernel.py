@@ -23,7 +23,8 @@ import torch
 
 from specdec.models.cpp_build import SIMD_HELPERS, CppKernel
 
-_SOURCE = (r"""
+# the kernel's C++ (no module definition), also compiled into the whole-layer kernel (verifiers.paged.layer_kernel)
+SOURCE_BODY = (r"""
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <ATen/OpMathType.h>
@@ -245,14 +246,14 @@ torch::Tensor paged_attention_step(torch::Tensor q, torch::Tensor k_new, torch::
   return paged_tree_attention(q.transpose(0, 1).contiguous(), k_store, v_store, row_req, row_node, tables, prefix,
                               mask, scale, window, softcap);
 }
+""")
 
+_KERNEL = CppKernel("specdec_paged_attention", SOURCE_BODY + r"""
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_tree_attention", &paged_tree_attention);
   m.def("paged_attention_step", &paged_attention_step);
 }
 """)
-
-_KERNEL = CppKernel("specdec_paged_attention", _SOURCE)
 VERSION = 2  # bumped when the kernel's speed changes (a cost profile measured with an older one is stale)
 
 
