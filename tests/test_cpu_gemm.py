@@ -90,8 +90,8 @@ def test_kernel_names_the_route(monkeypatch):
 
     assert cpu_gemm.kernel(tiny_llama(0, dtype=torch.float64)) == "off"
     onednn = "onednn+siblings" + ("+panels" if skinny_gemm.available() else "") + (
-        "+layers" if cpu_layers.available() else "") + ("+decoder" if skinny_gemm.available() and
-                                                        cpu_layers.available() and cpu_decoder_layer.available() else "")
+        "+layers" if cpu_layers.available() else "") + (
+        "+decoder" if cpu_layers.available() and cpu_decoder_layer.available() else "")
     assert cpu_gemm.kernel(tiny_llama(0, dtype=torch.float32)) == (onednn if cpu_gemm.onednn_available() else "wxt")
     for kernel in (skinny_gemm._KERNEL, cpu_layers._KERNEL):
         monkeypatch.setattr(kernel, "_module", None)

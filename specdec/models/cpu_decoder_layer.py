@@ -244,7 +244,3 @@ class DecoderLayerForward:
         out, _ = interface(attn, q, k, v, attention_mask, dropout=0.0, scaling=attn.scaling, **self.extra, **kwargs)
         out = out.reshape(b * t, hq * d).contiguous()
         return post_attention(h, out, o_p, self.layer.post_attention_layernorm, gu_p, down_p).view(b, t, width)
-
-    def clear(self) -> None:
-        """Forget the packed weights (they are re-made on next use)."""
-        self._packed = self._rope = None

@@ -75,7 +75,7 @@ def kernel(model) -> str:
         return "wxt"
     return "onednn+siblings" + ("+panels" if skinny_gemm.available() else "") + (
         "+layers" if cpu_layers.available() else "") + (
-        "+decoder" if skinny_gemm.available() and cpu_layers.available() and cpu_decoder_layer.available() else "")
+        "+decoder" if cpu_layers.available() and cpu_decoder_layer.available() else "")  # it needs the panels too
 
 
 def wanted(model) -> bool:
