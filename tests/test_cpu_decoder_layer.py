@@ -9,7 +9,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from specdec.models import cpu_decoder_layer, cpu_gemm, hf_cache
+from specdec.models import cpu_decoder_layer, cpu_gemm, hf_cache, skinny_gemm
 from specdec.models.cpu_decoder_layer import DecoderLayerForward
 
 needs_kernel = pytest.mark.skipif(not cpu_decoder_layer.available(), reason=f"not built: {cpu_decoder_layer.failure()}")
@@ -65,7 +65,8 @@ def test_the_fused_route_serves_steps_and_falls_back_for_prefills(monkeypatch):
     monkeypatch.setattr(cpu_decoder_layer, "pre_attention", lambda h, *a: served.append(h.shape[0]) or real(h, *a))
     with torch.inference_mode(), cpu_gemm.fast_linears(model):
         cache = hf_cache.new_cache()
-        model(torch.arange(1, 21)[None], **hf_cache.cache_kwargs(model, cache), use_cache=True)  # 20 rows: > 16
+        rows = skinny_gemm.MAX_ROWS + 4  # a prefill over the kernel's rows
+        model((torch.arange(rows) % 50 + 1)[None], **hf_cache.cache_kwargs(model, cache), use_cache=True)
         assert served == []
         model(torch.tensor([[3]]), **hf_cache.cache_kwargs(model, cache), use_cache=True)
     assert served == [1] * model.config.num_hidden_layers

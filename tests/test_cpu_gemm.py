@@ -89,7 +89,7 @@ def test_kernel_names_the_route(monkeypatch):
     from specdec.models import cpu_decoder_layer, cpu_layers, skinny_gemm
 
     assert cpu_gemm.kernel(tiny_llama(0, dtype=torch.float64)) == "off"
-    onednn = "onednn+siblings" + ("+panels" if skinny_gemm.available() else "") + (
+    onednn = "onednn+siblings" + (f"+panels{skinny_gemm.MAX_ROWS}" if skinny_gemm.available() else "") + (
         "+layers" if cpu_layers.available() else "") + (
         "+decoder" if cpu_layers.available() and cpu_decoder_layer.available() else "")
     assert cpu_gemm.kernel(tiny_llama(0, dtype=torch.float32)) == (onednn if cpu_gemm.onednn_available() else "wxt")

@@ -131,13 +131,13 @@ def test_a_bfloat16_model_takes_the_kernel_for_few_rows_only(monkeypatch):
     model = tiny_llama(2, dtype=torch.bfloat16)
     assert cpu_gemm.wanted(model) and cpu_gemm.kernel(model) == "panels-bf16"
     with torch.inference_mode():
-        for rows in (2, skinny_gemm.MAX_ROWS + 3):
+        for rows in (2, skinny_gemm.MAX_ROWS_BF16 + 3):
             ids = torch.arange(3, 3 + rows)[None]
             want = model(ids).logits.float()
             calls.clear()
             with cpu_gemm.fast_linears(model):
                 got = model(ids).logits.float()
-            assert calls == ([rows] * (4 * model.config.num_hidden_layers + 1) if rows <= skinny_gemm.MAX_ROWS else [])
+            assert calls == ([rows] * (4 * model.config.num_hidden_layers + 1) if rows <= skinny_gemm.MAX_ROWS_BF16 else [])
             torch.testing.assert_close(got, want, rtol=0.05, atol=0.05)  # bfloat16 rounding of another sum order
 
 

@@ -18,7 +18,7 @@ stream has pushed the interpreter's own code and data out of the caches: on Smol
    ``down_proj``, the residual.
 
 It serves float32 CPU inputs of at most :data:`specdec.models.skinny_gemm.MAX_ROWS` rows (a decode step, a tree, a
-batch of chains) with gradients off, whose rotary embedding spans the whole head; anything else (a prefill, a
+batch of trees) with gradients off, whose rotary embedding spans the whole head; anything else (a prefill, a
 bfloat16 model, training) runs the layer's own forward. Its results differ from the layer's own (inside
 :func:`specdec.models.cpu_gemm.fast_linears`) by float rounding only: the same kernels in the same order, the residual
 sums as transformers writes them.

@@ -17,7 +17,7 @@ modules, see :meth:`specdec.protocols.Drafter.modules`), only while the context 
 layer's sibling projections that read one input (q/k/v, gate/up) run as one product. Results differ from ``F.linear``
 only by float32 rounding (summation order). :func:`kernel` names the route, e.g. for a cost profile's key.
 
-Inputs of at most :data:`specdec.models.skinny_gemm.MAX_ROWS` rows (a decode step, a tree, a batch of a few) go to
+Inputs of at most :func:`specdec.models.skinny_gemm.max_rows` rows (a decode step, a tree, a batch of trees) go to
 the skinny kernel instead where it is built (AVX-512): it reads a copy of each weight packed in panels once, at the
 memory floor, and a row's result does not depend on the other rows. Its panels are kept like oneDNN's reordered
 weights (so a layer used at both sizes holds three copies of its weights: its own and the two packed ones). It is
@@ -63,17 +63,18 @@ def best_route() -> str:
 
 def kernel(model) -> str:
     """Which route :func:`fast_linears` takes for ``model`` by default: ``onednn+siblings`` (oneDNN, sibling
-    projections fused), ``onednn+siblings+panels`` (and :mod:`~specdec.models.skinny_gemm`'s packed panels up to
-    its ``MAX_ROWS`` rows; ``+layers``: RMSNorm and the gated MLP as whole-layer kernels, ``+decoder``: Llama-style
-    decoder layers fused, :mod:`~specdec.models.cpu_decoder_layer`), ``wxt``, ``panels-bf16`` (a bfloat16 model: the
-    skinny kernel up to ``MAX_ROWS`` rows, ``F.linear`` beyond) or ``off``."""
+    projections fused), ``onednn+siblings+panels64`` (and :mod:`~specdec.models.skinny_gemm`'s packed panels up to
+    its ``MAX_ROWS`` rows, named so a cost profile measured with another limit is measured again; ``+layers``:
+    RMSNorm and the gated MLP as whole-layer kernels, ``+decoder``: Llama-style decoder layers fused,
+    :mod:`~specdec.models.cpu_decoder_layer`), ``wxt``, ``panels-bf16`` (a bfloat16 model: the skinny kernel up to
+    ``MAX_ROWS_BF16`` rows, ``F.linear`` beyond) or ``off``."""
     if not wanted(model):
         return "off"
     if next(model.parameters()).dtype == torch.bfloat16:
         return "panels-bf16"
     if best_route() != "onednn":
         return "wxt"
-    return "onednn+siblings" + ("+panels" if skinny_gemm.available() else "") + (
+    return "onednn+siblings" + (f"+panels{skinny_gemm.MAX_ROWS}" if skinny_gemm.available() else "") + (
         "+layers" if cpu_layers.available() else "") + (
         "+decoder" if cpu_layers.available() and cpu_decoder_layer.available() else "")  # it needs the panels too
 
@@ -123,7 +124,7 @@ def _skinny_for(linears: list[torch.nn.Linear]) -> bool:
 def _takes_skinny(x: torch.Tensor, on: bool, dtype: torch.dtype) -> bool:
     """True when the skinny kernel takes ``x``: ``on``, at most its row count, the weights' dtype, a non-empty CPU
     input with gradients off."""
-    return (on and x.dtype == dtype and 0 < x.numel() <= skinny_gemm.MAX_ROWS * x.shape[-1]
+    return (on and x.dtype == dtype and 0 < x.numel() <= skinny_gemm.max_rows(dtype) * x.shape[-1]
             and x.device.type == "cpu" and not torch.is_grad_enabled())
 
 
@@ -362,7 +363,7 @@ def fast_linears(*modules: torch.nn.Module, enabled: bool = True, route: str | N
 
     fuse (oneDNN route): sibling projections that read the same input (q/k/v, gate/up) run as one product
     (:class:`_Siblings`): fewer, larger calls, each reading its input once.
-    skinny (oneDNN route): inputs of at most :data:`specdec.models.skinny_gemm.MAX_ROWS` rows go to the skinny
+    skinny (oneDNN route): inputs of at most :func:`specdec.models.skinny_gemm.max_rows` rows go to the skinny
     kernel (None: where it is available, see :func:`specdec.models.skinny_gemm.available`).
     layers (oneDNN route): RMSNorm modules, and gated SiLU MLPs whose gate/up are fused, run as whole-layer kernels
     (:mod:`specdec.models.cpu_layers`; None: where they are built).

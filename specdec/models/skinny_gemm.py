@@ -11,8 +11,10 @@ into two registers of 16 outputs per row, for up to eight rows at once (more row
 still in cache). No horizontal sums, so the cost per weight byte barely grows with the rows: the 121 linears of a
 SmolLM2-135M step take about the same time at eight rows as at one (measured in docs/benchmarks.md), where a
 row-major kernel pays a chain of multiply-adds per extra row. From about 16 rows the kernel is bound by the CPU's
-multiply-add rate, as oneDNN is, and oneDNN's blocking does better there: :func:`specdec.models.cpu_gemm.fast_linears`
-takes this kernel up to :data:`MAX_ROWS` rows and oneDNN beyond.
+multiply-add rate, as oneDNN is; up to 48 rows it stays ahead of oneDNN's packed matmul (a layer's four products, 24
+rows: 19.4 against 21.5 ms for 30 layers; 48: 35.3 against 41.4), they tie at 64 and oneDNN leads beyond
+(docs/benchmarks.md): :func:`specdec.models.cpu_gemm.fast_linears` takes this kernel up to :func:`max_rows` rows and
+oneDNN beyond.
 
 Every output is one float32 sum over the input features in their order, whatever the number of rows and wherever the
 row sits in the input: **a row's result is bitwise the same in a batch of any size** (a tree of 12 nodes verifies
@@ -37,7 +39,8 @@ import torch
 
 from specdec.models.cpp_build import CppKernel
 
-MAX_ROWS = 16  # rows fast_linears sends here; from about 16, oneDNN is as fast or faster (docs/benchmarks.md)
+MAX_ROWS = 64  # float32 rows fast_linears sends here; beyond, oneDNN is as fast or faster (docs/benchmarks.md)
+MAX_ROWS_BF16 = 16  # bfloat16 rows: beyond, F.linear (oneDNN, with AMX where the CPU has it)
 PANEL = 32  # output features per panel (two AVX-512 registers of float32)
 
 # the kernel's C++ (no module definition), also compiled into specdec.models.cpu_decoder_layer's extension
@@ -207,6 +210,11 @@ torch::Tensor panel_linear(const torch::Tensor& x, const torch::Tensor& panels, 
 _KERNEL = CppKernel("specdec_panel_gemm", SOURCE_BODY + r"""
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.def("panel_linear", &panel_linear); }
 """)
+
+
+def max_rows(dtype: torch.dtype) -> int:
+    """The most rows of ``dtype`` inputs that :func:`specdec.models.cpu_gemm.fast_linears` sends to this kernel."""
+    return MAX_ROWS_BF16 if dtype == torch.bfloat16 else MAX_ROWS
 
 
 def available() -> bool:
