@@ -54,6 +54,11 @@ SOURCE_BODY = r"""
 #endif
 
 constexpr int64_t P = 32;  // output features per panel
+// panel depth steps (128 bytes each) read ahead with software prefetches: with the rows' multiply-adds between its
+// loads the hardware prefetcher falls behind, and 8 rows cost the weights' stream plus the arithmetic; 2 KB ahead,
+// the 30 layers' linears of SmolLM2-135M at 8 rows took 20.8 ms instead of 26.5 (1 row: 16.5 and 16.7; 8 steps ahead
+// did no better than none, 24 and 48 no better than 16; docs/benchmarks.md)
+constexpr int64_t PF = 16;
 constexpr int64_t RB = 8;  // input rows per pass over a panel (2 x RB accumulators stay in registers)
 
 // y[r * ldy + j] (+ bias[j]) for the R input rows of xt ([K][R], float32) and the first `valid` outputs of one panel
@@ -66,6 +71,8 @@ static inline void panel_f32(const float* xt, int64_t K, const float* p, const f
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r) { a0[r] = _mm512_setzero_ps(); a1[r] = _mm512_setzero_ps(); }
   for (int64_t k = 0; k < K; ++k) {
+    _mm_prefetch(reinterpret_cast<const char*>(p + (k + PF) * P), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(p + (k + PF) * P + 16), _MM_HINT_T0);
     const __m512 w0 = _mm512_loadu_ps(p + k * P), w1 = _mm512_loadu_ps(p + k * P + 16);
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
@@ -103,6 +110,8 @@ static inline void panel_bf16(const at::BFloat16* xt, int64_t K2, const at::BFlo
   for (int r = 0; r < R; ++r) { a0[r] = _mm512_setzero_ps(); a1[r] = _mm512_setzero_ps(); }
   const int32_t* xi = reinterpret_cast<const int32_t*>(xt);
   for (int64_t k = 0; k < K2; ++k) {
+    _mm_prefetch(reinterpret_cast<const char*>(p + (k + PF) * 2 * P), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(p + (k + PF) * 2 * P + P), _MM_HINT_T0);
     const __m512bh w0 = (__m512bh)_mm512_loadu_si512(p + k * 2 * P), w1 = (__m512bh)_mm512_loadu_si512(p + k * 2 * P + P);
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
