@@ -137,7 +137,8 @@ def test_a_bfloat16_model_takes_the_kernel_for_few_rows_only(monkeypatch):
             calls.clear()
             with cpu_gemm.fast_linears(model):
                 got = model(ids).logits.float()
-            assert calls == ([rows] * (4 * model.config.num_hidden_layers + 1) if rows <= skinny_gemm.MAX_ROWS_BF16 else [])
+            taken = rows <= skinny_gemm.MAX_ROWS_BF16
+            assert calls == ([rows] * (4 * model.config.num_hidden_layers + 1) if taken else [])
             torch.testing.assert_close(got, want, rtol=0.05, atol=0.05)  # bfloat16 rounding of another sum order
 
 
