@@ -106,7 +106,7 @@ class VerifyOutput:
     the verifier was asked for greedy tokens and gave only those.
     hidden: ``[B, N, H]`` target last-layer hidden states, or None when no drafter asked for them.
     greedy: ``[B, N]`` the target's argmax at every node, when the verifier computed it without the logits
-    (:mod:`specdec.models.greedy_head`); None otherwise.
+    (:mod:`specdec.kernels.greedy_head`); None otherwise.
     """
 
     logits: torch.Tensor | None  # [B, N, V]

@@ -2,8 +2,10 @@
 
 - specdec's core never imports a concrete drafter or verifier (only ``specdec/registry.py`` names them, as strings);
   nothing but ``train/`` imports ``train``; drafters and verifiers do not import each other.
-- Rooms depend downwards: the contracts (``errors``, ``types``, ``protocols``) on nothing of ours; ``algorithms`` on
-  the contracts; ``models`` and ``serving`` on those two; ``bench`` and the API on top.
+- Rooms depend downwards: the contracts (``errors``, ``types``, ``protocols``) on nothing of ours; ``algorithms`` and
+  ``kernels`` on the contracts; ``models`` on those and the kernels, ``serving`` on the contracts and ``algorithms``;
+  ``bench`` and the API on top.
+- C++ lives in ``specdec/kernels/csrc/`` files, never in Python strings.
 - No import cycles between modules.
 """
 
@@ -59,9 +61,9 @@ def in_room(module: str, room: str) -> bool:
 
 
 def test_the_scan_sees_the_project():
-    assert {"specdec.generate", "specdec.algorithms.loop", "drafters.eagle", "verifiers.paged.verifier",
-            "train.eagle"} <= set(modules())
-    assert "specdec.algorithms.step" in imports_of("specdec.algorithms.loop")
+    assert {"specdec.generate", "specdec.serving.engine", "drafters.eagle", "verifiers.paged.verifier",
+            "train.eagle", "specdec.kernels.cpu_gemm"} <= set(modules())
+    assert "specdec.algorithms.step" in imports_of("specdec.serving.engine")
     assert "specdec.models.hf_cache" in imports_of("drafters.eagle")  # `from specdec.models import hf_cache`
 
 
@@ -85,7 +87,8 @@ ALLOWED = {
     "specdec.types": ("specdec.errors",),
     "specdec.protocols": ("specdec.errors", "specdec.types"),
     "specdec.algorithms": CONTRACTS,
-    "specdec.models": (*CONTRACTS, "specdec.algorithms"),
+    "specdec.kernels": CONTRACTS,
+    "specdec.models": (*CONTRACTS, "specdec.algorithms", "specdec.kernels"),
     "specdec.serving": (*CONTRACTS, "specdec.algorithms"),
 }
 
@@ -118,3 +121,32 @@ def test_no_import_cycles():
     for m in sorted(graph):
         if m not in state:
             visit(m)
+
+
+@pytest.mark.parametrize("module", sorted(modules()))
+def test_no_cpp_in_python_strings(module):
+    text = modules()[module].read_text(encoding="utf-8")
+    assert "PYBIND11_MODULE(" not in text and "\n#include <" not in text, \
+        f"{module} holds C++ source; put it in specdec/kernels/csrc/ and build it with specdec.kernels.build.CppKernel"
+
+
+def test_every_kernel_source_is_a_file_in_csrc():
+    csrc = REPO / "specdec" / "kernels" / "csrc"
+    sources = {p.name for p in csrc.glob("*.cpp")}
+    named = set()
+    for module in modules():
+        tree = ast.parse(modules()[module].read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "CppKernel":
+                named.add(node.args[1].value)
+    assert named and named == sources, f"csrc/*.cpp {sorted(sources)} vs the CppKernels' sources {sorted(named)}"
+
+
+@pytest.mark.parametrize("module", sorted(m for m in modules() if m.split(".")[0] in PACKAGES))
+def test_only_the_cli_reaches_the_bench_app(module):
+    """The bench app sits on top: the library (generate, the profiler the adaptive budget needs), drafters,
+    verifiers and training jobs never import it."""
+    if in_room(module, "specdec.bench") or module == "specdec.cli":
+        return
+    bad = [m for m in imports_of(module) if in_room(m, "specdec.bench")]
+    assert not bad, f"{module} imports {bad}; the bench app is reached only from specdec.cli"

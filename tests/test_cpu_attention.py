@@ -1,4 +1,4 @@
-"""The few-row attention kernel (specdec.models.cpu_attention): SDPA's result for every mask kind, grouped heads,
+"""The few-row attention kernel (specdec.kernels.cpu_attention): SDPA's result for every mask kind, grouped heads,
 strided K/V views of a larger cache, each row independent of the others, and the routes that keep SDPA."""
 
 from __future__ import annotations
@@ -7,7 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from specdec.models import cpu_attention, gqa_attention
+from specdec.kernels import cpu_attention
+from specdec.models import gqa_attention
 from tests.tiny import tiny_llama
 
 needs_kernel = pytest.mark.skipif(not cpu_attention.available(), reason=f"no kernel: {cpu_attention.failure()}")

@@ -1,4 +1,4 @@
-"""The fast CPU linear kernel (specdec.models.cpu_gemm): same products as F.linear, contiguous outputs, packed weights
+"""The fast CPU linear kernel (specdec.kernels.cpu_gemm): same products as F.linear, contiguous outputs, packed weights
 re-made when a weight changes, and patched only inside the context."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from specdec.models import cpu_gemm
+from specdec.kernels import cpu_gemm
 from tests.conftest import _hybrid, _medusa
 from tests.tiny import tiny_llama, tiny_tokenizer
 
@@ -50,7 +50,7 @@ def test_other_dtypes_gradients_and_empty_inputs_take_f_linear(route):
 @pytest.mark.skipif(not cpu_gemm.onednn_available(), reason="this torch build has no oneDNN")
 @pytest.mark.parametrize("route", ["skinny", "onednn"])
 def test_packed_weights_are_remade_when_a_weight_changes_and_freed_with_the_module(route):
-    from specdec.models import skinny_gemm
+    from specdec.kernels import skinny_gemm
 
     if route == "skinny" and not skinny_gemm.available():
         pytest.skip(f"no skinny kernel: {skinny_gemm.failure()}")
@@ -86,7 +86,7 @@ def test_modules_made_under_inference_mode_take_the_kernel():
 
 
 def test_kernel_names_the_route(monkeypatch):
-    from specdec.models import cpu_decoder_layer, cpu_layers, skinny_gemm
+    from specdec.kernels import cpu_decoder_layer, cpu_layers, skinny_gemm
 
     assert cpu_gemm.kernel(tiny_llama(0, dtype=torch.float64)) == "off"
     onednn = "onednn+siblings" + (f"+panels{skinny_gemm.MAX_ROWS}" if skinny_gemm.available() else "") + (

@@ -1,4 +1,4 @@
-"""Whole-layer CPU kernels (specdec.models.cpu_layers): each listed class's forward gives its own result up to float32
+"""Whole-layer CPU kernels (specdec.kernels.cpu_layers): each listed class's forward gives its own result up to float32
 rounding, only listed classes are replaced, fallbacks for other inputs, and a whole model stays lossless."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from specdec.models import cpu_gemm, cpu_layers
+from specdec.kernels import cpu_gemm, cpu_layers
 from tests.tiny import tiny_llama
 
 needs_kernel = pytest.mark.skipif(not cpu_layers.available(), reason=f"not built: {cpu_layers.failure()}")

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from specdec.models import cpu_gemm
+from specdec.kernels import cpu_gemm
 from train.data import encode_prompt_ids
 
 
@@ -56,7 +56,7 @@ def generate_answers(model, tokenizer, prompts: list[dict], out_path: str | Path
 
     Greedy by default (``do_sample=True`` samples at ``temperature``). Prompts are batched by length with left
     padding; each batch is written before the next starts. Prompts longer than ``max_prompt_tokens`` are skipped.
-    A float32 target on CPU generates with specdec's linear kernel (:func:`specdec.models.cpu_gemm.fast_linears`); a
+    A float32 target on CPU generates with specdec's linear kernel (:func:`specdec.kernels.cpu_gemm.fast_linears`); a
     target on a GPU generates there (raise ``batch_size`` to use it: hundreds of prompts a batch fit a small target).
     """
     out_path = Path(out_path)

@@ -7,10 +7,10 @@
   model with a 4D mask, and every touch of the transformers ``Cache`` API.
 - :mod:`~specdec.models.surgery`: models built from the target's own parts (a cut to some layers, a draft
   vocabulary head), shared by drafters and ``train/``.
-- Kernels: :mod:`~specdec.models.cpu_gemm` (the linears' route: oneDNN, and :mod:`~specdec.models.skinny_gemm`'s
-  packed panels up to 16 rows), :mod:`~specdec.models.cpu_layers` (RMSNorm and the gated MLP in one call each),
-  :mod:`~specdec.models.cpp_build` (building the C++ kernels), :mod:`~specdec.models.gqa_attention` (SDPA without
-  ``repeat_kv``; :mod:`~specdec.models.cpu_attention` for a decode step's query), :mod:`~specdec.models.greedy_head`
+- Kernels: :mod:`~specdec.kernels.cpu_gemm` (the linears' route: oneDNN, and :mod:`~specdec.kernels.skinny_gemm`'s
+  packed panels up to 16 rows), :mod:`~specdec.kernels.cpu_layers` (RMSNorm and the gated MLP in one call each),
+  :mod:`~specdec.kernels.build` (building the C++ kernels), :mod:`~specdec.models.gqa_attention` (SDPA without
+  ``repeat_kv``; :mod:`~specdec.kernels.cpu_attention` for a decode step's query), :mod:`~specdec.kernels.greedy_head`
   (exact greedy tokens from a bfloat16 screen of the LM head).
 """
 

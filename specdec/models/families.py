@@ -1,5 +1,5 @@
 """Which transformers model families specdec serves, and what their attention needs: declared here, proven by
-``tests/test_families.py`` (which also renders the README's support matrix from :data:`FAMILIES`).
+``tests/test_families.py`` (which also renders docs/support-matrix.md from :data:`FAMILIES`).
 
 specdec never changes model code. Its verifiers reach a model through public hooks: a 4D attention mask (or
 transformers' mapping from layer type to mask), ``position_ids``, the ``Cache``, and a function registered with

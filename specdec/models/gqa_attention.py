@@ -1,11 +1,11 @@
 """Grouped-query attention without copying K/V, for our forwards on a CPU (kernel choice only; same model code).
 
-transformers' ``sdpa`` attention repeats each K/V head for its query heads (``repeat_kv``: a copy of the whole
-cached K/V per layer per forward) whenever a mask is passed with more than one query — exactly a verify step's
-tree. torch's CPU ``scaled_dot_product_attention`` takes ``enable_gqa=True`` with a mask and gives the same result
-(bit for bit in our tests) without that copy, which grows with the cached length (docs/benchmarks.md has the
-saving on the default target). A decode or verify step (at most :data:`specdec.models.cpu_attention.MAX_QUERIES`
-query rows) takes :mod:`specdec.models.cpu_attention`'s kernel instead, which also reads grouped K/V in place.
+transformers' ``sdpa`` attention repeats each K/V head for its query heads (``repeat_kv``: a copy of the whole cached
+K/V per layer per forward) whenever a mask is passed with more than one query — exactly a verify step's tree. torch's
+CPU ``scaled_dot_product_attention`` takes ``enable_gqa=True`` with a mask and gives the same result (bit for bit in our
+tests) without that copy, which grows with the cached length (docs/history/07-kv-copies.md has the saving on the default
+target). A decode or verify step (at most :data:`specdec.kernels.cpu_attention.MAX_QUERIES` query rows) takes
+:mod:`specdec.kernels.cpu_attention`'s kernel instead, which also reads grouped K/V in place.
 
 :data:`ATTENTION_NAME` is registered with transformers' ``AttentionInterface`` (and its mask with the ``sdpa``
 mask function), and :func:`gqa_attention_on` switches a model's ``config._attn_implementation`` from ``sdpa`` to it
@@ -24,7 +24,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
-from specdec.models import cpu_attention
+from specdec.kernels import cpu_attention
 from specdec.models.families import renames_safely
 
 ATTENTION_NAME = "specdec_gqa_sdpa"
@@ -36,7 +36,7 @@ def gqa_sdpa_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.
                        is_causal: bool | None = None, **kwargs) -> tuple[torch.Tensor, None]:
     """``query [B, H, n, D]``, ``key``/``value [B, H_kv, T, D]``, additive or boolean ``attention_mask
     [B, 1, n, T]`` -> ``[B, n, H, D]``. A decode or verify step on a CPU (few query rows): one call of
-    :func:`specdec.models.cpu_attention.attention`; a longer input with a mask on a CPU: one fused SDPA call with
+    :func:`specdec.kernels.cpu_attention.attention`; a longer input with a mask on a CPU: one fused SDPA call with
     ``enable_gqa``; otherwise transformers' own ``sdpa`` path."""
     causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
     if not any(kwargs.get(k) is not None for k in _BEYOND_SDPA) and cpu_attention.takes(
@@ -59,7 +59,7 @@ ALL_MASK_ATTENTION_FUNCTIONS.register(ATTENTION_NAME, sdpa_mask)
 
 def route(model: torch.nn.Module) -> str:
     """The attention our forwards of ``model`` run (part of a cost profile's key): ``gqa_sdpa`` on a CPU for an
-    ``sdpa`` model (``gqa_sdpa+cpu`` with :mod:`specdec.models.cpu_attention`'s kernel for steps), else the model's
+    ``sdpa`` model (``gqa_sdpa+cpu`` with :mod:`specdec.kernels.cpu_attention`'s kernel for steps), else the model's
     own implementation."""
     impl = getattr(model.config, "_attn_implementation", None) or "eager"
     p = next(model.parameters(), None)

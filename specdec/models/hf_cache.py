@@ -6,7 +6,7 @@ Tested against plain decoding in ``tests/test_hf_cache.py``. Works with ``Dynami
 Our caches are ``DynamicCache`` objects (transformers' code paths and checks all apply) whose layers are
 :class:`GrowingLayer`: K/V live in a buffer with spare room, so appending a verify step's tree writes only the new
 positions instead of copying the whole cache (``DynamicLayer`` concatenates: O(cached length) per layer per step),
-and dropping rejected nodes is a view (docs/benchmarks.md has the saving on the default target).
+and dropping rejected nodes is a view (docs/history/07-kv-copies.md has the saving on the default target).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-LAYOUT = "growing"  # names this cache's K/V layout in a cost profile's key (see specdec.bench.profiler)
+LAYOUT = "growing"  # names this cache's K/V layout in a cost profile's key (see specdec.profiler)
 MIN_CAPACITY = 256  # positions a layer's first buffer holds; it doubles when full
 
 

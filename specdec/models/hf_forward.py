@@ -16,10 +16,10 @@ from __future__ import annotations
 import torch
 
 from specdec.algorithms import tree as tree_ops
+from specdec.kernels.greedy_head import ScreenedArgmax
 from specdec.models import hf_cache
 from specdec.models.families import FULL, SLIDING, attention_spec
 from specdec.models.gqa_attention import gqa_attention_on
-from specdec.models.greedy_head import ScreenedArgmax
 from specdec.types import HiddenSpec, VerifyOutput
 
 
@@ -48,7 +48,7 @@ def forward_tokens(model, cache, tokens: torch.Tensor, parents: torch.Tensor | N
     Returns logits ``[B, N, V]`` (only the last ``logits_to_keep`` positions when > 0: a prefill needs none of
     them, and the LM head is a large part of a small model's cost) and, if asked, hidden states ``[B, N, H]`` (or
     the layers :data:`HiddenSpec` names).
-    With ``greedy_head`` (a target :func:`specdec.models.greedy_head.screenable` says it fits) it returns the greedy
+    With ``greedy_head`` (a target :func:`specdec.kernels.greedy_head.screenable` says it fits) it returns the greedy
     tokens ``[B, N]`` instead of the logits. The cache grows by N.
     """
     past = hf_cache.cache_length(cache)

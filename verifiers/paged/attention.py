@@ -21,7 +21,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from specdec.errors import ConfigError
-from specdec.models.cpu_decoder_layer import whole_layers
+from specdec.kernels.cpu_decoder_layer import whole_layers
 from specdec.models.families import AttentionSpec
 from verifiers.paged import layer_kernel
 from verifiers.paged.cache import PagedKVCache
@@ -129,7 +129,7 @@ _ACTIVE: ContextVar[PagedForward | None] = ContextVar("specdec_paged_step", defa
 @contextmanager
 def paged_attention_on(model, step: PagedForward):
     """Route ``model``'s attention through :func:`paged_attention` for ``step`` inside the block; restored after.
-    On the C++ kernel (``step.rows``), fused decoder layers (:mod:`specdec.models.cpu_decoder_layer`) run whole, their
+    On the C++ kernel (``step.rows``), fused decoder layers (:mod:`specdec.kernels.cpu_decoder_layer`) run whole, their
     attention included, as one call each (:mod:`verifiers.paged.layer_kernel`)."""
     before = model.config._attn_implementation
     model.config._attn_implementation = ATTENTION_NAME

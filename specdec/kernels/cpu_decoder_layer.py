@@ -1,11 +1,11 @@
 """A Llama-style decoder layer in two C++ calls around its attention on a CPU (kernel choice only).
 
-With the linears at the memory floor (:mod:`specdec.models.skinny_gemm`) and the norms and the MLP's activation in one
-call each (:mod:`specdec.models.cpu_layers`), what remains of a small model's decode step beyond reading its weights is
+With the linears at the memory floor (:mod:`specdec.kernels.skinny_gemm`) and the norms and the MLP's activation in one
+call each (:mod:`specdec.kernels.cpu_layers`), what remains of a small model's decode step beyond reading its weights is
 the layer's Python: transformers' module calls, the views and transposes of the attention, the rotary embedding's
 eight ops, the residual adds. Each costs a few microseconds alone, and far more inside a decode step, whose weight
 stream has pushed the interpreter's own code and data out of the caches: on SmolLM2-135M a transformers layer took
-~930 us a step where its kernels take ~400 (docs/benchmarks.md).
+~930 us a step where its kernels take ~400 (docs/history/16-fused-layers.md).
 
 :class:`DecoderLayerForward` runs a decoder layer of a class known to have exactly Llama's layer
 (:data:`DECODER_LAYERS`) as:
@@ -17,10 +17,10 @@ stream has pushed the interpreter's own code and data out of the caches: on Smol
 3. :func:`post_attention` (one call): ``o_proj``, the residual, RMSNorm, gate and up as one product, ``silu(g) * u``,
    ``down_proj``, the residual.
 
-It serves float32 CPU inputs of at most :data:`specdec.models.skinny_gemm.MAX_ROWS` rows (a decode step, a tree, a
+It serves float32 CPU inputs of at most :data:`specdec.kernels.skinny_gemm.MAX_ROWS` rows (a decode step, a tree, a
 batch of trees) with gradients off, whose rotary embedding spans the whole head; anything else (a prefill, a
 bfloat16 model, training) runs the layer's own forward. Its results differ from the layer's own (inside
-:func:`specdec.models.cpu_gemm.fast_linears`) by float rounding only: the same kernels in the same order, the residual
+:func:`specdec.kernels.cpu_gemm.fast_linears`) by float rounding only: the same kernels in the same order, the residual
 sums as transformers writes them.
 """
 
@@ -34,8 +34,8 @@ from typing import Protocol
 import torch
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from specdec.models import cpu_layers, skinny_gemm
-from specdec.models.cpp_build import CppKernel
+from specdec.kernels import cpu_layers, skinny_gemm
+from specdec.kernels.build import CppKernel
 
 # decoder layer class -> the extra keyword its attention module passes to the attention function (checked against
 # the model's own layer forward in tests/test_cpu_decoder_layer.py for each)
@@ -46,78 +46,10 @@ DECODER_LAYERS: dict[str, Callable[[torch.nn.Module], dict]] = {
 }
 _ATTENTIONS = frozenset({"LlamaAttention", "MistralAttention", "Qwen2Attention"})
 
-# the fused functions' C++ after the skinny kernel's and the layer kernels' (no module definition): also compiled into
-# the paged verifier's whole-layer kernel (verifiers.paged.layer_kernel)
-SOURCE_BODY = skinny_gemm.SOURCE_BODY + cpu_layers.SOURCE_BODY + r"""
-// q and k heads (the first `heads` of each row of qkv [M, N]) rotated in place: x * cos + rotate_half(x) * sin, with
-// cos, sin [M, D]; products and sum rounded one by one (no fused multiply-add), as transformers' ops round them
-__attribute__((optimize("fp-contract=off")))
-static void rope_inplace(torch::Tensor& qkv, const torch::Tensor& cos, const torch::Tensor& sin, int64_t heads,
-                         int64_t D) {
-  const int64_t M = qkv.size(0), N = qkv.size(1), half = D / 2;
-  float* xp = qkv.data_ptr<float>();
-  const float* cp = cos.data_ptr<float>();
-  const float* sp = sin.data_ptr<float>();
-  at::parallel_for(0, M * heads, 64, [&](int64_t b, int64_t e) {
-    for (int64_t i = b; i < e; ++i) {
-      const int64_t m = i / heads, h = i % heads;
-      float* x = xp + m * N + h * D;
-      const float* c = cp + m * D;
-      const float* s = sp + m * D;
-      for (int64_t d = 0; d < half; ++d) {
-        const float lo = x[d], hi = x[d + half];
-        x[d] = lo * c[d] + (-hi) * s[d];
-        x[d + half] = hi * c[d + half] + lo * s[d + half];
-      }
-    }
-  });
-}
-
-// h [M, H] -> qkv [M, N_qkv]: RMSNorm, the q/k/v product (panels, bias), rotary embedding of the first `rope_heads`
-// heads of size D in place
-torch::Tensor pre_attention(const torch::Tensor& h, const torch::Tensor& norm_w, double eps,
-                            const torch::Tensor& panels, const c10::optional<torch::Tensor>& bias, int64_t n,
-                            const torch::Tensor& cos, const torch::Tensor& sin, int64_t rope_heads, int64_t D) {
-  TORCH_CHECK(cos.dim() == 2 && cos.size(0) == h.size(0) && cos.size(1) == D && cos.is_contiguous() &&
-              sin.sizes() == cos.sizes() && sin.is_contiguous() && cos.scalar_type() == at::kFloat &&
-              sin.scalar_type() == at::kFloat, "cos and sin must be contiguous float32 [M, D]");
-  TORCH_CHECK(D % 2 == 0 && rope_heads * D <= n, "bad head layout");
-  auto qkv = panel_linear(rms_norm(h, norm_w, eps), panels, bias, n);
-  rope_inplace(qkv, cos, sin, rope_heads, D);
-  return qkv;
-}
-
-static void add_into(torch::Tensor& y, const torch::Tensor& x) {  // y += x, both contiguous float32 of one size
-  float* yp = y.data_ptr<float>();
-  const float* xp = x.data_ptr<float>();
-  const int64_t n = y.numel();
-  for (int64_t i = 0; i < n; ++i) yp[i] = xp[i] + yp[i];
-}
-
-// h [M, H], attn [M, H_q * D] -> the layer's output [M, H]: h + o_proj(attn), then that + down(silu(gate) * up) of
-// its RMSNorm
-torch::Tensor post_attention(const torch::Tensor& h, const torch::Tensor& attn,
-                             const torch::Tensor& o_panels, const c10::optional<torch::Tensor>& o_bias, int64_t n_o,
-                             const torch::Tensor& norm_w, double eps,
-                             const torch::Tensor& gu_panels, const c10::optional<torch::Tensor>& gu_bias, int64_t n_gu,
-                             const torch::Tensor& d_panels, const c10::optional<torch::Tensor>& d_bias, int64_t n_d) {
-  TORCH_CHECK(h.is_contiguous() && h.scalar_type() == at::kFloat && h.dim() == 2 && n_o == h.size(1) &&
-              n_d == h.size(1), "h must be contiguous float32 [M, H], and o_proj and down_proj give H features");
-  auto mid = panel_linear(attn, o_panels, o_bias, n_o);
-  add_into(mid, h);  // residual + attention output
-  auto out = panel_linear(silu_mul(panel_linear(rms_norm(mid, norm_w, eps), gu_panels, gu_bias, n_gu)),
-                          d_panels, d_bias, n_d);
-  add_into(out, mid);  // residual + MLP output
-  return out;
-}
-"""
-
-_KERNEL = CppKernel("specdec_decoder_layer", SOURCE_BODY + r"""
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("pre_attention", &pre_attention);
-  m.def("post_attention", &post_attention);
-}
-""")
+# csrc/decoder_layer.h (which includes the panel GEMM and the layer kernels), also compiled into the paged verifier's
+# whole-layer kernel (verifiers.paged.layer_kernel)
+_KERNEL = CppKernel("specdec_decoder_layer", "decoder_layer.cpp",
+                    "a Llama-style layer around its attention")
 
 
 def available() -> bool:
@@ -181,10 +113,10 @@ def whole_layers(runner: WholeLayer):
 
 
 class DecoderLayerForward:
-    """A Llama-style decoder layer's forward inside :func:`specdec.models.cpu_gemm.fast_linears`: two C++ calls
+    """A Llama-style decoder layer's forward inside :func:`specdec.kernels.cpu_gemm.fast_linears`: two C++ calls
     around the model's attention function for the inputs this module serves (see its docstring), the layer's own
     forward otherwise. ``panels``: a callable giving the layer's packed weights, ``(qkv, o, gate_up, down)``
-    (:class:`specdec.models.skinny_gemm.Panels`), made on first use and kept by the caller."""
+    (:class:`specdec.kernels.skinny_gemm.Panels`), made on first use and kept by the caller."""
 
     def __init__(self, layer: torch.nn.Module, panels: Callable[[], tuple]) -> None:
         self.layer, self.panels = layer, panels

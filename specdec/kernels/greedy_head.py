@@ -13,7 +13,7 @@ bfloat16 result adds ``u |a_i| / (1 - u)``. So ``|t_i - a_i| <= b_i = c ||W_i|| 
 ``a_j - b_j`` is a lower bound of the best float32 logit, and a token with ``a_i + b_i`` below it cannot be the
 argmax. The rest (typically 1-5 of 49152) are recomputed in float32; the largest wins, the lowest id on ties,
 as ``torch.argmax``. The float32 logits differ from the model's own GEMM by summation order only, as any kernel
-choice does (:mod:`specdec.models.cpu_gemm`).
+choice does (:mod:`specdec.kernels.cpu_gemm`).
 
 Used by the hf verifier for greedy steps of targets whose logits are ``lm_head(last hidden state)`` up to an
 increasing map (``SCREENABLE``), on CPUs where oneDNN runs bfloat16 matmuls natively (:func:`available`).
@@ -26,7 +26,7 @@ import functools
 
 import torch
 
-from specdec.models import cpu_gemm, screen_cpp, skinny_gemm
+from specdec.kernels import cpu_gemm, screen_cpp, skinny_gemm
 
 U_BF16 = 2.0 ** -8
 U_FP32 = 2.0 ** -24
@@ -88,7 +88,7 @@ class ScreenedArgmax:
             with torch.no_grad():
                 w = w.detach()
                 # the skinny kernel's bfloat16 panels where the CPU has AVX-512 BF16 (~30% faster at 1-8 rows on
-                # the default target's head, docs/benchmarks.md), else oneDNN's packed layout
+                # the default target's head, docs/history/10-packed-panels.md), else oneDNN's packed layout
                 self._panels = skinny_gemm.pack([w.to(torch.bfloat16)], [None]) if skinny_gemm.bf16_available() \
                     else None
                 self._packed = None if self._panels is not None else torch.ops.mkldnn._reorder_linear_weight(
@@ -116,7 +116,7 @@ class ScreenedArgmax:
         a = skinny_gemm.panel_linear(hb, self._panels) if self._panels is not None else \
             torch.ops.mkldnn._linear_pointwise(hb, self._packed, None, "none", [], "")  # [R, V] bfloat16
         scale = c * h.norm(dim=1, keepdim=True)  # [R, 1]: b_i = scale * ||W_i|| + u |a_i|
-        if screen_cpp.available():  # the same screen in one pass per row (specdec.models.screen_cpp)
+        if screen_cpp.available():  # the same screen in one pass per row (specdec.kernels.screen_cpp)
             rows, toks = screen_cpp.candidates(a, self._row_norm, scale[:, 0], self._max_norm, u)
         else:
             rows, toks = self._screen(a, scale, u)

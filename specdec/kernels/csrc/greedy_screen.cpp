@@ -1,22 +1,7 @@
-"""The greedy head's screen pass in one C++ call: which tokens the bfloat16 screen cannot rule out, row by row.
-
-:class:`specdec.models.greedy_head.ScreenedArgmax` screens ``a = W h`` in bfloat16 and keeps every token whose upper
-bound reaches the row's floor (its module docstring has the bound). In torch that pass is six to eight ops over the
-whole ``[R, V]`` screen (max, aminmax, a float32 ``addcmul`` copy, a comparison, ``nonzero``), ~0.4 ms for one row
-and ~0.75 ms for eight of the default target's 49152-token head, a third of the head's time beside its bfloat16
-product (docs/benchmarks.md). Here each row is read three times in registers (max and min, the first index of the
-max, the candidates) without a float32 copy. The candidate set may differ from torch's by the rounding of the bound's
-own arithmetic, which the bound's 1% margin covers; the float32 recomputation that picks the winner is unchanged.
-"""
-
-from __future__ import annotations
-
-import torch
-
-from specdec.models.cpp_build import CppKernel
-
-_SOURCE = r"""
-#include <torch/extension.h>
+// Extension specdec_greedy_screen: the greedy head's screen pass, the tokens a bfloat16 screen cannot rule out
+// (specdec/kernels/screen_cpp.py).
+#include <torch/python.h>
+#include <torch/types.h>
 #include <ATen/Parallel.h>
 #include <algorithm>
 #include <cmath>
@@ -40,11 +25,13 @@ static inline __m512 load16(const at::BFloat16* p) {
 // Returns int64 [2, C]: the candidates' rows, then their tokens (row-major order).
 torch::Tensor screen(const torch::Tensor& a, const torch::Tensor& norm, const torch::Tensor& scale, double max_norm,
                      double u) {
-  TORCH_CHECK(a.dim() == 2 && a.scalar_type() == at::kBFloat16 && a.is_contiguous(), "a must be a contiguous bfloat16 [R, V]");
+  TORCH_CHECK(a.dim() == 2 && a.scalar_type() == at::kBFloat16 && a.is_contiguous(),
+              "a must be a contiguous bfloat16 [R, V]");
   TORCH_CHECK(norm.dim() == 1 && norm.size(0) == a.size(1) && norm.scalar_type() == at::kFloat && norm.is_contiguous(),
               "norm must be a contiguous float32 [V]");
-  TORCH_CHECK(scale.dim() == 1 && scale.size(0) == a.size(0) && scale.scalar_type() == at::kFloat && scale.is_contiguous(),
-              "scale must be a contiguous float32 [R]");
+  TORCH_CHECK(
+      scale.dim() == 1 && scale.size(0) == a.size(0) && scale.scalar_type() == at::kFloat && scale.is_contiguous(),
+      "scale must be a contiguous float32 [R]");
   const int64_t R = a.size(0), V = a.size(1);
   const at::BFloat16* ap = a.data_ptr<at::BFloat16>();
   const float* np = norm.data_ptr<float>();
@@ -111,19 +98,3 @@ torch::Tensor screen(const torch::Tensor& a, const torch::Tensor& norm, const to
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("screen", &screen, "the greedy head's screen: candidate (row, token) pairs");
 }
-"""
-
-_KERNEL = CppKernel("specdec_greedy_screen", _SOURCE)
-
-
-def available() -> bool:
-    """Whether the kernel is built (building it now if it was not; False where that fails or is turned off)."""
-    return _KERNEL.available()
-
-
-def candidates(a: torch.Tensor, row_norm: torch.Tensor, scale: torch.Tensor, max_norm: float,
-               u: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(rows, tokens)`` (int64 ``[C]`` each) of the tokens the screen keeps: ``a [R, V]`` bfloat16 screened logits,
-    ``row_norm [V]`` float32, ``scale [R]`` float32 (the bound's ``c ||h||``), ``u`` the bound's ``u'``."""
-    out = _KERNEL.module.screen(a.contiguous(), row_norm, scale.contiguous(), float(max_norm), float(u))
-    return out[0], out[1]

@@ -3,7 +3,7 @@
 ``F.linear`` with few rows (a decode step, a small tree) takes a slow BLAS path on CPU, so a verify step over a few
 tree nodes costs much more than one token. oneDNN's matmul on weights reordered once into its blocked layout
 (``torch.ops.mkldnn``, the kernel Inductor uses on CPU) is faster for one row and grows slowly with the rows: a
-draft token's price falls, so more drafting pays (measured in docs/benchmarks.md). The reordered weights are a
+draft token's price falls, so more drafting pays (measured in docs/history/05-onednn.md). The reordered weights are a
 second copy of the weights, made on first use and kept while the module lives (re-made when a weight changes, e.g.
 during training: a `fast_linears` block checks each weight when it first uses it, so weights must not change inside a
 block).
@@ -17,12 +17,12 @@ modules, see :meth:`specdec.protocols.Drafter.modules`), only while the context 
 layer's sibling projections that read one input (q/k/v, gate/up) run as one product. Results differ from ``F.linear``
 only by float32 rounding (summation order). :func:`kernel` names the route, e.g. for a cost profile's key.
 
-Inputs of at most :func:`specdec.models.skinny_gemm.max_rows` rows (a decode step, a tree, a batch of trees) go to
-the skinny kernel instead where it is built (AVX-512): it reads a copy of each weight packed in panels once, at the
-memory floor, and a row's result does not depend on the other rows. Its panels are kept like oneDNN's reordered
-weights (so a layer used at both sizes holds three copies of its weights: its own and the two packed ones). It is
-also the route of bfloat16 models (larger inputs take ``F.linear`` there). RMSNorm and gated SiLU MLP modules run as whole-layer
-kernels inside the same context (:mod:`specdec.models.cpu_layers`).
+Inputs of at most :func:`specdec.kernels.skinny_gemm.max_rows` rows (a decode step, a tree, a batch of trees) go to the
+skinny kernel instead where it is built (AVX-512): it reads a copy of each weight packed in panels once, at the memory
+floor, and a row's result does not depend on the other rows. Its panels are kept like oneDNN's reordered weights (so a
+layer used at both sizes holds three copies of its weights: its own and the two packed ones). It is also the route of
+bfloat16 models (larger inputs take ``F.linear`` there). RMSNorm and gated SiLU MLP modules run as whole-layer kernels
+inside the same context (:mod:`specdec.kernels.cpu_layers`).
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 
-from specdec.models import cpu_decoder_layer, cpu_layers, skinny_gemm
+from specdec.kernels import cpu_decoder_layer, cpu_layers, skinny_gemm
 
 MAX_ROWS = 32  # the (W @ x.T).T fallback's range
 PACK_HINT = 16  # the row count oneDNN's weight layout is chosen for (measured: 16-64 are alike here)
@@ -63,10 +63,10 @@ def best_route() -> str:
 
 def kernel(model) -> str:
     """Which route :func:`fast_linears` takes for ``model`` by default: ``onednn+siblings`` (oneDNN, sibling
-    projections fused), ``onednn+siblings+panels64`` (and :mod:`~specdec.models.skinny_gemm`'s packed panels up to
+    projections fused), ``onednn+siblings+panels64`` (and :mod:`~specdec.kernels.skinny_gemm`'s packed panels up to
     its ``MAX_ROWS`` rows, named so a cost profile measured with another limit is measured again; ``+layers``:
     RMSNorm and the gated MLP as whole-layer kernels, ``+decoder``: Llama-style decoder layers fused,
-    :mod:`~specdec.models.cpu_decoder_layer`), ``wxt``, ``panels-bf16`` (a bfloat16 model: the skinny kernel up to
+    :mod:`~specdec.kernels.cpu_decoder_layer`), ``wxt``, ``panels-bf16`` (a bfloat16 model: the skinny kernel up to
     ``MAX_ROWS_BF16`` rows, ``F.linear`` beyond) or ``off``."""
     if not wanted(model):
         return "off"
@@ -284,7 +284,7 @@ def sibling_groups(modules: Iterable[torch.nn.Module]) -> list[list[torch.nn.Lin
 
 
 class _NormForward:
-    """An RMSNorm module's forward inside :func:`fast_linears`: :func:`specdec.models.cpu_layers.rms_norm` for
+    """An RMSNorm module's forward inside :func:`fast_linears`: :func:`specdec.kernels.cpu_layers.rms_norm` for
     float32 inputs, the module's own forward otherwise."""
 
     def __init__(self, norm: torch.nn.Module) -> None:
@@ -300,7 +300,7 @@ class _NormForward:
 
 class _MLPForward:
     """A gated SiLU MLP's forward inside :func:`fast_linears`: gate and up as one product (their sibling group),
-    then :func:`specdec.models.cpu_layers.silu_mul`, then ``down_proj``; the module's own forward otherwise."""
+    then :func:`specdec.kernels.cpu_layers.silu_mul`, then ``down_proj``; the module's own forward otherwise."""
 
     def __init__(self, mlp: torch.nn.Module, gate_up: _Siblings) -> None:
         self.mlp, self.gate_up = mlp, gate_up
@@ -363,12 +363,12 @@ def fast_linears(*modules: torch.nn.Module, enabled: bool = True, route: str | N
 
     fuse (oneDNN route): sibling projections that read the same input (q/k/v, gate/up) run as one product
     (:class:`_Siblings`): fewer, larger calls, each reading its input once.
-    skinny (oneDNN route): inputs of at most :func:`specdec.models.skinny_gemm.max_rows` rows go to the skinny
-    kernel (None: where it is available, see :func:`specdec.models.skinny_gemm.available`).
+    skinny (oneDNN route): inputs of at most :func:`specdec.kernels.skinny_gemm.max_rows` rows go to the skinny
+    kernel (None: where it is available, see :func:`specdec.kernels.skinny_gemm.available`).
     layers (oneDNN route): RMSNorm modules, and gated SiLU MLPs whose gate/up are fused, run as whole-layer kernels
-    (:mod:`specdec.models.cpu_layers`; None: where they are built).
+    (:mod:`specdec.kernels.cpu_layers`; None: where they are built).
     decoder_layers (with ``layers`` and the skinny kernel): Llama-style decoder layers run as two C++ calls around
-    their attention for inputs of at most the skinny kernel's rows (:mod:`specdec.models.cpu_decoder_layer`; None:
+    their attention for inputs of at most the skinny kernel's rows (:mod:`specdec.kernels.cpu_decoder_layer`; None:
     where it is built).
     """
     if not enabled:

@@ -1,45 +1,14 @@
-"""Attention of one decode step's query over a cached K/V in one C++ call on a CPU (kernel choice only).
-
-A plain decode step asks for attention of one query row over hundreds of cached keys, per layer. torch's CPU
-``scaled_dot_product_attention`` takes ~45-90 us a call on SmolLM2-135M's shapes for work of a few microseconds (its
-flash kernel is blocked for long queries and sets up per call); :func:`attention` takes ~33 us, which saves ~1.2 ms
-of a ~30 ms step over 30 layers (docs/benchmarks.md). Each (batch, query row, KV head) is one work item: its grouped
-query heads read each key and value once in place (no ``repeat_kv``), with the scores over the keys its mask lets
-it see, a two-pass softmax in float32 (float64 for a float64 model) and the weighted values. Its per-key dot
-products (one horizontal sum each) make it slower than SDPA's blocked kernel from about four rows, so a verify
-step's tree keeps SDPA.
-
-Used by :func:`specdec.models.gqa_attention.gqa_sdpa_attention` for inputs of at most :data:`MAX_QUERIES` rows with
-an additive or boolean mask, or none (full attention for one row; causal for a prefill with as many queries as
-keys, as transformers' ``sdpa`` path asks); anything else (longer prefills, dropout, a position bias, softcapping,
-another device) keeps torch's SDPA. A row's result does not depend on the other rows. Results differ from SDPA's by
-float rounding only (the order of the sums, Sleef's ``exp`` within 1 ULP).
-"""
-
-from __future__ import annotations
-
-import math
-
-import torch
-
-from specdec.models.cpp_build import SIMD_HELPERS, CppKernel
-
-MAX_QUERIES = 2  # query rows this kernel takes: from 4 rows SDPA is as fast (docs/benchmarks.md)
-
-_SOURCE = (r"""
-#include <torch/extension.h>
+// Extension specdec_cpu_attention: one decode or verify step's attention over a dense cached K/V
+// (specdec/kernels/cpu_attention.py).
+#include <torch/python.h>
+#include <torch/types.h>
 #include <ATen/Parallel.h>
-#include <ATen/OpMathType.h>
 #include <algorithm>
-#include <cmath>
 #include <limits>
 #include <vector>
-#if defined(__AVX2__) && defined(__FMA__)
-#include <immintrin.h>
-#include <sleef.h>
-#define SPECDEC_AVX2 1
-#endif
-""" + SIMD_HELPERS + r"""
+
+#include "simd.h"
+
 // mode 0: no mask (causal when `causal`); 1: additive mask of the input's dtype; 2: boolean mask (true = visible).
 // The mask is read through its strides, so a broadcast [B|1, H|1, n, T] mask needs no copy.
 template <typename scalar_t, int mode>
@@ -55,7 +24,12 @@ static void run(const torch::Tensor& q, const torch::Tensor& k, const torch::Ten
   const int64_t ks0 = k.stride(0), ks1 = k.stride(1), ks2 = k.stride(2);
   const int64_t vs0 = v.stride(0), vs1 = v.stride(1), vs2 = v.stride(2);
   int64_t ms0 = 0, ms1 = 0, ms2 = 0, ms3 = 0;
-  if (mode) { ms0 = mask.stride(0); ms1 = mask.stride(1); ms2 = mask.stride(2); ms3 = mask.stride(3); }
+  if (mode) {
+    ms0 = mask.stride(0);
+    ms1 = mask.stride(1);
+    ms2 = mask.stride(2);
+    ms3 = mask.stride(3);
+  }
   const bool* mb = mode == 2 ? mask.data_ptr<bool>() : nullptr;
   const scalar_t* ma = mode == 1 ? mask.data_ptr<scalar_t>() : nullptr;
   using acc_t = at::opmath_type<scalar_t>;
@@ -96,7 +70,10 @@ static void run(const torch::Tensor& q, const torch::Tensor& k, const torch::Ten
       }
       for (int64_t g = 0; g < G; ++g) {
         acc_t* sg = s.data() + g * T;
-        if (mx[g] == -std::numeric_limits<acc_t>::infinity()) { total[g] = 0; continue; }  // nothing visible
+        if (mx[g] == -std::numeric_limits<acc_t>::infinity()) {
+          total[g] = 0;
+          continue;
+        }  // nothing visible
         for (int64_t j = 0; j < P; ++j) sg[j] -= mx[g];
         exp_inplace<acc_t>(sg, P);
         acc_t sum = 0;
@@ -144,47 +121,16 @@ torch::Tensor dense_attention(const torch::Tensor& q, const torch::Tensor& k, co
     TORCH_CHECK(mode == 2 || m.scalar_type() == q.scalar_type(), "an additive mask must have the input's dtype");
   }
   AT_DISPATCH_FLOATING_TYPES_AND(at::ScalarType::BFloat16, q.scalar_type(), "dense_attention", [&] {
-    if (mode == 0) run<scalar_t, 0>(q, k, v, m, scale, causal, out);
-    else if (mode == 1) run<scalar_t, 1>(q, k, v, m, scale, causal, out);
-    else run<scalar_t, 2>(q, k, v, m, scale, causal, out);
+    if (mode == 0)
+      run<scalar_t, 0>(q, k, v, m, scale, causal, out);
+    else if (mode == 1)
+      run<scalar_t, 1>(q, k, v, m, scale, causal, out);
+    else
+      run<scalar_t, 2>(q, k, v, m, scale, causal, out);
   });
   return out;
 }
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.def("dense_attention", &dense_attention); }
-""")
-
-_KERNEL = CppKernel("specdec_cpu_attention", _SOURCE)
-
-
-def available() -> bool:
-    """Whether the kernel is built (building it now if it was not; False where that fails or is turned off)."""
-    return _KERNEL.available()
-
-
-def failure() -> str | None:
-    """Why the kernel is not used (None when it is, or was not tried)."""
-    return _KERNEL.failure()
-
-
-def takes(query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None, dropout: float,
-          is_causal: bool) -> bool:
-    """Whether :func:`attention` serves this call: a CPU input of at most :data:`MAX_QUERIES` rows without gradients
-    or dropout; a 4D mask of the input's dtype or boolean, or none (then one row, or causal with as many rows as
-    keys); the kernel built."""
-    n, t = query.shape[2], key.shape[2]
-    if not (query.device.type == "cpu" and n <= MAX_QUERIES and not dropout and not torch.is_grad_enabled()):
-        return False
-    if attention_mask is None:
-        ok = n == 1 or (is_causal and n == t)
-    else:
-        ok = attention_mask.dim() == 4 and attention_mask.dtype in (torch.bool, query.dtype)
-    return ok and query.dtype in (torch.float32, torch.bfloat16, torch.float64) and available()
-
-
-def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask: torch.Tensor | None,
-              scaling: float | None = None, is_causal: bool = False) -> torch.Tensor:
-    """``query [B, H, n, D]``, ``key``/``value [B, H_kv, T, D]``, an additive or boolean ``attention_mask
-    [B|1, H|1, n, T]`` or None (``is_causal``: a causal prefill, n == T) -> ``[B, n, H, D]`` contiguous."""
-    scale = scaling if scaling is not None else 1.0 / math.sqrt(query.shape[-1])
-    return _KERNEL.module.dense_attention(query, key, value, attention_mask, float(scale), bool(is_causal))
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("dense_attention", &dense_attention);
+}

@@ -1,0 +1,223 @@
+// Tree attention over the paged KV cache: every live node of a forward over its request's blocks and its tree
+// ancestors, in one call (verifiers/paged/cpu_kernel.py).
+#pragma once
+
+#include <torch/types.h>
+#include <ATen/Parallel.h>
+#include <algorithm>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+#include "simd.h"
+
+#if defined(__AVX512F__)
+#define SPECDEC_AVX512 1
+// [sum(a), sum(b), sum(c), sum(d)]: four dot products' partial sums reduced together (fewer shuffles than four
+// horizontal sums)
+static inline __m128 reduce4(__m512 a, __m512 b, __m512 c, __m512 d) {
+  const __m512 ab = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
+  const __m512 cd = _mm512_add_ps(_mm512_unpacklo_ps(c, d), _mm512_unpackhi_ps(c, d));
+  __m512 x = _mm512_add_ps(_mm512_shuffle_ps(ab, cd, 0x44), _mm512_shuffle_ps(ab, cd, 0xEE));  // per 128-bit lane
+  x = _mm512_add_ps(x, _mm512_shuffle_f32x4(x, x, 0x4E));
+  x = _mm512_add_ps(x, _mm512_shuffle_f32x4(x, x, 0xB1));
+  return _mm512_castps512_ps128(x);
+}
+
+// float32, head dim D = 16 * NV: scores s[g * P + j] = q_g . k_{pos[j]} for the G query heads (qf: [G][D], scaled),
+// four keys at a time per head; then (after the softmax) o_g = sum_j s[g * P + j] v_{pos[j]} with the sums in
+// registers, 64 dimensions at a time
+static void scores_f32(const float* qf, int64_t G, int64_t NV, const float* kh, const int64_t* pos, int64_t P,
+                       float* s) {
+  const int64_t D = NV * 16;
+  for (int64_t g = 0; g < G; ++g) {
+    const float* qg = qf + g * D;
+    float* sg = s + g * P;
+    int64_t j = 0;
+    for (; j + 4 <= P; j += 4) {
+      const float *k0 = kh + pos[j] * D, *k1 = kh + pos[j + 1] * D, *k2 = kh + pos[j + 2] * D,
+                  *k3 = kh + pos[j + 3] * D;
+      __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+      for (int64_t v = 0; v < NV; ++v) {
+        const __m512 qv = _mm512_loadu_ps(qg + 16 * v);
+        a0 = _mm512_fmadd_ps(qv, _mm512_loadu_ps(k0 + 16 * v), a0);
+        a1 = _mm512_fmadd_ps(qv, _mm512_loadu_ps(k1 + 16 * v), a1);
+        a2 = _mm512_fmadd_ps(qv, _mm512_loadu_ps(k2 + 16 * v), a2);
+        a3 = _mm512_fmadd_ps(qv, _mm512_loadu_ps(k3 + 16 * v), a3);
+      }
+      _mm_storeu_ps(sg + j, reduce4(a0, a1, a2, a3));
+    }
+    for (; j < P; ++j) {
+      const float* kr = kh + pos[j] * D;
+      __m512 a = _mm512_setzero_ps();
+      for (int64_t v = 0; v < NV; ++v)
+        a = _mm512_fmadd_ps(_mm512_loadu_ps(qg + 16 * v), _mm512_loadu_ps(kr + 16 * v), a);
+      sg[j] = _mm512_reduce_add_ps(a);
+    }
+  }
+}
+
+static void values_f32(const float* s, const float* total, int64_t G, int64_t NV, const float* vh, const int64_t* pos,
+                       int64_t P, float* o /* [G][D] */) {
+  const int64_t D = NV * 16;
+  for (int64_t g = 0; g < G; ++g) {
+    const float* sg = s + g * P;
+    const float inv = total[g] > 0 ? 1.f / total[g] : 0.f;
+    for (int64_t v0 = 0; v0 < NV; v0 += 4) {
+      const int64_t nv = std::min<int64_t>(4, NV - v0);
+      __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+      for (int64_t j = 0; j < P; ++j) {
+        const float* vr = vh + pos[j] * D + 16 * v0;
+        const __m512 w = _mm512_set1_ps(sg[j]);
+        a0 = _mm512_fmadd_ps(w, _mm512_loadu_ps(vr), a0);
+        if (nv > 1) a1 = _mm512_fmadd_ps(w, _mm512_loadu_ps(vr + 16), a1);
+        if (nv > 2) a2 = _mm512_fmadd_ps(w, _mm512_loadu_ps(vr + 32), a2);
+        if (nv > 3) a3 = _mm512_fmadd_ps(w, _mm512_loadu_ps(vr + 48), a3);
+      }
+      float* og = o + g * D + 16 * v0;
+      const __m512 sc = _mm512_set1_ps(inv);
+      _mm512_storeu_ps(og, _mm512_mul_ps(a0, sc));
+      if (nv > 1) _mm512_storeu_ps(og + 16, _mm512_mul_ps(a1, sc));
+      if (nv > 2) _mm512_storeu_ps(og + 32, _mm512_mul_ps(a2, sc));
+      if (nv > 3) _mm512_storeu_ps(og + 48, _mm512_mul_ps(a3, sc));
+    }
+  }
+}
+#endif
+
+template <typename scalar_t>
+static void run(const torch::Tensor& q, const torch::Tensor& k_store, const torch::Tensor& v_store,
+                const torch::Tensor& row_req, const torch::Tensor& row_node, const torch::Tensor& tables,
+                const torch::Tensor& prefix, const torch::Tensor& mask, double scale, int64_t W, double softcap,
+                torch::Tensor& out) {
+  const int64_t T = q.size(0), H = q.size(1), D = q.size(2);
+  const int64_t Hkv = k_store.size(0), NB = k_store.size(1), BS = k_store.size(2);
+  const int64_t G = H / Hkv, N = mask.size(1), MB = tables.size(1);
+  const scalar_t* qp = q.data_ptr<scalar_t>();
+  const scalar_t* kp = k_store.data_ptr<scalar_t>();
+  const scalar_t* vp = v_store.data_ptr<scalar_t>();
+  const int64_t* rr = row_req.data_ptr<int64_t>();
+  const int64_t* rn = row_node.data_ptr<int64_t>();
+  const int64_t* tb = tables.data_ptr<int64_t>();
+  const int64_t* pl = prefix.data_ptr<int64_t>();
+  const bool* mk = mask.data_ptr<bool>();
+  scalar_t* op = out.data_ptr<scalar_t>();
+  using acc_t = at::opmath_type<scalar_t>;  // float for float and bfloat16, double for double
+  const acc_t sc = static_cast<acc_t>(scale), cap = static_cast<acc_t>(softcap);
+  at::parallel_for(0, T * Hkv, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> qf(G * D), s, acc(G * D), total(G);
+    std::vector<int64_t> pos;
+    for (int64_t idx = begin; idx < end; ++idx) {
+      const int64_t t = idx / Hkv, h = idx % Hkv, r = rr[t], node = rn[t], L = pl[r];
+      const bool* mrow = mk + (r * N + node) * N;
+      // a node's depth is its number of ancestors (its mask row's count, less itself); its position is L + depth
+      auto depth = [&](int64_t j) {
+        const bool* m = mk + (r * N + j) * N;
+        int64_t c = 0;
+        for (int64_t i = 0; i < N; ++i) c += m[i];
+        return c - 1;
+      };
+      const int64_t qpos = W > 0 ? L + depth(node) : 0;
+      const int64_t first = W > 0 ? std::max<int64_t>(0, qpos - W + 1) : 0;  // the window's first prefix position
+      pos.clear();  // the physical slots this query sees: its prefix (within the window), block by block (no
+      for (int64_t blk = first / BS, p0 = blk * BS; p0 < L; ++blk, p0 += BS) {  // division per position), then
+        const int64_t base = tb[r * MB + blk] * BS, lo = std::max<int64_t>(first - p0, 0);  // its tree ancestors
+        const int64_t cnt = std::min(BS, L - p0);
+        for (int64_t o = lo; o < cnt; ++o) pos.push_back(base + o);
+      }
+      for (int64_t j = 0; j < N; ++j) {
+        if (!mrow[j] || (W > 0 && L + depth(j) <= qpos - W)) continue;
+        const int64_t p = L + j;
+        pos.push_back(tb[r * MB + p / BS] * BS + p % BS);
+      }
+      const int64_t P = pos.size();
+      for (int64_t g = 0; g < G; ++g)
+        for (int64_t d = 0; d < D; ++d) qf[g * D + d] = static_cast<acc_t>(qp[(t * H + h * G + g) * D + d]) * sc;
+      s.resize(G * P);
+      const scalar_t* kh = kp + h * NB * BS * D;
+      const scalar_t* vh = vp + h * NB * BS * D;
+#ifdef SPECDEC_AVX512
+      constexpr bool f32 = std::is_same<scalar_t, float>::value;
+      const bool fast = f32 && D % 16 == 0;  // the AVX-512 float32 route (scores_f32 / values_f32)
+      if (fast)
+        scores_f32(reinterpret_cast<const float*>(qf.data()), G, D / 16, reinterpret_cast<const float*>(kh), pos.data(),
+                   P, reinterpret_cast<float*>(s.data()));
+      else
+#else
+      const bool fast = false;
+#endif
+        for (int64_t j = 0; j < P; ++j) {  // each key read once for the G query heads that share it
+          const scalar_t* kr = kh + pos[j] * D;
+          for (int64_t g = 0; g < G; ++g) s[g * P + j] = dot<acc_t, scalar_t>(qf.data() + g * D, kr, D);
+        }
+      if (cap > 0)  // logit softcapping (Gemma 2): cap * tanh(score / cap), before the softmax
+        for (int64_t j = 0; j < G * P; ++j) s[j] = cap * std::tanh(s[j] / cap);
+      for (int64_t g = 0; g < G; ++g) {
+        acc_t* sg = s.data() + g * P;
+        acc_t mx = -std::numeric_limits<acc_t>::infinity();
+        for (int64_t j = 0; j < P; ++j) mx = std::max(mx, sg[j]);
+        for (int64_t j = 0; j < P; ++j) sg[j] -= mx;
+        exp_inplace<acc_t>(sg, P);
+        acc_t sum = 0;
+        for (int64_t j = 0; j < P; ++j) sum += sg[j];
+        total[g] = sum;
+      }
+#ifdef SPECDEC_AVX512
+      if (fast) {
+        values_f32(reinterpret_cast<const float*>(s.data()), reinterpret_cast<const float*>(total.data()), G, D / 16,
+                   reinterpret_cast<const float*>(vh), pos.data(), P,
+                   reinterpret_cast<float*>(op + (t * H + h * G) * D));
+        continue;
+      }
+#endif
+      (void)fast;
+      std::fill(acc.begin(), acc.end(), acc_t(0));
+      for (int64_t j = 0; j < P; ++j) {
+        const scalar_t* vr = vh + pos[j] * D;
+        for (int64_t g = 0; g < G; ++g) {
+          const acc_t w = s[g * P + j];
+          acc_t* a = acc.data() + g * D;
+          for (int64_t d = 0; d < D; ++d) a[d] += w * static_cast<acc_t>(vr[d]);
+        }
+      }
+      for (int64_t g = 0; g < G; ++g) {
+        const acc_t inv = total[g] > 0 ? acc_t(1) / total[g] : acc_t(0);
+        scalar_t* o = op + (t * H + h * G + g) * D;
+        for (int64_t d = 0; d < D; ++d) o[d] = static_cast<scalar_t>(acc[g * D + d] * inv);
+      }
+    }
+  });
+}
+
+inline torch::Tensor paged_tree_attention(torch::Tensor q, torch::Tensor k_store, torch::Tensor v_store,
+                                          torch::Tensor row_req, torch::Tensor row_node, torch::Tensor tables,
+                                          torch::Tensor prefix, torch::Tensor mask, double scale, int64_t window,
+                                          double softcap) {
+  TORCH_CHECK(q.dim() == 3 && k_store.dim() == 4 && mask.dim() == 3, "bad ranks");
+  TORCH_CHECK(q.is_contiguous() && k_store.is_contiguous() && v_store.is_contiguous(), "inputs must be contiguous");
+  auto out = torch::empty_like(q);
+  AT_DISPATCH_FLOATING_TYPES_AND(at::ScalarType::BFloat16, q.scalar_type(), "paged_tree_attention", [&] {
+    run<scalar_t>(q, k_store, v_store, row_req.contiguous(), row_node.contiguous(), tables.contiguous(),
+                  prefix.contiguous(), mask.contiguous(), scale, window, softcap, out);
+  });
+  return out;
+}
+
+// One layer's step: the new tokens' K/V (k_new, v_new: [H_kv, T, D], any strides, the pools' dtype) go to their
+// physical slots, then every row attends (q: [H, T, D], any strides). Returns [T, H, D].
+inline torch::Tensor paged_attention_step(torch::Tensor q, torch::Tensor k_new, torch::Tensor v_new,
+                                          torch::Tensor slots, torch::Tensor k_store, torch::Tensor v_store,
+                                          torch::Tensor row_req, torch::Tensor row_node, torch::Tensor tables,
+                                          torch::Tensor prefix, torch::Tensor mask, double scale, int64_t window,
+                                          double softcap) {
+  TORCH_CHECK(k_new.dim() == 3 && k_store.dim() == 4 && k_new.scalar_type() == k_store.scalar_type() &&
+                  v_new.scalar_type() == v_store.scalar_type(),
+              "new K/V must be [H_kv, T, D] in the pools' dtype");
+  const int64_t Hkv = k_store.size(0), slots_per_head = k_store.size(1) * k_store.size(2), D = k_store.size(3);
+  // [H_kv, num_blocks * block_size, D] views of the storage; slot s of head h is row s
+  auto kf = k_store.view({Hkv, slots_per_head, D}), vf = v_store.view({Hkv, slots_per_head, D});
+  kf.index_copy_(1, slots, k_new);
+  vf.index_copy_(1, slots, v_new);
+  return paged_tree_attention(q.transpose(0, 1).contiguous(), k_store, v_store, row_req, row_node, tables, prefix, mask,
+                              scale, window, softcap);
+}
