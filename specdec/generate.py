@@ -11,25 +11,23 @@ from __future__ import annotations
 import os
 import sys
 import threading
-import time
 import warnings
 from contextlib import ExitStack
 
 import torch
 from tqdm import tqdm
 
-from specdec import inputs, interop, models, registry
+from specdec import inputs, interop, models, profiler, registry
 from specdec.algorithms.acceptance import LOSSY, get_rule
 from specdec.algorithms.adaptive import AdaptiveBudget, Calibrator
 from specdec.algorithms.cost import CostProfile
-from specdec.algorithms.loop import decode
 from specdec.algorithms.stopping import Stopper
 from specdec.errors import ConfigError, SpecdecError, VocabularyMismatchError
-from specdec.models import checkpoint, cpu_gemm
+from specdec.kernels import cpu_gemm
+from specdec.models import checkpoint
 from specdec.models.families import check_servable
 from specdec.params import GenerationParams
-from specdec.protocols import BatchDrafter, BatchVerifier, check_capabilities, check_drafter, check_verifier
-from specdec.serving.block_allocator import KVBlocksExhausted
+from specdec.protocols import BatchDrafter, check_capabilities, check_drafter, check_verifier
 from specdec.serving.engine import BatchEngine, DrafterPool
 from specdec.serving.scheduler import POLICIES
 from specdec.types import GenerationOutput, GenerationStats
@@ -49,10 +47,10 @@ class SpecDecoder:
     when sampling. max_nodes: the node budget of a draft tree, root included.
     adaptive: re-decide each request's node budget (up to ``max_nodes``) before every step from the measured cost
     profile (``cost_profile``, or the cached / freshly measured one for this target and machine, see
-    :mod:`specdec.bench.profiler`) and the request's acceptance so far (:mod:`specdec.algorithms.adaptive`); a
+    :mod:`specdec.profiler`) and the request's acceptance so far (:mod:`specdec.algorithms.adaptive`); a
     drafter that scores its nodes gets each step's tree cut to the nodes worth their verify cost. Outputs are
     unchanged, only speed. fast_linears: run the target's (and the drafter's) float32 linear layers on the faster
-    CPU kernel of :mod:`specdec.models.cpu_gemm` (oneDNN on reordered weights, a second copy of them in memory);
+    CPU kernel of :mod:`specdec.kernels.cpu_gemm` (oneDNN on reordered weights, a second copy of them in memory);
     None = on for a float32 model on CPU. max_batch_size and preemption: how batches are served (requests per
     verify step; ``recompute`` or ``refuse`` when KV blocks run out, see :mod:`specdec.serving.scheduler`; a
     ``preemption`` in ``verifier_kwargs`` is read as this).
@@ -87,8 +85,6 @@ class SpecDecoder:
         self.calibrator = Calibrator()  # the drafter's confidence calibration, shared by this decoder's requests
         self._lock = threading.RLock()  # one request (or batch) at a time: the verifier and drafter hold its state
         if adaptive and cost_profile is None:
-            from specdec.bench import profiler  # measuring is the bench app's; only adaptive decoding needs it
-
             self.cost_profile, _, _ = profiler.load_or_measure(target, verifier, verifier_opts,
                                                                fast_linears=self.fast_linears)
         if acceptance is not None:
@@ -134,47 +130,21 @@ class SpecDecoder:
         ids = inputs.request_ids(input_ids, prompt, tokenizer=self.tokenizer, chat=chat, device=self.device)
         inputs.check_ids(self.target, ids)
         inputs.check_length(self.target, ids, request.max_new_tokens)
-        if isinstance(self.verifier, BatchVerifier):  # a prompt that cannot fit even alone fails now, losing nothing
-            need = self.verifier.blocks_for(ids.shape[1])  # the prompt and a one-node tree
-            if need > self.verifier.num_blocks:
-                raise KVBlocksExhausted(
-                    f"the prompt ({ids.shape[1]} tokens) needs {need} KV blocks but the cache has "
-                    f"{self.verifier.num_blocks}; raise verifier.num_blocks (or block_size), or shorten the prompt.",
-                    needed=need, total=self.verifier.num_blocks)
-        rule = get_rule(self._rule_name(request.do_sample))
-        stopper = Stopper(ids[0].tolist(), request.max_new_tokens, request.eos(self.target), request.stop_strings,
-                          self.tokenizer)
-        stats, new_tokens, error = GenerationStats(), [], None
+        fast = ExitStack()
+        engine = self._engine(request, max_batch_size=1, fast=fast)
+        engine.fits(ids)  # a prompt that cannot fit even alone fails now, losing nothing
+        self._add(engine, ids, request, seed=request.seed)
         if streamer is not None:
             streamer.put(ids.cpu())
-        start = time.perf_counter()
-        steps = decode(self.verifier, self.drafter, rule, ids, max_new_tokens=request.max_new_tokens,
-                       max_nodes=self.max_nodes, sampling=request.sampling(self.target),
-                       generator=self._generator(request.seed), budget=self._budget(request))
-        with self._fast_linears():
-            try:
-                for step in steps:
-                    kept, reason = stopper.cut(step.new_tokens)
-                    stats.record(drafted=int(step.tree.num_draft_nodes[0]),
-                                 accepted=int(step.acceptance.num_accepted[0]))
-                    new_tokens.extend(kept)
-                    for t in kept if streamer is not None else ():
+        with fast, self._fast_linears(), engine:
+            while not engine.done:
+                for event in engine.step():
+                    for t in event.new_tokens if streamer is not None else ():
                         streamer.put(torch.tensor([t], device="cpu"))
-                    if reason is not None:
-                        stats.finish_reason = reason
-                        break
-            except KVBlocksExhausted as e:  # one request: nothing to preempt; it ends here, keeping its tokens
-                stats.finish_reason = "kv_exhausted"
-                error = (f"the request ran out of KV blocks after {len(new_tokens)} new tokens (its next tree needs "
-                         f"{e.needed} more blocks of {e.block_size} positions; {e.free} of the {e.total} are free); "
-                         "raise verifier.num_blocks or lower max_new_tokens.")
-            finally:
-                steps.close()  # the verifier frees the request's cache or blocks
-        stats.wall_time_s = time.perf_counter() - start
-        stats.new_tokens = len(new_tokens)
         if streamer is not None:
             streamer.end()
-        return self._output(ids, new_tokens, stats, error)
+        (r,) = engine.requests.values()
+        return self._output(r.prompt, r.tokens, r.stats, r.error)
 
     def generate_batch(self, input_ids=None, *, prompt=None, attention_mask=None, chat: bool = True,
                        generation_config=None, max_batch_size: int | None = None, progress: bool = False,
@@ -198,7 +168,7 @@ class SpecDecoder:
 
     def _generate_batch(self, input_ids, prompt, chat: bool, request: GenerationParams, max_batch_size: int | None,
                         progress: bool) -> list[GenerationOutput]:
-        if not isinstance(self.verifier, BatchVerifier):
+        if not self.verifier.capabilities.batching:
             raise SpecdecError(f"batched generation needs a verifier that serves batches: SpecDecoder(..., "
                                f"verifier='{registry.batching_verifier()}') (or verifier={registry.batching_verifier()}"
                                " in Hydra).")
@@ -207,26 +177,35 @@ class SpecDecoder:
         for ids in requests:  # every request checked before any runs: bad input loses nothing
             inputs.check_ids(self.target, ids)
             inputs.check_length(self.target, ids, request.max_new_tokens)
-        rule = get_rule(self._rule_name(request.do_sample))
         max_batch_size = max_batch_size or self.max_batch_size
         if self._drafter_spec is None and not isinstance(self.drafter, BatchDrafter) and len(requests) > 1 \
                 and max_batch_size > 1:
             raise SpecdecError("a batch of more than one request needs one drafter per request: pass the drafter "
                                "by name or checkpoint path (not as an object), or max_batch_size=1.")
         fast = ExitStack()  # the fast linear kernel, also in the drafters the pool builds for later requests
-        engine = BatchEngine(self.verifier, self._drafter_pool(fast), rule, max_nodes=self.max_nodes,
-                             max_batch_size=max_batch_size, sampling=request.sampling(self.target),
-                             needs_hidden=self.drafter.needs_hidden_states, preemption=self.preemption)
+        engine = self._engine(request, max_batch_size=max_batch_size, fast=fast)
         for i, ids in enumerate(requests):
-            stopper = Stopper(ids[0].tolist(), request.max_new_tokens, request.eos(self.target),
-                              request.stop_strings, self.tokenizer)
-            engine.add(ids, max_new_tokens=request.max_new_tokens, stopper=stopper, budget=self._budget(request),
-                       generator=self._generator(None if request.seed is None else request.seed + i))
+            self._add(engine, ids, request, seed=None if request.seed is None else request.seed + i)
         bar = tqdm(total=len(requests), desc=f"requests (batch {max_batch_size})", unit="request",
                    file=sys.stderr, disable=not progress)
-        with fast, self._fast_linears(), bar:
+        with fast, self._fast_linears(), bar, engine:
             finished = engine.run(on_finish=lambda r: bar.update(1))
         return [self._output(r.prompt, r.tokens, r.stats, r.error) for r in finished]
+
+    def _engine(self, request: GenerationParams, *, max_batch_size: int, fast: ExitStack) -> BatchEngine:
+        """The driver for this call's requests (one, or a batch): the rule for ``request``, a drafter per request
+        (see :meth:`_drafter_pool`), this decoder's verifier, node budget and preemption policy."""
+        return BatchEngine(self.verifier, self._drafter_pool(fast), get_rule(self._rule_name(request.do_sample)),
+                           max_nodes=self.max_nodes, max_batch_size=max_batch_size,
+                           sampling=request.sampling(self.target), needs_hidden=self.drafter.needs_hidden_states,
+                           preemption=self.preemption)
+
+    def _add(self, engine: BatchEngine, ids: torch.Tensor, request: GenerationParams, seed: int | None) -> int:
+        """Queue ``ids [1, T]`` with its stopping rule, its adaptive budget and its RNG (seeded with ``seed``)."""
+        stopper = Stopper(ids[0].tolist(), request.max_new_tokens, request.eos(self.target), request.stop_strings,
+                          self.tokenizer)
+        return engine.add(ids, max_new_tokens=request.max_new_tokens, stopper=stopper, budget=self._budget(request),
+                          generator=self._generator(seed))
 
     @property
     def device(self) -> torch.device:
@@ -243,7 +222,7 @@ class SpecDecoder:
         return None if seed is None else torch.Generator(device=self.device).manual_seed(seed)
 
     def _fast_linears(self):
-        """The fast CPU linear kernel (:mod:`specdec.models.cpu_gemm`) in the target's and the drafter's linears."""
+        """The fast CPU linear kernel (:mod:`specdec.kernels.cpu_gemm`) in the target's and the drafter's linears."""
         return cpu_gemm.fast_linears(self.target, *self.drafter.modules(), enabled=self.fast_linears)
 
     def _budget(self, request: GenerationParams) -> AdaptiveBudget | None:

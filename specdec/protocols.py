@@ -3,8 +3,8 @@ feedback a drafter observes after each verify step.
 
 A drafter or verifier says what it needs and what it gives as attributes the protocol declares; the decoder reads
 them (never ``getattr`` with a default) and fails early, naming the fix, when they do not fit. Whether an object is a
-drafter, a verifier, or a verifier that serves batches is checked with the protocol itself
-(``isinstance(v, BatchVerifier)``).
+drafter or a verifier is checked with the protocol itself (``isinstance(v, Verifier)``); whether a verifier serves
+batches, with its declared ``capabilities.batching``.
 """
 
 from __future__ import annotations
@@ -90,9 +90,10 @@ class BatchDrafter(Drafter, Protocol):
 class VerifierCapabilities:
     """What a verifier gives, declared on its class (readable before one is built, e.g. to check a config).
 
-    hidden_states: ``score(..., output_hidden=True)`` returns the target's last hidden states (drafters that read
+    hidden_states: ``score(..., output_hidden=...)`` returns the target's hidden states (drafters that read
     features need them). greedy_scoring: ``score(..., greedy=True)`` may return only the argmax tokens, computed
-    more cheaply than the logits. batching: it implements :class:`BatchVerifier` (continuous batching).
+    more cheaply than the logits. batching: it holds many live requests at once and scores their trees in one
+    forward (continuous batching); without it, one request at a time.
     """
 
     hidden_states: bool
@@ -102,42 +103,41 @@ class VerifierCapabilities:
 
 @runtime_checkable
 class Verifier(Protocol):
-    """Runs draft trees through the target and keeps the target's KV cache in step with the committed tokens."""
+    """Runs draft trees through the target and keeps each request's KV cache in step with its committed tokens.
+
+    One set of request operations, keyed by request id, serves one request and many alike (the batching engine,
+    :mod:`specdec.serving.engine`, drives both): ``start`` a request, ``score`` the trees of some live requests in one
+    forward, ``commit`` each one's accepted path, ``release`` it when it ends. A verifier without
+    ``capabilities.batching`` holds one live request at a time.
+
+    KV memory is counted in blocks: ``num_blocks`` in all, ``num_free_blocks`` now, ``blocks_for(n)`` to hold n
+    tokens. A verifier whose cache grows with its request (no block pool) counts 0 of each: every request fits.
+    ``score`` raises :class:`specdec.serving.block_allocator.KVBlocksExhausted` (with ``.request_id``) when a
+    request's tree does not fit, having reserved nothing.
+    """
 
     capabilities: ClassVar[VerifierCapabilities]
 
-    def prefill(self, input_ids: torch.Tensor, output_hidden: HiddenSpec = False) -> torch.Tensor | None:
-        """Start a request: cache ``input_ids [B, T]`` (every prompt token except the root); with
-        ``output_hidden``, return their last hidden states ``[B, T, H]``."""
+    def start(self, request_id: Hashable, input_ids: torch.Tensor,
+              output_hidden: HiddenSpec = False) -> torch.Tensor | None:
+        """Cache a new request's ``input_ids [1, T]`` (every prompt token but the root; T may be 0); with
+        ``output_hidden``, return their hidden states ``[1, T, H]``."""
 
-    def score(self, tree: DraftTree, output_hidden: HiddenSpec = False, greedy: bool = False) -> VerifyOutput:
-        """One target forward over all tree nodes; logits ``[B, N, V]`` (and hidden ``[B, N, H]`` if asked).
-        ``greedy``: only the argmax at each node is needed; a verifier with ``greedy_scoring`` may then return
-        ``greedy [B, N]`` in place of the logits (exactly the logits' argmax)."""
+    def score(self, request_ids: Sequence[Hashable], trees: Sequence[DraftTree], output_hidden: HiddenSpec = False,
+              greedy: bool = False) -> VerifyOutput:
+        """One target forward over each request's tree (``trees[i]`` is ``[1, n_i]``): logits ``[B, N, V]`` padded
+        to the largest tree (and hidden ``[B, N, H]`` if asked). ``greedy``: only the argmax at each node is
+        needed; a verifier with ``greedy_scoring`` may then return ``greedy [B, N]`` in place of the logits
+        (exactly the logits' argmax)."""
 
-    def commit(self, tree: DraftTree, acceptance: Acceptance) -> None:
-        """Keep the accepted path's KV (root included) in the cache and drop every other node's."""
+    def commit(self, request_id: Hashable, keep: Sequence[int]) -> None:
+        """Keep the accepted nodes ``keep`` (root first) of the request's last scored tree; drop the others'."""
 
-    def finish(self) -> None:
-        """The request is over (finished, stopped early, or failed): free what it holds (its KV cache or blocks)."""
+    def release(self, request_id: Hashable) -> None:
+        """The request is over (finished, stopped early, failed or preempted): free its KV cache or blocks."""
 
-    @property
-    def cached_length(self) -> int:
-        """Number of tokens whose KV the cache holds."""
-
-    def cost_key(self) -> dict:
-        """What decides this verifier's step cost besides the model, dtype, device and threads (its KV layout, how
-        it computes greedy tokens): part of the key a cost profile is cached under."""
-
-
-@runtime_checkable
-class BatchVerifier(Verifier, Protocol):
-    """A verifier serving many requests at once, keyed by request id (driven by :mod:`specdec.serving.engine`).
-
-    KV memory comes in blocks: ``num_blocks`` in all, ``num_free_blocks`` now, ``blocks_for(n)`` to hold n tokens.
-    ``score_batch`` raises :class:`specdec.serving.block_allocator.KVBlocksExhausted` (with ``.request_id``) when a
-    request's tree does not fit, having reserved nothing.
-    """
+    def cached_length(self, request_id: Hashable) -> int:
+        """Number of the request's tokens whose KV the cache holds (0 for a request it does not hold)."""
 
     @property
     def num_blocks(self) -> int: ...
@@ -147,19 +147,9 @@ class BatchVerifier(Verifier, Protocol):
 
     def blocks_for(self, num_tokens: int) -> int: ...
 
-    def start(self, request_id: Hashable, input_ids: torch.Tensor, output_hidden: HiddenSpec = False) -> torch.Tensor | None:
-        """Cache a new request's ``input_ids [1, T]``; hidden ``[1, T, H]`` if asked."""
-
-    def score_batch(self, request_ids: Sequence[Hashable], trees: Sequence[DraftTree],
-                    output_hidden: HiddenSpec = False, greedy: bool = False) -> VerifyOutput:
-        """One forward over each request's tree; logits ``[B, N, V]`` padded to the largest tree (``greedy``: as in
-        :meth:`Verifier.score`, may return ``greedy [B, N]`` instead)."""
-
-    def commit_request(self, request_id: Hashable, keep: Sequence[int]) -> None:
-        """Keep the accepted nodes (root first) of the request's last scored tree."""
-
-    def release(self, request_id: Hashable) -> None:
-        """Free the request's KV (finished or preempted)."""
+    def cost_key(self) -> dict:
+        """What decides this verifier's step cost besides the model, dtype, device and threads (its KV layout, how
+        it computes greedy tokens): part of the key a cost profile is cached under."""
 
 
 def check_drafter(drafter) -> Drafter:
@@ -174,15 +164,13 @@ def check_drafter(drafter) -> Drafter:
 
 
 def check_verifier(verifier) -> Verifier:
-    """``verifier`` if it implements :class:`Verifier` and its declared ``batching`` matches what it implements."""
+    """``verifier`` if it implements :class:`Verifier`, else an error naming the protocol's members."""
     if not isinstance(verifier, Verifier):
-        raise ConfigError(f"{type(verifier).__name__} is not a verifier: it does not implement "
-                          "specdec.protocols.Verifier (capabilities, prefill, score, commit, finish, "
-                          "cached_length, cost_key).")
-    if verifier.capabilities.batching != isinstance(verifier, BatchVerifier):
-        raise ConfigError(f"{type(verifier).__name__} declares batching={verifier.capabilities.batching} but "
-                          f"{'does not implement' if verifier.capabilities.batching else 'implements'} "
-                          "specdec.protocols.BatchVerifier; make the two agree.")
+        members = ("capabilities", "start", "score", "commit", "release", "cached_length", "num_blocks",
+                   "num_free_blocks", "blocks_for", "cost_key")
+        missing = [m for m in members if m not in dir(verifier)]
+        raise ConfigError(f"{type(verifier).__name__} is not a verifier: it lacks {missing} of the Verifier "
+                          "protocol (specdec.protocols.Verifier).")
     return verifier
 
 

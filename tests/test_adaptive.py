@@ -12,9 +12,10 @@ import specdec
 from specdec.algorithms import tree as tree_ops
 from specdec.algorithms.adaptive import AcceptanceStats, AdaptiveBudget, Calibrator, uncut
 from specdec.algorithms.cost import CostProfile, chain_node_values, choose_budget
-from specdec.bench import profiler
+from specdec import profiler
 from specdec.types import Acceptance, DraftTree
-from tests.conftest import DRAFTER_FACTORIES, get_tiny, greedy_reference
+from tests.conftest import DRAFTER_FACTORIES, get_tiny
+from tests.equality import assert_all_greedy_equal, assert_greedy_equal, greedy_ref
 from tests.tiny import random_prompt, tiny_tokenizer
 
 TOK = tiny_tokenizer()
@@ -175,7 +176,7 @@ def test_profile_is_cached_and_invalidated_when_the_setting_changes(tmp_path):
     assert measured and path4 != path1
     _, path5, measured = profiler.load_or_measure(get_tiny(1, dtype=torch.float32), **kw)  # another model
     assert measured and path5 != path1
-    # the plain F.linear kernel instead of the fast one (specdec.models.cpu_gemm): verify costs differ
+    # the plain F.linear kernel instead of the fast one (specdec.kernels.cpu_gemm): verify costs differ
     _, path6, measured = profiler.load_or_measure(model, fast_linears=False, **kw)
     assert measured and path6 != path1
     assert profiler.load_or_measure(model, fast_linears=False, **kw)[1:] == (path6, False)
@@ -199,7 +200,7 @@ def test_adaptive_greedy_is_lossless(drafter_factory, seed):
     dec = specdec.SpecDecoder(target, TOK, drafter=drafter_factory.build(target, TOK), adaptive=True,
                               cost_profile=CPU, max_nodes=16)
     out = dec.generate(prompt, max_new_tokens=40)
-    assert out.new_tokens == greedy_reference(target, prompt, 40)
+    assert_greedy_equal(out, greedy_ref(target, prompt, 40))
 
 
 def test_adaptive_batch_is_lossless_and_budgets_differ_per_request():
@@ -211,7 +212,7 @@ def test_adaptive_batch_is_lossless_and_budgets_differ_per_request():
     make = dec._budget
     dec._budget = lambda *a: budgets.append(make(*a)) or budgets[-1]
     outs = dec.generate(prompts, max_new_tokens=30)
-    assert [o.new_tokens for o in outs] == [greedy_reference(target, torch.tensor([p]), 30) for p in prompts]
+    assert_all_greedy_equal(outs, [greedy_ref(target, p, 30) for p in prompts])
     assert len(budgets) == 5 and len({tuple(b.history) for b in budgets}) > 1
 
 
@@ -263,5 +264,5 @@ def test_adaptive_needs_no_profile_argument(tmp_path, monkeypatch):
     dec = specdec.SpecDecoder(target, TOK, drafter="ngram", adaptive=True)
     assert list((tmp_path / "profiles").glob("cost-*.json"))
     prompt = random_prompt(0, 12, repeat=True)
-    assert dec.generate(prompt, max_new_tokens=10).new_tokens == greedy_reference(target, prompt, 10)
+    assert_greedy_equal(dec.generate(prompt, max_new_tokens=10), greedy_ref(target, prompt, 10))
     assert DRAFTER_FACTORIES  # the lossless test above covers every registered drafter

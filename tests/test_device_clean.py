@@ -9,7 +9,7 @@ Two probes stand in for a CUDA device:
   fails there. On a GPU the same tensor would land on the CPU: a device mismatch.
 * a target moved to the meta device: every drafter built for it must hold its own modules, buffers and index
   tensors there (checkpoint heads load on the CPU and must follow the target), the decoder's sampling generator
-  must be asked for there, and the CPU-only kernels (:mod:`specdec.models.cpu_gemm`, :mod:`specdec.models.greedy_head`) must
+  must be asked for there, and the CPU-only kernels (:mod:`specdec.kernels.cpu_gemm`, :mod:`specdec.kernels.greedy_head`) must
   switch themselves off.
 """
 
@@ -24,7 +24,7 @@ import torch
 from specdec import inputs
 from specdec.algorithms.cost import CostProfile
 from specdec.generate import SpecDecoder
-from specdec.models import cpu_gemm, greedy_head
+from specdec.kernels import cpu_gemm, greedy_head
 from specdec.protocols import Drafter
 from tests.conftest import get_tiny
 from tests.tiny import random_prompt, tiny_llama
@@ -43,12 +43,13 @@ def _decode(target, tokenizer, drafter, ids, *, sample: bool, meta: bool, **deco
         return decoder.generate(ids, **kwargs).new_tokens
     score, trees = decoder.verifier.score, []
 
-    def checked_score(tree, *args, **kw):  # every tensor of every tree verified is on the ids' device
-        trees.append(tree)
-        for field in ("tokens", "parents", "draft_probs", "scores"):
-            t = getattr(tree, field)
-            assert t is None or t.device == ids.device, f"tree.{field} on {t.device}, the ids on {ids.device}"
-        return score(tree, *args, **kw)
+    def checked_score(request_ids, scored, *args, **kw):  # every tensor of every tree verified is on the ids' device
+        trees.extend(scored)
+        for tree in scored:
+            for field in ("tokens", "parents", "draft_probs", "scores"):
+                t = getattr(tree, field)
+                assert t is None or t.device == ids.device, f"tree.{field} on {t.device}, the ids on {ids.device}"
+        return score(request_ids, scored, *args, **kw)
 
     decoder.verifier.score = checked_score
     with torch.device("meta"):

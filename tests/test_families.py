@@ -8,8 +8,9 @@ its own reference. The sampling cell has the target draft for itself with ``do_s
 accepted only if the verifier's distributions equal the drafter's (the target's own forward) at every node; the
 distribution itself is checked by the chi-square tests at the end (two non-Llama families, one sliding).
 
-The README's support matrix is :func:`render_matrix` of the same cells (``test_readme_matrix_is_current``);
-``SPECDEC_UPDATE_MATRIX=1 pytest tests/test_families.py -k readme`` rewrites it.
+The support matrix in ``docs/support-matrix.md`` is :func:`render_matrix` of the same cells
+(``test_support_matrix_doc_is_current``); ``SPECDEC_UPDATE_MATRIX=1 pytest tests/test_families.py -k matrix_doc``
+rewrites it.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import specdec
 from drafters.draft_model import DraftModelDrafter
 from specdec.models import families
 from specdec.models.families import UnsupportedModelError
-from tests.conftest import greedy_reference
+from tests.equality import GreedyRef, assert_greedy_equal, greedy_ref
 from tests.families import SERVED, WINDOW, tiny_family
 from tests.tiny import random_prompt, tiny_llama, tiny_tokenizer
 
@@ -35,7 +36,7 @@ TOK = tiny_tokenizer()
 METHODS = ["none", "ngram", "draft tree", "self-draft", "sampling"]
 VERIFIERS = ["hf", "paged"]
 MAX_NEW = 24
-README = Path(__file__).resolve().parents[1] / "README.md"
+MATRIX_DOC = Path(__file__).resolve().parents[1] / "docs" / "support-matrix.md"
 
 
 def branching_prompt(seed: int, length: int) -> torch.Tensor:
@@ -70,19 +71,15 @@ def branches(parents: list[int]) -> bool:
 
 def count_branching(verifier) -> list[int]:
     """Counts, in the returned one-element list, the trees ``verifier`` scores that branch (so a branching cell
-    cannot pass vacuously); wraps its score / score_batch on this instance."""
+    cannot pass vacuously); wraps its ``score`` on this instance."""
     seen = [0]
-    for name in ("score", "score_batch"):
-        inner = getattr(verifier, name, None)
-        if inner is None:
-            continue
+    inner = verifier.score
 
-        def wrapped(*args, _inner=inner, _name=name, **kwargs):
-            trees = args[1] if _name == "score_batch" else [args[0]]
-            seen[0] += sum(branches(t.parents[0].tolist()) for t in trees)
-            return _inner(*args, **kwargs)
+    def wrapped(request_ids, trees, *args, **kwargs):
+        seen[0] += sum(branches(t.parents[0].tolist()) for t in trees)
+        return inner(request_ids, trees, *args, **kwargs)
 
-        setattr(verifier, name, wrapped)
+    verifier.score = wrapped
     return seen
 
 
@@ -99,8 +96,8 @@ def drafter_for(method: str, model) -> tuple[str, dict]:
 
 
 @functools.cache
-def reference(name: str, i: int) -> tuple[int, ...]:
-    return tuple(greedy_reference(tiny_family(name), PROMPTS[i], MAX_NEW, eos_token_id=None))
+def reference(name: str, i: int) -> GreedyRef:
+    return greedy_ref(tiny_family(name), PROMPTS[i], MAX_NEW, eos_token_id=None)
 
 
 def run_cell(name: str, method: str, verifier: str):
@@ -137,7 +134,7 @@ def test_cell(name, method, verifier):
             assert out.stats.accepted == out.stats.drafted and sum(out.stats.drafted) > 0
         return
     for i, out in enumerate(outs):
-        assert tuple(out.new_tokens) == reference(name, i), f"prompt {i}"
+        assert_greedy_equal(out, reference(name, i), f"prompt {i}")
     if method == "self-draft":
         assert all(o.stats.accepted == o.stats.drafted for o in outs)
     if method in ("ngram", "draft tree"):
@@ -160,7 +157,7 @@ def test_the_window_and_softcap_change_the_outputs():
         other.config._attn_implementation = model.config._attn_implementation
         other.load_state_dict(model.state_dict())
         other = other.to(model.dtype).eval()
-        assert tuple(greedy_reference(other, PROMPTS[0], MAX_NEW, eos_token_id=None)) != reference(name, 0), name
+        assert greedy_ref(other, PROMPTS[0], MAX_NEW, eos_token_id=None).tokens != reference(name, 0).tokens, name
 
 
 # ------------------------------------------------------------------------------------------ refused up front
@@ -224,7 +221,8 @@ def test_undeclared_families_are_refused_until_declared():
         families.register_family("my_llama_fork")
         out = specdec.SpecDecoder(model, TOK, drafter="ngram").generate(PROMPTS[0], max_new_tokens=8,
                                                                         eos_token_id=None)
-        assert tuple(out.new_tokens) == reference("llama", 0)[:8]
+        # without EOS, 8 new tokens are the first 8 of the longer reference, ended by length
+        assert_greedy_equal(out, GreedyRef(reference("llama", 0).tokens[:8], "length"))
         with pytest.raises(UnsupportedModelError, match="declared for the hf verifier only"):
             specdec.SpecDecoder(model, TOK, drafter="none", verifier="paged")
     finally:
@@ -264,14 +262,14 @@ def test_sampling_keeps_the_distribution(name, verifier):
     assert_matches(counts, exact_joint(model, prompt, params(False)), f"{name}/{verifier}")
 
 
-# ------------------------------------------------------------------------------------------ the README's matrix
+# -------------------------------------------------------------------------------- docs/support-matrix.md's matrix
 
 def cell_text(name: str, method: str, verifier: str) -> str:
     return "lossless" if expected(name, verifier) is None else "refused"
 
 
 def render_matrix() -> str:
-    """The README's support matrix: one row per tested family, one column per (method, verifier)."""
+    """The matrix of ``docs/support-matrix.md``: one row per tested family, one column per (method, verifier)."""
     head = "| family (model_type) | " + " | ".join(f"{m}, {'paged batch' if v == 'paged' else v}"
                                                  for v in VERIFIERS for m in METHODS) + " |"
     lines = [head, "|" + "---|" * (1 + len(VERIFIERS) * len(METHODS))]
@@ -288,14 +286,14 @@ def render_matrix() -> str:
     return "\n".join(lines)
 
 
-def test_readme_matrix_is_current():
-    text = README.read_text()
+def test_support_matrix_doc_is_current():
+    text = MATRIX_DOC.read_text()
     start, end = "<!-- support-matrix:start -->", "<!-- support-matrix:end -->"
-    assert start in text and end in text, "README lost its support-matrix markers"
+    assert start in text and end in text, f"{MATRIX_DOC} lost its support-matrix markers"
     block = f"{start}\n{render_matrix()}\n{end}"
     current = text[text.index(start):text.index(end) + len(end)]
     if os.environ.get("SPECDEC_UPDATE_MATRIX") == "1":
-        README.write_text(text.replace(current, block))
+        MATRIX_DOC.write_text(text.replace(current, block))
         return
-    assert current == block, "the README's support matrix is stale: run SPECDEC_UPDATE_MATRIX=1 pytest " \
-                             "tests/test_families.py -k readme"
+    assert current == block, "docs/support-matrix.md's matrix is stale: run SPECDEC_UPDATE_MATRIX=1 pytest " \
+                             "tests/test_families.py -k matrix_doc"

@@ -9,10 +9,11 @@ from specdec import registry
 from specdec.algorithms import acceptance
 from specdec.algorithms import tree as tree_ops
 from specdec.algorithms.sampling import SamplingParams
-from specdec.bench import profiler
-from specdec.models import greedy_head
-from specdec.models.greedy_head import ScreenedArgmax, available, screenable
+from specdec import profiler
+from specdec.kernels import greedy_head
+from specdec.kernels.greedy_head import ScreenedArgmax, available, screenable
 from tests.conftest import get_tiny
+from tests.equality import assert_all_greedy_equal
 
 needs_kernel = pytest.mark.skipif(not available(), reason="oneDNN bfloat16 matmul not available on this CPU")
 
@@ -103,8 +104,8 @@ def test_hf_verifier_returns_the_logits_argmax_for_greedy_steps():
     for screen in (True, False):
         v = registry.build_verifier("hf", target, screen_greedy=screen)
         assert (v.greedy_head is not None) == screen
-        v.prefill(prompt[:, :-1])
-        outs[screen] = v.score(tree, output_hidden=True, greedy=True)
+        v.start(0, prompt[:, :-1])
+        outs[screen] = v.score([0], [tree], output_hidden=True, greedy=True)
     assert outs[True].logits is None and outs[False].greedy is None
     assert torch.equal(outs[True].greedy, outs[False].logits.argmax(-1))
     assert torch.allclose(outs[True].hidden, outs[False].hidden)
@@ -128,7 +129,7 @@ def test_paged_verifier_returns_the_logits_argmax_for_greedy_batches():
         assert (v.greedy_head is not None) == screen
         for i, p in enumerate(prompts):
             v.start(i, p[:, :-1])
-        outs[screen] = v.score_batch([0, 1, 2], trees, output_hidden=True, greedy=True)
+        outs[screen] = v.score([0, 1, 2], trees, output_hidden=True, greedy=True)
     assert outs[True].logits is None and outs[False].greedy is None
     for i, t in enumerate(trees):
         n = t.num_nodes
@@ -137,7 +138,7 @@ def test_paged_verifier_returns_the_logits_argmax_for_greedy_batches():
     runs = [specdec.SpecDecoder(target, tiny_tokenizer(), drafter="ngram", verifier="paged",
                                 verifier_kwargs={"num_blocks": 64, "block_size": 4, "screen_greedy": s})
             .generate([p for p in prompts], max_new_tokens=10) for s in (True, False)]
-    assert [r.new_tokens for r in runs[0]] == [r.new_tokens for r in runs[1]]
+    assert_all_greedy_equal(runs[0], runs[1], "screened vs full head")
 
 
 def test_profiles_are_keyed_by_the_greedy_head():
@@ -152,7 +153,7 @@ def test_profiles_are_keyed_by_the_greedy_head():
 @pytest.mark.parametrize("panels", [True, False])
 def test_both_screens_are_exact(panels, monkeypatch):
     """The skinny kernel's bfloat16 panels (AVX-512 BF16) and oneDNN's packed bfloat16 screen the same way."""
-    from specdec.models import skinny_gemm
+    from specdec.kernels import skinny_gemm
 
     if panels and not skinny_gemm.bf16_available():
         pytest.skip("no AVX-512 BF16 here")
@@ -170,9 +171,9 @@ def test_both_screens_are_exact(panels, monkeypatch):
 @needs_kernel
 @pytest.mark.parametrize("rows", [1, 8, 37])
 def test_cpp_screen_keeps_the_torch_screens_candidates(rows, monkeypatch):
-    """The one-pass C++ screen (specdec.models.screen_cpp) keeps the same (row, token) pairs as the torch ops, on rows
+    """The one-pass C++ screen (specdec.kernels.screen_cpp) keeps the same (row, token) pairs as the torch ops, on rows
     whose floor is above and below ``scale * max ||W_i||`` (both slack cases), and the argmax is the same either way."""
-    from specdec.models import screen_cpp
+    from specdec.kernels import screen_cpp
 
     if not screen_cpp.available():
         pytest.skip(f"C++ screen not built: {screen_cpp._KERNEL.failure()}")

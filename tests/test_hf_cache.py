@@ -181,13 +181,13 @@ def test_cache_after_commit_equals_plain_decoding(dtype, tol, prompt_len):
     g = torch.Generator().manual_seed(prompt_len)
     prompt = torch.randint(3, VOCAB, (1, prompt_len), generator=g)
     verifier = HFVerifier(model)
-    verifier.prefill(prompt[:, :-1])
-    assert verifier.cached_length == prompt_len - 1
+    verifier.start(0, prompt[:, :-1])
+    assert verifier.cached_length(0) == prompt_len - 1
     committed = prompt[0].tolist()  # the last one is the next tree's root, not yet cached
     for parents, path in STEPS:
         tokens = [committed[-1]] + torch.randint(3, VOCAB, (5,), generator=g).tolist()
         tree = DraftTree(torch.tensor([tokens]), torch.tensor([parents]))
-        out = verifier.score(tree)
+        out = verifier.score([0], [tree])
         # the scored logits along the accepted path are what plain decoding would compute there
         with torch.inference_mode():
             plain = model(input_ids=torch.tensor([committed + [tokens[i] for i in path[1:]]])).logits[0]
@@ -195,37 +195,46 @@ def test_cache_after_commit_equals_plain_decoding(dtype, tol, prompt_len):
         bonus = int(torch.randint(3, VOCAB, (1,), generator=g))
         acc = Acceptance(path=torch.tensor([path]), num_accepted=torch.tensor([len(path) - 1]),
                          next_token=torch.tensor([bonus]))
-        verifier.commit(tree, acc)
+        verifier.commit(0, acc.accepted_nodes(0))
         committed += [tokens[i] for i in path[1:]] + [bonus]
-        assert verifier.cached_length == len(committed) - 1
+        assert verifier.cached_length(0) == len(committed) - 1
         assert_caches_equal(verifier.cache, plain_cache(model, committed[:-1]), tol)
 
 
 def test_commit_without_score_fails():
     verifier = HFVerifier(get_tiny(0))
-    verifier.prefill(torch.tensor([[4, 5]]))
-    tree = T.chain(6, [])
-    acc = Acceptance(path=torch.tensor([[0]]), num_accepted=torch.tensor([0]), next_token=torch.tensor([7]))
+    verifier.start(0, torch.tensor([[4, 5]]))
     with pytest.raises(SpecdecError, match="without a score"):
-        verifier.commit(tree, acc)
+        verifier.commit(0, [0])
+    verifier.score([0], [T.chain(6, [])])
+    with pytest.raises(SpecdecError, match="without a score"):
+        verifier.commit(1, [0])  # another request than the one scored
 
 
-def test_prefill_rejects_batches_and_restarts():
+def test_start_rejects_batches_and_a_second_live_request():
     verifier = HFVerifier(get_tiny(0))
     with pytest.raises(SpecdecError, match="one request at a time"):
-        verifier.prefill(torch.tensor([[4, 5], [6, 7]]))
-    verifier.prefill(torch.tensor([[4, 5, 6]]))
-    assert verifier.cached_length == 3
-    verifier.prefill(torch.zeros(1, 0, dtype=torch.long))  # a one-token prompt has nothing to prefill
-    assert verifier.cached_length == 0
+        verifier.start(0, torch.tensor([[4, 5], [6, 7]]))
+    verifier.start(0, torch.tensor([[4, 5, 6]]))
+    assert verifier.cached_length(0) == 3 and verifier.cached_length(1) == 0
+    with pytest.raises(SpecdecError, match="one request at a time.*release it"):
+        verifier.start(1, torch.tensor([[4, 5, 6]]))
+    with pytest.raises(SpecdecError, match="one live request"):
+        verifier.score([1], [T.chain(6, [])])
+    verifier.release(0)
+    assert verifier.cached_length(0) == 0
+    verifier.start(1, torch.zeros(1, 0, dtype=torch.long))  # a one-token prompt has nothing to prefill
+    assert verifier.cached_length(1) == 0
+    assert verifier.num_blocks == verifier.num_free_blocks == verifier.blocks_for(10_000) == 0  # no block pool
 
 
 @pytest.mark.parametrize("seed", [0, 3])
 def test_cache_after_real_decode_equals_plain_decoding(seed):
-    """Through the decode loop (ngram trees, greedy rule): after every step the cache is plain decoding's."""
+    """Through the decode driver (ngram trees, greedy rule): after every step the cache is plain decoding's, and
+    the request's cache is released when it ends."""
     from drafters.ngram import NGramDrafter
     from specdec.algorithms.acceptance import greedy
-    from specdec.algorithms.loop import decode
+    from specdec.serving.engine import decode
     from tests.tiny import random_prompt
 
     model = get_tiny(seed)
@@ -237,6 +246,8 @@ def test_cache_after_real_decode_equals_plain_decoding(seed):
         committed += step.new_tokens
         path = step.acceptance.accepted_nodes(0)
         non_contiguous += path != list(range(len(path)))
-        assert verifier.cached_length == len(committed) - 1
-        assert_caches_equal(verifier.cache, plain_cache(model, committed[:-1]), 1e-9)
+        if len(committed) - prompt.shape[1] < 40:  # the request goes on (at 40 it ends and is released)
+            assert verifier.cached_length(0) == len(committed) - 1
+            assert_caches_equal(verifier.cache, plain_cache(model, committed[:-1]), 1e-9)
+    assert verifier.cached_length(0) == 0 and verifier.request_id is None
     assert non_contiguous >= 1  # the gather path of keep_positions was exercised

@@ -5,5 +5,5 @@ implements :class:`specdec.protocols.Verifier` (and declares its capabilities), 
 - ``hf`` (:mod:`verifiers.hf`): the reference: the target's own transformers forward with a 4D tree mask,
   ``position_ids`` and a ``DynamicCache``; one request at a time.
 - ``paged`` (:mod:`verifiers.paged`): tree attention over a paged KV cache through transformers'
-  ``AttentionInterface``; one request, or many with continuous batching (:class:`specdec.protocols.BatchVerifier`).
+  ``AttentionInterface``; one request, or many with continuous batching (``capabilities.batching``).
 """

@@ -6,8 +6,7 @@
   :mod:`~specdec.algorithms.rejection` and :mod:`~specdec.algorithms.typical` hold the two non-trivial ones.
 - :mod:`~specdec.algorithms.stopping`: EOS, stop strings and ``max_new_tokens``, exactly as ``model.generate``.
 - :mod:`~specdec.algorithms.step`: one request's verify step around the verifier call (draft, then accept ->
-  commit -> observe), shared by the single-request loop and the batching engine.
-- :mod:`~specdec.algorithms.loop`: the decode loop for one request, a generator.
+  commit -> observe), which the decode driver (:mod:`specdec.serving.engine`) runs for every request.
 - :mod:`~specdec.algorithms.cost` and :mod:`~specdec.algorithms.adaptive`: the cost model and the per-request
   adaptive node budget.
 """

@@ -1,13 +1,13 @@
 """One request's verify step around the verifier call, the same whether one request is decoded or many.
 
     drafted = state.draft(max_nodes)                       # propose (timed), depth limit, adaptive cut
-    out = <the verifier scores drafted.tree>               # one request (Verifier.score) or a batch (score_batch)
+    out = <the verifier scores drafted.tree>               # Verifier.score, with the batch's other trees
     step = state.settle(drafted, out, commit)              # accept -> commit -> budget -> observe -> extend
 
 :class:`RequestDecoding` holds what a request carries between steps (its drafter, the committed tokens, the hidden
-states its drafter has not seen, its sampling RNG and adaptive budget). The single-request loop
-(:mod:`specdec.algorithms.loop`) and the batching engine (:mod:`specdec.serving.engine`) both drive it; only how the
-tree is scored and how the accepted path is committed differ, and those are the caller's.
+states its drafter has not seen, its sampling RNG and adaptive budget). The decode driver
+(:mod:`specdec.serving.engine`) runs it for every request, alone or in a batch; how the tree is scored and how the
+accepted path is committed are the driver's.
 """
 
 from __future__ import annotations

@@ -5,5 +5,4 @@
 - :mod:`~specdec.bench.prompts`, :mod:`~specdec.bench.report`, :mod:`~specdec.bench.plots`: prompt files, tables
   and JSON, PNG plots.
 - :mod:`~specdec.bench.divergence`: where a greedy output leaves the reference's and the target's top-2 logit gap there.
-- :mod:`~specdec.bench.profiler`: measures and caches the verify-cost profile that adaptive budgets use.
 """

@@ -1,6 +1,7 @@
-"""Batched speculative decoding with continuous batching: many requests, one verify forward per step.
+"""The decode driver: one request or many, one verify forward per step, continuous batching.
 
-Each step: admit waiting requests (prefill each), let every running request's own drafter propose its own tree,
+Every request runs here, a single ``generate()`` as a batch of one: admission (does it fit), the step, stopping,
+statistics and finishing are this module's, once. Each step: admit waiting requests (prefill each), let every running request's own drafter propose its own tree,
 verify all trees in **one** target forward (padded to one node budget with dead nodes), then per request apply the
 acceptance rule, commit its accepted path in the paged KV cache, feed its drafter and check its stopping. A
 finished request leaves at once and frees its KV blocks; a waiting one takes its place at the next step.
@@ -10,13 +11,16 @@ around it, the arrival order, or preemptions (see :mod:`specdec.serving.schedule
 
 >>> engine = BatchEngine(verifier, drafters, rule, max_nodes=8, max_batch_size=4)   # doctest: +SKIP
 >>> rid = engine.add(input_ids, max_new_tokens=64, stopper=Stopper(...))            # doctest: +SKIP
->>> while not engine.done: events = engine.step()                                   # doctest: +SKIP
+>>> with engine:                                                                    # doctest: +SKIP
+...     while not engine.done: events = engine.step()
+
+:func:`decode` is the same driver as a generator of one request's verify steps.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -24,10 +28,10 @@ import torch
 from specdec.algorithms.acceptance import AcceptanceRule, is_argmax
 from specdec.algorithms.adaptive import AdaptiveBudget
 from specdec.algorithms.sampling import SamplingParams
-from specdec.algorithms.step import Drafted, RequestDecoding, finish_draft
+from specdec.algorithms.step import Drafted, RequestDecoding, Step, finish_draft
 from specdec.algorithms.stopping import Stopper
-from specdec.errors import SpecdecError
-from specdec.protocols import BatchDrafter, BatchVerifier, Drafter
+from specdec.errors import ConfigError, SpecdecError
+from specdec.protocols import BatchDrafter, Drafter, Verifier
 from specdec.serving.block_allocator import KVBlocksExhausted
 from specdec.serving.scheduler import Scheduler
 from specdec.types import GenerationStats, HiddenSpec, VerifyOutput
@@ -56,12 +60,21 @@ class Request:
 
 @dataclass(frozen=True)
 class Event:
-    """What one step did for one request: the tokens it emitted, and whether it finished."""
+    """What one step did for one request: the tokens it emitted (after stopping cuts), whether it finished, and
+    the verify step itself (None for a request refused before a step)."""
 
     request_id: int
     new_tokens: list[int]
     finished: bool
     finish_reason: str | None = None
+    step: Step | None = None
+
+
+def blocks_to_admit(verifier: Verifier, context_len: int, max_nodes: int) -> int:
+    """KV blocks a request of ``context_len`` tokens (prompt and what it generated) needs to run a step: its prefill
+    (all but the root) and one tree of ``max_nodes`` nodes. The one answer to "does it fit", for admission and for a
+    request checked before it runs."""
+    return verifier.blocks_for(context_len - 1 + max_nodes)
 
 
 class DrafterPool:
@@ -81,16 +94,22 @@ class DrafterPool:
 
 
 class BatchEngine:
-    """Runs requests through a :class:`~specdec.protocols.BatchVerifier` with continuous batching.
+    """Runs requests through a :class:`~specdec.protocols.Verifier` with continuous batching (a verifier without
+    ``capabilities.batching`` serves ``max_batch_size=1``: one request at a time, the rest queued).
 
     preemption: what to do when a running request's next tree finds no free KV blocks (the engine's policy, see
     :mod:`specdec.serving.scheduler`): ``recompute`` (preempt the newest request, redo it later) or ``refuse``
-    (end the request that ran out, keeping its tokens). needs_hidden: the drafters read the target's hidden states.
+    (end the request that ran out, keeping its tokens); a request running alone is always refused (nothing to
+    preempt). needs_hidden: the drafters read the target's hidden states. Used as a context manager (or with
+    :meth:`close`), the engine releases whatever its requests still hold when the block ends, however it ends.
     """
 
-    def __init__(self, verifier: BatchVerifier, drafters: DrafterPool, rule: AcceptanceRule, *, max_nodes: int,
+    def __init__(self, verifier: Verifier, drafters: DrafterPool, rule: AcceptanceRule, *, max_nodes: int,
                  max_batch_size: int, sampling: SamplingParams | None = None, needs_hidden: HiddenSpec = False,
                  preemption: str = "recompute") -> None:
+        if max_batch_size > 1 and not verifier.capabilities.batching:
+            raise ConfigError(f"{type(verifier).__name__} serves one request at a time; use max_batch_size=1 or a "
+                              "verifier that serves batches (verifier='paged').")
         self.verifier = verifier
         self.drafters = drafters
         self.rule = rule
@@ -104,6 +123,28 @@ class BatchEngine:
     @property
     def done(self) -> bool:
         return self.scheduler.done
+
+    def __enter__(self) -> BatchEngine:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Release every running request's KV and drafter (a run that failed or was abandoned midway); the
+        requests stay as they are (unfinished). Finished requests released theirs already."""
+        for r in list(self.scheduler.running):
+            self.verifier.release(r.request_id)
+            if r.decoding is not None:
+                self.drafters.release(r.decoding.drafter)
+            r.decoding, r.drafted = None, None
+
+    def fits(self, input_ids: torch.Tensor) -> None:
+        """Raise :class:`KVBlocksExhausted` (losing nothing) when a request of ``input_ids [1, T]`` could not run
+        even alone in this engine's KV cache: the check :meth:`step` makes when it would admit it."""
+        need, total = blocks_to_admit(self.verifier, input_ids.shape[1], self.max_nodes), self.verifier.num_blocks
+        if need > total:
+            raise KVBlocksExhausted(_too_large(input_ids.shape[1], need, total), needed=need, total=total)
 
     def add(self, input_ids: torch.Tensor, *, max_new_tokens: int, stopper: Stopper,
             generator: torch.Generator | None = None, budget: AdaptiveBudget | None = None) -> int:
@@ -171,9 +212,9 @@ class BatchEngine:
     def _admit(self) -> list[Event]:
         v, need = self.verifier, self._blocks_to_admit
         admitted, too_large = self.scheduler.admit(v.num_free_blocks, v.num_blocks, need)
-        events = [self._refuse(r, f"request {r.request_id} needs {need(r)} KV blocks for its prompt and one tree, "
-                                  f"more than the {v.num_blocks} the cache has; raise verifier.num_blocks or "
-                                  "shorten the prompt.", queued=True) for r in too_large]
+        events = [self._refuse(r, f"request {r.request_id}: " + _too_large(self._context(r).shape[1], need(r),
+                                                                           v.num_blocks), queued=True)
+                  for r in too_large]
         for r in admitted:
             context = self._context(r)
             r.decoding = RequestDecoding(self.drafters.acquire(), self.rule, context, prompt_len=r.prompt.shape[1],
@@ -187,8 +228,8 @@ class BatchEngine:
         return events
 
     def _blocks_to_admit(self, r: Request) -> int:
-        """KV blocks a waiting request needs to join: its prefill (all but the root) and one tree."""
-        return self.verifier.blocks_for(self._context(r).shape[1] - 1 + self.max_nodes)
+        """KV blocks a waiting request needs to join (:func:`blocks_to_admit`)."""
+        return blocks_to_admit(self.verifier, self._context(r).shape[1], self.max_nodes)
 
     def _context(self, r: Request) -> torch.Tensor:
         """``[1, T + generated]``: what a (re-)admitted request is prefilled with."""
@@ -201,14 +242,13 @@ class BatchEngine:
         while True:
             try:
                 ids, trees = [r.request_id for r in running], [r.drafted.tree for r in running]
-                return self.verifier.score_batch(ids, trees, output_hidden=self.needs_hidden,
-                                                 greedy=self.argmax_only), running
+                return self.verifier.score(ids, trees, output_hidden=self.needs_hidden,
+                                           greedy=self.argmax_only), running
             except KVBlocksExhausted as e:
                 failing = self.requests[e.request_id]
                 if self.scheduler.policy == "refuse" or len(running) == 1:
                     victim = failing
-                    events.append(self._refuse(victim, f"request {victim.request_id} ran out of KV blocks after "
-                                                       f"{len(victim.tokens)} tokens: {e}"))
+                    events.append(self._refuse(victim, _ran_out(victim, e)))
                 else:
                     victim = self.scheduler.victim()
                     self._preempt(victim)
@@ -218,14 +258,13 @@ class BatchEngine:
 
     def _settle(self, r: Request, out: VerifyOutput) -> Event:
         """Accept -> commit -> observe (:meth:`RequestDecoding.settle`), then stopping and statistics."""
-        step = r.decoding.settle(r.drafted, out, lambda acc: self.verifier.commit_request(r.request_id,
-                                                                                          acc.accepted_nodes(0)))
+        step = r.decoding.settle(r.drafted, out, lambda acc: self.verifier.commit(r.request_id, acc.accepted_nodes(0)))
         kept, reason = r.stopper.cut(step.new_tokens)
         r.stats.record(drafted=int(step.tree.num_draft_nodes[0]), accepted=int(step.acceptance.num_accepted[0]))
         r.tokens.extend(kept)
         if reason is not None:
             self._finish(r, reason)
-        return Event(r.request_id, kept, reason is not None, reason)
+        return Event(r.request_id, kept, reason is not None, reason, step)
 
     # --- leaving the batch -----------------------------------------------------------------------------------
 
@@ -254,3 +293,45 @@ class BatchEngine:
         r.decoding, r.drafted = None, None
         r.preemptions += 1
         self.scheduler.requeue(r)
+
+
+def _too_large(context_len: int, need: int, total: int) -> str:
+    return (f"the prompt ({context_len} tokens) and one draft tree need {need} KV blocks but the cache has {total}; "
+            "raise verifier.num_blocks (or block_size), lower max_nodes, or shorten the prompt.")
+
+
+def _ran_out(r: Request, e: KVBlocksExhausted) -> str:
+    return (f"request {r.request_id} ran out of KV blocks after {len(r.tokens)} new tokens (its next tree needs "
+            f"{e.needed} more blocks of {e.block_size} positions; {e.free} of the {e.total} are free); raise "
+            "verifier.num_blocks or lower max_new_tokens.")
+
+
+def decode(verifier: Verifier, drafter: Drafter, rule: AcceptanceRule, input_ids: torch.Tensor, *,
+           max_new_tokens: int, max_nodes: int, sampling: SamplingParams | None = None,
+           generator: torch.Generator | None = None, budget: AdaptiveBudget | None = None,
+           stopper: Stopper | None = None) -> Iterator[Step]:
+    """Speculatively decode one request from ``input_ids [1, T]``: the engine's driver as a generator of its verify
+    steps (:class:`~specdec.algorithms.step.Step`: tree, acceptance, committed tokens), until ``max_new_tokens``
+    tokens are committed or ``stopper`` (default: ``max_new_tokens`` only) stops it.
+
+    The last prompt token is the first tree's root. A caller may stop iterating at any time (closing the generator):
+    the verifier then releases the request, as it does when the request ends or fails. A request that runs out of KV
+    blocks raises :class:`KVBlocksExhausted`.
+    """
+    stopper = stopper or Stopper(input_ids[0].tolist(), max_new_tokens)
+    engine = BatchEngine(verifier, DrafterPool(_no_second_drafter, first=drafter), rule, max_nodes=max_nodes,
+                         max_batch_size=1, sampling=sampling, needs_hidden=drafter.needs_hidden_states)
+    engine.fits(input_ids)
+    rid = engine.add(input_ids, max_new_tokens=max_new_tokens, stopper=stopper, generator=generator, budget=budget)
+    with engine:
+        while not engine.done:
+            for event in engine.step():
+                if event.step is not None:
+                    yield event.step
+    r = engine.requests[rid]
+    if r.finish_reason == "kv_exhausted":
+        raise KVBlocksExhausted(r.error or "out of KV blocks")
+
+
+def _no_second_drafter() -> Drafter:
+    raise SpecdecError("decode() serves one request with the drafter it was given.")

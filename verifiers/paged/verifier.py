@@ -9,12 +9,9 @@ prefix plus the tree (:mod:`verifiers.paged.attention`; :func:`verifiers.paged.k
 CPU, the Triton kernel on a GPU, or the plain-torch reference), one call per attention group of similar requests
 (:mod:`verifiers.paged.groups`).
 
-Two faces:
-
-* the :class:`~specdec.protocols.Verifier` protocol for one request (``prefill`` / ``score`` / ``commit``), so
-  ``verifier=paged`` works wherever ``verifier=hf`` does;
-* a batched one keyed by request id (``start`` / ``score_batch`` / ``commit_request`` / ``release``) that the
-  batched decode loop (:mod:`specdec.serving.engine`) drives.
+It implements the :class:`~specdec.protocols.Verifier` protocol's request operations (``start`` / ``score`` /
+``commit`` / ``release``, keyed by request id) for any number of live requests, which the batching engine
+(:mod:`specdec.serving.engine`) drives for one request as for many.
 """
 
 from __future__ import annotations
@@ -25,14 +22,15 @@ import torch
 
 from specdec.algorithms import tree as tree_ops
 from specdec.errors import SpecdecError
+from specdec.kernels.greedy_head import ScreenedArgmax, screenable
+from specdec.kernels.greedy_head import kind as screen_kind
 from specdec.models.families import check_paged
-from specdec.models.greedy_head import ScreenedArgmax, kind as screen_kind, screenable
 from specdec.models.hf_forward import hidden_width, select_hidden
 from specdec.protocols import VerifierCapabilities
-from specdec.types import DEAD, Acceptance, DraftTree, HiddenSpec, VerifyOutput
+from specdec.types import DEAD, DraftTree, HiddenSpec, VerifyOutput
+from verifiers.paged import cpu_kernel
 from verifiers.paged.attention import AttentionGroup, PackedRows, PagedForward, paged_attention_on, pick_kernel
 from verifiers.paged.cache import PagedKVCache
-from verifiers.paged import cpu_kernel
 from verifiers.paged.cpu_kernel import paged_tree_attention_cpp
 from verifiers.paged.groups import plan_groups
 from verifiers.paged.kernels import in_place_mask, paged_tree_attention_sdpa
@@ -64,12 +62,11 @@ class PagedVerifier:
     a common prompt prefix share its blocks; kernel: ``auto`` | ``cpp`` | ``sdpa`` | ``torch`` | ``triton``; group_attention: in
     a batch, attend in groups of similar requests (tree size, prefix length; :mod:`verifiers.paged.groups`) rather
     than padding all of them to the largest (same outputs); screen_greedy: greedy steps take each node's argmax from
-    a bfloat16 screen of the LM head checked in float32 (:mod:`specdec.models.greedy_head`: exact, half the head's
+    a bfloat16 screen of the LM head checked in float32 (:mod:`specdec.kernels.greedy_head`: exact, half the head's
     weight traffic) where the target and CPU allow it.
     """
 
     capabilities = VerifierCapabilities(hidden_states=True, greedy_scoring=True, batching=True)
-    SINGLE = "single"  # request id used by the one-request protocol
 
     def __init__(self, model, num_blocks: int = 1024, block_size: int = 16, kernel: str = "auto",
                  share_prefixes: bool = True, group_attention: bool = True, screen_greedy: bool = True) -> None:
@@ -87,7 +84,7 @@ class PagedVerifier:
         self.greedy_head = ScreenedArgmax(model.get_output_embeddings()) \
             if screen_greedy and screenable(model) else None
 
-    # --- the batched face ------------------------------------------------------------------------------------
+    # --- the request operations ----------------------------------------------------------------------------
 
     def start(self, request_id: Hashable, input_ids: torch.Tensor, output_hidden: HiddenSpec = False) -> torch.Tensor | None:
         """Cache ``input_ids [1, T]`` for a new request (the prompt minus its last token, the first tree's root).
@@ -115,8 +112,8 @@ class PagedVerifier:
             hidden = input_ids.new_zeros(1, 0, hidden_width(self.model.config, output_hidden), dtype=self.model.dtype)
         return hidden
 
-    def score_batch(self, request_ids: Sequence[Hashable], trees: Sequence[DraftTree],
-                    output_hidden: HiddenSpec = False, greedy: bool = False) -> VerifyOutput:
+    def score(self, request_ids: Sequence[Hashable], trees: Sequence[DraftTree], output_hidden: HiddenSpec = False,
+              greedy: bool = False) -> VerifyOutput:
         """One forward over every request's tree (each ``[1, n_i]``), padded to one node budget with dead nodes
         (which the dense layers never see: only live nodes are packed into the model's input). ``greedy``: only
         each node's argmax is needed; with the screened head it comes back as ``greedy [B, N]`` (no logits).
@@ -144,7 +141,7 @@ class PagedVerifier:
             self._pending[rid] = t
         return out
 
-    def commit_request(self, request_id: Hashable, keep: Sequence[int]) -> None:
+    def commit(self, request_id: Hashable, keep: Sequence[int]) -> None:
         """Keep the accepted nodes ``keep`` (root first) of the request's last scored tree."""
         if self._pending.pop(request_id, None) is None:
             raise SpecdecError(f"commit for request {request_id!r} without a score before it.")
@@ -167,28 +164,8 @@ class PagedVerifier:
     def blocks_for(self, num_tokens: int) -> int:
         return self.cache.allocator.blocks_for(num_tokens)
 
-    # --- the one-request Verifier protocol -----------------------------------------------------------------
-
-    def prefill(self, input_ids: torch.Tensor, output_hidden: HiddenSpec = False) -> torch.Tensor | None:
-        if input_ids.shape[0] != 1:
-            raise SpecdecError("prefill() takes one request [1, T]; batches go through specdec.serving.engine.")
-        self.release(self.SINGLE)
-        return self.start(self.SINGLE, input_ids, output_hidden)
-
-    def score(self, tree: DraftTree, output_hidden: HiddenSpec = False, greedy: bool = False) -> VerifyOutput:
-        """One request's tree (``greedy``: see :meth:`score_batch`)."""
-        return self.score_batch([self.SINGLE], [tree], output_hidden, greedy)
-
-    def commit(self, tree: DraftTree, acceptance: Acceptance) -> None:
-        self.commit_request(self.SINGLE, acceptance.accepted_nodes(0))
-
-    def finish(self) -> None:
-        """The one request is over: its blocks go back to the pool (a later batch may need all of them)."""
-        self.release(self.SINGLE)
-
-    @property
-    def cached_length(self) -> int:
-        return self.cache.length(self.SINGLE) if self.SINGLE in self.cache.seqs else 0
+    def cached_length(self, request_id: Hashable) -> int:
+        return self.cache.length(request_id) if request_id in self.cache.seqs else 0
 
     def cost_key(self) -> dict:
         """The paged KV layout, its attention kernel, and whether greedy tokens come from the screened head."""
