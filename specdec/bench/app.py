@@ -11,7 +11,7 @@
 Methods (``bench.methods``): ``hf`` (``model.generate``, greedy: the reference every other method is timed and
 token-compared against), ``hf_pld`` (with ``prompt_lookup_num_tokens``), ``hf_assisted`` (with ``assistant_model`` =
 the draft model of ``drafter.path``), each optionally ``+fast`` (e.g. ``hf+fast``: the same ``model.generate`` with
-specdec's float32 CPU linear kernel, :mod:`specdec.models.cpu_gemm`, which every ``specdec:*`` method uses: it shows how
+specdec's float32 CPU linear kernel, :mod:`specdec.kernels.cpu_gemm`, which every ``specdec:*`` method uses: it shows how
 much of a speedup is the kernel and how much is drafting), ``specdec:<drafter>`` (a :class:`specdec.SpecDecoder` with
 that drafter's ``conf/drafter/<drafter>.yaml`` options, or the chosen ``drafter`` group's with its overrides), optionally
 ``specdec:<drafter>@<verifier>`` to use another verifier than the ``verifier`` group's, and ``+adaptive`` to
@@ -54,7 +54,8 @@ from specdec.bench import plots as plots_mod
 from specdec.bench.prompts import DEFAULT_PROMPTS, Prompt, load_prompts
 from specdec.errors import ConfigError, PromptError, SpecdecError
 from specdec.generate import SpecDecoder
-from specdec.models import cpu_gemm, families
+from specdec.kernels import cpu_gemm
+from specdec.models import families
 
 CONF_PATH = str(config.CONF_DIR)
 HF_METHODS = ("hf", "hf_pld", "hf_assisted")
@@ -110,8 +111,10 @@ def method_drafters(cfg: DictConfig) -> dict[str, MethodSpec]:
             out[m] = MethodSpec(None, None, fast_linears=bool(plus))
             continue
         kind, _, rest = m.partition(":")
-        if rest.split("@")[0] == "adaptive":  # the recommended setting: hybrid drafters, dynamic trees, cost model
-            rest = rest.replace("adaptive", registry.RECOMMENDED_DRAFTER, 1) + "+adaptive"
+        name = rest.split("@")[0]
+        if name in registry.METHODS:  # a named method, e.g. adaptive = the recommended drafter + the adaptive budget
+            named = registry.METHODS[name]
+            rest = rest.replace(name, named.drafter, 1) + ("+adaptive" if named.adaptive else "")
         rest, plus, modifier = rest.partition("+")
         if plus and modifier != "adaptive":
             raise ConfigError(f"unknown modifier +{modifier} in bench method {m!r}; the only one is +adaptive.")
@@ -125,7 +128,7 @@ def method_drafters(cfg: DictConfig) -> dict[str, MethodSpec]:
         else:
             raise ConfigError(f"unknown bench method {m!r}; use {list(HF_METHODS)} (optionally +fast) or "
                               f"specdec:<drafter>[@<verifier>][+adaptive] with a drafter from "
-                              f"{config.group_options('drafter')}.")
+                              f"{config.group_options('drafter')} (or a named method: {sorted(registry.METHODS)}).")
     if any(hf_method(m) == "hf_assisted" for m in out) and cfg.drafter.name != registry.ASSISTANT_DRAFTER:
         raise ConfigError(f"hf_assisted needs a draft model: set drafter={registry.ASSISTANT_DRAFTER} "
                           "drafter.path=<hub id or path>.")
@@ -268,7 +271,7 @@ def build_runners(cfg: DictConfig, model, tokenizer, drafters: dict[str, MethodS
 
 
 def with_fast_linears(run: Runner, *modules) -> Runner:
-    """``run`` with specdec's CPU linear kernel (:mod:`specdec.models.cpu_gemm`) in ``modules``: the ``+fast`` HF
+    """``run`` with specdec's CPU linear kernel (:mod:`specdec.kernels.cpu_gemm`) in ``modules``: the ``+fast`` HF
     methods, which show how much of specdec's speed comes from the kernel rather than from drafting."""
 
     def wrapped(*args):

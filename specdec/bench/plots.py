@@ -4,7 +4,7 @@
 * ``<name>.acceptance.png`` — for each speculative method, the fraction of verify steps whose accepted path
   reached depth d (d = 1, 2, ...), with τ in the legend.
 
-matplotlib is an optional dependency (``pip install specdec[plots]``; ``make`` installs it); it runs headless.
+matplotlib is an optional dependency (``pip install 'specdec[bench]'``; ``make`` installs it); it runs headless.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ def _pyplot():
     try:
         import matplotlib
     except ImportError:
-        raise ConfigError("bench.plots=true needs matplotlib: pip install 'specdec[plots]' (or matplotlib).") from None
+        raise ConfigError("bench.plots=true needs matplotlib: pip install 'specdec[bench]' (or matplotlib).") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
