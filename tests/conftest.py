@@ -180,7 +180,11 @@ def char_tokenizer():
 
 
 def greedy_reference(model, ids: torch.Tensor, max_new_tokens: int, **kwargs) -> list[int]:
-    """The new tokens of ``model.generate(do_sample=False)`` — the ground truth for lossless decoding."""
-    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                         do_sample=False, **kwargs)
-    return out[0, ids.shape[1]:].tolist()
+    """The new tokens of ``model.generate(do_sample=False)`` — tokens only, for building inputs.
+
+    To check losslessness compare whole (tokens, length and finish reason): ``tests.equality.greedy_ref`` and
+    ``assert_greedy_equal``.
+    """
+    from tests.equality import greedy_ref
+
+    return greedy_ref(model, ids, max_new_tokens, **kwargs).tokens

@@ -1,4 +1,4 @@
-"""The fused Llama-style decoder layer (specdec.models.cpu_decoder_layer): each listed class gives its own forward's
+"""The fused Llama-style decoder layer (specdec.kernels.cpu_decoder_layer): each listed class gives its own forward's
 result up to float32 rounding (sliding windows and q/k/v biases included), its rotary embedding is bitwise
 transformers', only listed classes are fused, other inputs take the layer's own forward, and decoding stays lossless."""
 
@@ -9,8 +9,9 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from specdec.models import cpu_decoder_layer, cpu_gemm, hf_cache, skinny_gemm
-from specdec.models.cpu_decoder_layer import DecoderLayerForward
+from specdec.kernels import cpu_decoder_layer, cpu_gemm, skinny_gemm
+from specdec.kernels.cpu_decoder_layer import DecoderLayerForward
+from specdec.models import hf_cache
 
 needs_kernel = pytest.mark.skipif(not cpu_decoder_layer.available(), reason=f"not built: {cpu_decoder_layer.failure()}")
 
@@ -136,7 +137,7 @@ def test_eager_attention_takes_the_layers_own_forward():
 @pytest.mark.parametrize("verifier", ["hf", "paged"])
 def test_greedy_decoding_stays_lossless(verifier, monkeypatch):
     import specdec
-
+    from tests.equality import assert_greedy_equal, greedy_ref
     from verifiers.paged import layer_kernel
 
     served = []
@@ -148,8 +149,8 @@ def test_greedy_decoding_stays_lossless(verifier, monkeypatch):
     model = tiny("llama")
     prompt = torch.tensor([[5, 9, 3, 7, 11, 2, 8, 4, 5, 9, 3, 7]])
     with torch.inference_mode():
-        want = model.generate(prompt, max_new_tokens=24, do_sample=False, pad_token_id=0)[0, prompt.shape[1]:]
+        want = greedy_ref(model, prompt, 24, pad_token_id=0)
     out = specdec.generate(model, prompt, drafter="ngram", verifier=verifier, max_new_tokens=24, fast_linears=True)
-    assert out.new_tokens == want.tolist()
+    assert_greedy_equal(out, want)
     # the paged verifier on its C++ kernel runs each layer whole; the HF verifier calls around SDPA
     assert set(served) == {"one call" if verifier == "paged" and layer_kernel.available() else "two calls"}

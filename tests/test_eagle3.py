@@ -12,12 +12,12 @@ import torch
 import specdec
 from drafters.eagle3 import Eagle3Arch, Eagle3Drafter, Eagle3Head, default_aux_layers
 from specdec import interop
-from specdec.interop import eagle3 as eagle3_layout
 from specdec.interop.files import write_dir
 from specdec.models import checkpoint, hf_cache
 from specdec.errors import ConfigError
 from specdec.models.checkpoint import CheckpointError
 from specdec.types import DraftContext
+from tests.equality import assert_greedy_equal, greedy_ref
 from tests.tiny import random_prompt, tiny_llama
 from tests.test_eagle import check_cache_matches_full
 from tests.train_fixtures import job_config
@@ -43,9 +43,8 @@ def greedy_equal(target, drafter, seeds=range(3), verifier: str = "hf", n: int =
     steps = 0
     for seed in seeds:
         ids = random_prompt(seed, 9 + seed)
-        ref = target.generate(ids, do_sample=False, max_new_tokens=n)[0, ids.shape[1]:].tolist()
         out = specdec.generate(target, ids, drafter=drafter, max_new_tokens=n, verifier=verifier)
-        assert out.new_tokens == ref[: len(out.new_tokens)]
+        assert_greedy_equal(out, greedy_ref(target, ids, n), f"seed {seed}")
         steps += out.stats.verify_steps
     return steps
 
@@ -237,9 +236,8 @@ def test_job_writes_checkpoint_exports_and_is_lossless(trained):
     for path in (final, final.parent / "final-eagle3"):
         for seed in range(2):
             ids = random_prompt(seed, 12)
-            ref = target.generate(ids, do_sample=False, max_new_tokens=16)[0, ids.shape[1]:].tolist()
             out = specdec.generate(target, ids, tokenizer=tok, drafter=str(path), max_new_tokens=16)
-            assert out.new_tokens == ref[: len(out.new_tokens)]
+            assert_greedy_equal(out, greedy_ref(target, ids, 16), f"{path.name} seed {seed}")
 
 
 def test_cli_export(trained, tmp_path):

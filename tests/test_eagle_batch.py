@@ -13,6 +13,7 @@ from specdec.generate import SpecDecoder
 from specdec.models import hf_cache
 from specdec.protocols import BatchDrafter
 from specdec.types import DraftContext
+from tests.equality import assert_all_greedy_equal, greedy_ref
 from tests.test_eagle import tiny_head
 from tests.test_eagle3 import tiny_head as tiny_head3
 from tests.tiny import random_prompt, tiny_llama
@@ -116,7 +117,7 @@ def test_batches_are_lossless_and_draft_once_per_level(batched, monkeypatch):
     target = tiny_llama(0, dtype=torch.float32)
     head = tiny_head(target, 96)
     prompts = [random_prompt(s, n) for s, n in enumerate([9, 4, 13, 1, 7])]
-    refs = [target.generate(p, do_sample=False, max_new_tokens=12)[0, p.shape[1]:].tolist() for p in prompts]
+    refs = [greedy_ref(target, p, 12) for p in prompts]
     calls = []
     forward = type(head).forward
     monkeypatch.setattr(type(head), "forward", lambda self, feats, *a, **k: calls.append(feats.shape[0]) or
@@ -124,6 +125,5 @@ def test_batches_are_lossless_and_draft_once_per_level(batched, monkeypatch):
     dec = SpecDecoder(target, drafter=EagleDrafter(target, head=head, depth=3, batched=batched), verifier="paged",
                       max_nodes=4, max_batch_size=3)
     outs = dec.generate_batch([p[0].tolist() for p in prompts], max_new_tokens=12)
-    for out, ref in zip(outs, refs):
-        assert out.new_tokens == ref[: len(out.new_tokens)] and out.stats.finish_reason in ("eos", "length")
+    assert_all_greedy_equal(outs, refs)
     assert (max(calls) > 1) == batched  # together: batch rows in one head forward

@@ -15,7 +15,8 @@ from specdec.errors import (
     VocabularyMismatchError,
 )
 from specdec.types import DraftTree
-from tests.conftest import get_tiny, greedy_reference
+from tests.conftest import get_tiny
+from tests.equality import assert_all_greedy_equal, assert_greedy_equal, greedy_ref
 from tests.tiny import random_prompt, tiny_tokenizer
 
 # ---------------------------------------------------------------- streaming, stats, outputs
@@ -28,13 +29,14 @@ def test_text_streamer_matches_model_generate(capsys, tokenizer, drafter, eos):
     target = get_tiny(seed)
     prompt = random_prompt(pseed, 10, repeat=eos is None)
     kwargs = {} if eos == "default" else {"eos_token_id": None}
-    target.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=30, do_sample=False,
-                    streamer=TextStreamer(tokenizer, skip_special_tokens=True), **kwargs)
+    ref = greedy_ref(target, prompt, 30, streamer=TextStreamer(tokenizer, skip_special_tokens=True), **kwargs)
     expected = capsys.readouterr().out
     out = specdec.generate(target, prompt, tokenizer=tokenizer, drafter=drafter, max_new_tokens=30,
                            streamer=TextStreamer(tokenizer, skip_special_tokens=True),
                            eos_token_id="default" if eos else None)
     got = capsys.readouterr().out
+    assert_greedy_equal(out, ref)
+    assert ref.finish_reason == ("eos" if eos else "length")
     assert got == expected
     # the prompt and every new token were printed (EOS skipped)
     assert got.split() == tokenizer.decode(out.sequences[0], skip_special_tokens=True).split()
@@ -87,11 +89,12 @@ def test_output_sequences_are_prompt_plus_new_tokens(target, tokenizer):
     assert out.sequences.shape == (1, 7 + 15) and out.sequences.dtype == torch.long
     assert out.sequences[0, :7].tolist() == prompt[0].tolist()
     assert out.sequences[0, 7:].tolist() == out.new_tokens
-    assert out.new_tokens == greedy_reference(target, prompt, 15, eos_token_id=None)
+    assert_greedy_equal(out, greedy_ref(target, prompt, 15, eos_token_id=None))
     assert out.text == tokenizer.decode(out.new_tokens, skip_special_tokens=True)
     # no tokenizer: no text, same tokens
     bare = specdec.generate(target, prompt, max_new_tokens=15, eos_token_id=None)
-    assert bare.text is None and bare.new_tokens == out.new_tokens
+    assert bare.text is None
+    assert_greedy_equal(bare, out)
 
 
 def test_input_forms(target, tokenizer):
@@ -105,8 +108,9 @@ def test_input_forms(target, tokenizer):
         specdec.generate(target, prompt=" ".join(f"w{i}" for i in ids), tokenizer=tokenizer, max_new_tokens=8,
                          eos_token_id=None),
     ]
-    for o in outs:
-        assert o.new_tokens == outs[0].new_tokens and o.sequences[0, :6].tolist() == ids
+    for i, o in enumerate(outs):
+        assert_greedy_equal(o, outs[0], f"input form {i}")
+        assert o.sequences[0, :6].tolist() == ids
 
 
 def test_decode_loop_directly(target):
@@ -118,7 +122,8 @@ def test_decode_loop_directly(target):
     steps = list(specdec.decode(HFVerifier(target), registry.build_drafter("ngram", target), greedy, prompt,
                                 max_new_tokens=25, max_nodes=8))
     tokens = [t for s in steps for t in s.new_tokens]
-    assert tokens == greedy_reference(target, prompt, 25, eos_token_id=None)
+    # the loop alone has no stopper: it ends by committing exactly max_new_tokens, i.e. by length
+    assert_greedy_equal((tokens, "length"), greedy_ref(target, prompt, 25, eos_token_id=None))
     for s in steps:
         path = s.acceptance.accepted_nodes(0)
         assert s.new_tokens[:-1] == s.tree.tokens[0, path[1:]].tolist()
@@ -160,10 +165,11 @@ def test_loop_never_drafts_past_max_new_tokens(target, max_new):
     from verifiers.hf import HFVerifier
 
     prompt = random_prompt(1, 10)
-    cont = greedy_reference(target, prompt, 20, eos_token_id=None)
+    cont = greedy_ref(target, prompt, 20, eos_token_id=None).tokens
     drafter = OracleDrafter(prompt.shape[1], cont)
     steps = list(specdec.decode(HFVerifier(target), drafter, greedy, prompt, max_new_tokens=max_new, max_nodes=16))
-    assert [t for s in steps for t in s.new_tokens] == cont[:max_new]
+    assert_greedy_equal(([t for s in steps for t in s.new_tokens], "length"),
+                        greedy_ref(target, prompt, max_new, eos_token_id=None))
     assert len(steps) == -(-max_new // 7)  # every draft accepted: 6 drafts + 1 bonus per step
     remaining = max_new
     for s, (nodes, depth) in zip(steps, drafter.seen):
@@ -258,8 +264,7 @@ def test_bad_max_new_tokens(target, max_new):
 def test_batch_of_two_prompts(target):
     """A [B, T] tensor is a batch: generate() serves it with the paged verifier and returns one output each."""
     outs = specdec.generate(target, torch.tensor([[4, 5, 6], [7, 8, 9]]), max_new_tokens=2, eos_token_id=None)
-    assert [o.new_tokens for o in outs] == [greedy_reference(target, torch.tensor([p]), 2, eos_token_id=None)
-                                            for p in ([4, 5, 6], [7, 8, 9])]
+    assert_all_greedy_equal(outs, [greedy_ref(target, p, 2, eos_token_id=None) for p in ([4, 5, 6], [7, 8, 9])])
     with pytest.raises(PromptError, match="for one request"):
         specdec.inputs.request_ids(torch.tensor([[4, 5], [6, 7]]), None, tokenizer=None, chat=False, device="cpu")
 
@@ -277,7 +282,8 @@ def test_batch_of_two_text_prompts(target, with_template):
     outs = specdec.generate(target, prompt=["w4 w5", "w6 w7"], tokenizer=tok, max_new_tokens=3, eos_token_id=None)
     for text, out in zip(["w4 w5", "w6 w7"], outs):
         alone = specdec.generate(target, prompt=text, tokenizer=tok, max_new_tokens=3, eos_token_id=None)
-        assert out.new_tokens == alone.new_tokens and out.text == alone.text
+        assert_greedy_equal(out, alone, text)
+        assert out.text == alone.text
         assert torch.equal(out.sequences, alone.sequences)
 
 
@@ -376,8 +382,9 @@ def test_generation_params_from_keywords_a_dataclass_or_a_transformers_generatio
     by_params = specdec.generate(target, ids, generation_config=specdec.GenerationParams(max_new_tokens=6,
                                                                                            eos_token_id=None))
     by_hf = specdec.generate(target, ids, generation_config=GenerationConfig(max_new_tokens=6), eos_token_id=None)
-    assert by_keywords.new_tokens == by_params.new_tokens == by_hf.new_tokens
-    assert by_keywords.new_tokens == greedy_reference(target, ids, 6, eos_token_id=None)
+    ref = greedy_ref(target, ids, 6, eos_token_id=None)
+    for name, out in [("keywords", by_keywords), ("GenerationParams", by_params), ("GenerationConfig", by_hf)]:
+        assert_greedy_equal(out, ref, name)
     # keywords override the config's fields; a sampled GenerationConfig brings its warping
     p = specdec.GenerationParams.resolve(GenerationConfig(do_sample=True, temperature=0.5, top_k=7, top_p=0.9,
                                                           max_new_tokens=9), {"top_k": 3})

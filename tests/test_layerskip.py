@@ -17,6 +17,7 @@ from specdec.models import checkpoint, hf_cache
 from specdec.models.checkpoint import CheckpointError
 from specdec.models.hf_forward import forward_masked, forward_tokens
 from specdec.models.surgery import DraftVocabHead
+from tests.equality import assert_greedy_equal, greedy_ref
 from tests.tiny import random_prompt, save_tiny, tiny_llama
 from tests.train_fixtures import job_config
 from train import job, layerskip
@@ -201,10 +202,8 @@ def test_path_and_skip_lists_together_are_refused(tmp_path):
 def assert_lossless(target, drafter, seeds=range(4), n: int = 20, **kwargs):
     for seed in seeds:
         ids = random_prompt(seed, 7 + 2 * seed, repeat=seed % 2 == 0)
-        ref = target.generate(ids, do_sample=False, max_new_tokens=n)[0, ids.shape[1]:].tolist()
         out = specdec.generate(target, ids, drafter=drafter, max_new_tokens=n, **kwargs)
-        assert out.new_tokens == ref[: len(out.new_tokens)]
-        assert out.stats.finish_reason in ("eos", "length")
+        assert_greedy_equal(out, greedy_ref(target, ids, n), f"seed {seed}")
 
 
 @pytest.mark.parametrize("skip, attention, adapter, width", [
@@ -284,8 +283,7 @@ def test_trained_drafter_loads_is_lossless_and_target_unchanged(trained):
     assert LayerSkipDrafter(target, path=str(final), full_vocab=True).vocab.ids is None
     assert_lossless(target, drafter, seeds=range(3), n=16)
     out = specdec.generate(target, random_prompt(0, 12), tokenizer=tok, drafter=str(final), max_new_tokens=16)
-    ref = target.generate(random_prompt(0, 12), do_sample=False, max_new_tokens=16)[0, 12:].tolist()
-    assert out.new_tokens == ref[: len(out.new_tokens)]
+    assert_greedy_equal(out, greedy_ref(target, random_prompt(0, 12), 16))
     assert torch.equal(target(ids).logits, fresh(ids).logits)
 
 

@@ -20,7 +20,8 @@ from specdec.algorithms.sampling import SamplingParams
 from specdec.errors import ConfigError
 from specdec.models import checkpoint
 from specdec.types import DraftContext
-from tests.conftest import get_tiny, greedy_reference
+from tests.conftest import get_tiny
+from tests.equality import assert_greedy_equal, greedy_ref
 from tests.test_rejection import assert_matches
 from tests.test_sampling_e2e import exact_joint, first_two_counts
 from tests.tiny import random_prompt, tiny_llama, tiny_tokenizer
@@ -123,7 +124,7 @@ def test_greedy_decoding_is_lossless(trained, choices):
     for seed, length in [(1, 12), (2, 30), (3, 5), (4, 1)]:
         ids = random_prompt(seed, length, repeat=seed % 2 == 0)
         out = specdec.generate(target, ids, tokenizer=tok, drafter=drafter, max_new_tokens=24)
-        assert out.new_tokens == greedy_reference(target, ids, 24, eos_token_id=2), (seed, length)
+        assert_greedy_equal(out, greedy_ref(target, ids, 24, eos_token_id=2), f"seed {seed}, prompt length {length}")
 
 
 def test_checkpoint_for_another_target_is_refused(trained):

@@ -14,6 +14,7 @@ import torch
 import specdec
 from specdec import models
 from specdec.models import checkpoint
+from tests.equality import assert_greedy_equal, greedy_ref
 
 pytestmark = pytest.mark.slow
 
@@ -42,12 +43,12 @@ def test_default_model_greedy_equality(default_target, drafter):
     assert model.dtype == torch.float32
     for prompt in PROMPTS:
         ids = models.encode_prompt(tokenizer, prompt)
-        ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=32, do_sample=False)
-        ref_new = ref[0, ids.shape[1]:].tolist()
+        ref = greedy_ref(model, ids, 32)
         out = specdec.generate(model, ids, tokenizer=tokenizer, drafter=drafter, max_new_tokens=32)
-        assert out.new_tokens == ref_new, (prompt, tokenizer.decode(out.new_tokens), tokenizer.decode(ref_new))
-        assert out.sequences[0].tolist() == ref[0].tolist()
-        assert out.text == tokenizer.decode(ref_new, skip_special_tokens=True)
+        assert_greedy_equal(out, ref, f"{prompt!r}: got {tokenizer.decode(out.new_tokens)!r}, "
+                                      f"want {tokenizer.decode(ref.tokens)!r}")
+        assert out.sequences[0].tolist() == ids[0].tolist() + ref.tokens
+        assert out.text == tokenizer.decode(ref.tokens, skip_special_tokens=True)
         assert out.stats.tau >= 1.0
 
 
@@ -64,6 +65,6 @@ def test_shipped_eagle3_exported_and_loaded_back_drafts_the_same(default_target,
                             drafter_kwargs={"depth": 3})
     back = specdec.generate(model, ids, tokenizer=tokenizer, drafter=str(out_dir), max_new_tokens=32,
                             drafter_kwargs={"depth": 3})
-    assert back.new_tokens == ours.new_tokens
+    assert_greedy_equal(back, ours)
     assert back.stats.accepted == ours.stats.accepted
 

@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from drafters.tree_shape import choices_from_accuracy
 from specdec.errors import ConfigError
 from specdec.models import checkpoint
+from tests.equality import assert_greedy_equal, greedy_ref, reference_finish_reason
 from tests.tiny import tiny_llama, tiny_tokenizer
 from tests.train_fixtures import chat_file
 from train import data as data_mod
@@ -69,10 +70,12 @@ def test_selfdistill_resumes(tmp_path, two_files):
         f.write('{"id": "torn')  # a crash mid-line
     rows = selfdistill.generate_answers(target, tok, prompts, out, batch_size=2, max_new_tokens=6, progress=False)
     assert len(first) == 3 and len(rows) == 6 and len({r["id"] for r in rows}) == 6
-    for r in rows:  # the cached ids are exactly the target's greedy answer
-        prompt = torch.tensor([r["input_ids"][: r["n_prompt"]]])
-        ref = target.generate(prompt, do_sample=False, max_new_tokens=6)[0].tolist()
-        assert r["input_ids"] == ref[: len(r["input_ids"])]
+    eos = [target.generation_config.eos_token_id]
+    for r in rows:  # the cached ids are exactly the target's greedy answer (EOS kept), whole
+        prompt, answer = r["input_ids"][: r["n_prompt"]], r["input_ids"][r["n_prompt"]:]
+        # an answer ends at EOS or after max_new_tokens; any other length is a cut answer and fails here
+        ended = reference_finish_reason(prompt, answer, 6, eos)
+        assert_greedy_equal((answer, ended), greedy_ref(target, prompt, 6), f"row {r['id']}")
 
 
 def test_features_record_target_outputs_and_resume(tmp_path, two_files):

@@ -154,14 +154,14 @@ def test_cpu_tensors_without_interpreter_raise_clearly(monkeypatch):
 def test_paged_verifier_with_triton_kernel_is_lossless():
     """End to end under the interpreter: batched decoding through the Triton kernel == greedy decoding alone."""
     import specdec
-    from tests.conftest import get_tiny, greedy_reference
+    from tests.conftest import get_tiny
+    from tests.equality import assert_all_greedy_equal, greedy_ref
 
     target = get_tiny(0, dtype=torch.float32)
     prompts = [[5, 6, 7, 5, 6, 7, 5], [9, 10, 11, 12]]
     outs = specdec.generate(target, prompts, drafter="ngram", max_new_tokens=10, max_nodes=4,
                             verifier_kwargs={"kernel": "triton", "block_size": 4, "num_blocks": 16})
-    for p, o in zip(prompts, outs):
-        assert o.new_tokens == greedy_reference(target, torch.tensor([p]), 10)
+    assert_all_greedy_equal(outs, [greedy_ref(target, p, 10) for p in prompts])
 
 
 @pytest.mark.parametrize("window, softcap", [(3, None), (1, None), (17, 0.8), (None, 2.0), (40, 30.0)])
