@@ -69,7 +69,7 @@ def matched_path(tree: DraftTree, tokens: list[int]) -> list[int]:
 
 # the recommended mix for the default target, as conf/drafter/hybrid.yaml has it (the bench's specdec:adaptive):
 # n-gram continuations beside the EAGLE-style head's dynamic trees, which stop growing at a level whose best path
-# probability is below 0.6 (the head is overconfident below it, docs/benchmarks.md)
+# probability is below 0.6 (the head is overconfident below it, docs/history/07-kv-copies.md)
 DEFAULT_PARTS = ({"name": "ngram"}, {"name": "eagle", "dynamic": True, "max_nodes": None, "min_value": 0.6})
 
 

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 # The fixed cost of one more attention call per layer, in the cost's units (query rows x key positions): a call's
 # set-up (gathers, masks, a kernel launch) costs about what this many row-positions of SDPA do on a CPU
-# (docs/benchmarks.md).
+# (docs/history/05-onednn.md).
 GROUP_OVERHEAD = 4096
 
 
