@@ -126,6 +126,9 @@ def _generate(argv: list[str]) -> int:
     parser.add_argument("--top-k", type=int, default=None, help="sampling: keep the k most likely tokens (0 = off)")
     parser.add_argument("--seed", type=int, default=None, help="sampling: the RNG seed (same seed, same output)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--quantization", default=None, choices=["int8", "int4"],
+                        help="weight-only int8 / int4 linears (GGUF Q8_0 / Q4_1), float32 activations; a .gguf "
+                             "--target is served with its own quantized tensors")
     parser.add_argument("--raw", action="store_true", help="treat the prompt as raw completion text (no template)")
     args = parser.parse_args(argv)
     _check_generate_args(parser, args)
@@ -135,7 +138,7 @@ def _generate(argv: list[str]) -> int:
     from specdec import SpecDecoder, models
 
     drafter, drafter_kwargs, adaptive = resolve_drafter(args.drafter, args.draft_path)
-    model, tokenizer = models.load_target(args.target, dtype=args.dtype)
+    model, tokenizer = models.load_target(args.target, dtype=args.dtype, quantization=args.quantization)
     decoder = SpecDecoder(model, tokenizer, drafter=drafter, drafter_kwargs=drafter_kwargs, verifier=args.verifier,
                           max_nodes=args.max_nodes, adaptive=adaptive or args.adaptive)
     sampling = {"do_sample": True, "temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k,
@@ -155,6 +158,7 @@ def _profile(argv: list[str]) -> int:
                                      description="Print (measuring once, then cached) the verify-cost profile.")
     parser.add_argument("--target", default=None, help="hub id or local path (default: SmolLM2-135M-Instruct)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--quantization", default=None, choices=["int8", "int4"])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--verifier", default=registry.REFERENCE_VERIFIER, help=" | ".join(registry.VERIFIERS))
     parser.add_argument("--remeasure", action="store_true", help="measure again even when a profile is cached")
@@ -165,7 +169,7 @@ def _profile(argv: list[str]) -> int:
     from specdec import models, profiler
 
     torch.set_num_threads(args.threads)
-    model, _ = models.load_target(args.target, dtype=args.dtype)
+    model, _ = models.load_target(args.target, dtype=args.dtype, quantization=args.quantization)
     profile, path, measured = profiler.load_or_measure(model, args.verifier, remeasure=args.remeasure)
     print(profiler.format_profile(profile))
     print(f"\n{'measured now, written to' if measured else 'cached in'} {path}")

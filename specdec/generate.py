@@ -44,7 +44,9 @@ class SpecDecoder:
     from it), or an object implementing :class:`specdec.protocols.Drafter`; ``drafter_kwargs`` go to the drafter's
     constructor. verifier: a registered name (``hf``, the reference; ``paged``, which also serves batches), with
     ``verifier_kwargs``. acceptance: ``greedy``, ``rejection`` or ``typical`` (LOSSY); None: greedy, or rejection
-    when sampling. max_nodes: the node budget of a draft tree, root included.
+    when sampling. max_nodes: the node budget of a draft tree, root included. quantization: ``int8`` / ``int4``
+    weight-only linears for a target loaded by name (:mod:`specdec.models.quantize`; a ``.gguf`` target is served
+    with its own quantized tensors).
     adaptive: re-decide each request's node budget (up to ``max_nodes``) before every step from the measured cost
     profile (``cost_profile``, or the cached / freshly measured one for this target and machine, see
     :mod:`specdec.profiler`) and the request's acceptance so far (:mod:`specdec.algorithms.adaptive`); a
@@ -61,10 +63,15 @@ class SpecDecoder:
                  acceptance: str | None = None, max_nodes: int = DEFAULT_MAX_NODES, dtype=None,
                  drafter_kwargs: dict | None = None, fast_linears: bool | None = None,
                  verifier_kwargs: dict | None = None, max_batch_size: int = 8, adaptive: bool = False,
-                 cost_profile: CostProfile | None = None, preemption: str | None = None) -> None:
+                 cost_profile: CostProfile | None = None, preemption: str | None = None,
+                 quantization: str | None = None) -> None:
         if target is None or isinstance(target, str):
-            target, loaded_tok = models.load_target(target, dtype=dtype or "float32")
+            target, loaded_tok = models.load_target(target, dtype=dtype or "float32", quantization=quantization)
             tokenizer = tokenizer or loaded_tok
+        elif quantization is not None:
+            raise ConfigError("quantization applies when specdec loads the target: pass its name or path as target, "
+                              "or quantize your model first with specdec.models.quantize.quantize_model(model, "
+                              f"{quantization!r}).")
         check_servable(target)  # an encoder-decoder, recurrent or headless model: one clear error, before anything
         self.target = target
         self.tokenizer = tokenizer
@@ -303,7 +310,7 @@ def generate(target=None, input_ids=None, *, tokenizer=None, drafter=registry.DE
              max_nodes: int = DEFAULT_MAX_NODES, dtype=None, drafter_kwargs: dict | None = None,
              fast_linears: bool | None = None, verifier_kwargs: dict | None = None, max_batch_size: int = 8,
              adaptive: bool = False, cost_profile: CostProfile | None = None, preemption: str | None = None,
-             **generate_kwargs) -> GenerationOutput | list[GenerationOutput]:
+             quantization: str | None = None, **generate_kwargs) -> GenerationOutput | list[GenerationOutput]:
     """Speculatively decode; output identical to ``target.generate`` (greedy: token for token; sampling: in
     distribution).
 
@@ -326,5 +333,5 @@ def generate(target=None, input_ids=None, *, tokenizer=None, drafter=registry.DE
                           max_nodes=max_nodes, dtype=dtype, drafter_kwargs=drafter_kwargs,
                           fast_linears=fast_linears, verifier_kwargs=verifier_kwargs,
                           max_batch_size=max_batch_size, adaptive=adaptive, cost_profile=cost_profile,
-                          preemption=preemption)
+                          preemption=preemption, quantization=quantization)
     return decoder.generate(input_ids, **generate_kwargs)

@@ -76,7 +76,7 @@ def test_drafter_kwargs_drop_name():
 
 @pytest.mark.parametrize("args, fragment", [
     (["bench.bogus=1"], "unknown key 'bogus' in bench; valid keys: ['all_turns', 'batch_size', 'categories'"),
-    (["target.nam=x"], "unknown key 'nam' in target; valid keys: ['declare_family', 'device', 'dtype', 'name']"),
+    (["target.nam=x"], "unknown key 'nam' in target; valid keys: ['declare_family', 'device', 'dtype', 'name', 'quantization']"),
     (["drafter.bogus=1"], "unknown key 'bogus' in drafter; valid keys: ['max_candidates', 'max_depth'"),
     (["drafter=none", "drafter.max_ngram=2"], "unknown key 'max_ngram' in drafter; valid keys: ['name']"),
     (["tree.nodes=4"], "unknown key 'nodes' in tree; valid keys: ['max_nodes']"),

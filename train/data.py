@@ -8,7 +8,6 @@ hash of its id says so, so the split never changes when the mixture does.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 from collections.abc import Iterable, Sequence
@@ -18,6 +17,7 @@ from pathlib import Path
 import torch
 
 from specdec.errors import ConfigError
+from specdec.splits import is_validation  # noqa: F401 - re-exported: train/'s split is specdec's
 
 SHARED_DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
 
@@ -61,12 +61,6 @@ def read_conversations(path: str | Path, text_chunk_chars: int = 2000) -> list[d
                                   "for the format.") from None
             rows.append({"id": str(row.get("id", f"{path.stem}-{n}")), "messages": messages})
     return rows
-
-
-def is_validation(row_id: str, val_fraction: float) -> bool:
-    """Stable split: a row is held out when the hash of its id falls below ``val_fraction``."""
-    h = int(hashlib.sha1(row_id.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
-    return h < val_fraction
 
 
 def mixture(sources: Sequence[Source | dict], total: int, *, split: str = "train", val_fraction: float = 0.05,

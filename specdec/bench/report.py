@@ -170,7 +170,9 @@ def _steps(x: float, dtype: str = "") -> str:
 def text_report(result: dict) -> str:
     """The bench's printed summary: a header line, the headline table (with a divergence line per method whose
     greedy outputs differ from the reference's, see :func:`divergence_lines`) and the per-category table."""
-    head = (f"{result['target']} ({result['dtype']}, {result['device']}, {result['threads']} threads), "
+    weights = f"{result['quantization']} weights, float32 activations" if result.get("quantization") \
+        else result["dtype"]
+    head = (f"{result['target']} ({weights}, {result['device']}, {result['threads']} threads), "
             f"{result['prompts']} prompts, up to {result['max_new_tokens']} new tokens each")
     if result.get("batch_size", 1) > 1:
         head += f"; batch size {result['batch_size']}: tokens/s is total throughput over all requests"

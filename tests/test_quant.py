@@ -1,0 +1,218 @@
+"""Weight-only int8 / int4 targets: the kernel, the formats, GGUF files, losslessness, refusals.
+
+The kernel's product equals the dequantized weights' up to float32 rounding and, what losslessness rests on, a
+row's result is bitwise the same in a batch of any size. Speculative decoding over a quantized target is held to
+that target's own greedy decoding (``model.generate`` on the same quantized modules) for every drafter, both
+verifiers and batches, and its samples to the target's distribution (chi-square, as tests/test_sampling_e2e.py).
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+
+import numpy as np
+import pytest
+import torch
+
+import specdec
+from specdec import SpecDecoder
+from specdec.errors import ConfigError
+from specdec.kernels import quant_gemm
+from specdec.models import gguf, quantize
+from specdec.models.quantize import QuantLinear
+from tests.equality import assert_greedy_equal, greedy_ref
+from tests.tiny import random_prompt, tiny_llama, tiny_tokenizer
+
+_TOK = tiny_tokenizer()
+
+
+def _check_built() -> None:
+    assert quant_gemm.available(), quant_gemm.failure()
+
+
+# ---------------------------------------------------------------- formats and kernel
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantize_follows_gguf_formulas(bits):
+    w = torch.randn(40, 64)
+    p = quant_gemm.quantize(w, bits)
+    q, d, m = quant_gemm.unpacked(p)
+    blocks = w.view(40, 2, 32)
+    if bits == 8:  # Q8_0: d = max|w| / 127 in float16, q = round(w / d)
+        assert torch.equal(d, (blocks.abs().amax(-1) / 127).half())
+        assert int(q.abs().max()) <= 127 and m is None
+    else:  # Q4_1: d = (max - min) / 15, m = min, q in 0..15
+        assert torch.equal(m, blocks.amin(-1).half())
+        assert torch.equal(d, ((blocks.amax(-1) - blocks.amin(-1)) / 15).half())
+        assert int(q.min()) >= 0 and int(q.max()) <= 15
+    err = (quant_gemm.dequantize(p) - w).abs().view(40, 2, 32).amax(-1)
+    step = d.float() if bits == 4 else d.float()
+    assert bool((err <= step * 0.5 + 1e-3).all())  # at most half a step from the weight (plus float16 rounding)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_pack_and_unpack_are_inverse(bits):
+    g = torch.Generator().manual_seed(1)
+    q = torch.randint(-127, 128, (45, 96), generator=g) if bits == 8 else torch.randint(0, 16, (45, 96), generator=g)
+    d = torch.rand(45, 3, generator=g).half()
+    m = torch.rand(45, 3, generator=g).half() if bits == 4 else None
+    q2, d2, m2 = quant_gemm.unpacked(quant_gemm.pack(bits, q, d, m))
+    assert torch.equal(q2.long(), q) and torch.equal(d2, d) and (m is None or torch.equal(m2, m))
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("n, k", [(50, 64), (96, 32), (200, 160)])
+def test_kernel_matches_dequantized_product_and_rows_are_independent(bits, n, k):
+    _check_built()
+    g = torch.Generator().manual_seed(n + k)
+    w, x, b = torch.randn(n, k, generator=g), torch.randn(19, k, generator=g), torch.randn(n, generator=g)
+    p = quant_gemm.quantize(w, bits)
+    y = quant_gemm.quant_linear(x, p, b)
+    ref = x.double() @ quant_gemm.dequantize(p).double().T + b.double()
+    assert y.shape == (19, n) and y.dtype == torch.float32
+    torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-4)
+    for rows in (1, 2, 3, 5, 8, 9, 17):  # every block size and sub-block split of the kernel
+        part = torch.cat([quant_gemm.quant_linear(x[i:i + rows].contiguous(), p, b) for i in range(0, 19, rows)])
+        assert torch.equal(part, y), rows
+
+
+def test_kernel_refuses_mismatched_panels():
+    _check_built()
+    p = quant_gemm.quantize(torch.randn(64, 64), 4)
+    with pytest.raises(RuntimeError, match="input size"):
+        quant_gemm.quant_linear(torch.randn(2, 96), p)
+    with pytest.raises(ValueError, match="multiple of 32"):
+        quant_gemm.quantize(torch.randn(8, 40), 8)
+
+
+def test_torch_route_without_the_kernel(monkeypatch):
+    p = quant_gemm.quantize(torch.randn(64, 64), 4)
+    x = torch.randn(3, 64)
+    monkeypatch.setattr(quant_gemm, "available", lambda: False)
+    layer = QuantLinear(p)
+    torch.testing.assert_close(layer(x), x @ quant_gemm.dequantize(p).T)
+
+
+# ---------------------------------------------------------------- GGUF blocks
+
+
+@pytest.mark.parametrize("kind", ["Q8_0", "Q4_0", "Q4_1"])
+def test_gguf_blocks_load_bit_for_bit(kind):
+    """Our panels of a GGUF tensor's raw blocks hold exactly the values the gguf package dequantizes."""
+    from gguf import GGMLQuantizationType, quants
+
+    qtype = GGMLQuantizationType[kind]
+    w = np.random.default_rng(0).standard_normal((40, 96)).astype(np.float32)
+    raw = quants.quantize(w, qtype)
+    panels = gguf.quant_blocks(kind, raw, 40, 96)
+    assert panels.bits == (8 if kind == "Q8_0" else 4)
+    assert torch.equal(quant_gemm.dequantize(panels), torch.from_numpy(quants.dequantize(raw, qtype)))
+
+
+def test_gguf_refusals(tmp_path):
+    bad = tmp_path / "broken.gguf"
+    bad.write_bytes(b"GGUF" + b"\0" * 20)
+    with pytest.raises(Exception, match="not a readable GGUF file"):
+        gguf.load_gguf(bad)
+    with pytest.raises(ConfigError, match="no GGUF file"):
+        gguf.load_gguf(tmp_path / "missing.gguf")
+    import gguf as gg
+
+    writer = gg.GGUFWriter(str(tmp_path / "other.gguf"), "rwkv6")
+    writer.add_tensor("token_embd.weight", np.zeros((4, 32), np.float32))
+    writer.write_header_to_file(), writer.write_kv_data_to_file(), writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(ConfigError, match="'rwkv6' is not served"):
+        gguf.load_gguf(tmp_path / "other.gguf")
+    writer = gg.GGUFWriter(str(tmp_path / "k.gguf"), "llama")
+    raw = np.zeros((4, 210), np.uint8)  # one Q6_K block (256 values in 210 bytes) per row
+    writer.add_tensor("blk.0.attn_q.weight", raw, raw_dtype=gg.GGMLQuantizationType.Q6_K)
+    writer.write_header_to_file(), writer.write_kv_data_to_file(), writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(ConfigError, match=r"blk\.0\.attn_q\.weight \(Q6_K\).*llama-quantize"):
+        gguf.load_gguf(tmp_path / "k.gguf")
+
+
+def test_llama_q_k_rows_are_put_back_in_transformers_order():
+    """llama.cpp's converter permutes q/k rows per head (interleaved rotary pairs); _unpermute undoes it."""
+    heads, rows = 3, 12
+    w = torch.arange(rows * 2).view(rows, 2)
+    permuted = w.view(heads, 2, rows // heads // 2, 2).transpose(1, 2).reshape(rows, 2)  # as the converter writes
+    assert torch.equal(permuted[gguf._unpermute(heads, rows)], w)
+
+
+# ---------------------------------------------------------------- quantized targets
+
+
+@functools.cache
+def quantized_tiny(bits: str, seed: int = 0) -> torch.nn.Module:
+    model = tiny_llama(seed, dtype=torch.float32)
+    report = quantize.quantize_model(model, bits)
+    assert report.quantized == 2 * 7 + 1 and not report.kept  # every linear of both layers, and the LM head
+    return model
+
+
+def test_quantize_model_swaps_every_linear_and_keeps_the_head_at_int8():
+    model = quantized_tiny("int4")
+    assert not any(type(m) is torch.nn.Linear for m in model.modules())
+    assert model.lm_head.bits == 8 and model.model.layers[0].mlp.down_proj.bits == 4
+    assert quantize.quantization_of(model) == "int4"
+    float_model = tiny_llama(0, dtype=torch.float32)
+    assert specdec.models.vocab_size(model) == specdec.models.vocab_size(float_model)
+    with torch.no_grad():
+        ids = random_prompt(0, 12)
+        a, b = model(ids).logits, float_model(ids).logits
+    assert (a - b).abs().max() < 0.2 * b.abs().max()  # near the float model, not equal to it
+
+
+def test_quantization_refusals():
+    with pytest.raises(ConfigError, match="unknown target.quantization 'int3'"):
+        quantize.check_quantizable(tiny_llama(0, dtype=torch.float32), "int3")
+    with pytest.raises(ConfigError, match="target.dtype=float32"):
+        quantize.check_quantizable(tiny_llama(0, dtype=torch.bfloat16), "int8")
+    from tests.families import tiny_family
+
+    with pytest.raises(ConfigError, match="Conv1D"):
+        quantize.check_quantizable(tiny_family("gpt2", dtype=torch.float32), "int8")
+    with pytest.raises(ConfigError, match="quantize your model first"):
+        SpecDecoder(tiny_llama(0, dtype=torch.float32), _TOK, quantization="int8")
+    with pytest.raises(ConfigError, match="unknown quantization"):
+        specdec.models.load_target("some/model", quantization="fp4")
+
+
+@pytest.mark.parametrize("bits", ["int8", "int4"])
+@pytest.mark.parametrize("verifier", ["hf", "paged"])
+def test_every_drafter_lossless_on_a_quantized_target(drafter_factory, bits, verifier):
+    target = quantized_tiny(bits)
+    prompt = random_prompt(700, 14, repeat=True)
+    ref = greedy_ref(target, prompt, 24, eos_token_id=None)
+    out = specdec.generate(target, prompt, tokenizer=_TOK, drafter=drafter_factory.build(target, _TOK),
+                           verifier=verifier, max_new_tokens=24, eos_token_id=None)
+    assert_greedy_equal(out, ref)
+
+
+def test_quantized_batch_equals_each_request_alone():
+    target = quantized_tiny("int4", seed=1)
+    prompts = [random_prompt(800 + i, 6 + 3 * i, repeat=True)[0].tolist() for i in range(4)]
+    refs = [greedy_ref(target, torch.tensor([p]), 20, eos_token_id=None) for p in prompts]
+    outs = specdec.generate(target, prompts, tokenizer=_TOK, drafter="ngram", max_new_tokens=20, eos_token_id=None)
+    for out, ref in zip(outs, refs):
+        assert_greedy_equal(out, ref)
+
+
+def test_quantized_target_samples_its_distribution():
+    """Chi-square of the first two sampled tokens against the quantized target's exact joint distribution, with a
+    draft-model tree (rejection sampling against draft probabilities)."""
+    from drafters.draft_model import DraftModelDrafter
+    from tests import test_sampling_e2e as e2e
+    from tests.test_rejection import assert_matches
+
+    target = tiny_llama(0, vocab_size=e2e.V, init=e2e.INIT, dtype=torch.float32)
+    quantize.quantize_model(target, "int4")
+    draft = copy.deepcopy(e2e.draft_model()).float()
+    decoder = SpecDecoder(target, None, drafter=DraftModelDrafter(target, None, model=draft, depth=2, width=2))
+    counts, drafted, accepted = e2e.first_two_counts(decoder, e2e.PROMPT, e2e.V, e2e.N_SAMPLES, 90_000)
+    assert_matches(counts, e2e.exact_joint(target, e2e.PROMPT, e2e.params(False)), "int4 target")
+    assert 0 < sum(accepted) < sum(drafted)
