@@ -26,6 +26,7 @@ from specdec.algorithms.cost import CostProfile
 from specdec.kernels import cpu_gemm
 from specdec.models import gqa_attention
 from specdec.models.checkpoint import target_fingerprint
+from specdec.models.quantize import quantization_of
 
 SIZES = (1, 2, 4, 8, 16, 32, 64)
 PROFILE_REQUEST = "profile"  # the request id the measurement's verify steps run under
@@ -43,6 +44,7 @@ def profile_key(model, verifier: str = registry.REFERENCE_VERIFIER, cost_key: Ma
     return {"target": target_fingerprint(model), "dtype": str(p.dtype).replace("torch.", ""),
             "device": p.device.type, "threads": torch.get_num_threads(), "verifier": verifier,
             "linears": cpu_gemm.kernel(model) if fast_linears else "off",
+            "quantization": quantization_of(model),  # int8 / int4 linears cost another profile
             "attention": gqa_attention.route(model), **cost_key,
             "torch": torch.__version__, "transformers": transformers.__version__}
 

@@ -1,4 +1,4 @@
-"""Linear layers on a few rows at the speed of reading their weights once (a C++ kernel for CPUs with AVX-512).
+"""Linear layers on a few rows at the speed of reading their weights once (a C++ kernel for CPUs with AVX-512 or AVX2).
 
 A decode step of a small model on a CPU is bound by streaming its weights from memory: SmolLM2-135M's 540 MB of
 float32 weights take about 14 ms to read on this machine's two cores (``tensor.sum()`` over them), but oneDNN's
@@ -21,8 +21,9 @@ each node with the products a one-token step would compute). Results differ from
 only (the order of the sum).
 
 bfloat16 weights are packed in pairs of input features (``[N/32, K/2, 32, 2]``) for AVX-512 BF16's pairwise dot
-products (``vdpbf16ps``): float32 accumulation, one rounding to bfloat16 at the end, as oneDNN does
-(:func:`bf16_available`); half the bytes, so about half the time of a float32 step.
+products (``vdpbf16ps``): float32 accumulation, one rounding to bfloat16 at the end, as oneDNN does; on AVX2 each 32-bit pair is
+split into two float32 weights by a shift and a mask (:func:`bf16_available`). Half the bytes, so about half the time
+of a float32 step where reading the weights is the bound.
 
 The packed panels are a second copy of the weights (:func:`pack`; :func:`specdec.kernels.cpu_gemm.fast_linears` keeps
 one per layer, or per group of sibling projections packed side by side, while the module lives). Output features are
@@ -37,12 +38,28 @@ import torch
 
 from specdec.kernels.build import CppKernel, cpu_flags
 
-# float32 rows fast_linears sends here; beyond, oneDNN is as fast or faster (docs/history/16-fused-layers.md)
-MAX_ROWS = 64
+# float32 rows fast_linears sends here, by instruction set: beyond, oneDNN is as fast or faster (AVX-512:
+# docs/history/16-fused-layers.md; AVX2, 16 registers of 8 floats, three rows a pass: the 121 linears of a
+# SmolLM2-135M step took 29 / 31 / 53 / 102 ms at 1 / 4 / 8 / 16 rows against oneDNN's 35 / 46 / 55 / 83,
+# docs/history/19-quantized-targets.md)
+ROWS = {"avx512": 64, "avx2": 8}
 MAX_ROWS_BF16 = 16  # bfloat16 rows: beyond, F.linear (oneDNN, with AMX where the CPU has it)
 PANEL = 32  # output features per panel (two AVX-512 registers of float32)
 
-_KERNEL = CppKernel("specdec_panel_gemm", "panel_gemm.cpp", "linears on packed panels (AVX-512)")
+_KERNEL = CppKernel("specdec_panel_gemm", "panel_gemm.cpp", "linears on packed panels (AVX-512 or AVX2)")
+
+
+def isa() -> str | None:
+    """The kernel's instruction set on this CPU: ``avx512``, ``avx2`` (with FMA) or None (no fast path)."""
+    flags = cpu_flags()
+    if " avx512f " in flags:
+        return "avx512"
+    if " avx2 " in flags and " fma " in flags:
+        return "avx2"
+    return None
+
+
+MAX_ROWS = ROWS.get(isa(), ROWS["avx512"])
 
 
 def max_rows(dtype: torch.dtype) -> int:
@@ -51,22 +68,20 @@ def max_rows(dtype: torch.dtype) -> int:
 
 
 def available() -> bool:
-    """Whether the kernel is built and pays: a CPU with AVX-512 (elsewhere oneDNN is as fast or faster)."""
-    return _avx512() and _KERNEL.available()
+    """Whether the kernel is built and pays: a CPU with AVX-512 or AVX2 + FMA (elsewhere oneDNN is as fast or
+    faster)."""
+    return isa() is not None and _KERNEL.available()
 
 
 def failure() -> str | None:
     """Why the kernel is not used (None when it is, or was not tried)."""
-    return _KERNEL.failure() if _avx512() else "this CPU has no AVX-512"
+    return _KERNEL.failure() if isa() else "this CPU has neither AVX-512 nor AVX2 with FMA"
 
 
 def bf16_available() -> bool:
-    """Whether bfloat16 takes the kernel at its speed: built, and a CPU with AVX-512 BF16 (vdpbf16ps)."""
-    return available() and " avx512_bf16" in cpu_flags()
-
-
-def _avx512() -> bool:
-    return " avx512f" in cpu_flags()
+    """Whether bfloat16 takes the kernel at its speed: built, with AVX-512 BF16's pairwise dot products or AVX2's
+    shift-and-multiply-add path (either reads half a float32 panel's bytes)."""
+    return available()
 
 
 @dataclass(frozen=True)

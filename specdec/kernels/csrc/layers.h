@@ -3,7 +3,7 @@
 #include <torch/types.h>
 #include <ATen/Parallel.h>
 #include <cmath>
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
 #include <immintrin.h>
 #include <sleef.h>
 #endif
@@ -70,6 +70,13 @@ inline torch::Tensor silu_mul(const torch::Tensor& gu) {
         const __m512 s =
             _mm512_div_ps(gv, _mm512_add_ps(one, Sleef_expf16_u10(_mm512_sub_ps(_mm512_setzero_ps(), gv))));
         _mm512_storeu_ps(o + k, _mm512_mul_ps(s, _mm512_loadu_ps(u + k)));
+      }
+#elif defined(__AVX2__) && defined(__FMA__)
+      const __m256 one = _mm256_set1_ps(1.f);
+      for (; k + 8 <= n; k += 8) {
+        const __m256 gv = _mm256_loadu_ps(g + k);
+        const __m256 s = _mm256_div_ps(gv, _mm256_add_ps(one, Sleef_expf8_u10(_mm256_sub_ps(_mm256_setzero_ps(), gv))));
+        _mm256_storeu_ps(o + k, _mm256_mul_ps(s, _mm256_loadu_ps(u + k)));
       }
 #endif
       for (; k < n; ++k) o[k] = g[k] / (1.f + std::exp(-g[k])) * u[k];

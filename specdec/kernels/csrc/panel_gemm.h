@@ -97,6 +97,43 @@ static inline void panel_f32(const float* xt, int64_t K, const float* p, const f
 #endif
 }
 
+#if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512BF16__)
+// AVX2 without bfloat16 dot products: a 32-bit lane of the panel holds one output's pair (k even, k odd); shifting
+// it left by 16 gives the even weight as a float32, masking the low half the odd one. S rows (pairs of xt, whose
+// rows are ldx pairs apart); float32 sums, the even feature then the odd one of each pair, in order
+template <int S>
+static inline void panel_bf16_avx2(const at::BFloat16* xt, int ldx, int64_t K2, const at::BFloat16* p,
+                                   const float* bias, at::BFloat16* y, int64_t ldy, int64_t valid) {
+  __m256 a[S][4];
+#pragma GCC unroll 4
+  for (int r = 0; r < S; ++r)
+    for (int v = 0; v < 4; ++v) a[r][v] = _mm256_setzero_ps();
+  const __m256i high = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
+  for (int64_t k = 0; k < K2; ++k) {
+    _mm_prefetch(reinterpret_cast<const char*>(p + (k + PF) * 2 * P), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(p + (k + PF) * 2 * P + P), _MM_HINT_T0);
+    __m256 x0[S], x1[S];
+#pragma GCC unroll 4
+    for (int r = 0; r < S; ++r) {
+      x0[r] = _mm256_set1_ps(static_cast<float>(xt[(k * ldx + r) * 2]));
+      x1[r] = _mm256_set1_ps(static_cast<float>(xt[(k * ldx + r) * 2 + 1]));
+    }
+#pragma GCC unroll 4
+    for (int v = 0; v < 4; ++v) {
+      const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + k * 2 * P + 16 * v));
+      const __m256 we = _mm256_castsi256_ps(_mm256_slli_epi32(w, 16)), wo = _mm256_castsi256_ps(_mm256_and_si256(w, high));
+#pragma GCC unroll 4
+      for (int r = 0; r < S; ++r) a[r][v] = _mm256_fmadd_ps(wo, x1[r], _mm256_fmadd_ps(we, x0[r], a[r][v]));
+    }
+  }
+  alignas(32) float out[P];
+  for (int r = 0; r < S; ++r) {
+    for (int v = 0; v < 4; ++v) _mm256_store_ps(out + 8 * v, a[r][v]);
+    for (int64_t j = 0; j < valid; ++j) y[r * ldy + j] = at::BFloat16(bias ? out[j] + bias[j] : out[j]);
+  }
+}
+#endif
+
 // bfloat16: xt holds pairs of input features ([K/2][R] of 32 bits), the panel [K/2][32][2]; float32 sums of pairs
 // (vdpbf16ps), one rounding to bfloat16 at the end
 template <int R>
@@ -127,6 +164,13 @@ static inline void panel_bf16(const at::BFloat16* xt, int64_t K2, const at::BFlo
     _mm512_storeu_ps(out, a0[r]);
     _mm512_storeu_ps(out + 16, a1[r]);
     for (int64_t j = 0; j < valid; ++j) y[r * ldy + j] = at::BFloat16(bias ? out[j] + bias[j] : out[j]);
+  }
+#elif defined(__AVX2__) && defined(__FMA__)
+  for (int r0 = 0; r0 < R; r0 += 3) {
+    const int n = std::min(3, R - r0);
+    if (n == 3) panel_bf16_avx2<3>(xt + 2 * r0, R, K2, p, bias, y + r0 * ldy, ldy, valid);
+    else if (n == 2) panel_bf16_avx2<2>(xt + 2 * r0, R, K2, p, bias, y + r0 * ldy, ldy, valid);
+    else panel_bf16_avx2<1>(xt + 2 * r0, R, K2, p, bias, y + r0 * ldy, ldy, valid);
   }
 #else
   for (int r = 0; r < R; ++r)
