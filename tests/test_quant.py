@@ -216,3 +216,26 @@ def test_quantized_target_samples_its_distribution():
     counts, drafted, accepted = e2e.first_two_counts(decoder, e2e.PROMPT, e2e.V, e2e.N_SAMPLES, 90_000)
     assert_matches(counts, e2e.exact_joint(target, e2e.PROMPT, e2e.params(False)), "int4 target")
     assert 0 < sum(accepted) < sum(drafted)
+
+
+def test_quantized_llama_layers_run_fused(monkeypatch):
+    """Inside fast_linears a quantized Llama layer runs as the two C++ calls around its attention (q/k/v and gate/up
+    as one product each), with the outputs of the layer's own forward up to float rounding."""
+    from specdec.kernels import cpu_decoder_layer, cpu_gemm
+
+    assert cpu_decoder_layer.quant_available(), quant_gemm.failure()
+    model = quantized_tiny("int8")
+    layer = model.model.layers[0]
+    assert cpu_decoder_layer.is_quant_llama_layer(layer)
+    qkv, o, gu, down = cpu_decoder_layer.quant_weights(layer)
+    assert qkv.out_features == sum(layer.self_attn.get_submodule(n).out_features for n in ("q_proj", "k_proj", "v_proj"))
+    calls = []
+    real = cpu_decoder_layer.post_attention
+    monkeypatch.setattr(cpu_decoder_layer, "post_attention", lambda *a: calls.append(a[0].shape[0]) or real(*a))
+    ids = random_prompt(3, 9)
+    with torch.inference_mode():
+        want = model(ids).logits
+        with cpu_gemm.fast_linears(model):
+            got = model(ids).logits
+    assert calls == [9] * model.config.num_hidden_layers
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -34,7 +34,7 @@ from typing import Protocol
 import torch
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from specdec.kernels import cpu_layers, skinny_gemm
+from specdec.kernels import cpu_layers, quant_gemm, skinny_gemm
 from specdec.kernels.build import CppKernel
 
 # decoder layer class -> the extra keyword its attention module passes to the attention function (checked against
@@ -52,9 +52,20 @@ _KERNEL = CppKernel("specdec_decoder_layer", "decoder_layer.cpp",
                     "a Llama-style layer around its attention")
 
 
+# the same two calls with int8 / int4 weight-only linears (csrc/quant_layer.cpp)
+_QUANT_KERNEL = CppKernel("specdec_quant_layer", "quant_layer.cpp",
+                          "a Llama-style layer around its attention, int8 / int4 linears")
+QUANT_MAX_ROWS = 64  # quantized layers: the kernel serves any rows; beyond, a prefill runs the layer's own forward
+
+
 def available() -> bool:
     """Whether the kernels are built and the skinny kernel serves this CPU (building them now if they were not)."""
     return skinny_gemm.available() and _KERNEL.available()
+
+
+def quant_available() -> bool:
+    """Whether the quantized layers' kernels are built (building them now if they were not)."""
+    return cpu_layers.available() and quant_gemm.available() and _QUANT_KERNEL.available()
 
 
 def failure() -> str | None:
@@ -65,29 +76,62 @@ def failure() -> str | None:
 def is_llama_layer(layer: torch.nn.Module) -> bool:
     """True for a decoder layer of a class in :data:`DECODER_LAYERS` with Llama's parts: an attention module of a
     known class, RMSNorms, a gated SiLU MLP, and no sub-norms of q and k."""
+    return _is_llama_layer(layer, torch.nn.Linear)
+
+
+def is_quant_llama_layer(layer: torch.nn.Module) -> bool:
+    """:func:`is_llama_layer` with every projection a :class:`specdec.kernels.quant_gemm.QuantLinear`, q/k/v of one
+    bit width and gate/up of one (each group runs as one product)."""
+    if not _is_llama_layer(layer, quant_gemm.QuantLinear):
+        return False
+    attn, mlp = layer.self_attn, layer.mlp
+    return len({attn.q_proj.bits, attn.k_proj.bits, attn.v_proj.bits}) == 1 and mlp.gate_proj.bits == mlp.up_proj.bits
+
+
+def _is_llama_layer(layer: torch.nn.Module, linear: type) -> bool:
     attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
     return (type(layer).__name__ in DECODER_LAYERS and type(attn).__name__ in _ATTENTIONS
-            and all(type(getattr(attn, n, None)) is torch.nn.Linear for n in ("q_proj", "k_proj", "v_proj", "o_proj"))
+            and all(type(getattr(attn, n, None)) is linear for n in ("q_proj", "k_proj", "v_proj", "o_proj"))
             and cpu_layers.is_gated_silu_mlp(mlp)
-            and all(type(getattr(mlp, n, None)) is torch.nn.Linear for n in ("gate_proj", "up_proj", "down_proj"))
+            and all(type(getattr(mlp, n, None)) is linear for n in ("gate_proj", "up_proj", "down_proj"))
             and all(cpu_layers.is_rms_norm(getattr(layer, n, None))
                     for n in ("input_layernorm", "post_attention_layernorm")))
 
 
-def pre_attention(h: torch.Tensor, norm: torch.nn.Module, qkv: skinny_gemm.Panels, cos: torch.Tensor,
+def quant_weights(layer: torch.nn.Module) -> tuple:
+    """A quantized Llama-style layer's weights as the kernels take them: ``(qkv, o, gate_up, down)``."""
+    attn, mlp = layer.self_attn, layer.mlp
+    return (quant_gemm.concat([attn.q_proj.panels, attn.k_proj.panels, attn.v_proj.panels]), attn.o_proj.panels,
+            quant_gemm.concat([mlp.gate_proj.panels, mlp.up_proj.panels]), mlp.down_proj.panels)
+
+
+Weights = skinny_gemm.Panels | quant_gemm.QuantPanels  # float32 packed panels, or int8 / int4 ones
+
+
+def _q(w: quant_gemm.QuantPanels) -> tuple:
+    return w.q, w.d, w.m, w.bias, w.out_features, w.bits
+
+
+def pre_attention(h: torch.Tensor, norm: torch.nn.Module, qkv: Weights, cos: torch.Tensor,
                   sin: torch.Tensor, rope_heads: int, head_dim: int) -> torch.Tensor:
     """``h [M, H]`` -> ``[M, N_qkv]``: ``norm``, the packed q/k/v product, the rotary embedding (``cos``, ``sin``
     ``[M, head_dim]``) of the first ``rope_heads`` heads (q's and k's)."""
-    return _KERNEL.module.pre_attention(h, norm.weight, float(norm.variance_epsilon), qkv.panels, qkv.bias,
-                                        qkv.out_features, cos, sin, rope_heads, head_dim)
+    eps = float(norm.variance_epsilon)
+    if isinstance(qkv, quant_gemm.QuantPanels):
+        return _QUANT_KERNEL.module.pre_attention_q(h, norm.weight, eps, *_q(qkv), cos, sin, rope_heads, head_dim)
+    return _KERNEL.module.pre_attention(h, norm.weight, eps, qkv.panels, qkv.bias, qkv.out_features, cos, sin,
+                                        rope_heads, head_dim)
 
 
-def post_attention(h: torch.Tensor, attn: torch.Tensor, o: skinny_gemm.Panels, norm: torch.nn.Module,
-                   gate_up: skinny_gemm.Panels, down: skinny_gemm.Panels) -> torch.Tensor:
+def post_attention(h: torch.Tensor, attn: torch.Tensor, o: Weights, norm: torch.nn.Module, gate_up: Weights,
+                   down: Weights) -> torch.Tensor:
     """``h [M, H]`` (the layer's input), ``attn [M, H_q * D]`` -> the layer's output ``[M, H]``."""
-    return _KERNEL.module.post_attention(h, attn, o.panels, o.bias, o.out_features, norm.weight,
-                                         float(norm.variance_epsilon), gate_up.panels, gate_up.bias,
-                                         gate_up.out_features, down.panels, down.bias, down.out_features)
+    eps = float(norm.variance_epsilon)
+    if isinstance(o, quant_gemm.QuantPanels):
+        return _QUANT_KERNEL.module.post_attention_q(h, attn, *_q(o), norm.weight, eps, *_q(gate_up), *_q(down))
+    return _KERNEL.module.post_attention(h, attn, o.panels, o.bias, o.out_features, norm.weight, eps, gate_up.panels,
+                                         gate_up.bias, gate_up.out_features, down.panels, down.bias,
+                                         down.out_features)
 
 
 class WholeLayer(Protocol):
@@ -116,10 +160,13 @@ class DecoderLayerForward:
     """A Llama-style decoder layer's forward inside :func:`specdec.kernels.cpu_gemm.fast_linears`: two C++ calls
     around the model's attention function for the inputs this module serves (see its docstring), the layer's own
     forward otherwise. ``panels``: a callable giving the layer's packed weights, ``(qkv, o, gate_up, down)``
-    (:class:`specdec.kernels.skinny_gemm.Panels`), made on first use and kept by the caller."""
+    (:class:`specdec.kernels.skinny_gemm.Panels`, or :class:`specdec.kernels.quant_gemm.QuantPanels` for a quantized
+    layer), made on first use and kept by the caller; ``max_rows``: the most rows it serves (default the skinny
+    kernel's)."""
 
-    def __init__(self, layer: torch.nn.Module, panels: Callable[[], tuple]) -> None:
+    def __init__(self, layer: torch.nn.Module, panels: Callable[[], tuple], max_rows: int | None = None) -> None:
         self.layer, self.panels = layer, panels
+        self.max_rows = max_rows or skinny_gemm.MAX_ROWS
         self.original = type(layer).forward.__get__(layer)
         attn = layer.self_attn
         cfg = attn.config
@@ -148,7 +195,7 @@ class DecoderLayerForward:
         rows, a rotary embedding as wide as a head, an attention function registered with transformers (``eager`` is the
         modeling module's own: the layer's forward serves it)."""
         return (h.dtype == torch.float32 and h.device.type == "cpu" and not torch.is_grad_enabled()
-                and 0 < h.shape[0] * h.shape[1] <= skinny_gemm.MAX_ROWS and position_embeddings is not None
+                and 0 < h.shape[0] * h.shape[1] <= self.max_rows and position_embeddings is not None
                 and position_embeddings[0].shape[-1] == self.head_dim and not self.layer.training
                 and self.layer.self_attn.config._attn_implementation in ALL_ATTENTION_FUNCTIONS)
 

@@ -312,10 +312,15 @@ class _MLPForward:
         return self.original(x)
 
 
-def _decoder_layer(m: torch.nn.Module, groups: dict[int, _Siblings]) -> cpu_decoder_layer.DecoderLayerForward | None:
+def _decoder_layer(m: torch.nn.Module, groups: dict[int, _Siblings], float_layers: bool = True,
+                   quantized: bool = True) -> cpu_decoder_layer.DecoderLayerForward | None:
     """The fused forward of a Llama-style decoder layer whose q/k/v and gate/up are skinny sibling groups and whose
-    weights are float32 (None for any other module)."""
-    if not cpu_decoder_layer.is_llama_layer(m):
+    weights are float32 (``float_layers``), or whose linears are all int8 / int4 (``quantized``); None for any other
+    module."""
+    if quantized and cpu_decoder_layer.is_quant_llama_layer(m) and cpu_decoder_layer.quant_available():
+        return cpu_decoder_layer.DecoderLayerForward(m, functools.partial(cpu_decoder_layer.quant_weights, m),
+                                                     max_rows=cpu_decoder_layer.QUANT_MAX_ROWS)
+    if not float_layers or not cpu_decoder_layer.is_llama_layer(m):
         return None
     attn, mlp = m.self_attn, m.mlp
     qkv, gu = groups.get(id(attn.q_proj)), groups.get(id(mlp.gate_proj))
@@ -330,9 +335,10 @@ def _decoder_layer(m: torch.nn.Module, groups: dict[int, _Siblings]) -> cpu_deco
 
 
 def _layer_forwards(modules: Iterable[torch.nn.Module], groups: list[_Siblings],
-                    decoder_layers: bool = True) -> list[torch.nn.Module]:
+                    decoder_layers: bool = True, quantized_layers: bool = True) -> list[torch.nn.Module]:
     """Give the RMSNorm and gated SiLU MLP modules of ``modules`` their whole-layer kernels, and Llama-style decoder
-    layers their fused forward (``decoder_layers``); returns those patched."""
+    layers their fused forward (``decoder_layers``: float32 ones; ``quantized_layers``: int8 / int4 ones); returns
+    those patched."""
     gate_up = {id(g.members[0]): g for g in groups if len(g.members) == 2}
     first = {id(g.members[0]): g for g in groups}
     done, seen = [], set()
@@ -341,7 +347,7 @@ def _layer_forwards(modules: Iterable[torch.nn.Module], groups: list[_Siblings],
             if id(m) in seen or "forward" in m.__dict__:
                 continue
             seen.add(id(m))
-            fused = _decoder_layer(m, first) if decoder_layers else None
+            fused = _decoder_layer(m, first, decoder_layers, quantized_layers)
             if fused is not None:
                 m.forward = fused
             elif cpu_layers.is_rms_norm(m):
@@ -390,7 +396,7 @@ def fast_linears(*modules: torch.nn.Module, enabled: bool = True, route: str | N
         for i, m in enumerate(g.members):
             m.forward = functools.partial(g.output, i)
     fused = skinny and (cpu_decoder_layer.available() if decoder_layers is None else bool(decoder_layers))
-    whole = _layer_forwards(modules, groups, fused) if route == "onednn" and (
+    whole = _layer_forwards(modules, groups, fused, decoder_layers is not False) if route == "onednn" and (
         cpu_layers.available() if layers is None else bool(layers)) else []
     try:
         yield

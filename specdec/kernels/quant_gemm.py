@@ -22,10 +22,11 @@ are independent (``specdec kernels`` says which route runs).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from specdec.kernels.build import CppKernel
 
@@ -52,7 +53,7 @@ class QuantPanels:
 
     q: int8 ``[T, K/32, 32 (k), 32 (j)]`` (8 bits) or uint8 ``[T, K/32, 32 (k), 16]`` (4 bits: byte b holds output b
     in its low nibble and output b + 16 in its high one); d, m: float16 ``[T, K/32, 32 (j)]`` (m: 4 bits only);
-    outputs beyond N are zeros."""
+    outputs beyond N are zeros; bias: float32 ``[N]`` or None."""
 
     bits: int
     q: torch.Tensor
@@ -60,6 +61,7 @@ class QuantPanels:
     m: torch.Tensor | None
     out_features: int
     in_features: int
+    bias: torch.Tensor | None = None  # float32 [N], added by the layer kernels (quant_linear takes its own)
 
     @property
     def nbytes(self) -> int:
@@ -115,6 +117,20 @@ def unpacked(p: QuantPanels) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor |
     return q, rows(p.d), rows(p.m) if p.m is not None else None
 
 
+def concat(parts: list[QuantPanels]) -> QuantPanels:
+    """Weights of one input size and bit width side by side (a layer's q/k/v, gate/up) as one :class:`QuantPanels`:
+    the same values, so each part's outputs are bitwise those of its own panels."""
+    if len({p.bits for p in parts}) != 1 or len({p.in_features for p in parts}) != 1:
+        raise ValueError("concatenated quantized weights need one bit width and one input size")
+    cols = [unpacked(p) for p in parts]
+    q, d = torch.cat([c[0] for c in cols]), torch.cat([c[1] for c in cols])
+    m = torch.cat([c[2] for c in cols]) if parts[0].bits == 4 else None
+    biases = [p.bias for p in parts]
+    bias = None if all(b is None for b in biases) else torch.cat(
+        [b if b is not None else torch.zeros(p.out_features) for b, p in zip(biases, parts)])
+    return replace(pack(parts[0].bits, q, d, m), bias=bias)
+
+
 def dequantize(p: QuantPanels) -> torch.Tensor:
     """The weights the panels stand for, float32 ``[N, K]`` (exact: ``d q (+ m)`` in float32)."""
     q, d, m = unpacked(p)
@@ -155,3 +171,37 @@ def quant_linear(x: torch.Tensor, p: QuantPanels, bias: torch.Tensor | None = No
         return _KERNEL.module.quant_linear(x, p.q, p.d, p.m, bias, p.out_features, p.bits)
     w = dequantize(p) if dequantized is None else dequantized
     return F.linear(x, w, bias)
+
+
+class QuantLinear(nn.Module):
+    """A linear layer on quantized panels: ``forward(x [..., K]) -> [..., N]`` (float32; other float inputs are
+    computed in float32 and cast back). ``weight`` is the dequantized float32 ``[N, K]``, made on each access (for
+    code that copies rows of an LM head, e.g. a drafter's initialisation), never kept."""
+
+    def __init__(self, panels: QuantPanels, bias: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.bits, self.in_features, self.out_features = panels.bits, panels.in_features, panels.out_features
+        self.register_buffer("q", panels.q)
+        self.register_buffer("d", panels.d)
+        self.register_buffer("m", panels.m)
+        self.register_buffer("bias", None if bias is None else bias.detach().float().contiguous())
+        self._fallback: torch.Tensor | None = None  # the torch route's dequantized weights (no C++ kernel)
+
+    @property
+    def panels(self) -> QuantPanels:
+        """The layer's weights and bias as the kernels take them."""
+        return QuantPanels(self.bits, self.q, self.d, self.m, self.out_features, self.in_features, self.bias)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return dequantize(self.panels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features).float().contiguous()
+        if not available() and self._fallback is None:
+            self._fallback = dequantize(self.panels)
+        y = quant_linear(rows, self.panels, self.bias, self._fallback)
+        return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int{self.bits}"

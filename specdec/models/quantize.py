@@ -22,44 +22,12 @@ from torch import nn
 
 from specdec.errors import ConfigError
 from specdec.kernels import quant_gemm
+from specdec.kernels.quant_gemm import QuantLinear
 
 QUANTIZATIONS = tuple(quant_gemm.BITS)  # ("int8", "int4")
 # the LM head is never below int8: its errors move every logit at once (llama.cpp's Q4 files keep it at Q6_K or
 # Q8_0 too; the default model's Q4_1 file has a Q8_0 head, and int4 here reproduces that file's tensors)
 HEAD_BITS = 8
-
-
-class QuantLinear(nn.Module):
-    """A linear layer on quantized panels: ``forward(x [..., K]) -> [..., N]`` (float32; other float inputs are
-    computed in float32 and cast back). ``weight`` is the dequantized float32 ``[N, K]``, made on each access (for
-    code that copies rows of an LM head, e.g. a drafter's initialisation), never kept."""
-
-    def __init__(self, panels: quant_gemm.QuantPanels, bias: torch.Tensor | None = None) -> None:
-        super().__init__()
-        self.bits, self.in_features, self.out_features = panels.bits, panels.in_features, panels.out_features
-        self.register_buffer("q", panels.q)
-        self.register_buffer("d", panels.d)
-        self.register_buffer("m", panels.m)
-        self.register_buffer("bias", None if bias is None else bias.detach().float().contiguous())
-        self._fallback: torch.Tensor | None = None  # the torch route's dequantized weights (no C++ kernel)
-
-    @property
-    def panels(self) -> quant_gemm.QuantPanels:
-        return quant_gemm.QuantPanels(self.bits, self.q, self.d, self.m, self.out_features, self.in_features)
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return quant_gemm.dequantize(self.panels)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, self.in_features).float().contiguous()
-        if not quant_gemm.available() and self._fallback is None:
-            self._fallback = quant_gemm.dequantize(self.panels)
-        y = quant_gemm.quant_linear(rows, self.panels, self.bias, self._fallback)
-        return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, int{self.bits}"
 
 
 @dataclass

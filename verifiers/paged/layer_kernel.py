@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from specdec.kernels import cpu_decoder_layer
+from specdec.kernels import cpu_decoder_layer, skinny_gemm
 from specdec.kernels.build import CppKernel
 
 _KERNEL = CppKernel("specdec_paged_layer", "paged_layer.cpp", "a paged decoder layer in one call")
@@ -45,9 +45,9 @@ class PagedWholeLayer:
         dtype than float32)."""
         step, idx = self.step, layer.layer.self_attn.layer_idx
         k_pool, v_pool = step.cache.k[idx], step.cache.v[idx]
-        if k_pool.dtype != torch.float32:
-            return None
         qkv, o, gu, down = layer.packed()
+        if k_pool.dtype != torch.float32 or not isinstance(qkv, skinny_gemm.Panels):  # int8 / int4: two calls
+            return None
         attn, rows = layer.layer.self_attn, step.rows
         n1, n2 = layer.layer.input_layernorm, layer.layer.post_attention_layernorm
         return _KERNEL.module.paged_decoder_layer(

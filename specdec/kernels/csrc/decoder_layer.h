@@ -29,17 +29,18 @@ __attribute__((optimize("fp-contract=off"))) static void rope_inplace(torch::Ten
   });
 }
 
-// h [M, H] -> qkv [M, N_qkv]: RMSNorm, the q/k/v product (panels, bias), rotary embedding of the first `rope_heads`
-// heads of size D in place
-inline torch::Tensor pre_attention(const torch::Tensor& h, const torch::Tensor& norm_w, double eps,
-                                   const torch::Tensor& panels, const c10::optional<torch::Tensor>& bias, int64_t n,
-                                   const torch::Tensor& cos, const torch::Tensor& sin, int64_t rope_heads, int64_t D) {
+// h [M, H] -> qkv [M, N_qkv]: RMSNorm, the q/k/v product (`qkv_linear`: x [M, H] -> [M, n]), rotary embedding of
+// the first `rope_heads` heads of size D in place
+template <class Linear>
+inline torch::Tensor pre_attention_with(const torch::Tensor& h, const torch::Tensor& norm_w, double eps,
+                                        const Linear& qkv_linear, int64_t n, const torch::Tensor& cos,
+                                        const torch::Tensor& sin, int64_t rope_heads, int64_t D) {
   TORCH_CHECK(cos.dim() == 2 && cos.size(0) == h.size(0) && cos.size(1) == D && cos.is_contiguous() &&
                   sin.sizes() == cos.sizes() && sin.is_contiguous() && cos.scalar_type() == at::kFloat &&
                   sin.scalar_type() == at::kFloat,
               "cos and sin must be contiguous float32 [M, D]");
   TORCH_CHECK(D % 2 == 0 && rope_heads * D <= n, "bad head layout");
-  auto qkv = panel_linear(rms_norm(h, norm_w, eps), panels, bias, n);
+  auto qkv = qkv_linear(rms_norm(h, norm_w, eps));
   rope_inplace(qkv, cos, sin, rope_heads, D);
   return qkv;
 }
@@ -51,21 +52,39 @@ static void add_into(torch::Tensor& y, const torch::Tensor& x) {  // y += x, bot
   for (int64_t i = 0; i < n; ++i) yp[i] = xp[i] + yp[i];
 }
 
-// h [M, H], attn [M, H_q * D] -> the layer's output [M, H]: h + o_proj(attn), then that + down(silu(gate) * up) of
-// its RMSNorm
+// h [M, H], attn [M, H_q * D] -> the layer's output [M, H]: h + o(attn), then that + down(silu(gate) * up) of its
+// RMSNorm; o, gate_up and down map x [M, K] to [M, N]
+template <class O, class GU, class Down>
+inline torch::Tensor post_attention_with(const torch::Tensor& h, const torch::Tensor& attn, const O& o, int64_t n_o,
+                                         const torch::Tensor& norm_w, double eps, const GU& gate_up, const Down& down,
+                                         int64_t n_d) {
+  TORCH_CHECK(
+      h.is_contiguous() && h.scalar_type() == at::kFloat && h.dim() == 2 && n_o == h.size(1) && n_d == h.size(1),
+      "h must be contiguous float32 [M, H], and o_proj and down_proj give H features");
+  auto mid = o(attn);
+  add_into(mid, h);  // residual + attention output
+  auto out = down(silu_mul(gate_up(rms_norm(mid, norm_w, eps))));
+  add_into(out, mid);  // residual + MLP output
+  return out;
+}
+
+// the float32 packed panels' versions (specdec/kernels/skinny_gemm.py)
+inline auto panels_of(const torch::Tensor& panels, const c10::optional<torch::Tensor>& bias, int64_t n) {
+  return [&panels, &bias, n](const torch::Tensor& x) { return panel_linear(x, panels, bias, n); };
+}
+
+inline torch::Tensor pre_attention(const torch::Tensor& h, const torch::Tensor& norm_w, double eps,
+                                   const torch::Tensor& panels, const c10::optional<torch::Tensor>& bias, int64_t n,
+                                   const torch::Tensor& cos, const torch::Tensor& sin, int64_t rope_heads, int64_t D) {
+  return pre_attention_with(h, norm_w, eps, panels_of(panels, bias, n), n, cos, sin, rope_heads, D);
+}
+
 inline torch::Tensor post_attention(const torch::Tensor& h, const torch::Tensor& attn, const torch::Tensor& o_panels,
                                     const c10::optional<torch::Tensor>& o_bias, int64_t n_o,
                                     const torch::Tensor& norm_w, double eps, const torch::Tensor& gu_panels,
                                     const c10::optional<torch::Tensor>& gu_bias, int64_t n_gu,
                                     const torch::Tensor& d_panels, const c10::optional<torch::Tensor>& d_bias,
                                     int64_t n_d) {
-  TORCH_CHECK(
-      h.is_contiguous() && h.scalar_type() == at::kFloat && h.dim() == 2 && n_o == h.size(1) && n_d == h.size(1),
-      "h must be contiguous float32 [M, H], and o_proj and down_proj give H features");
-  auto mid = panel_linear(attn, o_panels, o_bias, n_o);
-  add_into(mid, h);  // residual + attention output
-  auto out =
-      panel_linear(silu_mul(panel_linear(rms_norm(mid, norm_w, eps), gu_panels, gu_bias, n_gu)), d_panels, d_bias, n_d);
-  add_into(out, mid);  // residual + MLP output
-  return out;
+  return post_attention_with(h, attn, panels_of(o_panels, o_bias, n_o), n_o, norm_w, eps,
+                             panels_of(gu_panels, gu_bias, n_gu), panels_of(d_panels, d_bias, n_d), n_d);
 }
