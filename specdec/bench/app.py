@@ -26,7 +26,8 @@ that differs from ``hf``'s, the target's top-2 logit gap at the first differing 
 
 With ``bench.batch_size`` B > 1 the prompts are served as a batch: ``hf`` is ``model.generate`` on B prompts at a
 time (left-padded), ``specdec:<drafter>`` is continuous batching over all prompts with up to B running at once
-(``verifier=paged``), ``vllm*`` is vLLM's engine with ``max_num_seqs`` B. Each method's whole run is timed and
+(``verifier=paged``), ``vllm*`` is vLLM's engine with ``max_num_seqs`` B, ``llamacpp*`` llama.cpp's
+``llama-server`` with ``--parallel`` B (:mod:`specdec.bench.peer_llamacpp`). Each method's whole run is timed and
 throughput is total new tokens / total time; per-category timing does not exist in a batch, so the category table
 shows tau only. ``bench.rounds`` R splits the prompts into R groups and runs every method on a group before the
 next, so methods alternate as they do prompt by prompt at batch 1:
@@ -40,6 +41,7 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Callable
+from contextlib import ExitStack, closing
 from dataclasses import dataclass
 
 import hydra
@@ -49,7 +51,7 @@ from tqdm import tqdm
 
 from specdec import models, registry
 from specdec.algorithms.acceptance import LOSSY
-from specdec.bench import config, divergence, peer, report
+from specdec.bench import config, divergence, peer, peer_llamacpp, report
 from specdec.bench import plots as plots_mod
 from specdec.bench.prompts import DEFAULT_PROMPTS, Prompt, load_prompts
 from specdec.errors import ConfigError, PromptError, SpecdecError
@@ -85,7 +87,7 @@ class MethodSpec:
     verifier: DictConfig | None
     adaptive: bool = False  # "+adaptive": node budgets re-decided per step from the cost profile
     fast_linears: bool = False  # "+fast" on an HF method: model.generate with specdec's linear kernel (cpu_gemm)
-    peer: bool = False  # "vllm", "vllm:<speculation>": vLLM's CPU engine in its own environment (bench.peer)
+    peer: bool = False  # "vllm[:<speculation>]" (vLLM's CPU engine, bench.peer_*) or "llamacpp[:<spec type>]"
 
 
 def method_drafters(cfg: DictConfig) -> dict[str, MethodSpec]:
@@ -98,7 +100,7 @@ def method_drafters(cfg: DictConfig) -> dict[str, MethodSpec]:
                           f"measured against it. Add it, e.g. bench.methods=[hf,{','.join(methods)}].")
     out = {}
     for m in methods:
-        if peer.is_peer(m):
+        if peer.is_peer(m) or peer_llamacpp.is_llamacpp(m):
             if sampling_kwargs(cfg.bench):
                 raise ConfigError(f"{m} runs greedy only; drop it from bench.methods for a sampled run.")
             out[m] = MethodSpec(None, None, peer=True)
@@ -128,7 +130,11 @@ def method_drafters(cfg: DictConfig) -> dict[str, MethodSpec]:
         else:
             raise ConfigError(f"unknown bench method {m!r}; use {list(HF_METHODS)} (optionally +fast) or "
                               f"specdec:<drafter>[@<verifier>][+adaptive] with a drafter from "
-                              f"{config.group_options('drafter')} (or a named method: {sorted(registry.METHODS)}).")
+                              f"{config.group_options('drafter')} (or a named method: {sorted(registry.METHODS)}), "
+                              f"or a peer engine's: vllm[:<speculation>], llamacpp[:<spec type>].")
+    b = cfg.bench
+    peer_llamacpp.check([m for m in out if peer_llamacpp.is_llamacpp(m)], b.llamacpp_dir, b.llamacpp_gguf,
+                        b.llamacpp_draft)
     if any(hf_method(m) == "hf_assisted" for m in out) and cfg.drafter.name != registry.ASSISTANT_DRAFTER:
         raise ConfigError(f"hf_assisted needs a draft model: set drafter={registry.ASSISTANT_DRAFTER} "
                           "drafter.path=<hub id or path>.")
@@ -144,9 +150,10 @@ def hf_method(method: str) -> str | None:
 
 
 def check_batched(methods: dict[str, MethodSpec]) -> None:
-    """With bench.batch_size > 1: only ``hf``, paged ``specdec:*`` and ``vllm*`` methods can serve a batch."""
+    """With bench.batch_size > 1: only ``hf``, paged ``specdec:*``, ``vllm*`` and ``llamacpp*`` methods can serve a
+    batch."""
     for m, spec in methods.items():
-        if spec.peer:  # vLLM batches too (max_num_seqs = bench.batch_size)
+        if spec.peer:  # the peer engines batch too (max_num_seqs / --parallel = bench.batch_size)
             continue
         if hf_method(m) not in (None, "hf"):
             raise ConfigError(f"{m} runs one request at a time in transformers; with bench.batch_size > 1 use "
@@ -365,6 +372,29 @@ def bench_prompts(b: DictConfig) -> tuple[list[Prompt], str]:
     return prompts, source
 
 
+def start_peers(cfg: DictConfig, drafters: dict[str, MethodSpec], inputs: list[torch.Tensor],
+                stack: ExitStack) -> dict[str, peer.PeerEngine]:
+    """The peer engines of the ``vllm*`` and ``llamacpp*`` methods, method -> engine, closed with ``stack``."""
+    b = cfg.bench
+    max_len = max(x.shape[1] for x in inputs) + b.max_new_tokens + 16
+    vllm = [m for m, spec in drafters.items() if spec.peer and peer.is_peer(m)]
+    llama = [m for m, spec in drafters.items() if spec.peer and peer_llamacpp.is_llamacpp(m)]
+    engines: dict[str, peer.PeerEngine] = {}
+    if vllm:
+        server = stack.enter_context(closing(peer.PeerServer(
+            b.peer_python, vllm, models.resolve_target_path(cfg.target.name), cfg.target.dtype, max_len,
+            script=b.peer_script, log=b.peer_log, max_num_seqs=b.batch_size)))
+        engines.update(dict.fromkeys(vllm, server))
+    if llama:
+        target = models.resolve_target_path(cfg.target.name)
+        gguf = peer_llamacpp.gguf_type(b.llamacpp_gguf, cfg.target.dtype, cfg.target.get("quantization"), target)
+        servers = stack.enter_context(closing(peer_llamacpp.LlamaCppPeer(
+            llama, target, gguf, max_len, root=b.llamacpp_dir, threads=b.threads, batch_size=b.batch_size,
+            draft=b.llamacpp_draft, target_name=cfg.target.name)))
+        engines.update(dict.fromkeys(llama, servers))
+    return engines
+
+
 def run_bench(cfg: DictConfig) -> dict:
     """Run the benchmark a composed ``conf/config.yaml`` describes; print tables, write and return the JSON."""
     cfg = config.validate(cfg)
@@ -377,22 +407,15 @@ def run_bench(cfg: DictConfig) -> dict:
         families.register_family(model.config.model_type, paged=True)
     runners = build_runners(cfg, model, tokenizer, drafters)
     inputs = encode(prompts, tokenizer, model, b.chat, b.max_new_tokens)
-    peers = [m for m, spec in drafters.items() if spec.peer]
-    server = peer.PeerServer(b.peer_python, peers, models.resolve_target_path(cfg.target.name), cfg.target.dtype,
-                             max(x.shape[1] for x in inputs) + b.max_new_tokens + 16, script=b.peer_script,
-                             log=b.peer_log, max_num_seqs=b.batch_size) if peers else None
-    try:
-        if server is not None:  # every method in bench.methods order
-            peer_runner = server.batch_runner if b.batch_size > 1 else server.runner
-            runners = {m: runners[m] if m in runners else peer_runner(m, b.max_new_tokens) for m in drafters}
+    with ExitStack() as stack:
+        for m, engine in start_peers(cfg, drafters, inputs, stack).items():
+            runners[m] = (engine.batch_runner if b.batch_size > 1 else engine.runner)(m, b.max_new_tokens)
+        runners = {m: runners[m] for m in drafters}  # every method in bench.methods order
         with torch.inference_mode():
             if b.batch_size > 1:
                 measurements = run_batched(runners, prompts, inputs, b.batch_size, b.warmup, b.seed, b.rounds)
             else:
                 measurements = run_interleaved(runners, prompts, inputs, b.warmup, b.seed)
-    finally:
-        if server is not None:
-            server.close()
     sampling = sampling_kwargs(b)
     runs = report.summarize(measurements, list(runners), sampled=bool(sampling), batch_size=b.batch_size)
     if not sampling:  # greedy: where each mismatch starts and how near a tie the target was there

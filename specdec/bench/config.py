@@ -78,6 +78,9 @@ class BenchConfig:
     peer_python: str = ".venv-vllm/bin/python"  # vLLM's environment, for the vllm methods (scripts/vllm_env.sh)
     peer_script: str = "scripts/peer_vllm.py"
     peer_log: Optional[str] = None  # where the vLLM child's stderr goes (null = discarded)
+    llamacpp_dir: str = ".llamacpp"  # llama.cpp's llama-server and converter, for the llamacpp methods
+    llamacpp_gguf: Optional[str] = None  # the target's GGUF: null = target.dtype's type; f32|bf16|f16|q8_0|q4_1|<file>
+    llamacpp_draft: Optional[str] = None  # llamacpp:draft-simple's draft model: a .gguf file or an HF directory
 
 
 @dataclass

@@ -8,6 +8,7 @@ and every prompt is decoded by every method within seconds of each other: the ma
 unlike two sittings minutes apart. The generate call is timed in the child (``time_s``), so the pipe costs nothing.
 With ``bench.batch_size`` B > 1 the engines run B requests at once (``max_num_seqs=B``) and a bench round hands
 vLLM the same group of requests it hands our batched methods (:meth:`PeerServer.batch_runner`).
+:class:`PeerEngine` is what every peer engine gives the bench (llama.cpp's: :mod:`specdec.bench.peer_llamacpp`).
 """
 
 from __future__ import annotations
@@ -30,13 +31,80 @@ def is_peer(method: str) -> bool:
     return method == PREFIX or method.startswith(PREFIX + ":")
 
 
-class PeerServer:
+def split_counts(total: int, lengths: list[int]) -> list[int]:
+    """``total`` (a batch's accepted or drafted tokens) shared among requests in proportion to their ``lengths``,
+    as cumulative floors, so the shares add up to ``total`` exactly: ``split_counts(5, [2, 2]) == [2, 3]``."""
+    whole, out, done = sum(lengths), [], 0
+    for n in lengths:
+        out.append(total * (done + n) // whole - total * done // whole)
+        done += n
+    return out
+
+
+class PeerEngine:
+    """A peer engine as bench methods: subclasses answer :meth:`generate` (one request) and
+    :meth:`generate_batch` (requests at once) greedily and time the call themselves; this class turns those into the
+    bench's runners. Methods named exactly ``prefix`` do not speculate; the others report accepted and drafted
+    tokens (None where the engine cannot count them)."""
+
+    prefix = ""
+
+    def generate(self, method: str, ids: list[int], max_new_tokens: int) -> dict:
+        """``{"tokens", "accepted", "drafted", "time_s"}``."""
+        raise NotImplementedError
+
+    def generate_batch(self, method: str, batch: list[list[int]], max_new_tokens: int) -> dict:
+        """``{"outputs", "accepted", "drafted", "time_s"}`` (counts for the whole batch), and optionally
+        ``"counts"``: one ``(accepted, drafted)`` per request where the engine counts per request."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def counts(self, method: str, tokens: list[int], accepted: int | None, drafted: int | None) -> tuple | None:
+        """The bench's ``(verify steps, drafted, accepted, by depth)`` of one output: a speculative step commits
+        its accepted drafts + 1 token; None without speculation or counts."""
+        if method == self.prefix or accepted is None:
+            return None
+        return len(tokens) - accepted, drafted, accepted, ()
+
+    def batch_runner(self, method: str, max_new_tokens: int):
+        """A bench batch runner ``(inputs: list of [1, T], seed) -> [(tokens, counts, time share)]`` for ``method``:
+        the requests as one batch, each with an equal share of the batch's time. Without per-request counts (vLLM
+        counts accepted drafts per batch) each request gets a share of the batch's in proportion to its tokens
+        (they add up to the batch's: tau over the run is exact)."""
+
+        def run(inputs: list[torch.Tensor], seed: int):
+            got = self.generate_batch(method, [ids[0].tolist() for ids in inputs], max_new_tokens)
+            outputs, share = got["outputs"], got["time_s"] / len(inputs)
+            per_request = got.get("counts")
+            if per_request is None and got["accepted"] is not None and sum(map(len, outputs)) > 0:
+                lengths = [len(t) for t in outputs]
+                per_request = list(zip(split_counts(got["accepted"], lengths), split_counts(got["drafted"], lengths)))
+            per_request = per_request or [(None, None)] * len(outputs)
+            return [(tokens, self.counts(method, tokens, *c), share) for tokens, c in zip(outputs, per_request)]
+
+        return run
+
+    def runner(self, method: str, max_new_tokens: int):
+        """A bench runner ``(ids [1, T], seed) -> (tokens, counts, time_s)`` for ``method`` (greedy only)."""
+
+        def run(ids: torch.Tensor, seed: int):
+            got = self.generate(method, ids[0].tolist(), max_new_tokens)
+            return got["tokens"], self.counts(method, got["tokens"], got["accepted"], got["drafted"]), got["time_s"]
+
+        return run
+
+
+class PeerServer(PeerEngine):
     """``scripts/peer_vllm.py --serve`` in vLLM's environment, for ``methods`` on the target at ``target_path``.
 
     python: that environment's interpreter (relative paths from the repository root); max_model_len: the longest
     prompt plus new tokens any request will need; max_num_seqs: requests an engine runs at once (the bench's
     batch size).
     """
+
+    prefix = PREFIX
 
     def __init__(self, python: str, methods: list[str], target_path: str, dtype: str, max_model_len: int,
                  script: str = "scripts/peer_vllm.py", log: str | None = None, max_num_seqs: int = 1) -> None:
@@ -79,43 +147,6 @@ class PeerServer:
         """Greedy tokens for every request of ``batch``, submitted at once: ``{"outputs", "accepted", "drafted",
         "time_s"}`` (counts for the whole batch)."""
         return self._ask({"method": method, "batch": batch, "max_new_tokens": max_new_tokens})
-
-    def batch_runner(self, method: str, max_new_tokens: int):
-        """A bench batch runner ``(inputs: list of [1, T], seed) -> [(tokens, counts, time share)]`` for ``method``:
-        the requests as one batch. vLLM counts accepted drafts per batch, so each request gets a share of them in
-        proportion to its tokens (they add up to the batch's: tau over the run is exact), and an equal share of the
-        batch's time."""
-
-        def run(inputs: list[torch.Tensor], seed: int):
-            got = self.generate_batch(method, [ids[0].tolist() for ids in inputs], max_new_tokens)
-            outputs, share = got["outputs"], got["time_s"] / len(inputs)
-            total = sum(len(t) for t in outputs)
-            counted = method != PREFIX and got["accepted"] is not None and total > 0
-            results, done = [], 0
-            for tokens in outputs:
-                counts = None
-                if counted:  # cumulative floors: the shares add up to the batch's counts exactly
-                    acc = got["accepted"] * (done + len(tokens)) // total - got["accepted"] * done // total
-                    drafted = got["drafted"] * (done + len(tokens)) // total - got["drafted"] * done // total
-                    counts = (len(tokens) - acc, drafted, acc, ())
-                done += len(tokens)
-                results.append((tokens, counts, share))
-            return results
-
-        return run
-
-    def runner(self, method: str, max_new_tokens: int):
-        """A bench runner ``(ids [1, T], seed) -> (tokens, counts, time_s)`` for ``method`` (greedy only)."""
-
-        def run(ids: torch.Tensor, seed: int):
-            got = self.generate(method, ids[0].tolist(), max_new_tokens)
-            tokens = got["tokens"]
-            counts = None
-            if method != PREFIX and got["accepted"] is not None:  # speculative: a step commits its accepted drafts + 1
-                counts = (len(tokens) - got["accepted"], got["drafted"], got["accepted"], ())
-            return tokens, counts, got["time_s"]
-
-        return run
 
     def close(self) -> None:
         if self.proc.poll() is None:
