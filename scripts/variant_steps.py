@@ -20,23 +20,17 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from specdec import models, registry  # noqa: E402
+from specdec import registry  # noqa: E402
+from specdec.bench.quality import load_variant  # noqa: E402
 from specdec.profiler import measure_verify  # noqa: E402
 from specdec.textio import format_table, write_json  # noqa: E402
-
-
-def load(target: str | None, variant: str):
-    if variant in ("int8", "int4"):
-        return models.load_target(target, quantization=variant)[0]
-    if variant == "gguf":
-        return models.load_target("smollm2-q4_1")[0]
-    return models.load_target(target, dtype=variant)[0]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--target", default=None)
-    ap.add_argument("--variants", nargs="+", default=["float32", "bfloat16", "int8", "int4"])
+    ap.add_argument("--variants", nargs="+", default=["float32", "bfloat16", "int8", "int4"],
+                    help="float32, bfloat16, int8, int4, gguf (the default model's Q4_1 file)")
     ap.add_argument("--sizes", nargs="+", type=int, default=[1, 4, 8, 16])
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--reps", type=int, default=5)
@@ -45,7 +39,7 @@ def main() -> None:
     ap.add_argument("--out", default="bench_results/variant_steps.json")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    verifiers = {v: registry.build_verifier(args.verifier, load(args.target, v)) for v in args.variants}
+    verifiers = {v: registry.build_verifier(args.verifier, load_variant(args.target, v)) for v in args.variants}
     times: dict[str, dict[int, list[float]]] = {v: {n: [] for n in args.sizes} for v in args.variants}
     for r in range(args.rounds):
         for v, verifier in verifiers.items():

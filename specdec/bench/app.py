@@ -51,13 +51,13 @@ from tqdm import tqdm
 
 from specdec import models, registry
 from specdec.algorithms.acceptance import LOSSY
-from specdec.bench import config, divergence, peer, peer_llamacpp, report
+from specdec.bench import config, divergence, peer, peer_llamacpp, quality, report
 from specdec.bench import plots as plots_mod
 from specdec.bench.prompts import DEFAULT_PROMPTS, Prompt, load_prompts
 from specdec.errors import ConfigError, PromptError, SpecdecError
 from specdec.generate import SpecDecoder
 from specdec.kernels import cpu_gemm
-from specdec.models import families
+from specdec.models import families, quantize
 
 CONF_PATH = str(config.CONF_DIR)
 HF_METHODS = ("hf", "hf_pld", "hf_assisted")
@@ -402,7 +402,8 @@ def run_bench(cfg: DictConfig) -> dict:
     drafters = method_drafters(cfg)  # every config check before the (slow) model load
     prompts, source = bench_prompts(b)
     torch.set_num_threads(b.threads)
-    model, tokenizer = models.load_target(cfg.target.name, dtype=cfg.target.dtype, device=cfg.target.device)
+    model, tokenizer = models.load_target(cfg.target.name, dtype=cfg.target.dtype, device=cfg.target.device,
+                                          quantization=cfg.target.quantization)
     if cfg.target.declare_family:  # checking a family outside the support matrix: the mismatches column says
         families.register_family(model.config.model_type, paged=True)
     runners = build_runners(cfg, model, tokenizer, drafters)
@@ -431,8 +432,12 @@ def run_bench(cfg: DictConfig) -> dict:
             run["acceptance"] = cfg.acceptance.name
             run["adaptive"] = spec.adaptive
             run["lossy"] = cfg.acceptance.name in LOSSY
+    variant = quantize.quantization_of(model) or cfg.target.dtype
     result = {
+        "quality": quality.for_bench(cfg.target.name, model, variant) if b.quality and variant != "float32"
+        else None,
         "target": cfg.target.name or models.DEFAULT_TARGET, "dtype": cfg.target.dtype,
+        "quantization": quantize.quantization_of(model),
         "device": cfg.target.device, "threads": b.threads, "prompts": len(prompts), "prompts_file": source,
         "max_new_tokens": b.max_new_tokens, "batch_size": b.batch_size, "sampling": sampling or None, "runs": runs,
         "config": OmegaConf.to_container(cfg, resolve=True),

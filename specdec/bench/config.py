@@ -38,6 +38,7 @@ class TargetConfig:
 
     name: Optional[str] = None  # None = the default target (SmolLM2-135M-Instruct); else a hub id or local path
     dtype: str = "float32"
+    quantization: Optional[str] = None  # int8 | int4 (weight-only, float32 activations); a .gguf name: its own
     device: str = "cpu"
     declare_family: bool = False  # serve a model type outside the support matrix (to check it: see mismatches)
 
@@ -78,6 +79,7 @@ class BenchConfig:
     peer_python: str = ".venv-vllm/bin/python"  # vLLM's environment, for the vllm methods (scripts/vllm_env.sh)
     peer_script: str = "scripts/peer_vllm.py"
     peer_log: Optional[str] = None  # where the vLLM child's stderr goes (null = discarded)
+    quality: bool = True  # a target that is not plain float32: perplexity and top-1 agreement with float32
     llamacpp_dir: str = ".llamacpp"  # llama.cpp's llama-server and converter, for the llamacpp methods
     llamacpp_gguf: Optional[str] = None  # the target's GGUF: null = target.dtype's type; f32|bf16|f16|q8_0|q4_1|<file>
     llamacpp_draft: Optional[str] = None  # llamacpp:draft-simple's draft model: a .gguf file or an HF directory

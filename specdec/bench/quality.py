@@ -58,7 +58,10 @@ def heldout_texts(tokenizer, n: int = 10, max_tokens: int = 384, data: Path = DA
                 roles = {m["role"] for m in row["messages"]}
                 if not is_validation(str(row["id"])) or roles != {"user", "assistant"}:
                     continue
-                ids = models.encode_prompt(tokenizer, row["messages"])[:, :max_tokens]
+                # through the chat template where the tokenizer has one, as plain text where it has none
+                text = row["messages"] if getattr(tokenizer, "chat_template", None) else \
+                    "\n\n".join(m["content"] for m in row["messages"])
+                ids = models.encode_prompt(tokenizer, text)[:, :max_tokens]
                 if ids.shape[1] >= 32:
                     out.append(ids)
                     taken += 1
@@ -103,6 +106,21 @@ def measure(target: str | None, variants: list[str], n: int = 10, max_tokens: in
     texts = heldout_texts(tokenizer, n, max_tokens, data)
     reference = [next_token_logits(reference_model, ids).argmax(-1) for ids in texts]
     return [score(load_variant(target, v), texts, reference, v) for v in tqdm(variants, desc="variants")]
+
+
+def for_bench(target: str | None, model, variant: str, n: int = 5, max_tokens: int = 256) -> dict | None:
+    """The bench's quality line for a target that is not plain float32 (``variant`` names it), scored against the
+    float32 target on ``n`` held-out conversations; None where the held-out text is absent."""
+    reference_model, tokenizer = models.load_target(target)
+    try:
+        texts = heldout_texts(tokenizer, n, max_tokens)
+    except FileNotFoundError:
+        return None
+    reference = [next_token_logits(reference_model, ids).argmax(-1) for ids in texts]
+    q = score(model, texts, reference, variant)
+    f = score(reference_model, texts, reference, "float32")
+    return {"variant": variant, "perplexity": q.perplexity, "float32_perplexity": f.perplexity,
+            "top1_agreement": q.top1_agreement, "tokens": q.tokens}
 
 
 def table(rows: list[Quality]) -> str:

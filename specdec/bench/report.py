@@ -167,6 +167,12 @@ def _steps(x: float, dtype: str = "") -> str:
     return " ".join(filter(None, [n, dtype, "step" if n == "1" else "steps"]))
 
 
+def quality_line(q: dict) -> str:
+    """What the target's dtype or quantization costs: perplexity and top-1 agreement with float32."""
+    return (f"quality ({q['variant']} vs float32, {q['tokens']} held-out tokens): perplexity {q['perplexity']:.3f} "
+            f"(float32 {q['float32_perplexity']:.3f}), top-1 agreement {q['top1_agreement']:.2%}")
+
+
 def text_report(result: dict) -> str:
     """The bench's printed summary: a header line, the headline table (with a divergence line per method whose
     greedy outputs differ from the reference's, see :func:`divergence_lines`) and the per-category table."""
@@ -180,7 +186,9 @@ def text_report(result: dict) -> str:
         s = result["sampling"]
         head += (f"; sampled (temperature {s['temperature']}, top_k {s['top_k']}, top_p {s['top_p']}): "
                  "mismatches are not meaningful")
-    table = "\n\n".join(filter(None, [runs_table(result["runs"]), divergence_lines(result["runs"])]))
+    quality = result.get("quality")
+    table = "\n\n".join(filter(None, [runs_table(result["runs"]), divergence_lines(result["runs"]),
+                                       quality_line(quality) if quality else None]))
     return "\n\n".join([head, table, "speedup vs hf by category", category_table(result["runs"])])
 
 
