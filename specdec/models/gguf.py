@@ -118,15 +118,13 @@ def load_gguf(path: str | Path):
         linear = name.endswith("proj.weight") or name == "lm_head.weight"
         if kind in QUANT_TYPES:
             kinds.add(kind)
+            panels = quant_blocks(kind, np.asarray(t.data), rows, cols)
             if linear:
-                panels = quant_blocks(kind, np.asarray(t.data), rows, cols)
-                if order is not None:
-                    panels = _reorder(panels, order)
-                set_module(model, module, QuantLinear(panels))
+                set_module(model, module, QuantLinear(panels if order is None else _reorder(panels, order)))
                 continue
-            value = quant_gemm.dequantize(quant_blocks(kind, np.asarray(t.data), rows, cols))
-            if name == "model.embed_tokens.weight" and "output.weight" not in names:
-                set_module(model, "lm_head", QuantLinear(quant_blocks(kind, np.asarray(t.data), rows, cols)))
+            value = quant_gemm.dequantize(panels)
+            if name == "model.embed_tokens.weight" and "output.weight" not in names:  # a tied head: the same blocks
+                set_module(model, "lm_head", QuantLinear(panels))
         else:
             value = _float(t).reshape(rows, cols) if len(t.shape) > 1 else _float(t).reshape(-1)
             if order is not None:

