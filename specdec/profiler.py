@@ -23,7 +23,7 @@ import transformers
 from specdec import models, registry, textio
 from specdec.algorithms import tree as tree_ops
 from specdec.algorithms.cost import CostProfile
-from specdec.kernels import cpu_gemm
+from specdec.kernels import cpu_gemm, quant_gemm
 from specdec.models import gqa_attention
 from specdec.models.checkpoint import target_fingerprint
 from specdec.models.quantize import quantization_of
@@ -45,6 +45,7 @@ def profile_key(model, verifier: str = registry.REFERENCE_VERIFIER, cost_key: Ma
             "device": p.device.type, "threads": torch.get_num_threads(), "verifier": verifier,
             "linears": cpu_gemm.kernel(model) if fast_linears else "off",
             "quantization": quantization_of(model),  # int8 / int4 linears cost another profile
+            "quant_kernel": quant_gemm.VERSION if quantization_of(model) else None,
             "attention": gqa_attention.route(model), **cost_key,
             "torch": torch.__version__, "transformers": transformers.__version__}
 

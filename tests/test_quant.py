@@ -70,9 +70,11 @@ def test_kernel_matches_dequantized_product_and_rows_are_independent(bits, n, k)
     w, x, b = torch.randn(n, k, generator=g), torch.randn(19, k, generator=g), torch.randn(n, generator=g)
     p = quant_gemm.quantize(w, bits)
     y = quant_gemm.quant_linear(x, p, b)
-    ref = x.double() @ quant_gemm.dequantize(p).double().T + b.double()
+    ref = quant_gemm.quantize_activations(x).double() @ quant_gemm.dequantize(p).double().T + b.double()
     assert y.shape == (19, n) and y.dtype == torch.float32
     torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-4)
+    exact = x.double() @ quant_gemm.dequantize(p).double().T + b.double()  # the activations' rounding: small
+    assert float((y.double() - exact).abs().max()) < 0.02 * float(exact.abs().max())
     for rows in (1, 2, 3, 5, 8, 9, 17):  # every block size and sub-block split of the kernel
         part = torch.cat([quant_gemm.quant_linear(x[i:i + rows].contiguous(), p, b) for i in range(0, 19, rows)])
         assert torch.equal(part, y), rows
@@ -92,7 +94,15 @@ def test_torch_route_without_the_kernel(monkeypatch):
     x = torch.randn(3, 64)
     monkeypatch.setattr(quant_gemm, "available", lambda: False)
     layer = QuantLinear(p)
-    torch.testing.assert_close(layer(x), x @ quant_gemm.dequantize(p).T)
+    torch.testing.assert_close(layer(x), quant_gemm.quantize_activations(x) @ quant_gemm.dequantize(p).T)
+
+
+def test_activations_quantize_as_llama_cpp_q8():
+    x = torch.tensor([[0.5, -1.0, 0.25, 0.0] * 8, [0.0] * 32])
+    got = quant_gemm.quantize_activations(x)
+    d = torch.tensor(1.0) / 127  # max|x| / 127 per row and group (float32); q = round(x / d): 63.5 -> 64
+    want = torch.tensor([64.0, -127.0, 32.0, 0.0] * 8) * d
+    assert torch.equal(got[0], want) and torch.equal(got[1], torch.zeros(32))
 
 
 # ---------------------------------------------------------------- GGUF blocks

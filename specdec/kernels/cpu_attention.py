@@ -41,12 +41,13 @@ def failure() -> str | None:
 
 
 def takes(query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None, dropout: float,
-          is_causal: bool) -> bool:
-    """Whether :func:`attention` serves this call: a CPU input of at most :data:`MAX_QUERIES` rows without gradients
-    or dropout; a 4D mask of the input's dtype or boolean, or none (then one row, or causal with as many rows as
-    keys); the kernel built."""
+          is_causal: bool, any_rows: bool = False) -> bool:
+    """Whether :func:`attention` serves this call: a CPU input of at most :data:`MAX_QUERIES` rows (any number with
+    ``any_rows``: where rows must be bitwise independent) without gradients or dropout; a 4D mask of the input's
+    dtype or boolean, or none (then one row, or causal with as many rows as keys); the kernel built."""
     n, t = query.shape[2], key.shape[2]
-    if not (query.device.type == "cpu" and n <= MAX_QUERIES and not dropout and not torch.is_grad_enabled()):
+    if not (query.device.type == "cpu" and (any_rows or n <= MAX_QUERIES) and not dropout
+            and not torch.is_grad_enabled()):
         return False
     if attention_mask is None:
         ok = n == 1 or (is_causal and n == t)

@@ -108,7 +108,8 @@ def quant_weights(layer: torch.nn.Module) -> tuple:
 Weights = skinny_gemm.Panels | quant_gemm.QuantPanels  # float32 packed panels, or int8 / int4 ones
 
 
-def _q(w: quant_gemm.QuantPanels) -> tuple:
+def quant_args(w: quant_gemm.QuantPanels) -> tuple:
+    """A quantized linear as the C++ layer kernels take it: ``(q, d, m, bias, out_features, bits)``."""
     return w.q, w.d, w.m, w.bias, w.out_features, w.bits
 
 
@@ -118,7 +119,8 @@ def pre_attention(h: torch.Tensor, norm: torch.nn.Module, qkv: Weights, cos: tor
     ``[M, head_dim]``) of the first ``rope_heads`` heads (q's and k's)."""
     eps = float(norm.variance_epsilon)
     if isinstance(qkv, quant_gemm.QuantPanels):
-        return _QUANT_KERNEL.module.pre_attention_q(h, norm.weight, eps, *_q(qkv), cos, sin, rope_heads, head_dim)
+        return _QUANT_KERNEL.module.pre_attention_q(h, norm.weight, eps, *quant_args(qkv), cos, sin, rope_heads,
+                                                    head_dim)
     return _KERNEL.module.pre_attention(h, norm.weight, eps, qkv.panels, qkv.bias, qkv.out_features, cos, sin,
                                         rope_heads, head_dim)
 
@@ -128,7 +130,8 @@ def post_attention(h: torch.Tensor, attn: torch.Tensor, o: Weights, norm: torch.
     """``h [M, H]`` (the layer's input), ``attn [M, H_q * D]`` -> the layer's output ``[M, H]``."""
     eps = float(norm.variance_epsilon)
     if isinstance(o, quant_gemm.QuantPanels):
-        return _QUANT_KERNEL.module.post_attention_q(h, attn, *_q(o), norm.weight, eps, *_q(gate_up), *_q(down))
+        return _QUANT_KERNEL.module.post_attention_q(h, attn, *quant_args(o), norm.weight, eps, *quant_args(gate_up),
+                                                     *quant_args(down))
     return _KERNEL.module.post_attention(h, attn, o.panels, o.bias, o.out_features, norm.weight, eps, gate_up.panels,
                                          gate_up.bias, gate_up.out_features, down.panels, down.bias,
                                          down.out_features)

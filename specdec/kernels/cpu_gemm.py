@@ -147,6 +147,23 @@ def _panels(linears: list[torch.nn.Linear]) -> skinny_gemm.Panels:
     return cached[1]
 
 
+_quant_packs: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # layer -> (key, its quantized weights)
+
+
+def _quant_weights(layer: torch.nn.Module) -> tuple:
+    """A quantized Llama layer's weights as its kernels take them (q/k/v and gate/up concatenated: a third of a
+    second for SmolLM2's 30 layers), kept across generate calls and re-made when a quantized tensor changes."""
+    attn, mlp = layer.self_attn, layer.mlp
+    parts = (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+    key = tuple((id(m), *((t.data_ptr(), version(t)) for t in (m.q, m.d, m.m, m.bias) if t is not None))
+                for m in parts)
+    cached = _quant_packs.get(layer)
+    if cached is None or cached[0] != key:
+        cached = (key, cpu_decoder_layer.quant_weights(layer))
+        _quant_packs[layer] = cached
+    return cached[1]
+
+
 def _skinny(x: torch.Tensor, panels: skinny_gemm.Panels) -> torch.Tensor:
     """The skinny kernel on ``x [..., K]``: ``[..., sum of the weights' rows]``."""
     rows = x.reshape(-1, x.shape[-1]).contiguous()
@@ -318,7 +335,7 @@ def _decoder_layer(m: torch.nn.Module, groups: dict[int, _Siblings], float_layer
     weights are float32 (``float_layers``), or whose linears are all int8 / int4 (``quantized``); None for any other
     module."""
     if quantized and cpu_decoder_layer.is_quant_llama_layer(m) and cpu_decoder_layer.quant_available():
-        return cpu_decoder_layer.DecoderLayerForward(m, functools.partial(cpu_decoder_layer.quant_weights, m),
+        return cpu_decoder_layer.DecoderLayerForward(m, functools.partial(_quant_weights, m),
                                                      max_rows=cpu_decoder_layer.QUANT_MAX_ROWS)
     if not float_layers or not cpu_decoder_layer.is_llama_layer(m):
         return None

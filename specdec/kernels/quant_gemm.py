@@ -1,4 +1,4 @@
-"""Weight-only int8 and int4 linear layers on a CPU, at the memory floor of their bytes (a C++ kernel, torch fallback).
+"""int8 and int4 linear layers on a CPU, at the memory floor of their bytes (a C++ kernel, torch fallback).
 
 Decoding a small model on a CPU is bound by streaming its weights: SmolLM2-135M reads 536 MB a token in float32,
 about 143 MB in int8 with scales and about 90 MB in int4. The formats are GGUF's, so a GGUF file's tensors load as
@@ -9,15 +9,16 @@ they are (:mod:`specdec.models.gguf`) and a float checkpoint quantizes the way l
 - **int4** (Q4_1): ``w = d q + m`` with q in 0..15, ``d = (max - min) / 15`` and ``m = min``, both float16; 5 bits
   a weight. GGUF's Q4_0 (``w = d (q - 8)``) is the same with ``m = -8 d``.
 
-The weights are packed into panels of 32 output features (:class:`QuantPanels`) and unpacked in registers by the
-kernel (``csrc/quant_gemm.h``): activations stay float32 and every sum is float32, taken in input-feature order, so
-**a row's result is bitwise the same whatever the number of rows** and speculative decoding over a quantized target
-gives that target's own greedy output token for token. The products equal ``x @ dequantize(W).T`` up to float32
-rounding (the order of the sums): ``d q`` and ``d q + m`` are exact in float32 for float16 ``d``, ``m``.
+The weights are packed into panels of 32 output features (:class:`QuantPanels`), and the activations are
+quantized per row and group of 32 as llama.cpp does for these types (:func:`quantize_activations`: 8 bits, scale
+``max|x| / 127``), so each group's dot product is an exact integer sum (AVX2 ``vpmaddubsw``, in
+``csrc/quant_gemm.h``) and the groups add up in float32 in a fixed order: **a row's result is bitwise the same
+whatever the number of rows** and speculative decoding over a quantized target gives that target's own greedy output
+token for token. The products equal ``quantize_activations(x) @ dequantize(W).T`` up to float32 rounding.
 
-Where the kernel cannot be built (no compiler) :func:`quant_linear` multiplies by the dequantized weights (made once
-per layer and kept): the same results up to rounding, a float32 model's speed and memory, and no promise that rows
-are independent (``specdec kernels`` says which route runs).
+Where the kernel cannot be built (no compiler) :func:`quant_linear` multiplies the quantized activations by the
+dequantized weights (made once per layer and kept): the same results up to rounding, a float32 model's speed and
+memory, and no promise that rows are independent (``specdec kernels`` says which route runs).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from specdec.kernels.build import CppKernel
 GROUP = 32  # input features per group (one scale, and one min for int4)
 PANEL = 32  # output features per panel
 BITS = {"int8": 8, "int4": 4}
+VERSION = 2  # bumped when the kernel's speed changes (a cost profile measured with an older one is stale)
 
 _KERNEL = CppKernel("specdec_quant_gemm", "quant_gemm.cpp", "int8 / int4 weight-only linears")
 
@@ -51,9 +53,10 @@ def failure() -> str | None:
 class QuantPanels:
     """One quantized weight ``[N, K]`` packed for the kernel; T = ceil(N / 32) panels, K / 32 groups.
 
-    q: int8 ``[T, K/32, 32 (k), 32 (j)]`` (8 bits) or uint8 ``[T, K/32, 32 (k), 16]`` (4 bits: byte b holds output b
-    in its low nibble and output b + 16 in its high one); d, m: float16 ``[T, K/32, 32 (j)]`` (m: 4 bits only);
-    outputs beyond N are zeros; bias: float32 ``[N]`` or None."""
+    q: int8 ``[T, K/32, 8 (quad of k), 128 (32 j x 4 k)]`` (8 bits) or uint8 ``[T, K/32, 8, 64 (2 halves x 8 i x
+    4 k)]`` (4 bits: byte (i, k) of half h holds output 16 h + i in its low nibble and 16 h + 8 + i in its high
+    one); d, m: float16 ``[T, K/32, 32 (j)]`` (m: 4 bits only); outputs beyond N are zeros; bias: float32 ``[N]`` or
+    None."""
 
     bits: int
     q: torch.Tensor
@@ -88,12 +91,12 @@ def pack(bits: int, q: torch.Tensor, d: torch.Tensor, m: torch.Tensor | None = N
     n, k = q.shape
     check_shape(n, k)
     g, t = k // GROUP, -(-n // PANEL)
-    qp = _pad_rows(q, n).view(t, PANEL, g, GROUP).permute(0, 2, 3, 1)  # [T, G, k, j]
-    if bits == 8:
-        qp = qp.to(torch.int8).contiguous()
-    else:
-        u = qp.to(torch.uint8)
-        qp = (u[..., : PANEL // 2] | (u[..., PANEL // 2:] << 4)).contiguous()
+    qp = _pad_rows(q, n)
+    if bits == 8:  # [T, G, quad, j, k]
+        qp = qp.to(torch.int8).view(t, PANEL, g, 8, 4).permute(0, 2, 3, 1, 4).reshape(t, g, 8, 128).contiguous()
+    else:  # [T, G, quad, half, i, k] bytes, the low nibble output 16 half + i, the high one 16 half + 8 + i
+        u = qp.to(torch.uint8).view(t, 2, 2, 8, g, 8, 4).permute(0, 4, 5, 1, 3, 6, 2)  # [T, G, quad, half, i, k, nib]
+        qp = (u[..., 0] | (u[..., 1] << 4)).reshape(t, g, 8, 64).contiguous()
 
     def scales(s: torch.Tensor) -> torch.Tensor:
         return _pad_rows(s.to(torch.float16), n).view(t, PANEL, g).transpose(1, 2).contiguous()
@@ -105,11 +108,12 @@ def unpacked(p: QuantPanels) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor |
     """The inverse of :func:`pack`: q ``[N, K]`` (int16), d and m float16 ``[N, K/32]``."""
     t, g = p.q.shape[:2]
     if p.bits == 8:
-        q = p.q.to(torch.int16)
+        q = p.q.to(torch.int16).view(t, g, 8, PANEL, 4).permute(0, 3, 1, 2, 4)  # [T, j, G, quad, k]
     else:
-        u = p.q.to(torch.int16)
-        q = torch.cat([u & 0x0F, u >> 4], dim=-1)
-    q = q.permute(0, 3, 1, 2).reshape(t * PANEL, g * GROUP)[: p.out_features]
+        u = p.q.to(torch.int16).view(t, g, 8, 2, 8, 4)
+        q = torch.stack([u & 0x0F, u >> 4], dim=-1)  # [T, G, quad, half, i, k, nib]
+        q = q.permute(0, 3, 6, 4, 1, 2, 5)  # [T, half, nib, i, G, quad, k]
+    q = q.reshape(t * PANEL, g * GROUP)[: p.out_features]
 
     def rows(s: torch.Tensor) -> torch.Tensor:
         return s.transpose(1, 2).reshape(t * PANEL, g)[: p.out_features]
@@ -162,15 +166,27 @@ def quantize(weight: torch.Tensor, bits: int) -> QuantPanels:
     raise ValueError(f"bits must be 8 or 4, not {bits}")
 
 
+def quantize_activations(x: torch.Tensor) -> torch.Tensor:
+    """The activations ``x [M, K]`` (float32) as the kernel multiplies them: per row and group of 32,
+    ``dx = max|x| / 127`` and ``round-to-even(x / dx)`` (llama.cpp's Q8 activations), returned dequantized
+    (``dx * xq``, float32 ``[M, K]``)."""
+    m, k = x.shape
+    blocks = x.float().reshape(m, k // GROUP, GROUP)
+    d = blocks.abs().amax(-1, keepdim=True) / 127
+    inv = torch.where(d > 0, 1 / d, torch.zeros_like(d))
+    xq = torch.round(blocks * inv).clamp(-127, 127)
+    return (xq * d).reshape(m, k)
+
+
 def quant_linear(x: torch.Tensor, p: QuantPanels, bias: torch.Tensor | None = None,
                  dequantized: torch.Tensor | None = None) -> torch.Tensor:
-    """``x @ dequantize(p).T + bias`` for ``x [M, K]`` float32 contiguous: ``[M, N]`` float32, each row's result
-    bitwise independent of the others on the kernel. ``dequantized``: the torch route's weights where the kernel
-    is not built (made here when not given)."""
+    """``quantize_activations(x) @ dequantize(p).T + bias`` for ``x [M, K]`` float32 contiguous: ``[M, N]``
+    float32, each row's result bitwise independent of the others on the kernel. ``dequantized``: the torch route's
+    weights where the kernel is not built (made here when not given)."""
     if available():
         return _KERNEL.module.quant_linear(x, p.q, p.d, p.m, bias, p.out_features, p.bits)
     w = dequantize(p) if dequantized is None else dequantized
-    return F.linear(x, w, bias)
+    return F.linear(quantize_activations(x), w, bias)
 
 
 class QuantLinear(nn.Module):

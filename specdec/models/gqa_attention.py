@@ -25,6 +25,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
 from specdec.kernels import cpu_attention
+from specdec.kernels.quant_gemm import QuantLinear
 from specdec.models.families import renames_safely
 
 ATTENTION_NAME = "specdec_gqa_sdpa"
@@ -40,7 +41,7 @@ def gqa_sdpa_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.
     ``enable_gqa``; otherwise transformers' own ``sdpa`` path."""
     causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
     if not any(kwargs.get(k) is not None for k in _BEYOND_SDPA) and cpu_attention.takes(
-            query, key, attention_mask, dropout, causal):
+            query, key, attention_mask, dropout, causal, any_rows=needs_exact_rows(module)):
         return cpu_attention.attention(query, key, value, attention_mask, scaling,
                                        is_causal=causal and attention_mask is None and query.shape[2] > 1), None
     groups = getattr(module, "num_key_value_groups", 1)
@@ -51,6 +52,14 @@ def gqa_sdpa_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.
     out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask,
                                                            dropout_p=dropout, scale=scaling, enable_gqa=True)
     return out.transpose(1, 2).contiguous(), None
+
+
+def needs_exact_rows(module: torch.nn.Module) -> bool:
+    """True for an attention module whose projections are int8 / int4 (:class:`QuantLinear`): they quantize their
+    inputs, so a last-bit difference in attention can move a value across a rounding step and change a token at a
+    close call. Every query row of such a model then takes the C++ kernel, whose rows are bitwise independent of the
+    others (a tree's nodes get exactly what a one-token step gets); SDPA's blocked sums are not."""
+    return type(getattr(module, "q_proj", None)) is QuantLinear
 
 
 AttentionInterface.register(ATTENTION_NAME, gqa_sdpa_attention)

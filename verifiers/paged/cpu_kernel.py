@@ -26,7 +26,7 @@ from specdec.kernels.build import CppKernel
 # csrc/paged_attention.h, also compiled into the whole-layer kernel (verifiers.paged.layer_kernel)
 _KERNEL = CppKernel("specdec_paged_attention", "paged_attention.cpp", "paged tree attention")
 
-VERSION = 2  # bumped when the kernel's speed changes (a cost profile measured with an older one is stale)
+VERSION = 3  # bumped when the kernel's speed changes (a cost profile measured with an older one is stale)
 
 
 def available() -> bool:

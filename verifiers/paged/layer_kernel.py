@@ -9,14 +9,15 @@ paged prefix, ``o_proj`` and the residual, RMSNorm, the gated MLP and the residu
 calls and the attention step in between, to the bit (the same functions, compiled into one module).
 
 :class:`PagedWholeLayer` is what the paged verifier installs for a forward on the C++ kernel with float32 pools
-(:func:`specdec.kernels.cpu_decoder_layer.whole_layers`); anything else keeps the two calls around the attention.
+(:func:`specdec.kernels.cpu_decoder_layer.whole_layers`), for layers on float32 panels or int8 / int4 ones; anything
+else keeps the two calls around the attention.
 """
 
 from __future__ import annotations
 
 import torch
 
-from specdec.kernels import cpu_decoder_layer, skinny_gemm
+from specdec.kernels import cpu_decoder_layer, quant_gemm
 from specdec.kernels.build import CppKernel
 
 _KERNEL = CppKernel("specdec_paged_layer", "paged_layer.cpp", "a paged decoder layer in one call")
@@ -41,19 +42,26 @@ class PagedWholeLayer:
 
     def run_layer(self, layer: cpu_decoder_layer.DecoderLayerForward, h: torch.Tensor, cos: torch.Tensor,
                   sin: torch.Tensor) -> torch.Tensor | None:
-        """The layer's output ``[T, H]`` for the forward's packed rows ``h [T, H]`` (None for pools of another
-        dtype than float32)."""
+        """The layer's output ``[T, H]`` for the forward's packed rows ``h [T, H]``, on float32 or int8 / int4
+        panels (None for pools of another dtype than float32)."""
         step, idx = self.step, layer.layer.self_attn.layer_idx
         k_pool, v_pool = step.cache.k[idx], step.cache.v[idx]
         qkv, o, gu, down = layer.packed()
-        if k_pool.dtype != torch.float32 or not isinstance(qkv, skinny_gemm.Panels):  # int8 / int4: two calls
+        if k_pool.dtype != torch.float32:
             return None
         attn, rows = layer.layer.self_attn, step.rows
         n1, n2 = layer.layer.input_layernorm, layer.layer.post_attention_layernorm
+        paged = (step.slots, k_pool.transpose(0, 1), v_pool.transpose(0, 1), rows.row_req, rows.row_node,
+                 rows.block_tables, rows.prefix_lens, rows.tree_mask, float(attn.scaling),
+                 int(step.spec.windows[idx] or 0), float(step.spec.softcap or 0.0))
+        heads = (layer.heads, layer.kv_heads, layer.head_dim)
+        eps1, eps2 = float(n1.variance_epsilon), float(n2.variance_epsilon)
+        if isinstance(qkv, quant_gemm.QuantPanels):
+            return _KERNEL.module.paged_decoder_layer_q(
+                h, n1.weight, eps1, *cpu_decoder_layer.quant_args(qkv), cos, sin, *heads,
+                *cpu_decoder_layer.quant_args(o), n2.weight, eps2, *cpu_decoder_layer.quant_args(gu),
+                *cpu_decoder_layer.quant_args(down), *paged)
         return _KERNEL.module.paged_decoder_layer(
-            h, n1.weight, float(n1.variance_epsilon), qkv.panels, qkv.bias, qkv.out_features, cos, sin,
-            layer.heads, layer.kv_heads, layer.head_dim, o.panels, o.bias, o.out_features,
-            n2.weight, float(n2.variance_epsilon), gu.panels, gu.bias, gu.out_features, down.panels, down.bias,
-            down.out_features, step.slots, k_pool.transpose(0, 1), v_pool.transpose(0, 1), rows.row_req,
-            rows.row_node, rows.block_tables, rows.prefix_lens, rows.tree_mask, float(attn.scaling),
-            int(step.spec.windows[idx] or 0), float(step.spec.softcap or 0.0))
+            h, n1.weight, eps1, qkv.panels, qkv.bias, qkv.out_features, cos, sin, *heads, o.panels, o.bias,
+            o.out_features, n2.weight, eps2, gu.panels, gu.bias, gu.out_features, down.panels, down.bias,
+            down.out_features, *paged)

@@ -55,13 +55,16 @@ inline torch::Tensor silu_mul(const torch::Tensor& gu) {
   auto out = torch::empty({M, I}, gu.options());
   const float* gp = gu.data_ptr<float>();
   float* op = out.data_ptr<float>();
-  at::parallel_for(0, M * I, 4096, [&](int64_t b, int64_t e) {
-    int64_t idx = b;
-    while (idx < e) {
-      const int64_t m = idx / I, i = idx % I, n = std::min(e - idx, I - i);
+  // work in spans of 512 features that never depend on M (the vector / scalar split of an element depends only on
+  // its position in its row), so a row's result is bitwise the same whatever the number of rows
+  constexpr int64_t SPAN = 512;
+  const int64_t spans = (I + SPAN - 1) / SPAN;
+  at::parallel_for(0, M * spans, 8, [&](int64_t b, int64_t e) {
+    for (int64_t unit = b; unit < e; ++unit) {
+      const int64_t m = unit / spans, i = (unit % spans) * SPAN, n = std::min(SPAN, I - i);
       const float* g = gp + m * 2 * I + i;
       const float* u = g + I;
-      float* o = op + idx;
+      float* o = op + m * I + i;
       int64_t k = 0;
 #if defined(__AVX512F__)
       const __m512 one = _mm512_set1_ps(1.f);
@@ -80,7 +83,6 @@ inline torch::Tensor silu_mul(const torch::Tensor& gu) {
       }
 #endif
       for (; k < n; ++k) o[k] = g[k] / (1.f + std::exp(-g[k])) * u[k];
-      idx += n;
     }
   });
   return out;

@@ -13,6 +13,8 @@
 
 #if defined(__AVX512F__)
 #define SPECDEC_AVX512 1
+#define SPECDEC_ATTN_FAST 1
+constexpr int64_t LANES = 16;
 // [sum(a), sum(b), sum(c), sum(d)]: four dot products' partial sums reduced together (fewer shuffles than four
 // horizontal sums)
 static inline __m128 reduce4(__m512 a, __m512 b, __m512 c, __m512 d) {
@@ -83,6 +85,93 @@ static void values_f32(const float* s, const float* total, int64_t G, int64_t NV
     }
   }
 }
+#elif defined(SPECDEC_AVX2)
+#define SPECDEC_ATTN_FAST 1
+constexpr int64_t LANES = 8;
+// [sum(a), sum(b), sum(c), sum(d)] of four 8-lane partial sums
+static inline __m128 reduce4(__m256 a, __m256 b, __m256 c, __m256 d) {
+  const __m256 x = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));  // per 128-bit lane
+  return _mm_add_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
+}
+
+// float32, head dim D = 8 * NV: the AVX-512 route's scores and values with 8 lanes (four keys at a time; the values'
+// sums in registers, 64 dimensions at a time); NV a constant so that the loops unroll and the sums stay in registers
+template <int NV>
+static void scores_f32_n(const float* qf, int64_t G, const float* kh, const int64_t* pos, int64_t P, float* s) {
+  constexpr int64_t D = NV * 8;
+  for (int64_t g = 0; g < G; ++g) {
+    const float* qg = qf + g * D;
+    float* sg = s + g * P;
+    int64_t j = 0;
+    for (; j + 4 <= P; j += 4) {
+      const float *k0 = kh + pos[j] * D, *k1 = kh + pos[j + 1] * D, *k2 = kh + pos[j + 2] * D,
+                  *k3 = kh + pos[j + 3] * D;
+      __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+#pragma GCC unroll 16
+      for (int v = 0; v < NV; ++v) {
+        const __m256 qv = _mm256_loadu_ps(qg + 8 * v);
+        a0 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + 8 * v), a0);
+        a1 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k1 + 8 * v), a1);
+        a2 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k2 + 8 * v), a2);
+        a3 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k3 + 8 * v), a3);
+      }
+      _mm_storeu_ps(sg + j, reduce4(a0, a1, a2, a3));
+    }
+    for (; j < P; ++j) {
+      const float* kr = kh + pos[j] * D;
+      __m256 a = _mm256_setzero_ps(), z = a;
+#pragma GCC unroll 16
+      for (int v = 0; v < NV; ++v) a = _mm256_fmadd_ps(_mm256_loadu_ps(qg + 8 * v), _mm256_loadu_ps(kr + 8 * v), a);
+      sg[j] = _mm_cvtss_f32(reduce4(a, z, z, z));
+    }
+  }
+}
+
+// 64 dimensions (8 vectors) of the values: vh, o start at the slice; rows of vh and o are D floats apart
+static void values_f32_64(const float* s, const float* total, int64_t G, int64_t D, const float* vh,
+                          const int64_t* pos, int64_t P, float* o /* [G][D] */) {
+  for (int64_t g = 0; g < G; ++g) {
+    const float* sg = s + g * P;
+    const float inv = total[g] > 0 ? 1.f / total[g] : 0.f;
+    __m256 a[8];
+#pragma GCC unroll 8
+    for (int v = 0; v < 8; ++v) a[v] = _mm256_setzero_ps();
+    for (int64_t j = 0; j < P; ++j) {
+      const float* vr = vh + pos[j] * D;
+      const __m256 w = _mm256_set1_ps(sg[j]);
+#pragma GCC unroll 8
+      for (int v = 0; v < 8; ++v) a[v] = _mm256_fmadd_ps(w, _mm256_loadu_ps(vr + 8 * v), a[v]);
+    }
+    const __m256 sc = _mm256_set1_ps(inv);
+#pragma GCC unroll 8
+    for (int v = 0; v < 8; ++v) _mm256_storeu_ps(o + g * D + 8 * v, _mm256_mul_ps(a[v], sc));
+  }
+}
+
+// any head dim of whole vectors: the scores unrolled for 64 and 128, the values 64 dimensions at a time
+static void scores_f32(const float* qf, int64_t G, int64_t NV, const float* kh, const int64_t* pos, int64_t P,
+                       float* s) {
+  if (NV == 8) return scores_f32_n<8>(qf, G, kh, pos, P, s);
+  if (NV == 16) return scores_f32_n<16>(qf, G, kh, pos, P, s);
+  const int64_t D = NV * 8;
+  for (int64_t g = 0; g < G; ++g)
+    for (int64_t j = 0; j < P; ++j) s[g * P + j] = dot<float, float>(qf + g * D, kh + pos[j] * D, D);
+}
+
+static void values_f32(const float* s, const float* total, int64_t G, int64_t NV, const float* vh, const int64_t* pos,
+                       int64_t P, float* o /* [G][D] */) {
+  const int64_t D = NV * 8;
+  int64_t d0 = 0;
+  for (; d0 + 64 <= D; d0 += 64) values_f32_64(s, total, G, D, vh + d0, pos, P, o + d0);
+  if (d0 == D) return;
+  for (int64_t g = 0; g < G; ++g) {  // the last D % 64 dimensions
+    const float inv = total[g] > 0 ? 1.f / total[g] : 0.f;
+    float a[64] = {0.f};
+    for (int64_t j = 0; j < P; ++j)
+      for (int64_t d = d0; d < D; ++d) a[d - d0] += s[g * P + j] * vh[pos[j] * D + d];
+    for (int64_t d = d0; d < D; ++d) o[g * D + d] = a[d - d0] * inv;
+  }
+}
 #endif
 
 template <typename scalar_t>
@@ -136,12 +225,12 @@ static void run(const torch::Tensor& q, const torch::Tensor& k_store, const torc
       s.resize(G * P);
       const scalar_t* kh = kp + h * NB * BS * D;
       const scalar_t* vh = vp + h * NB * BS * D;
-#ifdef SPECDEC_AVX512
+#ifdef SPECDEC_ATTN_FAST
       constexpr bool f32 = std::is_same<scalar_t, float>::value;
-      const bool fast = f32 && D % 16 == 0;  // the AVX-512 float32 route (scores_f32 / values_f32)
+      const bool fast = f32 && D % LANES == 0;  // the AVX-512 / AVX2 float32 route (scores_f32 / values_f32)
       if (fast)
-        scores_f32(reinterpret_cast<const float*>(qf.data()), G, D / 16, reinterpret_cast<const float*>(kh), pos.data(),
-                   P, reinterpret_cast<float*>(s.data()));
+        scores_f32(reinterpret_cast<const float*>(qf.data()), G, D / LANES, reinterpret_cast<const float*>(kh),
+                   pos.data(), P, reinterpret_cast<float*>(s.data()));
       else
 #else
       const bool fast = false;
@@ -162,9 +251,9 @@ static void run(const torch::Tensor& q, const torch::Tensor& k_store, const torc
         for (int64_t j = 0; j < P; ++j) sum += sg[j];
         total[g] = sum;
       }
-#ifdef SPECDEC_AVX512
+#ifdef SPECDEC_ATTN_FAST
       if (fast) {
-        values_f32(reinterpret_cast<const float*>(s.data()), reinterpret_cast<const float*>(total.data()), G, D / 16,
+        values_f32(reinterpret_cast<const float*>(s.data()), reinterpret_cast<const float*>(total.data()), G, D / LANES,
                    reinterpret_cast<const float*>(vh), pos.data(), P,
                    reinterpret_cast<float*>(op + (t * H + h * G) * D));
         continue;

@@ -1,21 +1,28 @@
-// Linear layers on weight-only quantized panels (see specdec/kernels/quant_gemm.py): quant_linear(x, q, d, m, bias, N).
+// Linear layers on quantized panels (see specdec/kernels/quant_gemm.py): quant_linear(x, q, d, m, bias, N).
 //
 // Weights W [N, K] in groups of G = 32 input features per output feature, as GGUF's Q8_0 (int8 q, scale d:
-// w = d q) and Q4_1 (4-bit q in 0..15, scale d and min m: w = d q + m); d and m are float16. Packed per panel of 32
-// output features and per group: q int8 [T, K/32, 32 (k), 32 (j)] or uint8 [T, K/32, 32 (k), 16] (byte b of a k holds
-// output b in its low nibble and output b + 16 in its high one); d, m float16 [T, K/32, 32 (j)].
+// w = d q) and Q4_1 (4-bit q in 0..15, scale d and min m: w = d q + m); d and m are float16. The activations are
+// quantized per row and group as llama.cpp does for these types (Q8: dx = max|x| / 127, xq = round-to-even(x / dx)
+// in -127..127), so a group's dot product is integer arithmetic, exact:
 //
-// y[r, j] = sum over groups g of  d[g, j] * S[g, r, j] (+ m[g, j] * X[g, r])  (+ bias[j]), where
-// S[g, r, j] = sum over k in g of q[k, j] x[r, k] and X[g, r] = sum over k in g of x[r, k], every sum in float32 and in
-// k order (fused multiply-adds): a row's result is bitwise the same whatever the number of rows, as for the float32
-// panels, so speculation over a quantized target keeps its greedy output. The integer weights are unpacked in
-// registers: the weights stream from memory at 1 byte (int8) or 5/8 byte (int4) per weight instead of 4.
+//   y[r, j] = sum over groups g of  d[g, j] * (S[g, r, j] * dx[r, g])  (+ m[g, j] * X[r, g])  (+ bias[j]),
+//   S[g, r, j] = sum over k in g of q[k, j] xq[r, k] (int32),  X[r, g] = dx[r, g] * sum over k in g of xq[r, k],
+//
+// the float sums over groups in group order (fused multiply-adds): a row's result is bitwise the same whatever the
+// number of rows, so speculation over a quantized target keeps its greedy output. Panels of 32 output features,
+// packed per group and per quad of 4 input features (one int32 lane of AVX2 holds one output's 4 products):
+// q int8 [T, K/32, 8 (quad), 32 (j), 4 (k)], or uint8 [T, K/32, 8 (quad), 2 (half), 8 (j), 4 (k)] for 4 bits (byte
+// (i, k) of half h holds output 16 h + i in its low nibble and 16 h + 8 + i in its high one); d, m float16
+// [T, K/32, 32 (j)]. With AVX2 a quad of 8 outputs is one vpmaddubsw (unsigned x signed bytes to int16 pairs) and,
+// for 8 bits, one vpmaddwd to int32: the weights stream from memory at 1 byte (int8) or 5/8 byte (int4) a weight
+// and extra rows cost a fraction of float32's fused multiply-adds.
 #pragma once
 #include <torch/types.h>
 #include <ATen/Parallel.h>
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include <immintrin.h>
 #define SPECDEC_QUANT_AVX2 1
@@ -25,131 +32,143 @@ namespace quant {
 
 constexpr int64_t P = 32;   // output features per panel
 constexpr int64_t G = 32;   // input features per group
-constexpr int64_t RB = 8;   // input rows per block (transposed together)
+constexpr int64_t RB = 4;   // rows per block (their sums in registers together)
 
 template <int BITS>
-constexpr int64_t row_bytes() {  // bytes of one k step of a panel
-  return BITS == 8 ? P : P / 2;
+constexpr int64_t group_bytes() {  // bytes of one group of a panel
+  return BITS == 8 ? G * P : G * P / 2;
+}
+
+// rows x [M, K] quantized per group of 32: xq int8 [M, K], dx [M, K/32] (the scale), xs [M, K/32] (dx times the
+// sum of the group's xq: the sum of the quantized activations, for Q4_1's mins)
+inline void quantize_rows(const float* x, int64_t M, int64_t K, int8_t* xq, float* dx, float* xs) {
+  const int64_t groups = K / G;
+  at::parallel_for(0, M * groups, 64, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) {
+      const float* xg = x + i * G;  // row i / groups, group i % groups: rows are contiguous, so i * G
+      float amax = 0.f;
+      for (int64_t k = 0; k < G; ++k) amax = std::max(amax, std::fabs(xg[k]));
+      const float d = amax / 127.f, id = d != 0.f ? 1.f / d : 0.f;
+      int32_t sum = 0;
+      for (int64_t k = 0; k < G; ++k) {
+        const float v = std::nearbyint(xg[k] * id);
+        const int32_t qv = static_cast<int32_t>(std::min(127.f, std::max(-127.f, v)));
+        xq[i * G + k] = static_cast<int8_t>(qv);
+        sum += qv;
+      }
+      dx[i] = d;
+      xs[i] = d * static_cast<float>(sum);
+    }
+  });
+}
+
+// the integer dot products S[j] of one group for output j of a panel (portable path and reference)
+template <int BITS>
+static inline int32_t weight_at(const uint8_t* qg, int64_t k, int64_t j) {
+  const int64_t quad = k / 4, kk = k % 4;
+  if constexpr (BITS == 8) return static_cast<int8_t>(qg[quad * 128 + j * 4 + kk]);
+  const int64_t half = j / 16, nib = (j % 16) / 8, i = j % 8;
+  const uint8_t b = qg[quad * 64 + half * 32 + i * 4 + kk];
+  return nib ? (b >> 4) : (b & 0x0F);
 }
 
 #ifdef SPECDEC_QUANT_AVX2
-// the 32 weights of one k step as four vectors of 8 floats (outputs 0-7, 8-15, 16-23, 24-31)
-template <int BITS>
-static inline void unpack(const uint8_t* qk, __m256 w[4]) {
-  if constexpr (BITS == 8) {
-    for (int v = 0; v < 4; ++v)
-      w[v] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(qk + 8 * v))));
-  } else {
-    const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qk));
-    const __m128i low = _mm_set1_epi8(0x0F);
-    const __m128i lo = _mm_and_si128(b, low), hi = _mm_and_si128(_mm_srli_epi16(b, 4), low);
-    w[0] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo));
-    w[1] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_unpackhi_epi64(lo, lo)));
-    w[2] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi));
-    w[3] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_unpackhi_epi64(hi, hi)));
-  }
-}
-
-// one group (32 k steps) of S rows (columns r of xg [32][ldx]) against one panel, adding d S (+ m X) into acc [S][32];
-// the weights come unpacked from qg, or (BUF) from qf, the group already unpacked to floats [32][32]
-template <int BITS, int S, bool BUF>
-static inline void group_rows(const float* xg, const float* xs, int ldx, const uint8_t* qg, const float* qf,
-                              const at::Half* d, const at::Half* m, float* acc) {
-  constexpr int64_t RBY = row_bytes<BITS>();
-  __m256 s[S][4];
-#pragma GCC unroll 4
-  for (int r = 0; r < S; ++r)
-    for (int v = 0; v < 4; ++v) s[r][v] = _mm256_setzero_ps();
-  for (int64_t k = 0; k < G; ++k) {
-    __m256 w[4];
-    if constexpr (BUF) {
-      for (int v = 0; v < 4; ++v) w[v] = _mm256_load_ps(qf + k * P + 8 * v);
-    } else {
-      if ((k * RBY) % 64 == 0)  // the next group, a cache line at a time: one sequential stream per panel
-        _mm_prefetch(reinterpret_cast<const char*>(qg + G * RBY + k * RBY), _MM_HINT_T0);
-      unpack<BITS>(qg + k * RBY, w);
-    }
-#pragma GCC unroll 4
-    for (int r = 0; r < S; ++r) {
-      const __m256 xv = _mm256_broadcast_ss(xg + k * ldx + r);
-#pragma GCC unroll 4
-      for (int v = 0; v < 4; ++v) s[r][v] = _mm256_fmadd_ps(w[v], xv, s[r][v]);
-    }
-  }
-  for (int v = 0; v < 4; ++v) {
-    const __m256 dv = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(d + 8 * v)));
-    __m256 mv = _mm256_setzero_ps();
-    if constexpr (BITS == 4) mv = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(m + 8 * v)));
-    for (int r = 0; r < S; ++r) {
-      __m256 a = _mm256_fmadd_ps(dv, s[r][v], _mm256_loadu_ps(acc + r * P + 8 * v));
-      if constexpr (BITS == 4) a = _mm256_fmadd_ps(mv, _mm256_set1_ps(xs[r]), a);
-      _mm256_storeu_ps(acc + r * P + 8 * v, a);
-    }
-  }
-}
-
-// R rows (xt [K][R], xsum [K/32][R]) against one panel into acc [R][32]: 16 registers of 8 floats hold three rows'
-// 4 x 8 sums at a time; up to three rows unpack the weights as they go, more unpack each group once into a buffer
-// (in L1) that every three rows then read, so the unpacking is not repeated per three rows
-template <int BITS>
-static inline void panel_rows(int R, const float* xt, const float* xsum, int64_t groups, const uint8_t* q,
-                              const at::Half* d, const at::Half* m, float* acc) {
-  constexpr int64_t RBY = row_bytes<BITS>();
-  alignas(32) float qf[G * P];
+// R rows (xq rows at stride K; dx, xs at stride `groups`) against one panel's groups into acc [R][32]: per half
+// panel (16 outputs) and group, the rows' int32 sums stay in registers
+template <int BITS, int R>
+static inline void panel_rows(const int8_t* xq, int64_t K, const float* dx, const float* xs, int64_t groups,
+                              const uint8_t* q, const at::Half* d, const at::Half* m, float* acc) {
+  constexpr int64_t GB = group_bytes<BITS>();
+  const __m256i ones = _mm256_set1_epi16(1);
+  const __m256i low = _mm256_set1_epi8(0x0F);
   for (int64_t g = 0; g < groups; ++g) {
-    const uint8_t* qg = q + g * G * RBY;
-    const float* xg = xt + g * G * R;
-    const float* xs = xsum + g * R;
-    const at::Half* dg = d + g * P;
-    const at::Half* mg = m ? m + g * P : nullptr;
-    if (R <= 3) {
-      if (R == 3) group_rows<BITS, 3, false>(xg, xs, R, qg, nullptr, dg, mg, acc);
-      else if (R == 2) group_rows<BITS, 2, false>(xg, xs, R, qg, nullptr, dg, mg, acc);
-      else group_rows<BITS, 1, false>(xg, xs, R, qg, nullptr, dg, mg, acc);
-      continue;
+    const uint8_t* qg = q + g * GB;
+    _mm_prefetch(reinterpret_cast<const char*>(qg + GB), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(qg + GB + 64), _MM_HINT_T0);
+    if constexpr (BITS == 8) {
+      _mm_prefetch(reinterpret_cast<const char*>(qg + GB + 128), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(qg + GB + 192), _MM_HINT_T0);
     }
-    _mm_prefetch(reinterpret_cast<const char*>(qg + G * RBY), _MM_HINT_T0);
-    for (int64_t k = 0; k < G; ++k) {
-      if ((k * RBY) % 64 == 0) _mm_prefetch(reinterpret_cast<const char*>(qg + G * RBY + k * RBY), _MM_HINT_T0);
-      __m256 w[4];
-      unpack<BITS>(qg + k * RBY, w);
-      for (int v = 0; v < 4; ++v) _mm256_store_ps(qf + k * P + 8 * v, w[v]);
-    }
-    for (int r0 = 0; r0 < R; r0 += 3) {
-      const int n = std::min(3, R - r0);
-      if (n == 3) group_rows<BITS, 3, true>(xg + r0, xs + r0, R, nullptr, qf, dg, mg, acc + r0 * P);
-      else if (n == 2) group_rows<BITS, 2, true>(xg + r0, xs + r0, R, nullptr, qf, dg, mg, acc + r0 * P);
-      else group_rows<BITS, 1, true>(xg + r0, xs + r0, R, nullptr, qf, dg, mg, acc + r0 * P);
+    for (int half = 0; half < 2; ++half) {
+      __m256i s[R][2];
+      for (int r = 0; r < R; ++r) s[r][0] = s[r][1] = _mm256_setzero_si256();
+      // one quad at a time, its rows unrolled: the sums stay in registers (unrolling the quads instead spills them)
+#pragma GCC unroll 1
+      for (int quad = 0; quad < 8; ++quad) {
+        if constexpr (BITS == 8) {
+          if (quad % 2 == 0 && half == 0)
+            _mm_prefetch(reinterpret_cast<const char*>(qg + GB + 256 + quad * 128), _MM_HINT_T0);
+          const uint8_t* qq = qg + quad * 128 + half * 64;
+          const __m256i w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qq));
+          const __m256i w1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qq + 32));
+          // |w| as unsigned bytes (128 for -128), the sign moved onto x: |w| (x sign(w)) = w x
+          const __m256i a0 = _mm256_abs_epi8(w0), a1 = _mm256_abs_epi8(w1);
+#pragma GCC unroll 4
+          for (int r = 0; r < R; ++r) {
+            int32_t x4;
+            std::memcpy(&x4, xq + r * K + g * G + quad * 4, 4);
+            const __m256i xb = _mm256_set1_epi32(x4);
+            s[r][0] = _mm256_add_epi32(s[r][0],
+                                       _mm256_madd_epi16(_mm256_maddubs_epi16(a0, _mm256_sign_epi8(xb, w0)), ones));
+            s[r][1] = _mm256_add_epi32(s[r][1],
+                                       _mm256_madd_epi16(_mm256_maddubs_epi16(a1, _mm256_sign_epi8(xb, w1)), ones));
+          }
+        } else {
+          const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qg + quad * 64 + half * 32));
+          const __m256i lo = _mm256_and_si256(b, low), hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), low);
+#pragma GCC unroll 4
+          for (int r = 0; r < R; ++r) {
+            int32_t x4;
+            std::memcpy(&x4, xq + r * K + g * G + quad * 4, 4);
+            const __m256i xb = _mm256_set1_epi32(x4);
+            // int16 pairs of at most 2 * 15 * 127: eight quads' sums fit an int16 lane
+            s[r][0] = _mm256_add_epi16(s[r][0], _mm256_maddubs_epi16(lo, xb));
+            s[r][1] = _mm256_add_epi16(s[r][1], _mm256_maddubs_epi16(hi, xb));
+          }
+        }
+      }
+      for (int v = 0; v < 2; ++v) {
+        const int64_t j0 = half * 16 + 8 * v;
+        const __m256 dv = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(d + g * P + j0)));
+        __m256 mv = _mm256_setzero_ps();
+        if constexpr (BITS == 4) mv = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(m + g * P + j0)));
+        for (int r = 0; r < R; ++r) {
+          __m256i si = s[r][v];
+          if constexpr (BITS == 4) si = _mm256_madd_epi16(si, ones);
+          const __m256 t = _mm256_mul_ps(_mm256_cvtepi32_ps(si), _mm256_set1_ps(dx[r * groups + g]));
+          __m256 a = _mm256_fmadd_ps(dv, t, _mm256_loadu_ps(acc + r * P + j0));
+          if constexpr (BITS == 4) a = _mm256_fmadd_ps(mv, _mm256_set1_ps(xs[r * groups + g]), a);
+          _mm256_storeu_ps(acc + r * P + j0, a);
+        }
+      }
     }
   }
 }
 #endif
 
-// the weight q[k, j] of one panel as a float (portable path)
+// R rows of one block against one panel: acc [R][32], then y (the portable path: the same sums, one at a time)
 template <int BITS>
-static inline float weight_at(const uint8_t* qk, int64_t j) {
-  if constexpr (BITS == 8) return static_cast<float>(static_cast<int8_t>(qk[j]));
-  return static_cast<float>(j < P / 2 ? (qk[j] & 0x0F) : (qk[j - P / 2] >> 4));
-}
-
-// R rows of one block (xt [K][R], xsum [K/32][R]) against one panel: acc [R][32], then y
-template <int BITS>
-static inline void panel(int R, const float* xt, const float* xsum, int64_t groups, const uint8_t* q,
-                         const at::Half* d, const at::Half* m, const float* bias, float* y, int64_t ldy,
-                         int64_t valid) {
+static inline void panel(int R, const int8_t* xq, int64_t K, const float* dx, const float* xs, int64_t groups,
+                         const uint8_t* q, const at::Half* d, const at::Half* m, const float* bias, float* y,
+                         int64_t ldy, int64_t valid) {
   float acc[RB * P] = {0.f};
 #ifdef SPECDEC_QUANT_AVX2
-  panel_rows<BITS>(R, xt, xsum, groups, q, d, m, acc);
+  switch (R) {
+    case 4: panel_rows<BITS, 4>(xq, K, dx, xs, groups, q, d, m, acc); break;
+    case 3: panel_rows<BITS, 3>(xq, K, dx, xs, groups, q, d, m, acc); break;
+    case 2: panel_rows<BITS, 2>(xq, K, dx, xs, groups, q, d, m, acc); break;
+    default: panel_rows<BITS, 1>(xq, K, dx, xs, groups, q, d, m, acc); break;
+  }
 #else
-  constexpr int64_t RBY = row_bytes<BITS>();
+  constexpr int64_t GB = group_bytes<BITS>();
   for (int r = 0; r < R; ++r)
     for (int64_t g = 0; g < groups; ++g)
       for (int64_t j = 0; j < P; ++j) {
-        float s = 0.f;
-        for (int64_t k = 0; k < G; ++k)
-          s = std::fma(weight_at<BITS>(q + (g * G + k) * RBY, j), xt[(g * G + k) * R + r], s);
-        float a = std::fma(static_cast<float>(d[g * P + j]), s, acc[r * P + j]);
-        if constexpr (BITS == 4) a = std::fma(static_cast<float>(m[g * P + j]), xsum[g * R + r], a);
+        int32_t s = 0;
+        for (int64_t k = 0; k < G; ++k) s += weight_at<BITS>(q + g * GB, k, j) * xq[r * K + g * G + k];
+        const float t = static_cast<float>(s) * dx[r * groups + g];
+        float a = std::fma(static_cast<float>(d[g * P + j]), t, acc[r * P + j]);
+        if constexpr (BITS == 4) a = std::fma(static_cast<float>(m[g * P + j]), xs[r * groups + g], a);
         acc[r * P + j] = a;
       }
 #endif
@@ -157,7 +176,7 @@ static inline void panel(int R, const float* xt, const float* xsum, int64_t grou
     for (int64_t j = 0; j < valid; ++j) y[r * ldy + j] = bias ? acc[r * P + j] + bias[j] : acc[r * P + j];
 }
 
-// x [M, K] float32 contiguous; q int8 [T, K/32, 32, 32] or uint8 [T, K/32, 32, 16]; d (and m for 4 bits) float16
+// x [M, K] float32 contiguous; q int8 [T, K/32, 8, 128] or uint8 [T, K/32, 8, 64]; d (and m for 4 bits) float16
 // [T, K/32, 32]; bias float32 [N] or None; returns [M, N] float32
 inline torch::Tensor quant_linear(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& d,
                                   const c10::optional<torch::Tensor>& m, const c10::optional<torch::Tensor>& bias,
@@ -166,8 +185,8 @@ inline torch::Tensor quant_linear(const torch::Tensor& x, const torch::Tensor& q
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x must be a contiguous float32 [M, K]");
   const int64_t M = x.size(0), K = x.size(1), T = q.size(0), groups = K / G;
   TORCH_CHECK(K % G == 0, "the input size must be a multiple of 32");
-  TORCH_CHECK(q.dim() == 4 && q.is_contiguous() && q.size(1) == groups && q.size(2) == G &&
-                  q.size(3) == (bits == 8 ? P : P / 2) && (q.scalar_type() == at::kChar || q.scalar_type() == at::kByte),
+  TORCH_CHECK(q.dim() == 4 && q.is_contiguous() && q.size(1) == groups && q.size(2) == 8 &&
+                  q.size(3) == (bits == 8 ? 128 : 64) && (q.scalar_type() == at::kChar || q.scalar_type() == at::kByte),
               "the quantized panels were packed for another input size (K) or number of bits");
   TORCH_CHECK(T * P >= N && N > (T - 1) * P, "the quantized panels were packed for another output size (N)");
   TORCH_CHECK(d.scalar_type() == at::kHalf && d.is_contiguous() && d.numel() == T * groups * P, "d must be float16 [T, K/32, 32]");
@@ -178,29 +197,18 @@ inline torch::Tensor quant_linear(const torch::Tensor& x, const torch::Tensor& q
               "the bias must be float32 [N]");
   auto y = torch::empty({M, N}, x.options());
   if (M == 0 || N == 0) return y;
-  // per block of RB rows: xt [K][R] and the group sums xsum [K/32][R] (each in k order)
-  auto xt = torch::empty({M * K}, x.options());
-  auto xs = torch::empty({M * groups}, x.options());
-  const float* xp = x.data_ptr<float>();
-  float* xd = xt.data_ptr<float>();
-  float* xsd = xs.data_ptr<float>();
-  for (int64_t b = 0; b < M; b += RB) {
-    const int64_t R = std::min(RB, M - b);
-    for (int64_t k = 0; k < K; ++k)
-      for (int64_t r = 0; r < R; ++r) xd[b * K + k * R + r] = xp[(b + r) * K + k];
-    for (int64_t g = 0; g < groups; ++g)
-      for (int64_t r = 0; r < R; ++r) {
-        float s = 0.f;
-        for (int64_t k = 0; k < G; ++k) s += xp[(b + r) * K + g * G + k];
-        xsd[b * groups + g * R + r] = s;
-      }
-  }
+  auto xq = torch::empty({M * K}, x.options().dtype(at::kChar));
+  auto scales = torch::empty({2, M * groups}, x.options());
+  int8_t* xqp = xq.data_ptr<int8_t>();
+  float* dxp = scales.data_ptr<float>();
+  float* xsp = dxp + M * groups;
+  quantize_rows(x.data_ptr<float>(), M, K, xqp, dxp, xsp);
   const uint8_t* qp = reinterpret_cast<const uint8_t*>(q.data_ptr());
   const at::Half* dp = d.data_ptr<at::Half>();
   const at::Half* mp = m.has_value() ? m->data_ptr<at::Half>() : nullptr;
   const float* bp = bias.has_value() ? bias->data_ptr<float>() : nullptr;
   float* yp = y.data_ptr<float>();
-  const int64_t panel_bytes = K * (bits == 8 ? P : P / 2);
+  const int64_t panel_bytes = groups * (bits == 8 ? group_bytes<8>() : group_bytes<4>());
   at::parallel_for(0, T, 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t)
       for (int64_t b = 0; b < M; b += RB) {
@@ -208,15 +216,25 @@ inline torch::Tensor quant_linear(const torch::Tensor& x, const torch::Tensor& q
         const int64_t valid = std::min(P, N - t * P);
         const at::Half* dt = dp + t * groups * P;
         const at::Half* mt = mp ? mp + t * groups * P : nullptr;
+        const float* bt = bp ? bp + t * P : nullptr;
         if (bits == 8)
-          panel<8>(R, xd + b * K, xsd + b * groups, groups, qp + t * panel_bytes, dt, mt, bp ? bp + t * P : nullptr,
+          panel<8>(R, xqp + b * K, K, dxp + b * groups, xsp + b * groups, groups, qp + t * panel_bytes, dt, mt, bt,
                    yp + b * N + t * P, N, valid);
         else
-          panel<4>(R, xd + b * K, xsd + b * groups, groups, qp + t * panel_bytes, dt, mt, bp ? bp + t * P : nullptr,
+          panel<4>(R, xqp + b * K, K, dxp + b * groups, xsp + b * groups, groups, qp + t * panel_bytes, dt, mt, bt,
                    yp + b * N + t * P, N, valid);
       }
   });
   return y;
 }
+
+// one quantized linear as the layer kernels take it (decoder_layer.h): panels q, scales d, mins m (4 bits), bias,
+// N outputs, bits; x [M, K] -> [M, N]
+struct Linear {
+  torch::Tensor q, d;
+  c10::optional<torch::Tensor> m, bias;
+  int64_t n, bits;
+  torch::Tensor operator()(const torch::Tensor& x) const { return quant_linear(x, q, d, m, bias, n, bits); }
+};
 
 }  // namespace quant

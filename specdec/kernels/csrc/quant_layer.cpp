@@ -6,17 +6,9 @@
 
 namespace {
 
-// one quantized linear: panels q, scales d, mins m (4 bits), bias, N outputs, bits
-struct QuantLinear {
-  torch::Tensor q, d;
-  c10::optional<torch::Tensor> m, bias;
-  int64_t n, bits;
-  torch::Tensor operator()(const torch::Tensor& x) const { return quant::quant_linear(x, q, d, m, bias, n, bits); }
-};
-
-QuantLinear make(const torch::Tensor& q, const torch::Tensor& d, const c10::optional<torch::Tensor>& m,
-                 const c10::optional<torch::Tensor>& bias, int64_t n, int64_t bits) {
-  return QuantLinear{q, d, m, bias, n, bits};
+quant::Linear make(const torch::Tensor& q, const torch::Tensor& d, const c10::optional<torch::Tensor>& m,
+                   const c10::optional<torch::Tensor>& bias, int64_t n, int64_t bits) {
+  return quant::Linear{q, d, m, bias, n, bits};
 }
 
 torch::Tensor pre_attention_q(const torch::Tensor& h, const torch::Tensor& norm_w, double eps, const torch::Tensor& q,
