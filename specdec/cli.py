@@ -127,8 +127,8 @@ def _generate(argv: list[str]) -> int:
     parser.add_argument("--seed", type=int, default=None, help="sampling: the RNG seed (same seed, same output)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--quantization", default=None, choices=["int8", "int4"],
-                        help="weight-only int8 / int4 linears (GGUF Q8_0 / Q4_1), float32 activations; a .gguf "
-                             "--target is served with its own quantized tensors")
+                        help="int8 / int4 linears (GGUF Q8_0 / Q4_1, their inputs quantized to 8 bits as llama.cpp "
+                             "does); a .gguf --target is served with its own quantized tensors")
     parser.add_argument("--raw", action="store_true", help="treat the prompt as raw completion text (no template)")
     args = parser.parse_args(argv)
     _check_generate_args(parser, args)

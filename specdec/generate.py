@@ -45,7 +45,7 @@ class SpecDecoder:
     constructor. verifier: a registered name (``hf``, the reference; ``paged``, which also serves batches), with
     ``verifier_kwargs``. acceptance: ``greedy``, ``rejection`` or ``typical`` (LOSSY); None: greedy, or rejection
     when sampling. max_nodes: the node budget of a draft tree, root included. quantization: ``int8`` / ``int4``
-    weight-only linears for a target loaded by name (:mod:`specdec.models.quantize`; a ``.gguf`` target is served
+    linears for a target loaded by name (:mod:`specdec.models.quantize`; a ``.gguf`` target is served
     with its own quantized tensors).
     adaptive: re-decide each request's node budget (up to ``max_nodes``) before every step from the measured cost
     profile (``cost_profile``, or the cached / freshly measured one for this target and machine, see

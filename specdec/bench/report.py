@@ -176,7 +176,7 @@ def quality_line(q: dict) -> str:
 def text_report(result: dict) -> str:
     """The bench's printed summary: a header line, the headline table (with a divergence line per method whose
     greedy outputs differ from the reference's, see :func:`divergence_lines`) and the per-category table."""
-    weights = f"{result['quantization']} weights, float32 activations" if result.get("quantization") \
+    weights = f"{result['quantization']} weights, 8-bit activations" if result.get("quantization") \
         else result["dtype"]
     head = (f"{result['target']} ({weights}, {result['device']}, {result['threads']} threads), "
             f"{result['prompts']} prompts, up to {result['max_new_tokens']} new tokens each")

@@ -52,7 +52,7 @@ _KERNEL = CppKernel("specdec_decoder_layer", "decoder_layer.cpp",
                     "a Llama-style layer around its attention")
 
 
-# the same two calls with int8 / int4 weight-only linears (csrc/quant_layer.cpp)
+# the same two calls with int8 / int4 linears (csrc/quant_layer.cpp)
 _QUANT_KERNEL = CppKernel("specdec_quant_layer", "quant_layer.cpp",
                           "a Llama layer on int8 / int4 linears")
 QUANT_MAX_ROWS = 64  # quantized layers: the kernel serves any rows; beyond, a prefill runs the layer's own forward

@@ -36,7 +36,7 @@ PANEL = 32  # output features per panel
 BITS = {"int8": 8, "int4": 4}
 VERSION = 2  # bumped when the kernel's speed changes (a cost profile measured with an older one is stale)
 
-_KERNEL = CppKernel("specdec_quant_gemm", "quant_gemm.cpp", "int8 / int4 weight-only linears")
+_KERNEL = CppKernel("specdec_quant_gemm", "quant_gemm.cpp", "int8 / int4 linears")
 
 
 def available() -> bool:

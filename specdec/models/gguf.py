@@ -80,7 +80,8 @@ def _float(t) -> torch.Tensor:
 
 
 def load_gguf(path: str | Path):
-    """``(model, tokenizer)`` from a GGUF file: float32 activations, its quantized linears as they are stored."""
+    """``(model, tokenizer)`` from a GGUF file: its quantized linears as they are stored (their inputs quantized to 8
+    bits per group, as llama.cpp does), float32 elsewhere."""
     import gguf
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 

@@ -114,9 +114,9 @@ def load_target(name: str | None = None, dtype: str | torch.dtype | None = "floa
     """``(model, tokenizer)`` for a hub id, a local path, a ``.gguf`` file or the default target; cached per process.
 
     The model is in eval mode on ``device`` in ``dtype``; ``role`` names it in errors (``"draft model"``).
-    quantization: ``int8`` or ``int4`` swaps its linear layers for weight-only quantized ones
+    quantization: ``int8`` or ``int4`` swaps its linear layers for quantized ones
     (:mod:`specdec.models.quantize`); a GGUF file's quantized tensors are served as they are
-    (:mod:`specdec.models.gguf`, float32 activations).
+    (:mod:`specdec.models.gguf`, float32 outside the quantized linears).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -129,7 +129,7 @@ def load_target(name: str | None = None, dtype: str | torch.dtype | None = "floa
                           "or none.")
     if gguf.is_gguf(path):
         if torch_dtype != torch.float32 or device != "cpu":
-            raise ConfigError(f"a GGUF target runs on the CPU with float32 activations; drop dtype={dtype} / "
+            raise ConfigError(f"a GGUF target runs on the CPU in float32 (its linears quantized); drop dtype={dtype} / "
                               f"device={device}, or convert the file to safetensors.")
         key = (path, "gguf", quantization)
         if key not in _LOADED:
@@ -145,7 +145,7 @@ def load_target(name: str | None = None, dtype: str | torch.dtype | None = "floa
     key = (path, str(torch_dtype), f"{device}:{attn_implementation}", quantization)
     if key not in _LOADED:
         if quantization is not None and (torch_dtype != torch.float32 or device != "cpu"):
-            raise ConfigError(f"quantization={quantization} runs on the CPU with float32 activations; use "
+            raise ConfigError(f"quantization={quantization} runs on the CPU in float32 (its linears quantized); use "
                               f"dtype=float32 and device=cpu (got {dtype}, {device}), or drop the quantization.")
         kwargs = {"dtype": torch_dtype}
         if attn_implementation:

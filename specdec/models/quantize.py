@@ -46,7 +46,7 @@ def check_quantizable(model, quantization: str) -> int:
     """The bits of ``quantization`` for ``model``, or a :class:`ConfigError` that says what to do instead."""
     if quantization not in quant_gemm.BITS:
         raise ConfigError(f"unknown target.quantization {quantization!r}; use one of {list(QUANTIZATIONS)} "
-                          "(weight-only, GGUF's Q8_0 / Q4_1 formats) or null for none.")
+                          "(GGUF's Q8_0 / Q4_1 formats) or null for none.")
     p = next(model.parameters())
     if p.device.type != "cpu":
         raise ConfigError(f"target.quantization={quantization} runs on the CPU; this target is on {p.device}. "

@@ -1,4 +1,4 @@
-// Extension specdec_quant_layer: a Llama-style decoder layer around its attention with int8 / int4 weight-only linears
+// Extension specdec_quant_layer: a Llama-style decoder layer around its attention with int8 / int4 linears
 // (specdec/kernels/cpu_decoder_layer.py): decoder_layer.h's two calls with quant_gemm.h's product.
 #include <torch/python.h>
 #include "decoder_layer.h"
