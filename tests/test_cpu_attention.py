@@ -66,6 +66,23 @@ def test_a_rows_result_does_not_depend_on_the_other_rows():
 
 
 @needs_kernel
+@pytest.mark.parametrize("visible", [64, 67, 61])
+def test_masked_keys_do_not_change_a_row(visible):
+    # a tree row sees the prefix plus masked siblings; it must equal the one-token step over the visible keys alone,
+    # bitwise (the softmax's exp once took another route for the last keys, so the count of keys mattered)
+    g = torch.Generator().manual_seed(visible)
+    q, k, v = torch.randn(1, 6, 1, 16, generator=g), torch.randn(1, 2, 96, 16, generator=g), torch.randn(1, 2, 96, 16,
+                                                                                                          generator=g)
+    alone = cpu_attention.attention(q, k[:, :, :visible].contiguous(), v[:, :, :visible].contiguous(), None, 0.25)
+    for extra in (1, 5, 8, 13):
+        mask = torch.zeros(1, 1, 1, visible + extra)
+        mask[..., visible:] = torch.finfo(torch.float32).min
+        got = cpu_attention.attention(q, k[:, :, :visible + extra].contiguous(), v[:, :, :visible + extra].contiguous(),
+                                      mask, 0.25)
+        assert torch.equal(got, alone), extra
+
+
+@needs_kernel
 def test_routes(monkeypatch):
     """Few rows take the kernel; a long prefill, dropout, gradients, a position bias or softcapping keep SDPA; a
     prefill without a mask is causal."""

@@ -104,6 +104,30 @@ def test_rotary_embedding_is_bitwise_transformers():
 
 
 @needs_kernel
+def test_rotary_embedding_rows_are_independent_across_the_thread_pool():
+    # 24 rows x 6 rotated heads is past the kernel's work grain (64), so the rotation runs in ATen's thread pool;
+    # each row must still come out bitwise as alone (a contracted multiply-add there once broke this)
+    model = tiny("llama")
+    layer = model.model.layers[0]
+    g = torch.Generator().manual_seed(2)
+    h = torch.randn(1, 24, 40, generator=g)
+    cos, sin = model.model.rotary_emb(h, torch.arange(24)[None] * 3 + 5)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # the suite runs on one thread: the pool must have a second
+    with torch.inference_mode(), cpu_gemm.fast_linears(model):
+        qkv_p = layer.__dict__["forward"].panels()[0]
+        run = lambda rows: cpu_decoder_layer.pre_attention(  # noqa: E731
+            h[0, rows].contiguous(), layer.input_layernorm, qkv_p, cos[0, rows].contiguous(),
+            sin[0, rows].contiguous(), 6, 10)
+        try:
+            together = run(slice(0, 24))
+            alone = torch.cat([run(slice(i, i + 1)) for i in range(24)])
+        finally:
+            torch.set_num_threads(threads)
+    assert torch.equal(together, alone)
+
+
+@needs_kernel
 @pytest.mark.parametrize("model_type", NOT_FUSED)
 def test_unlisted_layers_keep_their_forward(model_type):
     model = tiny(model_type)

@@ -80,6 +80,34 @@ def test_kernel_matches_dequantized_product_and_rows_are_independent(bits, n, k)
         assert torch.equal(part, y), rows
 
 
+def test_quantized_layer_rows_are_independent_across_the_thread_pool():
+    # 12 rows x 12 rotated heads is past the rotation's work grain (64): the rows run in ATen's thread pool and must
+    # still come out bitwise as alone (a contracted multiply-add in the rotation once broke this, and with 8-bit
+    # activations such a last-bit difference changed tokens on the default model)
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from specdec.kernels import cpu_decoder_layer
+    if not cpu_decoder_layer.quant_available():
+        pytest.skip("the quantized layer kernels are not built")
+    g = torch.Generator().manual_seed(5)
+    qkv = quant_gemm.quantize(torch.randn(14 * 64, 576, generator=g) * 0.05, 8)
+    norm = LlamaRMSNorm(576)
+    h = torch.randn(12, 576, generator=g)
+    angle = (torch.arange(12.0)[:, None] * 7 + 3) / (10000 ** (torch.arange(64) % 32 / 32))[None]
+    cos, sin = angle.cos().contiguous(), angle.sin().contiguous()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # the suite runs on one thread: the pool must have a second
+    try:
+        with torch.inference_mode():
+            together = cpu_decoder_layer.pre_attention(h, norm, qkv, cos, sin, 12, 64)
+            alone = torch.cat([cpu_decoder_layer.pre_attention(h[i:i + 1].contiguous(), norm, qkv,
+                                                               cos[i:i + 1].contiguous(), sin[i:i + 1].contiguous(),
+                                                               12, 64) for i in range(12)])
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(together, alone)
+
+
 def test_kernel_refuses_mismatched_panels():
     _check_built()
     p = quant_gemm.quantize(torch.randn(64, 64), 4)

@@ -5,11 +5,23 @@
 #include "layers.h"
 #include "panel_gemm.h"
 
+// one head x [D] rotated in place with cos, sin [D]: products and sum rounded one by one (no fused multiply-add), as
+// transformers' ops round them. Its own function, never inlined: an `optimize` attribute does not reach a lambda's
+// body, and GCC contracts by default, so the lambda below compiled once inlined (one work chunk) and once through
+// the thread pool would round differently with the number of rows
+__attribute__((optimize("fp-contract=off"), noinline)) static void rope_head(float* x, const float* c, const float* s,
+                                                                             int64_t half) {
+  for (int64_t d = 0; d < half; ++d) {
+    const float lo = x[d], hi = x[d + half];
+    x[d] = lo * c[d] + (-hi) * s[d];
+    x[d + half] = hi * c[d + half] + lo * s[d + half];
+  }
+}
+
 // q and k heads (the first `heads` of each row of qkv [M, N]) rotated in place: x * cos + rotate_half(x) * sin, with
-// cos, sin [M, D]; products and sum rounded one by one (no fused multiply-add), as transformers' ops round them
-__attribute__((optimize("fp-contract=off"))) static void rope_inplace(torch::Tensor& qkv, const torch::Tensor& cos,
-                                                                      const torch::Tensor& sin, int64_t heads,
-                                                                      int64_t D) {
+// cos, sin [M, D]
+static void rope_inplace(torch::Tensor& qkv, const torch::Tensor& cos, const torch::Tensor& sin, int64_t heads,
+                         int64_t D) {
   const int64_t M = qkv.size(0), N = qkv.size(1), half = D / 2;
   float* xp = qkv.data_ptr<float>();
   const float* cp = cos.data_ptr<float>();
@@ -17,14 +29,7 @@ __attribute__((optimize("fp-contract=off"))) static void rope_inplace(torch::Ten
   at::parallel_for(0, M * heads, 64, [&](int64_t b, int64_t e) {
     for (int64_t i = b; i < e; ++i) {
       const int64_t m = i / heads, h = i % heads;
-      float* x = xp + m * N + h * D;
-      const float* c = cp + m * D;
-      const float* s = sp + m * D;
-      for (int64_t d = 0; d < half; ++d) {
-        const float lo = x[d], hi = x[d + half];
-        x[d] = lo * c[d] + (-hi) * s[d];
-        x[d + half] = hi * c[d + half] + lo * s[d + half];
-      }
+      rope_head(xp + m * N + h * D, cp + m * D, sp + m * D, half);
     }
   });
 }

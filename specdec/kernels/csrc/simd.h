@@ -12,7 +12,7 @@
 #endif
 
 // dot(a, b) over n elements, and e[i] = exp(e[i]) for i < n: 8 lanes at a time with AVX2 (Sleef's exp, 1 ULP, from
-// libtorch), the scalar loops otherwise
+// libtorch, for every element), the scalar loops otherwise
 template <typename acc_t, typename scalar_t>
 static inline acc_t dot(const acc_t* a, const scalar_t* b, int64_t n) {
   acc_t s = 0;
@@ -41,10 +41,17 @@ inline float dot<float, float>(const float* a, const float* b, int64_t n) {
   for (; i < n; ++i) s += a[i] * b[i];
   return s;
 }
+// every element through the same vector exp, the tail too (padded): an element's result must not depend on n, or a
+// masked tree row (more keys, the same visible ones) would round differently from a one-token step
 template <>
 inline void exp_inplace<float>(float* e, int64_t n) {
   int64_t i = 0;
   for (; i + 8 <= n; i += 8) _mm256_storeu_ps(e + i, Sleef_expf8_u10(_mm256_loadu_ps(e + i)));
-  for (; i < n; ++i) e[i] = std::exp(e[i]);
+  if (i < n) {
+    alignas(32) float t[8] = {0.f};
+    for (int64_t j = i; j < n; ++j) t[j - i] = e[j];
+    _mm256_store_ps(t, Sleef_expf8_u10(_mm256_load_ps(t)));
+    for (int64_t j = i; j < n; ++j) e[j] = t[j - i];
+  }
 }
 #endif
