@@ -83,21 +83,16 @@ static inline void panel_rows(const int8_t* xq, int64_t K, const float* dx, cons
   const __m256i low = _mm256_set1_epi8(0x0F);
   for (int64_t g = 0; g < groups; ++g) {
     const uint8_t* qg = q + g * GB;
-    _mm_prefetch(reinterpret_cast<const char*>(qg + GB), _MM_HINT_T0);
-    _mm_prefetch(reinterpret_cast<const char*>(qg + GB + 64), _MM_HINT_T0);
-    if constexpr (BITS == 8) {
-      _mm_prefetch(reinterpret_cast<const char*>(qg + GB + 128), _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(qg + GB + 192), _MM_HINT_T0);
-    }
     for (int half = 0; half < 2; ++half) {
       __m256i s[R][2];
       for (int r = 0; r < R; ++r) s[r][0] = s[r][1] = _mm256_setzero_si256();
       // one quad at a time, its rows unrolled: the sums stay in registers (unrolling the quads instead spills them)
 #pragma GCC unroll 1
       for (int quad = 0; quad < 8; ++quad) {
+        if (half == 0)  // the next group, an eighth (its cache lines) per quad: one sequential stream per panel
+          for (int64_t line = quad * GB / 8; line < (quad + 1) * GB / 8; line += 64)
+            _mm_prefetch(reinterpret_cast<const char*>(qg + GB + line), _MM_HINT_T0);
         if constexpr (BITS == 8) {
-          if (quad % 2 == 0 && half == 0)
-            _mm_prefetch(reinterpret_cast<const char*>(qg + GB + 256 + quad * 128), _MM_HINT_T0);
           const uint8_t* qq = qg + quad * 128 + half * 64;
           const __m256i w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qq));
           const __m256i w1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qq + 32));
