@@ -126,9 +126,10 @@ def _generate(argv: list[str]) -> int:
     parser.add_argument("--top-k", type=int, default=None, help="sampling: keep the k most likely tokens (0 = off)")
     parser.add_argument("--seed", type=int, default=None, help="sampling: the RNG seed (same seed, same output)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    parser.add_argument("--quantization", default=None, choices=["int8", "int4"],
+    parser.add_argument("--quantization", default=None, choices=["int8", "int4", "bf16"],
                         help="int8 / int4 linears (GGUF Q8_0 / Q4_1, their inputs quantized to 8 bits as llama.cpp "
-                             "does); a .gguf --target is served with its own quantized tensors")
+                             "does), or bf16 (bfloat16 weights, float32 activations: the fast bfloat16 on a CPU); "
+                             "a .gguf --target is served with its own quantized tensors")
     parser.add_argument("--raw", action="store_true", help="treat the prompt as raw completion text (no template)")
     args = parser.parse_args(argv)
     _check_generate_args(parser, args)
@@ -158,7 +159,7 @@ def _profile(argv: list[str]) -> int:
                                      description="Print (measuring once, then cached) the verify-cost profile.")
     parser.add_argument("--target", default=None, help="hub id or local path (default: SmolLM2-135M-Instruct)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    parser.add_argument("--quantization", default=None, choices=["int8", "int4"])
+    parser.add_argument("--quantization", default=None, choices=["int8", "int4", "bf16"])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--verifier", default=registry.REFERENCE_VERIFIER, help=" | ".join(registry.VERIFIERS))
     parser.add_argument("--remeasure", action="store_true", help="measure again even when a profile is cached")

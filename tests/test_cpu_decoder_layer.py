@@ -178,3 +178,47 @@ def test_greedy_decoding_stays_lossless(verifier, monkeypatch):
     assert_greedy_equal(out, want)
     # the paged verifier on its C++ kernel runs each layer whole; the HF verifier calls around SDPA
     assert set(served) == {"one call" if verifier == "paged" and layer_kernel.available() else "two calls"}
+
+
+@needs_kernel
+@pytest.mark.parametrize("model_type,extra", [("llama", {}), ("mistral", {"sliding_window": 4}),
+                                              ("qwen2", {"use_sliding_window": True, "sliding_window": 4,
+                                                         "max_window_layers": 1}),
+                                              ("llama-int8", {}), ("llama-bf16", {})])
+def test_paged_forward_without_the_model_loop_is_the_model_forward_bitwise(model_type, extra, monkeypatch):
+    """verifiers.paged.whole_forward runs the fused layers of a paged forward without transformers' model loop: the
+    logits, greedy tokens and hidden states are bitwise those of the model's own forward, for a batch of trees."""
+    import specdec
+    from specdec.models import quantize
+    from tests.tiny import tiny_llama
+    from verifiers.paged import layer_kernel, whole_forward
+    from verifiers.paged.verifier import PagedVerifier
+
+    if not layer_kernel.available():
+        pytest.skip("the paged layer kernel is not built")
+    if model_type.startswith("llama-"):
+        model = tiny_llama(0, dtype=torch.float32)
+        quantize.quantize_model(model, model_type.split("-")[1])
+    else:
+        model = tiny(model_type, **extra)
+    trees = [specdec.DraftTree(torch.tensor([[7, 3, 9, 4, 2]]), torch.tensor([[-1, 0, 0, 1, 3]])),
+             specdec.DraftTree(torch.tensor([[5, 8, 6]]), torch.tensor([[-1, 0, 1]]))]
+    prompts = [torch.tensor([[5, 9, 3, 7, 11, 2, 8, 4, 6, 13]]), torch.tensor([[4, 6, 13, 2]])]
+    served = []
+    real = whole_forward.decoder_hidden
+
+    def score(route: bool, **kw):
+        monkeypatch.setattr(whole_forward, "decoder_hidden",
+                            lambda *a: served.append(route) or (real(*a) if route else None))
+        v = PagedVerifier(model, num_blocks=32, block_size=4)
+        with torch.inference_mode(), cpu_gemm.fast_linears(model):
+            for i, p in enumerate(prompts):
+                v.start(i, p)
+            return v.score([0, 1], trees, **kw)
+
+    for kw in ({}, {"output_hidden": True}, {"greedy": True}):
+        fast, slow = score(True, **kw), score(False, **kw)
+        for name in ("logits", "hidden", "greedy"):
+            a, b = getattr(fast, name), getattr(slow, name)
+            assert (a is None and b is None) or torch.equal(a, b), (kw, name)
+    assert served == [True, False] * 3

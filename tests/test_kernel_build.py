@@ -21,8 +21,8 @@ def _copy_csrc(tmp_path):
 def test_a_kernel_is_its_file_and_the_headers_it_includes(tmp_path):
     root = _copy_csrc(tmp_path)
     layer = build.CppKernel("t_layer", "paged_layer.cpp", "test", root=root)
-    assert [p.name for p in layer.files()] == ["decoder_layer.h", "layers.h", "paged_attention.h", "paged_layer.cpp",
-                                               "panel_gemm.h", "quant_gemm.h", "simd.h"]
+    assert [p.name for p in layer.files()] == ["bf16_gemm.h", "decoder_layer.h", "layers.h", "paged_attention.h",
+                                               "paged_layer.cpp", "panel_gemm.h", "quant_gemm.h", "simd.h"]
     assert [p.name for p in build.CppKernel("t_screen", "greedy_screen.cpp", "test", root=root).files()] == \
         ["greedy_screen.cpp"]
 

@@ -1,4 +1,4 @@
-"""Weight-only int8 / int4 targets: the kernel, the formats, GGUF files, losslessness, refusals.
+"""Weight-only int8 / int4 / bf16 targets: the kernel, the formats, GGUF files, losslessness, refusals.
 
 The kernel's product equals the dequantized weights' up to float32 rounding and, what losslessness rests on, a
 row's result is bitwise the same in a batch of any size. Speculative decoding over a quantized target is held to
@@ -78,6 +78,32 @@ def test_kernel_matches_dequantized_product_and_rows_are_independent(bits, n, k)
     for rows in (1, 2, 3, 5, 8, 9, 17):  # every block size and sub-block split of the kernel
         part = torch.cat([quant_gemm.quant_linear(x[i:i + rows].contiguous(), p, b) for i in range(0, 19, rows)])
         assert torch.equal(part, y), rows
+
+
+@pytest.mark.parametrize("n, k", [(50, 64), (96, 32), (200, 160)])
+def test_bf16_kernel_is_the_bfloat16_weights_times_float32_inputs_and_rows_are_independent(n, k):
+    """bits 16: the weights rounded to bfloat16 (exactly what the panels hold), the activations not rounded."""
+    _check_built()
+    g = torch.Generator().manual_seed(n + k)
+    w, x, b = torch.randn(n, k, generator=g), torch.randn(19, k, generator=g), torch.randn(n, generator=g)
+    p = quant_gemm.quantize(w, 16)
+    assert p.q.dtype == torch.bfloat16 and p.nbytes == -(-n // 32) * 32 * k * 2
+    assert torch.equal(quant_gemm.dequantize(p), w.to(torch.bfloat16).float())
+    y = quant_gemm.quant_linear(x, p, b)
+    ref = x.double() @ w.to(torch.bfloat16).double().T + b.double()
+    torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-4)
+    for rows in (1, 2, 3, 5, 8):  # one row, the pairs of the kernel's blocks, an odd last row
+        part = torch.cat([quant_gemm.quant_linear(x[i:i + rows].contiguous(), p, b) for i in range(0, 19, rows)])
+        assert torch.equal(part, y), rows
+    both = quant_gemm.concat([p, quant_gemm.quantize(w[:7], 16)])
+    assert torch.equal(quant_gemm.dequantize(both), torch.cat([w, w[:7]]).to(torch.bfloat16).float())
+
+
+def test_bf16_torch_route_multiplies_the_inputs_as_they_are(monkeypatch):
+    p = quant_gemm.quantize(torch.randn(64, 64), 16)
+    x = torch.randn(3, 64)
+    monkeypatch.setattr(quant_gemm, "available", lambda: False)
+    torch.testing.assert_close(QuantLinear(p)(x), x @ quant_gemm.dequantize(p).T)
 
 
 def test_quantized_layer_rows_are_independent_across_the_thread_pool():
@@ -197,6 +223,8 @@ def test_quantize_model_swaps_every_linear_and_keeps_the_head_at_int8():
     assert not any(type(m) is torch.nn.Linear for m in model.modules())
     assert model.lm_head.bits == 8 and model.model.layers[0].mlp.down_proj.bits == 4
     assert quantize.quantization_of(model) == "int4"
+    bf16 = quantized_tiny("bf16")
+    assert bf16.lm_head.bits == 16 and bf16.model.layers[0].mlp.down_proj.bits == 16
     float_model = tiny_llama(0, dtype=torch.float32)
     assert specdec.models.vocab_size(model) == specdec.models.vocab_size(float_model)
     with torch.no_grad():
@@ -220,7 +248,7 @@ def test_quantization_refusals():
         specdec.models.load_target("some/model", quantization="fp4")
 
 
-@pytest.mark.parametrize("bits", ["int8", "int4"])
+@pytest.mark.parametrize("bits", ["int8", "int4", "bf16"])
 @pytest.mark.parametrize("verifier", ["hf", "paged"])
 def test_every_drafter_lossless_on_a_quantized_target(drafter_factory, bits, verifier):
     target = quantized_tiny(bits)

@@ -38,7 +38,8 @@ class TargetConfig:
 
     name: Optional[str] = None  # None = the default target (SmolLM2-135M-Instruct); else a hub id or local path
     dtype: str = "float32"
-    quantization: Optional[str] = None  # int8 | int4 (GGUF Q8_0 / Q4_1 linears, 8-bit inputs); a .gguf name: its own
+    # int8 | int4 (GGUF Q8_0 / Q4_1 linears, 8-bit inputs) | bf16 (bfloat16 weights); a .gguf name: its own
+    quantization: Optional[str] = None
     device: str = "cpu"
     declare_family: bool = False  # serve a model type outside the support matrix (to check it: see mismatches)
 

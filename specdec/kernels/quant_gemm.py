@@ -33,7 +33,7 @@ from specdec.kernels.build import CppKernel
 
 GROUP = 32  # input features per group (one scale, and one min for int4)
 PANEL = 32  # output features per panel
-BITS = {"int8": 8, "int4": 4}
+BITS = {"int8": 8, "int4": 4, "bf16": 16}
 VERSION = 2  # bumped when the kernel's speed changes (a cost profile measured with an older one is stale)
 
 _KERNEL = CppKernel("specdec_quant_gemm", "quant_gemm.cpp", "int8 / int4 linears")
@@ -56,7 +56,8 @@ class QuantPanels:
     q: int8 ``[T, K/32, 8 (quad of k), 128 (32 j x 4 k)]`` (8 bits) or uint8 ``[T, K/32, 8, 64 (2 halves x 8 i x
     4 k)]`` (4 bits: byte (i, k) of half h holds output 16 h + i in its low nibble and 16 h + 8 + i in its high
     one); d, m: float16 ``[T, K/32, 32 (j)]`` (m: 4 bits only); outputs beyond N are zeros; bias: float32 ``[N]`` or
-    None."""
+    None. bits 16 (``bf16``): q bfloat16 ``[T, K/2, 32 (j), 2 (k even, k odd)]`` (the weights rounded to
+    bfloat16, multiplied by the float32 activations as they are), d an empty float16 tensor, m None."""
 
     bits: int
     q: torch.Tensor
@@ -85,13 +86,17 @@ def _pad_rows(t: torch.Tensor, n: int) -> torch.Tensor:
     return torch.cat([t, t.new_zeros(rows - n, *t.shape[1:])]) if rows > n else t
 
 
-def pack(bits: int, q: torch.Tensor, d: torch.Tensor, m: torch.Tensor | None = None) -> QuantPanels:
+def pack(bits: int, q: torch.Tensor, d: torch.Tensor | None = None,
+         m: torch.Tensor | None = None) -> QuantPanels:
     """Panels from per-group values: q ``[N, K]`` integers (int8 in -128..127, or 0..15 for 4 bits), d and m float16
-    ``[N, K/32]``."""
+    ``[N, K/32]``; for 16 bits q is the bfloat16 weights ``[N, K]`` and d, m are not used."""
     n, k = q.shape
     check_shape(n, k)
     g, t = k // GROUP, -(-n // PANEL)
     qp = _pad_rows(q, n)
+    if bits == 16:  # [T, K/2, j, pair]
+        qp = qp.to(torch.bfloat16).view(t, PANEL, k // 2, 2).transpose(1, 2).contiguous()
+        return QuantPanels(16, qp, torch.empty(0, dtype=torch.float16), None, n, k)
     if bits == 8:  # [T, G, quad, j, k]
         qp = qp.to(torch.int8).view(t, PANEL, g, 8, 4).permute(0, 2, 3, 1, 4).reshape(t, g, 8, 128).contiguous()
     else:  # [T, G, quad, half, i, k] bytes, the low nibble output 16 half + i, the high one 16 half + 8 + i
@@ -105,8 +110,11 @@ def pack(bits: int, q: torch.Tensor, d: torch.Tensor, m: torch.Tensor | None = N
 
 
 def unpacked(p: QuantPanels) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """The inverse of :func:`pack`: q ``[N, K]`` (int16), d and m float16 ``[N, K/32]``."""
+    """The inverse of :func:`pack`: q ``[N, K]`` (int16; bfloat16 for 16 bits), d and m float16 ``[N, K/32]`` (for
+    16 bits: d empty, m None)."""
     t, g = p.q.shape[:2]
+    if p.bits == 16:
+        return p.q.transpose(1, 2).reshape(t * PANEL, p.in_features)[: p.out_features], p.d, None
     if p.bits == 8:
         q = p.q.to(torch.int16).view(t, g, 8, PANEL, 4).permute(0, 3, 1, 2, 4)  # [T, j, G, quad, k]
     else:
@@ -127,7 +135,7 @@ def concat(parts: list[QuantPanels]) -> QuantPanels:
     if len({p.bits for p in parts}) != 1 or len({p.in_features for p in parts}) != 1:
         raise ValueError("concatenated quantized weights need one bit width and one input size")
     cols = [unpacked(p) for p in parts]
-    q, d = torch.cat([c[0] for c in cols]), torch.cat([c[1] for c in cols])
+    q, d = torch.cat([c[0] for c in cols]), torch.cat([c[1] for c in cols]) if parts[0].bits != 16 else None
     m = torch.cat([c[2] for c in cols]) if parts[0].bits == 4 else None
     biases = [p.bias for p in parts]
     bias = None if all(b is None for b in biases) else torch.cat(
@@ -138,6 +146,8 @@ def concat(parts: list[QuantPanels]) -> QuantPanels:
 def dequantize(p: QuantPanels) -> torch.Tensor:
     """The weights the panels stand for, float32 ``[N, K]`` (exact: ``d q (+ m)`` in float32)."""
     q, d, m = unpacked(p)
+    if p.bits == 16:
+        return q.float()
     w = q.float().view(p.out_features, -1, GROUP) * d.float().unsqueeze(-1)
     if m is not None:
         w = w + m.float().unsqueeze(-1)
@@ -146,11 +156,13 @@ def dequantize(p: QuantPanels) -> torch.Tensor:
 
 def quantize(weight: torch.Tensor, bits: int) -> QuantPanels:
     """``weight [N, K]`` (any float dtype) quantized as GGUF's Q8_0 (8 bits) or Q4_1 (4 bits) quantizers do, with the
-    float16 scale (and min) the values are computed against."""
+    float16 scale (and min) the values are computed against; 16 bits: rounded to bfloat16 (to nearest even)."""
     with torch.no_grad():
         w = weight.detach().float()
         n, k = w.shape
         check_shape(n, k)
+        if bits == 16:
+            return pack(16, w.to(torch.bfloat16))
         blocks = w.view(n, k // GROUP, GROUP)
         if bits == 8:
             d = (blocks.abs().amax(-1) / 127).to(torch.float16)
@@ -163,7 +175,7 @@ def quantize(weight: torch.Tensor, bits: int) -> QuantPanels:
             inv = torch.where(d.float() > 0, 1 / d.float(), torch.zeros_like(d, dtype=torch.float32))
             q = torch.round((blocks - m.float().unsqueeze(-1)) * inv.unsqueeze(-1)).clamp(0, 15)
             return pack(4, q.view(n, k), d, m)
-    raise ValueError(f"bits must be 8 or 4, not {bits}")
+    raise ValueError(f"bits must be 8, 4 or 16, not {bits}")
 
 
 def quantize_activations(x: torch.Tensor) -> torch.Tensor:
@@ -186,7 +198,7 @@ def quant_linear(x: torch.Tensor, p: QuantPanels, bias: torch.Tensor | None = No
     if available():
         return _KERNEL.module.quant_linear(x, p.q, p.d, p.m, bias, p.out_features, p.bits)
     w = dequantize(p) if dequantized is None else dequantized
-    return F.linear(quantize_activations(x), w, bias)
+    return F.linear(x if p.bits == 16 else quantize_activations(x), w, bias)
 
 
 class QuantLinear(nn.Module):
@@ -220,4 +232,5 @@ class QuantLinear(nn.Module):
         return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, int{self.bits}"
+        kind = "bf16" if self.bits == 16 else f"int{self.bits}"
+        return f"in_features={self.in_features}, out_features={self.out_features}, {kind}"

@@ -2,9 +2,10 @@
 
 The config and tokenizer come from transformers' GGUF reader; the tensors from the ``gguf`` package's memory-mapped
 reader. Q8_0 linears become int8 :class:`~specdec.models.quantize.QuantLinear` panels and Q4_0 / Q4_1 ones int4
-panels, bit for bit the file's values (Q4_0's ``d (q - 8)`` is ``d q + m`` with ``m = -8 d``); F32 / F16 / BF16
-tensors load as float32. Embeddings are dequantized (one row read per token). An LM head tied to the embedding
-(no ``output.weight``) is served from the embedding's quantized blocks. llama.cpp stores the q and k projections'
+panels, bit for bit the file's values (Q4_0's ``d (q - 8)`` is ``d q + m`` with ``m = -8 d``), and BF16 linears
+bfloat16 panels (``target.quantization=bf16``'s); F32 / F16 tensors and the other BF16 ones load as float32.
+Embeddings are dequantized (one row read per token). An LM head tied to the embedding (no ``output.weight``) is
+served from the embedding's quantized blocks. llama.cpp stores the q and k projections'
 rows permuted for its rotary layout; they are put back in transformers' order.
 
 Architectures: ``llama`` (SmolLM2, Llama 2/3 and their fine-tunes) and ``mistral``; another is refused with its
@@ -130,13 +131,22 @@ def load_gguf(path: str | Path):
             value = _float(t).reshape(rows, cols) if len(t.shape) > 1 else _float(t).reshape(-1)
             if order is not None:
                 value = value[order]
+            if kind == "BF16" and cols % quant_gemm.GROUP == 0 and (linear or (
+                    name == "model.embed_tokens.weight" and "output.weight" not in names)):
+                kinds.add(kind)  # bfloat16 linears stay bfloat16 (exact: the file's values), on the bf16 kernel
+                panels = quant_gemm.quantize(value, 16)
+                if linear:
+                    set_module(model, module, QuantLinear(panels))
+                    continue
+                set_module(model, "lm_head", QuantLinear(panels))
         state[name] = value
     if "output.weight" not in names and not isinstance(model.lm_head, QuantLinear):
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
     model.load_state_dict(state, strict=False, assign=True)
     _materialize(model, config)
     model.eval()
-    model.config.specdec_quantization = "int4" if kinds & {"Q4_0", "Q4_1"} else "int8" if kinds else None
+    model.config.specdec_quantization = ("int4" if kinds & {"Q4_0", "Q4_1"} else "int8" if kinds & {"Q8_0"}
+                                         else "bf16" if kinds else None)
     model.config.specdec_gguf = str(path)
     return model, tokenizer
 

@@ -55,10 +55,10 @@ def gqa_sdpa_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.
 
 
 def needs_exact_rows(module: torch.nn.Module) -> bool:
-    """True for an attention module whose projections are int8 / int4 (:class:`QuantLinear`): they quantize their
-    inputs, so a last-bit difference in attention can move a value across a rounding step and change a token at a
-    close call. Every query row of such a model then takes the C++ kernel, whose rows are bitwise independent of the
-    others (a tree's nodes get exactly what a one-token step gets); SDPA's blocked sums are not."""
+    """True for an attention module whose projections are int8 / int4 / bf16 (:class:`QuantLinear`): int8 / int4
+    quantize their inputs, so a last-bit difference in attention can move a value across a rounding step and change a
+    token at a close call. Every query row of such a model then takes the C++ kernel, whose rows are bitwise
+    independent of the others (a tree's nodes get exactly what a one-token step gets); SDPA's blocked sums are not."""
     return type(getattr(module, "q_proj", None)) is QuantLinear
 
 

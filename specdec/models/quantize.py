@@ -1,5 +1,9 @@
-"""Weight-only quantized targets: ``target.quantization=int8|int4`` swaps a model's linear layers for
-:class:`QuantLinear` at load (GGUF's Q8_0 / Q4_1 formats, :mod:`specdec.kernels.quant_gemm`).
+"""Weight-only quantized targets: ``target.quantization=int8|int4|bf16`` swaps a model's linear layers for
+:class:`QuantLinear` at load (GGUF's Q8_0 / Q4_1 / BF16 formats, :mod:`specdec.kernels.quant_gemm`).
+
+``bf16`` is the fast bfloat16 on a CPU: the weights rounded to bfloat16 (half of float32's bytes), multiplied by
+float32 activations in float32 (no rounding of the activations, unlike ``target.dtype=bfloat16``, which runs the
+whole model in bfloat16 through transformers' own layers), as llama.cpp serves a BF16 file.
 
 Every ``nn.Linear`` of the decoder and the LM head is quantized (the head at int8 at least, see :data:`HEAD_BITS`);
 embeddings, norms and biases stay float32 (an
@@ -7,9 +11,9 @@ embedding reads one row per token, so it costs memory, not bandwidth). Activatio
 size is not a multiple of 32 stays in float (:class:`QuantReport` counts it). Drafters keep their own dtype
 (float32): they are small, and their inputs are the quantized target's hidden states.
 
-Refused before anything is quantized, with what to do instead: a quantization other than int8 / int4, a model not on
-the CPU or not float32, and families that keep weight matrices outside ``nn.Linear`` (GPT-2's ``Conv1D``, MoE
-experts stored as one 3D tensor). Every CPU runs it: the C++ kernel's AVX2 path, its portable loop elsewhere, the
+Refused before anything is quantized, with what to do instead: a quantization other than int8 / int4 / bf16, a model
+not on the CPU or not float32, and families that keep weight matrices outside ``nn.Linear`` (GPT-2's ``Conv1D``,
+MoE experts stored as one 3D tensor). Every CPU runs it: the C++ kernel's AVX2 path, its portable loop elsewhere, the
 torch route without a compiler.
 """
 
@@ -24,7 +28,7 @@ from specdec.errors import ConfigError
 from specdec.kernels import quant_gemm
 from specdec.kernels.quant_gemm import QuantLinear
 
-QUANTIZATIONS = tuple(quant_gemm.BITS)  # ("int8", "int4")
+QUANTIZATIONS = tuple(quant_gemm.BITS)  # ("int8", "int4", "bf16")
 # the LM head is never below int8: its errors move every logit at once (llama.cpp's Q4 files keep it at Q6_K or
 # Q8_0 too; the default model's Q4_1 file has a Q8_0 head, and int4 here reproduces that file's tensors)
 HEAD_BITS = 8
@@ -46,7 +50,7 @@ def check_quantizable(model, quantization: str) -> int:
     """The bits of ``quantization`` for ``model``, or a :class:`ConfigError` that says what to do instead."""
     if quantization not in quant_gemm.BITS:
         raise ConfigError(f"unknown target.quantization {quantization!r}; use one of {list(QUANTIZATIONS)} "
-                          "(GGUF's Q8_0 / Q4_1 formats) or null for none.")
+                          "(GGUF's Q8_0 / Q4_1 / BF16 formats) or null for none.")
     p = next(model.parameters())
     if p.device.type != "cpu":
         raise ConfigError(f"target.quantization={quantization} runs on the CPU; this target is on {p.device}. "
@@ -94,5 +98,6 @@ def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
 
 
 def quantization_of(model) -> str | None:
-    """``int8`` / ``int4`` for a target quantized here or loaded from a GGUF file's quantized tensors, else None."""
+    """``int8`` / ``int4`` / ``bf16`` for a target quantized here or loaded from a GGUF file's quantized tensors,
+    else None."""
     return getattr(model.config, "specdec_quantization", None)

@@ -28,7 +28,7 @@ from specdec.models.families import check_paged
 from specdec.models.hf_forward import hidden_width, select_hidden
 from specdec.protocols import VerifierCapabilities
 from specdec.types import DEAD, DraftTree, HiddenSpec, VerifyOutput
-from verifiers.paged import cpu_kernel
+from verifiers.paged import cpu_kernel, layer_kernel, whole_forward
 from verifiers.paged.attention import AttentionGroup, PackedRows, PagedForward, paged_attention_on, pick_kernel
 from verifiers.paged.cache import PagedKVCache
 from verifiers.paged.cpu_kernel import paged_tree_attention_cpp
@@ -201,6 +201,18 @@ class PagedVerifier:
         else:
             step = PagedForward(cache=self.cache, slots=slots, kernel=self.kernel, spec=self.spec,
                                 groups=self._groups(request_ids, tree_mask.expand(b, n, n), prefix_lens.to(dev), live))
+        if step.rows is not None and output_hidden in (False, True) and not logits_to_keep \
+                and layer_kernel.available():  # every layer whole in one call: no model loop around them
+            with paged_attention_on(self.model, step):
+                h = whole_forward.decoder_hidden(self.model, layer_kernel.PagedWholeLayer(step),
+                                                 packed(tokens, pack), packed(position_ids, pack))  # [T, H]
+            if h is not None:
+                hidden = unpacked(h, pack, b, n) if output_hidden else None
+                if greedy and self.greedy_head is not None:
+                    return VerifyOutput(logits=None, hidden=hidden,
+                                        greedy=unpacked(self.greedy_head(h)[:, None], pack, b, n)[..., 0])
+                logits = self.model.get_output_embeddings()(h[None])[0]  # as the model's own forward calls its head
+                return VerifyOutput(logits=unpacked(logits, pack, b, n), hidden=hidden)
         if greedy and self.greedy_head is not None and not logits_to_keep:
             with paged_attention_on(self.model, step):
                 dec = self.model.get_decoder()(input_ids=packed(tokens, pack), position_ids=packed(position_ids, pack),

@@ -23,6 +23,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include "bf16_gemm.h"
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include <immintrin.h>
 #define SPECDEC_QUANT_AVX2 1
@@ -172,11 +173,13 @@ static inline void panel(int R, const int8_t* xq, int64_t K, const float* dx, co
 }
 
 // x [M, K] float32 contiguous; q int8 [T, K/32, 8, 128] or uint8 [T, K/32, 8, 64]; d (and m for 4 bits) float16
-// [T, K/32, 32]; bias float32 [N] or None; returns [M, N] float32
+// [T, K/32, 32]; bias float32 [N] or None; returns [M, N] float32. bits = 16: q bfloat16 [T, K/2, 32, 2], d and m
+// unused (bf16_gemm.h)
 inline torch::Tensor quant_linear(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& d,
                                   const c10::optional<torch::Tensor>& m, const c10::optional<torch::Tensor>& bias,
                                   int64_t N, int64_t bits) {
-  TORCH_CHECK(bits == 8 || bits == 4, "bits must be 8 or 4");
+  if (bits == 16) return bf16w::bf16_linear(x, q, bias, N);  // bfloat16 weights, float32 activations
+  TORCH_CHECK(bits == 8 || bits == 4, "bits must be 8, 4 or 16");
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x must be a contiguous float32 [M, K]");
   const int64_t M = x.size(0), K = x.size(1), T = q.size(0), groups = K / G;
   TORCH_CHECK(K % G == 0, "the input size must be a multiple of 32");
