@@ -224,14 +224,14 @@ def _kernels(argv: list[str]) -> int:
     for name in registry.VERIFIERS:  # the verifiers' own kernels (the paged one's attention)
         registry.verifier_class(name)
     print(f"sources: {build.CSRC}\nflags: {' '.join(build.CppKernel.flags())}\ncompiler: {build.compiler() or '-'}\n")
-    failed = 0
-    for kernel in build.KERNELS:
-        start = time.perf_counter()
-        ok = kernel.available()
-        failed += not ok
-        status = f"built ({time.perf_counter() - start:.1f} s)" if ok else f"FAILED: {kernel.failure() or 'turned off'}"
-        print(f"{kernel.source:<20} {kernel.purpose:<42} {status}\n{'':20} {kernel.build_dir()}")
-    return 1 if failed else 0
+    unit = build.shipped()
+    start = time.perf_counter()
+    ok = unit.available()
+    status = f"built ({time.perf_counter() - start:.1f} s)" if ok else f"FAILED: {unit.failure() or 'turned off'}"
+    print(f"{unit.source}: {status}\n{unit.build_dir()}\n")
+    for part in build.PARTS:
+        print(f"  {part.part:<18} {part.purpose:<46} {'built' if ok else '-'}")
+    return 0 if ok else 1
 
 
 def main(argv: list[str] | None = None) -> int:

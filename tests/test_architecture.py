@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import ast
+import re
 from functools import cache
 from pathlib import Path
 
@@ -127,19 +128,22 @@ def test_no_import_cycles():
 def test_no_cpp_in_python_strings(module):
     text = modules()[module].read_text(encoding="utf-8")
     assert "PYBIND11_MODULE(" not in text and "\n#include <" not in text, \
-        f"{module} holds C++ source; put it in specdec/kernels/csrc/ and build it with specdec.kernels.build.CppKernel"
+        f"{module} holds C++ source; put it in specdec/kernels/csrc/ and bind it in kernels.cpp (build.Kernel)"
 
 
-def test_every_kernel_source_is_a_file_in_csrc():
+def test_every_kernel_is_a_submodule_of_the_one_translation_unit_in_csrc():
+    """The kernels are headers in csrc/, bound by kernels.cpp (one translation unit: torch's headers compile once);
+    every Kernel a module names is a submodule there, and every submodule is named by a module."""
     csrc = REPO / "specdec" / "kernels" / "csrc"
-    sources = {p.name for p in csrc.glob("*.cpp")}
+    assert {p.name for p in csrc.glob("*.cpp")} == {"kernels.cpp"}
+    bound = set(re.findall(r'def_submodule\("(\w+)"', (csrc / "kernels.cpp").read_text(encoding="utf-8")))
     named = set()
     for module in modules():
         tree = ast.parse(modules()[module].read_text(encoding="utf-8"))
         for node in ast.walk(tree):
-            if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "CppKernel":
-                named.add(node.args[1].value)
-    assert named and named == sources, f"csrc/*.cpp {sorted(sources)} vs the CppKernels' sources {sorted(named)}"
+            if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "Kernel":
+                named.add(node.args[0].value)
+    assert named and named == bound, f"kernels.cpp binds {sorted(bound)}; the modules name {sorted(named)}"
 
 
 @pytest.mark.parametrize("module", sorted(m for m in modules() if m.split(".")[0] in PACKAGES))

@@ -124,7 +124,6 @@ def test_a_decode_step_takes_it_and_matches_sdpa(monkeypatch):
 
 
 def test_without_the_kernel_sdpa_serves(monkeypatch):
-    monkeypatch.setattr(cpu_attention._KERNEL, "_module", None)
     monkeypatch.setattr(cpu_attention._KERNEL, "_failed", "no compiler (simulated)")
     model = tiny_llama(2, dtype=torch.float32)
     assert gqa_attention.route(model) == "gqa_sdpa"

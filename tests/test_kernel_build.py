@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import platform
+import re
 import shutil
 
 import pytest
@@ -15,16 +16,16 @@ from specdec.kernels import build
 def _copy_csrc(tmp_path):
     root = tmp_path / "csrc"
     shutil.copytree(build.CSRC, root)
+    (root / "screen_only.cpp").write_text('#include "greedy_screen.h"\n')  # an extension of one header
     return root
 
 
 def test_a_kernel_is_its_file_and_the_headers_it_includes(tmp_path):
     root = _copy_csrc(tmp_path)
-    layer = build.CppKernel("t_layer", "paged_layer.cpp", "test", root=root)
-    assert [p.name for p in layer.files()] == ["bf16_gemm.h", "decoder_layer.h", "layers.h", "paged_attention.h",
-                                               "paged_layer.cpp", "panel_gemm.h", "quant_gemm.h", "simd.h"]
-    assert [p.name for p in build.CppKernel("t_screen", "greedy_screen.cpp", "test", root=root).files()] == \
-        ["greedy_screen.cpp"]
+    unit = build.CppKernel("t_unit", build.UNIT, "test", root=root)
+    assert [p.name for p in unit.files()] == sorted(p.name for p in build.CSRC.iterdir() if p.suffix in (".h", ".cpp"))
+    assert [p.name for p in build.CppKernel("t_screen", "screen_only.cpp", "test", root=root).files()] == \
+        ["greedy_screen.h", "screen_only.cpp"]
 
 
 def test_the_key_follows_the_sources_and_not_the_host(tmp_path, monkeypatch):
@@ -33,14 +34,14 @@ def test_the_key_follows_the_sources_and_not_the_host(tmp_path, monkeypatch):
     def key(source):
         return build.CppKernel("t", source, "test", root=root).key()
 
-    layer, screen = key("paged_layer.cpp"), key("greedy_screen.cpp")
+    unit, screen = key(build.UNIT), key("screen_only.cpp")
     monkeypatch.setattr(platform, "node", lambda: "another-host")
-    assert key("paged_layer.cpp") == layer  # a renamed container reuses its builds
+    assert key(build.UNIT) == unit  # a renamed container reuses its builds
     (root / "simd.h").write_text((root / "simd.h").read_text() + "\n// an edit\n")
-    assert key("paged_layer.cpp") != layer  # an included header changed: built anew
-    assert key("greedy_screen.cpp") == screen  # a kernel that does not include it is untouched
+    assert key(build.UNIT) != unit  # an included header changed: built anew
+    assert key("screen_only.cpp") == screen  # an extension that does not include it is untouched
     monkeypatch.setattr(build.CppKernel, "flags", staticmethod(lambda: ["-O2"]))
-    assert key("greedy_screen.cpp") != screen  # other flags: another build
+    assert key("screen_only.cpp") != screen  # other flags: another build
 
 
 def test_every_shipped_kernel_is_listed():
@@ -49,7 +50,10 @@ def test_every_shipped_kernel_is_listed():
 
     for name in registry.VERIFIERS:
         registry.verifier_class(name)
+    build.shipped()
     assert sorted(k.source for k in build.KERNELS) == sorted(p.name for p in build.CSRC.glob("*.cpp"))
+    bound = re.findall(r'def_submodule\("(\w+)"', (build.CSRC / build.UNIT).read_text(encoding="utf-8"))
+    assert sorted(p.part for p in build.PARTS) == sorted(bound)
 
 
 def _broken(tmp_path) -> build.CppKernel:
@@ -87,7 +91,7 @@ def test_no_compiler_means_the_fallback(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
     build.compiler.cache_clear()
     try:
-        kernel = build.CppKernel("specdec_test_nocxx", "greedy_screen.cpp", "test", root=_copy_csrc(tmp_path))
+        kernel = build.CppKernel("specdec_test_nocxx", "screen_only.cpp", "test", root=_copy_csrc(tmp_path))
         assert not kernel.available() and kernel.failure()
     finally:
         build.compiler.cache_clear()
@@ -105,3 +109,5 @@ def test_every_kernel_builds_on_this_machine():
         registry.verifier_class(name)
     for kernel in build.KERNELS:
         assert kernel.available(), f"{kernel.source}: {kernel.failure()}"
+    for part in build.PARTS:  # every kernel is a submodule of the built extension
+        assert part.available() and part.module is not None, part.part

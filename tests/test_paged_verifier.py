@@ -109,7 +109,6 @@ def test_cpu_default_is_the_cpp_kernel_and_falls_back_to_sdpa(monkeypatch):
 
     if cpu_kernel.available():
         assert PagedVerifier(get_tiny(0), num_blocks=8).kernel is cpu_kernel.paged_tree_attention_cpp
-    monkeypatch.setattr(cpu_kernel._KERNEL, "_module", None)
     monkeypatch.setattr(cpu_kernel._KERNEL, "_failed", "no compiler (simulated)")
     assert PagedVerifier(get_tiny(0), num_blocks=8).kernel is paged_tree_attention_sdpa
     with pytest.raises(ConfigError, match=r"kernel=cpp needs the C\+\+ kernel .*no compiler \(simulated\)\); "

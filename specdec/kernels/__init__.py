@@ -1,7 +1,8 @@
 """CPU kernels: the C++ in ``csrc/`` and the Python that routes a model's work to it (kernel choice only: every
 kernel has a torch route it is tested against, taken where the kernel cannot be built or does not serve the input).
 
-- :mod:`~specdec.kernels.build`: builds ``csrc/<name>.cpp`` once per machine with torch's extension loader.
+- :mod:`~specdec.kernels.build`: builds ``csrc/kernels.cpp`` (every kernel, one translation unit) once per machine
+  with torch's extension loader.
 - :mod:`~specdec.kernels.cpu_gemm`: the linears' route during decoding (the packed panels of
   :mod:`~specdec.kernels.skinny_gemm` up to 64 rows, oneDNN beyond), and the module forwards it installs;
   :mod:`~specdec.kernels.cpu_layers` (RMSNorm and the gated MLP in one call each) and

@@ -1,13 +1,15 @@
 """C++ kernels built on the machine that runs them (torch ``cpp_extension``), with a clean fallback where they cannot.
 
-The sources are real files in ``specdec/kernels/csrc/``: one translation unit (``<name>.cpp``, with its
-``PYBIND11_MODULE``) per extension, sharing headers by ``#include`` (``simd.h``, ``panel_gemm.h``, ``layers.h``,
-``decoder_layer.h``, ``paged_attention.h``). A :class:`CppKernel` builds its file once and loads it on first use,
-into ``$TORCH_EXTENSIONS_DIR/specdec/<name>_<key>/`` (default ``~/.cache/torch_extensions``). The key hashes the
-source and the headers it includes, the compiler flags, the CPU's instruction-set flags (``-march=native`` makes the
-binary this CPU's), the compiler and the torch version: the same source on the same kind of machine is built once,
-whatever the host is called, and an edit rebuilds only the extensions that include the edited file. A build takes
-about 35 seconds per extension and needs a C++ compiler and ``ninja``.
+The sources are real files in ``specdec/kernels/csrc/``: each kernel is a header (``layers.h``, ``panel_gemm.h``,
+``paged_attention.h``, ...), and ``kernels.cpp`` includes them all in one translation unit with one
+``PYBIND11_MODULE`` holding a submodule per kernel. Compiling torch's own headers costs about 35 seconds per
+translation unit on a 2-core machine and our kernels a few seconds, so one unit builds in about a minute where one per
+kernel took six. A :class:`CppKernel` (an extension: a ``.cpp`` file) builds once and loads on first use, into
+``$TORCH_EXTENSIONS_DIR/specdec/<name>_<key>/`` (default ``~/.cache/torch_extensions``); a :class:`Kernel` is one
+submodule of the shipped extension, :func:`shipped` (what the Python modules hold). The key hashes the source and
+the headers it includes, the compiler flags, the CPU's instruction-set flags (``-march=native`` makes the binary
+this CPU's), the compiler and the torch version: the same source on the same kind of machine is built once, whatever
+the host is called. A build needs a C++ compiler and ``ninja``.
 
 Where the build fails, :meth:`CppKernel.available` is False and :meth:`CppKernel.failure` says why; callers then take
 their torch route. ``SPECDEC_NO_CPP_KERNEL=1`` turns every such kernel off (e.g. to compare routes);
@@ -40,7 +42,9 @@ DISABLE_ENV = "SPECDEC_NO_CPP_KERNEL"
 _LOCAL_INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"', re.M)
 
 
-KERNELS: list[CppKernel] = []  # every kernel a loaded module made, in the order they were made
+KERNELS: list[CppKernel] = []  # every extension made from csrc/ (the shipped one: kernels.cpp)
+PARTS: list[Kernel] = []  # every kernel of the shipped extension a loaded module made, in the order they were made
+UNIT = "kernels.cpp"  # the shipped extension's translation unit
 
 
 class KernelBuildError(RuntimeError):
@@ -138,6 +142,36 @@ class CppKernel:
         if not self.available():
             raise RuntimeError(f"the C++ kernel {self.name} could not be built: {self._failed or 'turned off'}")
         return self._module
+
+
+@functools.cache
+def shipped() -> CppKernel:
+    """The extension holding every kernel of ``csrc/`` (:data:`UNIT`), made on first use."""
+    return CppKernel("specdec_kernels", UNIT, "every kernel, one translation unit")
+
+
+class Kernel:
+    """One kernel of the shipped extension: its submodule ``part`` (as ``kernels.cpp`` names it), built with the
+    whole extension on first :meth:`available`; ``purpose``: what it computes, in a few words. The interface of a
+    :class:`CppKernel`: ``available()``, ``failure()``, ``module`` (the submodule)."""
+
+    def __init__(self, part: str, purpose: str) -> None:
+        self.part, self.purpose = part, purpose
+        self._failed: str | None = None  # this kernel alone off, and why (tests simulate a missing kernel so)
+        PARTS.append(self)
+
+    def available(self) -> bool:
+        """Whether the shipped extension is built (building it now if it was not)."""
+        return self._failed is None and shipped().available()
+
+    def failure(self) -> str | None:
+        """Why the kernel is not used (None when it is, or was not tried)."""
+        return self._failed or shipped().failure()
+
+    @property
+    def module(self):
+        """The kernel's submodule of the loaded extension (raises with the build error where there is none)."""
+        return getattr(shipped().module, self.part)
 
 
 @functools.cache

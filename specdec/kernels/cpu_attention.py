@@ -22,12 +22,12 @@ import math
 
 import torch
 
-from specdec.kernels.build import CppKernel
+from specdec.kernels.build import Kernel
 
 MAX_QUERIES = 2  # query rows this kernel takes: from 4 rows SDPA is as fast (docs/history/10-packed-panels.md)
 
 
-_KERNEL = CppKernel("specdec_cpu_attention", "attention.cpp", "a decode step's attention")
+_KERNEL = Kernel("cpu_attention", "a decode step's attention")
 
 
 def available() -> bool:

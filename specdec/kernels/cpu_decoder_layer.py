@@ -35,7 +35,7 @@ import torch
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from specdec.kernels import cpu_layers, quant_gemm, skinny_gemm
-from specdec.kernels.build import CppKernel
+from specdec.kernels.build import Kernel
 
 # decoder layer class -> the extra keyword its attention module passes to the attention function (checked against
 # the model's own layer forward in tests/test_cpu_decoder_layer.py for each)
@@ -48,13 +48,11 @@ _ATTENTIONS = frozenset({"LlamaAttention", "MistralAttention", "Qwen2Attention"}
 
 # csrc/decoder_layer.h (which includes the panel GEMM and the layer kernels), also compiled into the paged verifier's
 # whole-layer kernel (verifiers.paged.layer_kernel)
-_KERNEL = CppKernel("specdec_decoder_layer", "decoder_layer.cpp",
-                    "a Llama-style layer around its attention")
+_KERNEL = Kernel("decoder_layer", "a Llama-style layer around its attention")
 
 
-# the same two calls with int8 / int4 linears (csrc/quant_layer.cpp)
-_QUANT_KERNEL = CppKernel("specdec_quant_layer", "quant_layer.cpp",
-                          "a Llama layer on int8 / int4 linears")
+# the same two calls with int8 / int4 / bf16 linears (csrc/quant_layer.h)
+_QUANT_KERNEL = Kernel("quant_layer", "a Llama layer on int8 / int4 / bf16 linears")
 QUANT_MAX_ROWS = 64  # quantized layers: the kernel serves any rows; beyond, a prefill runs the layer's own forward
 
 

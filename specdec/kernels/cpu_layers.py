@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 from transformers.activations import SiLUActivation
 
-from specdec.kernels.build import CppKernel
+from specdec.kernels.build import Kernel
 
 # class names whose forward is exactly Llama's RMSNorm / gated SiLU MLP (checked against the model's own forward in
 # tests/test_cpu_layers.py for each)
@@ -33,7 +33,7 @@ RMS_NORMS = frozenset({"LlamaRMSNorm", "MistralRMSNorm", "MixtralRMSNorm", "Qwen
 GATED_MLPS = frozenset({"LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP"})
 
 # csrc/layers.h, also compiled into specdec.kernels.cpu_decoder_layer's extension
-_KERNEL = CppKernel("specdec_cpu_layers", "layers.cpp", "RMSNorm; silu(gate) * up")
+_KERNEL = Kernel("layers", "RMSNorm; silu(gate) * up")
 
 
 def available() -> bool:

@@ -29,14 +29,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from specdec.kernels.build import CppKernel
+from specdec.kernels.build import Kernel
 
 GROUP = 32  # input features per group (one scale, and one min for int4)
 PANEL = 32  # output features per panel
 BITS = {"int8": 8, "int4": 4, "bf16": 16}
 VERSION = 2  # bumped when the kernel's speed changes (a cost profile measured with an older one is stale)
 
-_KERNEL = CppKernel("specdec_quant_gemm", "quant_gemm.cpp", "int8 / int4 linears")
+_KERNEL = Kernel("quant_gemm", "int8 / int4 / bf16 linears")
 
 
 def available() -> bool:

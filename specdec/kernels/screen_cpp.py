@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import torch
 
-from specdec.kernels.build import CppKernel
+from specdec.kernels.build import Kernel
 
-_KERNEL = CppKernel("specdec_greedy_screen", "greedy_screen.cpp", "the greedy head's screen")
+_KERNEL = Kernel("greedy_screen", "the greedy head's screen")
 
 
 def available() -> bool:

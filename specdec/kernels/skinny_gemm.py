@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 import torch
 
-from specdec.kernels.build import CppKernel, cpu_flags
+from specdec.kernels.build import Kernel, cpu_flags
 
 # float32 rows fast_linears sends here, by instruction set: beyond, oneDNN is as fast or faster (AVX-512:
 # docs/history/16-fused-layers.md; AVX2, 16 registers of 8 floats, three rows a pass: the 121 linears of a
@@ -46,7 +46,7 @@ ROWS = {"avx512": 64, "avx2": 8}
 MAX_ROWS_BF16 = 16  # bfloat16 rows: beyond, F.linear (oneDNN, with AMX where the CPU has it)
 PANEL = 32  # output features per panel (two AVX-512 registers of float32)
 
-_KERNEL = CppKernel("specdec_panel_gemm", "panel_gemm.cpp", "linears on packed panels (AVX-512 or AVX2)")
+_KERNEL = Kernel("panel_gemm", "linears on packed panels (AVX-512 or AVX2)")
 
 
 def isa() -> str | None:

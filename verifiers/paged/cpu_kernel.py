@@ -21,10 +21,10 @@ from __future__ import annotations
 
 import torch
 
-from specdec.kernels.build import CppKernel
+from specdec.kernels.build import Kernel
 
 # csrc/paged_attention.h, also compiled into the whole-layer kernel (verifiers.paged.layer_kernel)
-_KERNEL = CppKernel("specdec_paged_attention", "paged_attention.cpp", "paged tree attention")
+_KERNEL = Kernel("paged_attention", "paged tree attention")
 
 VERSION = 3  # bumped when the kernel's speed changes (a cost profile measured with an older one is stale)
 

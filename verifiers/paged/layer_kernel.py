@@ -18,9 +18,9 @@ from __future__ import annotations
 import torch
 
 from specdec.kernels import cpu_decoder_layer, quant_gemm
-from specdec.kernels.build import CppKernel
+from specdec.kernels.build import Kernel
 
-_KERNEL = CppKernel("specdec_paged_layer", "paged_layer.cpp", "a paged decoder layer in one call")
+_KERNEL = Kernel("paged_layer", "a paged decoder layer in one call")
 
 
 def available() -> bool:

@@ -1,11 +1,11 @@
-// Extension specdec_paged_layer: a whole Llama-style decoder layer of a paged forward, its paged tree attention
-// inside, in one call (verifiers/paged/layer_kernel.py), on float32 packed panels or int8 / int4 quantized ones.
-#include <torch/python.h>
+// A whole Llama-style decoder layer of a paged forward, its paged tree attention inside, in one call
+// (verifiers/paged/layer_kernel.py), on float32 packed panels or int8 / int4 / bf16 ones.
+#pragma once
 #include "decoder_layer.h"
 #include "paged_attention.h"
 #include "quant_gemm.h"
 
-namespace {
+namespace paged_layer {
 
 // the paged tree attention's arguments (paged_attention_step's, after q, k and v)
 struct Paged {
@@ -74,9 +74,4 @@ torch::Tensor paged_decoder_layer_q(const torch::Tensor& h, const torch::Tensor&
                     Paged{slots, k_store, v_store, row_req, row_node, tables, prefix, mask, scale, window, softcap});
 }
 
-}  // namespace
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("paged_decoder_layer", &paged_decoder_layer);
-  m.def("paged_decoder_layer_q", &paged_decoder_layer_q);
-}
+}  // namespace paged_layer

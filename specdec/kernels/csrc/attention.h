@@ -1,6 +1,5 @@
-// Extension specdec_cpu_attention: one decode or verify step's attention over a dense cached K/V
-// (specdec/kernels/cpu_attention.py).
-#include <torch/python.h>
+// One decode or verify step's attention over a dense cached K/V (specdec/kernels/cpu_attention.py).
+#pragma once
 #include <torch/types.h>
 #include <ATen/Parallel.h>
 #include <algorithm>
@@ -8,6 +7,8 @@
 #include <vector>
 
 #include "simd.h"
+
+namespace cpu_attention {
 
 // mode 0: no mask (causal when `causal`); 1: additive mask of the input's dtype; 2: boolean mask (true = visible).
 // The mask is read through its strides, so a broadcast [B|1, H|1, n, T] mask needs no copy.
@@ -131,6 +132,4 @@ torch::Tensor dense_attention(const torch::Tensor& q, const torch::Tensor& k, co
   return out;
 }
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("dense_attention", &dense_attention);
-}
+}  // namespace cpu_attention

@@ -1,10 +1,10 @@
-// Extension specdec_quant_layer: a Llama-style decoder layer around its attention with int8 / int4 linears
+// A Llama-style decoder layer around its attention with int8 / int4 / bf16 linears
 // (specdec/kernels/cpu_decoder_layer.py): decoder_layer.h's two calls with quant_gemm.h's product.
-#include <torch/python.h>
+#pragma once
 #include "decoder_layer.h"
 #include "quant_gemm.h"
 
-namespace {
+namespace quant_layer {
 
 quant::Linear make(const torch::Tensor& q, const torch::Tensor& d, const c10::optional<torch::Tensor>& m,
                    const c10::optional<torch::Tensor>& bias, int64_t n, int64_t bits) {
@@ -33,9 +33,4 @@ torch::Tensor post_attention_q(const torch::Tensor& h, const torch::Tensor& attn
                              n_d);
 }
 
-}  // namespace
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("pre_attention_q", &pre_attention_q);
-  m.def("post_attention_q", &post_attention_q);
-}
+}  // namespace quant_layer

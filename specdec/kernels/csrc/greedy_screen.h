@@ -1,6 +1,5 @@
-// Extension specdec_greedy_screen: the greedy head's screen pass, the tokens a bfloat16 screen cannot rule out
-// (specdec/kernels/screen_cpp.py).
-#include <torch/python.h>
+// The greedy head's screen pass: the tokens a bfloat16 screen cannot rule out (specdec/kernels/screen_cpp.py).
+#pragma once
 #include <torch/types.h>
 #include <ATen/Parallel.h>
 #include <algorithm>
@@ -10,6 +9,8 @@
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
+
+namespace greedy_screen {
 
 #if defined(__AVX512F__)
 // 16 bfloat16 values widened exactly to float32 (a bfloat16 is a float32's upper half)
@@ -95,6 +96,4 @@ torch::Tensor screen(const torch::Tensor& a, const torch::Tensor& norm, const to
   return res;
 }
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("screen", &screen, "the greedy head's screen: candidate (row, token) pairs");
-}
+}  // namespace greedy_screen
