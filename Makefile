@@ -31,11 +31,13 @@ demo: $(VENV)/.installed-demo
 bench: $(VENV)/.installed-demo
 	$(PY) -m specdec.bench
 
+# one worker per core (pytest-xdist): every test runs torch on one thread (tests/conftest.py), so two cores take
+# the suite from 26 to about 15 minutes
 test: $(VENV)/.installed-test
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto
 
 test-fast: $(VENV)/.installed-test
-	$(PY) -m pytest -q -m "not slow and not soak"
+	$(PY) -m pytest -q -n auto -m "not slow and not soak"
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis outputs bench_results

@@ -1,6 +1,6 @@
 """Verify-step cost of the target in each dtype / quantization, interleaved in one process (ratios to float32).
 
-    python scripts/variant_steps.py [--variants float32 bfloat16 int8 int4] [--sizes 1 4 8 16] [--rounds 3]
+    python scripts/variant_steps.py [--variants float32 bfloat16 bf16 int8 int4] [--sizes 1 4 8 16] [--rounds 3]
         [--verifier paged] [--out bench_results/variant_steps.json]
 
 A verify step of N nodes is what a plain decode step (N = 1) or a speculative step over an N-node tree costs
@@ -30,7 +30,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--target", default=None)
     ap.add_argument("--variants", nargs="+", default=["float32", "bfloat16", "int8", "int4"],
-                    help="float32, bfloat16, int8, int4, gguf (the default model's Q4_1 file)")
+                    help="float32, bfloat16, bf16 (bfloat16 weights), int8, int4, gguf (the default model's Q4_1 file)")
     ap.add_argument("--sizes", nargs="+", type=int, default=[1, 4, 8, 16])
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--reps", type=int, default=5)

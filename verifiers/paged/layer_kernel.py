@@ -15,6 +15,10 @@ else keeps the two calls around the attention.
 
 from __future__ import annotations
 
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
 
 from specdec.kernels import cpu_decoder_layer, quant_gemm
@@ -35,33 +39,69 @@ def failure() -> str | None:
 
 class PagedWholeLayer:
     """Runs each fused layer of one paged forward (``step``: its :class:`verifiers.paged.attention.PagedForward`,
-    on the C++ kernel) as one call."""
+    on the C++ kernel) as one call. A layer's weights and settings, as the kernel takes them, are gathered once per
+    fused layer and kept (:func:`_layer_args`), and the pools' storage views once per cache: a step's 30 layers
+    otherwise spent about a millisecond gathering them."""
 
     def __init__(self, step) -> None:
         self.step = step
+        r = step.rows
+        self._rows = (r.row_req, r.row_node, r.block_tables, r.prefix_lens, r.tree_mask)
 
     def run_layer(self, layer: cpu_decoder_layer.DecoderLayerForward, h: torch.Tensor, cos: torch.Tensor,
                   sin: torch.Tensor) -> torch.Tensor | None:
-        """The layer's output ``[T, H]`` for the forward's packed rows ``h [T, H]``, on float32 or int8 / int4
+        """The layer's output ``[T, H]`` for the forward's packed rows ``h [T, H]``, on float32 or int8 / int4 / bf16
         panels (None for pools of another dtype than float32)."""
-        step, idx = self.step, layer.layer.self_attn.layer_idx
-        k_pool, v_pool = step.cache.k[idx], step.cache.v[idx]
-        qkv, o, gu, down = layer.packed()
+        step = self.step
+        a = _layer_args(layer)
+        k_pool = step.cache.k[a.idx]
         if k_pool.dtype != torch.float32:
             return None
-        attn, rows = layer.layer.self_attn, step.rows
+        k_stores, v_stores = _storage(step.cache)
+        return a.kernel(h, *a.pre, cos, sin, *a.post, step.slots, k_stores[a.idx], v_stores[a.idx], *self._rows,
+                        a.scale, int(step.spec.windows[a.idx] or 0), float(step.spec.softcap or 0.0))
+
+
+@dataclass(frozen=True)
+class _LayerArgs:
+    kernel: Callable  # paged_decoder_layer or paged_decoder_layer_q
+    pre: tuple  # the arguments before cos, sin: h's norm and the q/k/v product
+    post: tuple  # those after: the heads, o, the second norm, gate/up, down
+    idx: int  # the layer's index (its KV pools)
+    scale: float
+
+
+_ARGS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # DecoderLayerForward -> _LayerArgs
+_STORAGE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # PagedKVCache -> its pools' storage views
+
+
+def _layer_args(layer: cpu_decoder_layer.DecoderLayerForward) -> _LayerArgs:
+    """A fused layer's weights and settings as the kernel takes them (made once; its packed weights are fixed)."""
+    args = _ARGS.get(layer)
+    if args is None:
+        qkv, o, gu, down = layer.packed()
+        attn = layer.layer.self_attn
         n1, n2 = layer.layer.input_layernorm, layer.layer.post_attention_layernorm
-        paged = (step.slots, k_pool.transpose(0, 1), v_pool.transpose(0, 1), rows.row_req, rows.row_node,
-                 rows.block_tables, rows.prefix_lens, rows.tree_mask, float(attn.scaling),
-                 int(step.spec.windows[idx] or 0), float(step.spec.softcap or 0.0))
         heads = (layer.heads, layer.kv_heads, layer.head_dim)
         eps1, eps2 = float(n1.variance_epsilon), float(n2.variance_epsilon)
         if isinstance(qkv, quant_gemm.QuantPanels):
-            return _KERNEL.module.paged_decoder_layer_q(
-                h, n1.weight, eps1, *cpu_decoder_layer.quant_args(qkv), cos, sin, *heads,
-                *cpu_decoder_layer.quant_args(o), n2.weight, eps2, *cpu_decoder_layer.quant_args(gu),
-                *cpu_decoder_layer.quant_args(down), *paged)
-        return _KERNEL.module.paged_decoder_layer(
-            h, n1.weight, eps1, qkv.panels, qkv.bias, qkv.out_features, cos, sin, *heads, o.panels, o.bias,
-            o.out_features, n2.weight, eps2, gu.panels, gu.bias, gu.out_features, down.panels, down.bias,
-            down.out_features, *paged)
+            q = cpu_decoder_layer.quant_args
+            args = _LayerArgs(_KERNEL.module.paged_decoder_layer_q, (n1.weight, eps1, *q(qkv)),
+                              (*heads, *q(o), n2.weight, eps2, *q(gu), *q(down)), attn.layer_idx, float(attn.scaling))
+        else:
+            args = _LayerArgs(_KERNEL.module.paged_decoder_layer, (n1.weight, eps1, qkv.panels, qkv.bias,
+                                                                   qkv.out_features),
+                              (*heads, o.panels, o.bias, o.out_features, n2.weight, eps2, gu.panels, gu.bias,
+                               gu.out_features, down.panels, down.bias, down.out_features),
+                              attn.layer_idx, float(attn.scaling))
+        _ARGS[layer] = args
+    return args
+
+
+def _storage(cache) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The storage views ``[H_kv, blocks, bs, D]`` of a paged cache's K and V pools, per layer, as the kernel reads
+    them (made once per cache: its pools are allocated once)."""
+    views = _STORAGE.get(cache)
+    if views is None:
+        views = _STORAGE[cache] = ([k.transpose(0, 1) for k in cache.k], [v.transpose(0, 1) for v in cache.v])
+    return views
