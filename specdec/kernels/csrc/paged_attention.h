@@ -193,11 +193,30 @@ static void run(const torch::Tensor& q, const torch::Tensor& k_store, const torc
   scalar_t* op = out.data_ptr<scalar_t>();
   using acc_t = at::opmath_type<scalar_t>;  // float for float and bfloat16, double for double
   const acc_t sc = static_cast<acc_t>(scale), cap = static_cast<acc_t>(softcap);
-  at::parallel_for(0, T * Hkv, 1, [&](int64_t begin, int64_t end) {
+  // Work items: a KV head and a run of rows of one request (rows of a tree read the same prefix), the rows in turn.
+  // A row's keys and values come from memory for the first row of a run and from this core's cache for the others:
+  // per row and head, reading them was as costly as the weights' share of a row. A run is a whole request's rows,
+  // cut in pieces only where there would be fewer items than twice the threads. Each row's arithmetic is unchanged
+  // (the same keys in the same order): results do not depend on the runs
+  const int64_t R = prefix.size(0);
+  std::vector<std::vector<int64_t>> rows_of(R);
+  for (int64_t t = 0; t < T; ++t) rows_of[rr[t]].push_back(t);
+  int64_t live = 0;
+  for (const auto& v : rows_of) live += !v.empty();
+  if (live == 0) return;
+  const int64_t want = 2 * at::get_num_threads(), pieces = std::max<int64_t>(1, (want + live * Hkv - 1) / (live * Hkv));
+  std::vector<std::vector<int64_t>> runs;
+  for (const auto& v : rows_of) {
+    const int64_t n = v.size(), k = std::min(n, pieces);
+    for (int64_t i = 0; i < k; ++i) runs.emplace_back(v.begin() + i * n / k, v.begin() + (i + 1) * n / k);
+  }
+  const int64_t NR = runs.size();
+  at::parallel_for(0, Hkv * NR, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> qf(G * D), s, acc(G * D), total(G);
     std::vector<int64_t> pos;
-    for (int64_t idx = begin; idx < end; ++idx) {
-      const int64_t t = idx / Hkv, h = idx % Hkv, r = rr[t], node = rn[t], L = pl[r];
+    for (int64_t item = begin; item < end; ++item)
+    for (const int64_t t : runs[item % NR]) {
+      const int64_t h = item / NR, r = rr[t], node = rn[t], L = pl[r];
       const bool* mrow = mk + (r * N + node) * N;
       // a node's depth is its number of ancestors (its mask row's count, less itself); its position is L + depth
       auto depth = [&](int64_t j) {
