@@ -37,6 +37,7 @@ class DrafterEntry:
 DRAFTERS: dict[str, DrafterEntry] = {
     "none": DrafterEntry("drafters.none:NoDrafter"),
     "ngram": DrafterEntry("drafters.ngram:NGramDrafter"),
+    "suffix": DrafterEntry("drafters.suffix:SuffixDrafter"),
     "draft_model": DrafterEntry("drafters.draft_model:DraftModelDrafter", requires={"path": (
         "a draft model", "hub id or local checkpoint directory of a small causal LM sharing the target's tokenizer")}),
     "eagle": DrafterEntry("drafters.eagle:EagleDrafter"),

@@ -45,7 +45,18 @@ DRAFTER_FACTORIES: list[DrafterFactory] = [
     DrafterFactory("none", lambda target, tok: registry.build_drafter("none", target, tok)),
     DrafterFactory("ngram", lambda target, tok: registry.build_drafter("ngram", target, tok)),
     DrafterFactory("ngram-min1", lambda target, tok: registry.build_drafter("ngram", target, tok, min_ngram=1)),
+    # suffix decoding with a cache of its own, and one shared by every build in the process (earlier tests' requests
+    # on other tiny targets become candidates: wrong guesses the verifier must reject)
+    DrafterFactory("suffix", lambda target, tok: _suffix(target, tok, private=True)),
+    DrafterFactory("suffix-shared", lambda target, tok: _suffix(target, tok, private=False)),
 ]
+
+
+def _suffix(target, tok, *, private: bool):
+    from drafters.suffix import SuffixDrafter
+    from drafters.suffix_cache import SuffixCache
+
+    return SuffixDrafter(target, tok, min_share=0.0, cache="tests", suffix_cache=SuffixCache() if private else None)
 
 # ---- the draft-model drafter: a tiny random draft model (or the target itself) as a chain, a tree, a dynamic tree
 DRAFT_MODEL_SEED = 1234  # a tiny draft model with other weights than any target used in the tests

@@ -458,3 +458,35 @@ def test_vllm_methods_need_their_environment(files, tmp_path):
         run_in_process(files, tmp_path, "bench.methods=[hf,vllm]", "bench.peer_python=/nonexistent/python")
     with pytest.raises(ConfigError, match="greedy only"):
         run_in_process(files, tmp_path, "bench.methods=[hf,vllm]", "bench.temperature=0.7")
+
+
+def test_suffix_methods_keep_caches_of_their_own_and_never_warm_up_on_a_measured_prompt(files, tmp_path):
+    """Two suffix-decoding methods side by side, prompt by prompt: each drafts only from its own requests (the other
+    method's answer to the same prompt would be a perfect draft), and the warm-up is not a measured prompt."""
+    from drafters.suffix_cache import _SHARED
+    from specdec.bench.config import isolate_caches
+
+    assert isolate_caches("suffix", {"max_depth": 4}, "m") == {"max_depth": 4, "cache": "bench:m"}
+    parts = {"drafters": [{"name": "suffix"}, {"name": "eagle"}], "min_share": 0.2}
+    assert isolate_caches("hybrid", parts, "m")["drafters"] == [{"name": "suffix", "cache": "bench:m"},
+                                                                {"name": "eagle"}]
+    assert isolate_caches("ngram", {"max_ngram": 3}, "m") == {"max_ngram": 3}
+    ids = torch.arange(20)[None]
+    assert bench.warmup_ids(ids).tolist() == [list(range(8))]
+    result = run_in_process(files, tmp_path, "bench.methods=[hf,specdec:suffix,specdec:suffix@paged]")
+    runs = {r["method"]: r for r in result["runs"]}
+    assert runs["specdec:suffix"]["mismatches"] == 0 and runs["specdec:suffix@paged"]["mismatches"] == 0
+    caches = {key[0]: cache for key, cache in _SHARED.items() if key[0].startswith("bench:specdec:suffix")}
+    assert set(caches) == {"bench:specdec:suffix", "bench:specdec:suffix@paged"}
+    # each holds its warm-up request (8 prompt tokens + its output) and one request per measured prompt
+    assert all(c.stats()["segments"] == 1 + result["prompts"] for c in caches.values())
+
+
+def test_workload_prompt_sets_have_four_categories(tmp_path):
+    out = tmp_path / "w.jsonl"
+    subprocess.run([sys.executable, str(REPO / "scripts" / "workload_prompts.py"), "--per-category", "3",
+                    "--out", str(out)], check=True, capture_output=True, timeout=120)
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["category"] for r in rows] == ["code_edit"] * 3 + ["tool_json"] * 3 + ["sql"] * 3 + ["report"] * 3
+    assert len({r["question_id"] for r in rows}) == 12 and all(r["turns"][0] for r in rows)
+    assert "```python\ndef " in rows[0]["turns"][0]

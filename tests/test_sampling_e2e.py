@@ -68,6 +68,11 @@ def exact_joint(model, ids: torch.Tensor, params: SamplingParams) -> torch.Tenso
 def build_drafter(kind: str):
     if kind == "ngram":
         return "ngram"
+    if kind == "suffix":  # earlier samples' continuations of the same prompt (a cache of its own)
+        from drafters.suffix import SuffixDrafter
+        from drafters.suffix_cache import SuffixCache
+
+        return SuffixDrafter(target(), None, min_share=0.0, suffix_cache=SuffixCache())
     if kind == "hybrid":  # n-gram + a draft-model tree merged into one tree (deterministic candidates)
         from drafters.hybrid import HybridDrafter
 
@@ -113,7 +118,7 @@ def test_target_distribution_is_not_degenerate():
     assert float(p1.max()) < 0.5 and float(p1.min()) > 0.02  # every token plausible, none dominant
 
 
-@pytest.mark.parametrize("kind,seed0", [("ngram", 0), ("chain", 10_000), ("tree", 20_000), ("dynamic", 60_000),
+@pytest.mark.parametrize("kind,seed0", [("ngram", 0), ("suffix", 80_000), ("chain", 10_000), ("tree", 20_000), ("dynamic", 60_000),
                                         ("hybrid", 70_000)])
 def test_first_two_tokens_have_the_target_distribution(kind, seed0):
     counts, drafted, accepted = specdec_samples(kind, seed0=seed0)

@@ -266,7 +266,8 @@ def build_runners(cfg: DictConfig, model, tokenizer, drafters: dict[str, MethodS
             runners[method] = hf_runner(model, n, sampling, assistant_model=draft)
             fast_modules.append(draft)
         else:
-            decoder = SpecDecoder(model, tokenizer, drafter=node.name, drafter_kwargs=config.drafter_kwargs(node),
+            kwargs = config.isolate_caches(node.name, config.drafter_kwargs(node), method)
+            decoder = SpecDecoder(model, tokenizer, drafter=node.name, drafter_kwargs=kwargs,
                                   verifier=spec.verifier.name, verifier_kwargs=config.verifier_kwargs(spec.verifier),
                                   acceptance=cfg.acceptance.name, max_nodes=cfg.tree.max_nodes, max_batch_size=batch,
                                   adaptive=spec.adaptive)
@@ -302,15 +303,22 @@ def encode(prompts: list[Prompt], tokenizer, model, chat: bool, max_new_tokens: 
     return out
 
 
+def warmup_ids(ids: torch.Tensor) -> torch.Tensor:
+    """What methods warm up on instead of the prompt ``ids [1, T]``: its first 8 tokens (with a chat template, its
+    header), not a measured prompt itself: a drafter that learns from earlier requests (a suffix cache) would
+    otherwise have seen that prompt's answer before it is measured."""
+    return ids[:, :8]
+
+
 def run_interleaved(runners: dict[str, Runner], prompts: list[Prompt], inputs: list[torch.Tensor],
                     warmup: int = 1, seed: int = 0) -> list[report.Measurement]:
-    """Warm every method up on the first prompt, then for each prompt run every method in turn, timing generate.
+    """Warm every method up (:func:`warmup_ids`), then for each prompt run every method in turn, timing generate.
 
     Prompt i is generated with seed ``seed + i`` by every method (it matters only when sampling).
     """
     for run in runners.values():
         for _ in range(warmup):
-            run(inputs[0], seed)
+            run(warmup_ids(inputs[0]), seed)
     measurements = []
     sums = {m: [0, 0.0] for m in runners}  # running new tokens, seconds
     bar = tqdm(list(zip(prompts, inputs)), desc="prompts (tokens/s)", unit="prompt", file=sys.stderr)
@@ -343,7 +351,7 @@ def run_batched(runners: dict[str, BatchRunner], prompts: list[Prompt], inputs: 
     """
     for run in runners.values():
         for _ in range(warmup):
-            run(inputs[:min(2, batch_size)], seed)
+            run([warmup_ids(ids) for ids in inputs[:min(2, batch_size)]], seed)
     measurements = []
     size = -(-len(inputs) // max(1, min(rounds, len(inputs))))
     groups = [range(lo, min(lo + size, len(inputs))) for lo in range(0, len(inputs), size)]

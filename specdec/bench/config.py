@@ -127,6 +127,19 @@ def drafter_kwargs(node) -> dict[str, Any]:
     return {k: v for k, v in opts.items() if k != "name"}
 
 
+def isolate_caches(drafter: str, kwargs: dict[str, Any], method: str) -> dict[str, Any]:
+    """A drafter's options with its suffix-decoding cache (its own, or a hybrid part's) named after the bench
+    ``method``: the bench runs methods side by side on the same prompts, and a cache two methods shared would hand
+    one method's answer to the other as a draft."""
+    name = f"bench:{method}"
+    if drafter == "suffix":
+        return {**kwargs, "cache": name}
+    if drafter == "hybrid" and kwargs.get("drafters"):
+        return {**kwargs, "drafters": [{**p, "cache": name} if isinstance(p, dict) and p.get("name") == "suffix" else p
+                                       for p in kwargs["drafters"]]}
+    return kwargs
+
+
 def verifier_kwargs(node) -> dict[str, Any]:
     """A verifier config node as :class:`specdec.SpecDecoder` ``verifier_kwargs``: every set key but ``name``."""
     opts = OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else dict(node)
