@@ -1,6 +1,7 @@
 """A seeded, bounded soak test of the batching engine (issue 23).
 
-Each round draws: a drafter (none, n-gram, a draft-model tree, an EAGLE-style head with random weights), greedy or
+Each round draws: a drafter (none, n-gram, suffix decoding over a cache every round's requests share, a draft-model
+tree, an EAGLE-style head with random weights), greedy or
 sampled, a tiny KV pool (block size 1-16, a few to a few dozen blocks), a preemption policy, and requests with
 prompts from 1 token to near the target's context and random ``max_new_tokens``, some arriving while others run.
 After every round: each request ended with a finish reason; greedy outputs equal the request decoded alone (a
@@ -32,7 +33,7 @@ from verifiers.paged.verifier import PagedVerifier
 CONTEXT = 96  # the soak target's context: prompts reach close to it
 SOAK_ROUNDS = 60
 TOK = tiny_tokenizer()
-KINDS = ["none", "ngram", "draft_model", "eagle"]
+KINDS = ["none", "ngram", "suffix", "draft_model", "eagle"]  # suffix: one cache for every round's requests
 
 
 def target():
@@ -45,6 +46,8 @@ def build(kind: str):
         return _draft_model(t, TOK, depth=3, width=2)
     if kind == "eagle":
         return _eagle(t, TOK, vocab=48, dynamic=True)
+    if kind == "suffix":
+        return registry.build_drafter(kind, t, TOK, cache="soak", min_share=0.0)
     return registry.build_drafter(kind, t, TOK)
 
 
