@@ -26,6 +26,8 @@ from specdec.errors import ConfigError
 from specdec.protocols import Feedback
 from specdec.types import DraftContext, DraftTree
 
+_SAVE_LOCK = threading.Lock()  # one writer of a cache file at a time within the process
+
 
 def _vocab_size(target) -> int | None:
     """The target's vocabulary size (None without a target: a drafter tested alone)."""
@@ -37,9 +39,10 @@ class SuffixDrafter:
 
     max_depth: deepest continuation. max_match: longest agreement measured. spec_factor: a match of m tokens drafts
     up to ``ceil(spec_factor * m)`` tokens. max_candidates: occurrences merged into the tree. min_share: nodes that
-    fewer than this share of the occurrences' weight agree on are not drafted. cache: name of the shared cache (drafters with one name share it);
-    cache_tokens: its size limit in tokens; cache_positions: occurrences kept per token pair; cache_file: where to
-    keep it across restarts (None: memory only).
+    fewer than this share of the occurrences' weight agree on are not drafted. cache: name of the shared cache
+    (drafters with one name share it); cache_tokens: its size limit in tokens; cache_positions: occurrences kept per
+    token pair; cache_file: where to keep it across restarts (None: memory only). suffix_cache: a cache object to use
+    instead of the named one.
     """
 
     needs_hidden_states = False
@@ -58,9 +61,8 @@ class SuffixDrafter:
         self.max_depth, self.max_match, self.spec_factor = max_depth, max_match, spec_factor
         self.max_candidates, self.min_share = max_candidates, min_share
         self.cache_file = cache_file
-        fingerprint = tokenizer_fingerprint(tokenizer, _vocab_size(target))
         self.cache = suffix_cache if suffix_cache is not None else shared_cache(
-            cache, fingerprint, cache_tokens, cache_positions, cache_file)
+            cache, tokenizer_fingerprint(tokenizer, _vocab_size(target)), cache_tokens, cache_positions, cache_file)
         self._segment: int | None = None
         self._tokens: list[int] = []
         self.reset()
@@ -113,6 +115,3 @@ class SuffixDrafter:
             new = feedback.new_tokens[0].tolist()
             self._tokens += new
             self.cache.extend(self._segment, new)
-
-
-_SAVE_LOCK = threading.Lock()  # one writer of a cache file at a time within the process
