@@ -204,7 +204,8 @@ static void run(const torch::Tensor& q, const torch::Tensor& k_store, const torc
   int64_t live = 0;
   for (const auto& v : rows_of) live += !v.empty();
   if (live == 0) return;
-  const int64_t want = 2 * at::get_num_threads(), pieces = std::max<int64_t>(1, (want + live * Hkv - 1) / (live * Hkv));
+  const int64_t want = 2 * at::get_num_threads();
+  const int64_t pieces = std::max<int64_t>(1, (want + live * Hkv - 1) / (live * Hkv));  // per request
   std::vector<std::vector<int64_t>> runs;
   for (const auto& v : rows_of) {
     const int64_t n = v.size(), k = std::min(n, pieces);
@@ -215,7 +216,7 @@ static void run(const torch::Tensor& q, const torch::Tensor& k_store, const torc
     std::vector<acc_t> qf(G * D), s, acc(G * D), total(G);
     std::vector<int64_t> pos;
     for (int64_t item = begin; item < end; ++item)
-    for (const int64_t t : runs[item % NR]) {
+    for (const int64_t t : runs[item % NR]) {  // the run's rows in turn: a `continue` below goes to the next row
       const int64_t h = item / NR, r = rr[t], node = rn[t], L = pl[r];
       const bool* mrow = mk + (r * N + node) * N;
       // a node's depth is its number of ancestors (its mask row's count, less itself); its position is L + depth

@@ -132,7 +132,7 @@ static inline void rows_int8(const int8_t* xq, int64_t K, const float* dx, int64
 // output's float sums go group by group as in the portable loop, so the column order changes no bit
 template <int R>
 static inline void rows_int4(const int8_t* xq, int64_t K, const float* dx, const float* xs, int64_t groups,
-                              const uint8_t* q, const at::Half* d, const at::Half* m, float* acc) {
+                             const uint8_t* q, const at::Half* d, const at::Half* m, float* acc) {
   constexpr int64_t GB = group_bytes<4>();
   const __m256i ones = _mm256_set1_epi16(1);
   const __m256i low = _mm256_set1_epi8(0x0F);
@@ -161,7 +161,8 @@ static inline void rows_int4(const int8_t* xq, int64_t K, const float* dx, const
       const __m256 dv = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(d + g * P + j0)));
       const __m256 mv = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(m + g * P + j0)));
       for (int r = 0; r < R; ++r) {
-        const __m256 t = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(s[r], ones)), _mm256_set1_ps(dx[r * groups + g]));
+        const __m256i si = _mm256_madd_epi16(s[r], ones);  // int16 pairs to int32
+        const __m256 t = _mm256_mul_ps(_mm256_cvtepi32_ps(si), _mm256_set1_ps(dx[r * groups + g]));
         __m256 a = _mm256_fmadd_ps(dv, t, _mm256_loadu_ps(acc + r * P + j0));
         a = _mm256_fmadd_ps(mv, _mm256_set1_ps(xs[r * groups + g]), a);
         _mm256_storeu_ps(acc + r * P + j0, a);
