@@ -183,3 +183,27 @@ def test_cpp_float32_route_equals_dense(d, group):
     case = make_case(5 + d + group, 3, 2, group, 7, d, 16, [0, 21, 38], dtype=torch.float32)
     want = dense_reference(*[c.double() if isinstance(c, torch.Tensor) and c.is_floating_point() else c for c in case])
     torch.testing.assert_close(cpp_in_place(*case).double(), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("hkv, group", [(3, 3), (1, 4), (2, 2)])
+def test_cpp_rows_bits_do_not_depend_on_threads_or_work_split(hkv, group):
+    """The C++ kernel cuts its work by KV head, by runs of a request's rows and, when that leaves fewer items than
+    twice the threads (one row of 3 KV heads over 2 threads), by query heads: each row's result is bitwise the same
+    on one thread or four, alone or with its tree (what greedy speculation's losslessness rests on)."""
+    if not cpu_kernel.available():
+        pytest.skip(f"the C++ kernel could not be built here: {cpu_kernel.failure()}")
+    case = make_case(11 + hkv + group, 2, hkv, group, 6, 64, 16, [37, 90], dtype=torch.float32)
+    q, k, v, kp, vp, tables, prefix, mask, scale = case
+    before = torch.get_num_threads()
+    try:
+        outs = []
+        for threads in (1, 2, 4):
+            torch.set_num_threads(threads)
+            outs.append(cpp_in_place(*case))
+            # the first request's root alone: one row, the fewest work items
+            alone = cpp_in_place(q[:1, :, :1], k[:1, :, :1], v[:1, :, :1], kp, vp, tables[:1], prefix[:1],
+                                 mask[:1, :1, :1], scale)
+            assert torch.equal(alone[0, 0], outs[0][0, 0]), threads
+    finally:
+        torch.set_num_threads(before)
+    assert all(torch.equal(o, outs[0]) for o in outs)

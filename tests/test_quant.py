@@ -80,6 +80,28 @@ def test_kernel_matches_dequantized_product_and_rows_are_independent(bits, n, k)
         assert torch.equal(part, y), rows
 
 
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("n, k", [(50, 64), (96, 32), (200, 160)])
+def test_every_path_gives_the_portable_loops_bits(bits, n, k):
+    """This CPU's path (AVX-512 VNNI, AVX2 or portable: ``quant_gemm.isa()``) against the portable loop, bitwise,
+    over the whole int8 range (-128 included, which GGUF files may hold) and every block size and split."""
+    _check_built()
+    g = torch.Generator().manual_seed(3 * n + k)
+    t = -(-n // 32)
+    q = torch.randint(-128, 128, (n, k), generator=g) if bits == 8 else torch.randint(0, 16, (n, k), generator=g)
+    d = (torch.rand(n, k // 32, generator=g) * 0.02).half()
+    m = (-torch.rand(n, k // 32, generator=g) * 0.1).half() if bits == 4 else None
+    p = quant_gemm.pack(bits, q, d, m)
+    assert p.q.shape[0] == t
+    x, b = torch.randn(21, k, generator=g) * 3, torch.randn(n, generator=g)
+    x[4] = 0  # a zero row: its scale is 0
+    for rows in (21, 1, 2, 3, 4, 5, 7, 8, 9, 16):
+        for bias in (b, None):
+            got = torch.cat([quant_gemm.quant_linear(x[i:i + rows].contiguous(), p, bias) for i in range(0, 21, rows)])
+            want = quant_gemm.quant_linear_portable(x, p, bias)
+            assert torch.equal(got, want), (quant_gemm.isa(), rows, bias is None)
+
+
 @pytest.mark.parametrize("n, k", [(50, 64), (96, 32), (200, 160)])
 def test_bf16_kernel_is_the_bfloat16_weights_times_float32_inputs_and_rows_are_independent(n, k):
     """bits 16: the weights rounded to bfloat16 (exactly what the panels hold), the activations not rounded."""
@@ -92,9 +114,10 @@ def test_bf16_kernel_is_the_bfloat16_weights_times_float32_inputs_and_rows_are_i
     y = quant_gemm.quant_linear(x, p, b)
     ref = x.double() @ w.to(torch.bfloat16).double().T + b.double()
     torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-4)
-    for rows in (1, 2, 3, 5, 8):  # one row, the pairs of the kernel's blocks, an odd last row
+    for rows in (1, 2, 3, 5, 6, 7, 8, 13):  # one row, each block size of AVX2 (2) and AVX-512 (6), odd last rows
         part = torch.cat([quant_gemm.quant_linear(x[i:i + rows].contiguous(), p, b) for i in range(0, 19, rows)])
         assert torch.equal(part, y), rows
+    assert torch.equal(quant_gemm.quant_linear_portable(x, p, b), y)  # the portable loop's bits on every CPU
     both = quant_gemm.concat([p, quant_gemm.quantize(w[:7], 16)])
     assert torch.equal(quant_gemm.dequantize(both), torch.cat([w, w[:7]]).to(torch.bfloat16).float())
 

@@ -34,8 +34,8 @@ from specdec.kernels.build import Kernel
 GROUP = 32  # input features per group (one scale, and one min for int4)
 PANEL = 32  # output features per panel
 BITS = {"int8": 8, "int4": 4, "bf16": 16}
-VERSION = 3  # bumped when the kernel's speed changes (a cost profile measured with an older one is stale); 3: int4
-#             panels one 8-output column at a time, blocks of 8 rows (8 / 16 rows 6-12% faster)
+VERSION = 4  # bumped when the kernel's speed changes (a cost profile measured with an older one is stale); 3: int4
+#             panels one 8-output column at a time, blocks of 8 rows (8 / 16 rows 6-12% faster); 4: AVX-512 VNNI
 
 _KERNEL = Kernel("quant_gemm", "int8 / int4 / bf16 linears")
 
@@ -189,6 +189,17 @@ def quantize_activations(x: torch.Tensor) -> torch.Tensor:
     inv = torch.where(d > 0, 1 / d, torch.zeros_like(d))
     xq = torch.round(blocks * inv).clamp(-127, 127)
     return (xq * d).reshape(m, k)
+
+
+def isa() -> str | None:
+    """The kernel's int8 / int4 path on this CPU: ``avx512-vnni``, ``avx2`` or ``portable`` (None: not built)."""
+    return _KERNEL.module.isa() if available() else None
+
+
+def quant_linear_portable(x: torch.Tensor, p: QuantPanels, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`quant_linear` on the kernel's portable loop whatever the CPU (the kernel must be built): the reference
+    each SIMD path equals bitwise."""
+    return _KERNEL.module.quant_linear_portable(x, p.q, p.d, p.m, bias, p.out_features, p.bits)
 
 
 def quant_linear(x: torch.Tensor, p: QuantPanels, bias: torch.Tensor | None = None,

@@ -5,7 +5,8 @@
 // output's pair of weights, so shifting it left by 16 gives the even weight as a float32 and masking its low half the
 // odd one (exact: a bfloat16 is the top half of a float32). The activations are not rounded: each output sums
 // w x in float32 fused multiply-adds over the pairs in order, the even feature then the odd one, so a row's result is
-// bitwise the same whatever the number of rows, and the portable loop gives the AVX2 path's bits.
+// bitwise the same whatever the number of rows, and the portable loop gives the AVX2 and AVX-512 paths' bits (with
+// AVX-512 a zmm holds 16 outputs' pairs, two a row, and blocks are 6 rows: twice the rows per pass over the weights).
 #pragma once
 #include <torch/types.h>
 #include <ATen/Parallel.h>
@@ -16,12 +17,19 @@
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 #define SPECDEC_BF16W_AVX2 1
+#if defined(__AVX512F__)
+#define SPECDEC_BF16W_AVX512 1
+#endif
 #endif
 
 namespace bf16w {
 
 constexpr int64_t P = 32;   // output features per panel
+#ifdef SPECDEC_BF16W_AVX512
+constexpr int64_t RB = 6;   // rows per pass over a panel: 6 x 2 zmm accumulators, one pair of weights, broadcasts
+#else
 constexpr int64_t RB = 2;   // rows per pass over a panel: 2 x 4 accumulators, the rows' inputs and one pair of weights
+#endif
 constexpr int64_t PF = 16;  // pairs (128 bytes each) read ahead with software prefetches, as the float32 panels do
 
 static inline float bf16_at(const uint16_t* p, int64_t i) {  // the bfloat16 at p[i] as a float32, exactly
@@ -31,11 +39,40 @@ static inline float bf16_at(const uint16_t* p, int64_t i) {  // the bfloat16 at 
   return f;
 }
 
-// y[r * ldy + j] (+ bias[j]) for R rows of x (ldx apart) and the first `valid` outputs of one panel [K/2][32][2]
-template <int R>
+// y[r * ldy + j] (+ bias[j]) for R rows of x (ldx apart) and the first `valid` outputs of one panel [K/2][32][2];
+// PORTABLE: the portable loop whatever the CPU (the tests' reference)
+template <int R, bool PORTABLE = false>
 static inline void panel(const float* x, int64_t ldx, int64_t K2, const uint16_t* p, const float* bias, float* y,
                          int64_t ldy, int64_t valid) {
-#ifdef SPECDEC_BF16W_AVX2
+#if defined(SPECDEC_BF16W_AVX512)
+  if constexpr (!PORTABLE) {
+  __m512 a[R][2];
+  for (int r = 0; r < R; ++r) a[r][0] = a[r][1] = _mm512_setzero_ps();
+  const __m512i high = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
+  for (int64_t k = 0; k < K2; ++k) {
+    _mm_prefetch(reinterpret_cast<const char*>(p + (k + PF) * 2 * P), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(p + (k + PF) * 2 * P + P), _MM_HINT_T0);
+#pragma GCC unroll 2
+    for (int v = 0; v < 2; ++v) {
+      const __m512i w = _mm512_loadu_si512(p + k * 2 * P + 32 * v);
+      const __m512 we = _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+      const __m512 wo = _mm512_castsi512_ps(_mm512_and_si512(w, high));
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r)
+        a[r][v] = _mm512_fmadd_ps(wo, _mm512_set1_ps(x[r * ldx + 2 * k + 1]),
+                                  _mm512_fmadd_ps(we, _mm512_set1_ps(x[r * ldx + 2 * k]), a[r][v]));
+    }
+  }
+  alignas(64) float out[P];
+  for (int r = 0; r < R; ++r) {
+    _mm512_store_ps(out, a[r][0]);
+    _mm512_store_ps(out + 16, a[r][1]);
+    for (int64_t j = 0; j < valid; ++j) y[r * ldy + j] = bias ? out[j] + bias[j] : out[j];
+  }
+  return;
+  }
+#elif defined(SPECDEC_BF16W_AVX2)
+  if constexpr (!PORTABLE) {
   __m256 a[R][4];
   for (int r = 0; r < R; ++r)
     for (int v = 0; v < 4; ++v) a[r][v] = _mm256_setzero_ps();
@@ -61,7 +98,9 @@ static inline void panel(const float* x, int64_t ldx, int64_t K2, const uint16_t
     for (int v = 0; v < 4; ++v) _mm256_store_ps(out + 8 * v, a[r][v]);
     for (int64_t j = 0; j < valid; ++j) y[r * ldy + j] = bias ? out[j] + bias[j] : out[j];
   }
-#else
+  return;
+  }
+#endif
   for (int r = 0; r < R; ++r)
     for (int64_t j = 0; j < valid; ++j) {
       float s = 0.f;
@@ -71,10 +110,27 @@ static inline void panel(const float* x, int64_t ldx, int64_t K2, const uint16_t
       }
       y[r * ldy + j] = bias ? s + bias[j] : s;
     }
-#endif
 }
 
-// x [M, K] float32 contiguous (K even); panels bfloat16 [T, K/2, 32, 2]; bias float32 [N] or None -> [M, N] float32
+// rows b .. b + R of x against one panel, R = min(RB, M - b) (the template's row count for each R up to RB)
+template <bool PORTABLE>
+static inline void block(int64_t R, const float* x, int64_t ldx, int64_t K2, const uint16_t* p, const float* bias,
+                         float* y, int64_t ldy, int64_t valid) {
+  switch (R) {
+#ifdef SPECDEC_BF16W_AVX512
+    case 6: panel<6, PORTABLE>(x, ldx, K2, p, bias, y, ldy, valid); break;
+    case 5: panel<5, PORTABLE>(x, ldx, K2, p, bias, y, ldy, valid); break;
+    case 4: panel<4, PORTABLE>(x, ldx, K2, p, bias, y, ldy, valid); break;
+    case 3: panel<3, PORTABLE>(x, ldx, K2, p, bias, y, ldy, valid); break;
+#endif
+    case 2: panel<2, PORTABLE>(x, ldx, K2, p, bias, y, ldy, valid); break;
+    default: panel<1, PORTABLE>(x, ldx, K2, p, bias, y, ldy, valid); break;
+  }
+}
+
+// x [M, K] float32 contiguous (K even); panels bfloat16 [T, K/2, 32, 2]; bias float32 [N] or None -> [M, N] float32.
+// PORTABLE: the portable loop whatever the CPU
+template <bool PORTABLE = false>
 inline torch::Tensor bf16_linear(const torch::Tensor& x, const torch::Tensor& panels,
                                  const c10::optional<torch::Tensor>& bias, int64_t N) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(),
@@ -98,10 +154,8 @@ inline torch::Tensor bf16_linear(const torch::Tensor& x, const torch::Tensor& pa
       const uint16_t* pt = pp + t * K2 * 2 * P;
       const float* bt = bp ? bp + t * P : nullptr;
       const int64_t valid = std::min(P, N - t * P);
-      for (int64_t b = 0; b < M; b += RB) {
-        if (M - b >= 2) panel<2>(xp + b * K, K, K2, pt, bt, yp + b * N + t * P, N, valid);
-        else panel<1>(xp + b * K, K, K2, pt, bt, yp + b * N + t * P, N, valid);
-      }
+      for (int64_t b = 0; b < M; b += RB)
+        block<PORTABLE>(std::min(RB, M - b), xp + b * K, K, K2, pt, bt, yp + b * N + t * P, N, valid);
     }
   });
   return y;

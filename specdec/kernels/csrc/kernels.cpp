@@ -41,6 +41,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 
   auto quant = m.def_submodule("quant_gemm", "int8 / int4 / bf16 linears");
   quant.def("quant_linear", &quant::quant_linear);
+  quant.def("quant_linear_portable", &quant::quant_linear_portable, "quant_linear on the portable loop (tests)");
+  quant.def("isa", &quant::isa, "the path quant_linear takes on this build");
 
   auto quant_layer = m.def_submodule("quant_layer", "a Llama layer on int8 / int4 / bf16 linears");
   quant_layer.def("pre_attention_q", &quant_layer::pre_attention_q);

@@ -212,12 +212,21 @@ static void run(const torch::Tensor& q, const torch::Tensor& k_store, const torc
     for (int64_t i = 0; i < k; ++i) runs.emplace_back(v.begin() + i * n / k, v.begin() + (i + 1) * n / k);
   }
   const int64_t NR = runs.size();
-  at::parallel_for(0, Hkv * NR, 1, [&](int64_t begin, int64_t end) {
+  // still fewer items than twice the threads (one request's row or a few: 3 KV heads over 2 threads left one
+  // thread idle a third of the time): each KV head's query heads are cut into parts, their keys and values read
+  // once per part (from cache after the first). Each query head's arithmetic is its own: the bits do not change
+#ifndef SPECDEC_ATTN_SPLIT
+#define SPECDEC_ATTN_SPLIT 1
+#endif
+  const int64_t parts = !SPECDEC_ATTN_SPLIT || Hkv * NR >= want ? 1 : std::min<int64_t>(G, (want + Hkv * NR - 1) / (Hkv * NR));
+  at::parallel_for(0, Hkv * parts * NR, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> qf(G * D), s, acc(G * D), total(G);
     std::vector<int64_t> pos;
     for (int64_t item = begin; item < end; ++item)
     for (const int64_t t : runs[item % NR]) {  // the run's rows in turn: a `continue` below goes to the next row
-      const int64_t h = item / NR, r = rr[t], node = rn[t], L = pl[r];
+      const int64_t h = item / NR / parts, part = item / NR % parts, r = rr[t], node = rn[t], L = pl[r];
+      // query heads g0 .. g0 + Gp of KV head h (all G of them when parts is 1)
+      const int64_t g0 = part * G / parts, Gp = (part + 1) * G / parts - g0;
       const bool* mrow = mk + (r * N + node) * N;
       // a node's depth is its number of ancestors (its mask row's count, less itself); its position is L + depth
       auto depth = [&](int64_t j) {
@@ -240,16 +249,17 @@ static void run(const torch::Tensor& q, const torch::Tensor& k_store, const torc
         pos.push_back(tb[r * MB + p / BS] * BS + p % BS);
       }
       const int64_t P = pos.size();
-      for (int64_t g = 0; g < G; ++g)
-        for (int64_t d = 0; d < D; ++d) qf[g * D + d] = static_cast<acc_t>(qp[(t * H + h * G + g) * D + d]) * sc;
-      s.resize(G * P);
+      for (int64_t g = 0; g < Gp; ++g)
+        for (int64_t d = 0; d < D; ++d)
+          qf[g * D + d] = static_cast<acc_t>(qp[(t * H + h * G + g0 + g) * D + d]) * sc;
+      s.resize(Gp * P);
       const scalar_t* kh = kp + h * NB * BS * D;
       const scalar_t* vh = vp + h * NB * BS * D;
 #ifdef SPECDEC_ATTN_FAST
       constexpr bool f32 = std::is_same<scalar_t, float>::value;
       const bool fast = f32 && D % LANES == 0;  // the AVX-512 / AVX2 float32 route (scores_f32 / values_f32)
       if (fast)
-        scores_f32(reinterpret_cast<const float*>(qf.data()), G, D / LANES, reinterpret_cast<const float*>(kh),
+        scores_f32(reinterpret_cast<const float*>(qf.data()), Gp, D / LANES, reinterpret_cast<const float*>(kh),
                    pos.data(), P, reinterpret_cast<float*>(s.data()));
       else
 #else
@@ -257,11 +267,11 @@ static void run(const torch::Tensor& q, const torch::Tensor& k_store, const torc
 #endif
         for (int64_t j = 0; j < P; ++j) {  // each key read once for the G query heads that share it
           const scalar_t* kr = kh + pos[j] * D;
-          for (int64_t g = 0; g < G; ++g) s[g * P + j] = dot<acc_t, scalar_t>(qf.data() + g * D, kr, D);
+          for (int64_t g = 0; g < Gp; ++g) s[g * P + j] = dot<acc_t, scalar_t>(qf.data() + g * D, kr, D);
         }
       if (cap > 0)  // logit softcapping (Gemma 2): cap * tanh(score / cap), before the softmax
-        for (int64_t j = 0; j < G * P; ++j) s[j] = cap * std::tanh(s[j] / cap);
-      for (int64_t g = 0; g < G; ++g) {
+        for (int64_t j = 0; j < Gp * P; ++j) s[j] = cap * std::tanh(s[j] / cap);
+      for (int64_t g = 0; g < Gp; ++g) {
         acc_t* sg = s.data() + g * P;
         acc_t mx = -std::numeric_limits<acc_t>::infinity();
         for (int64_t j = 0; j < P; ++j) mx = std::max(mx, sg[j]);
@@ -273,9 +283,9 @@ static void run(const torch::Tensor& q, const torch::Tensor& k_store, const torc
       }
 #ifdef SPECDEC_ATTN_FAST
       if (fast) {
-        values_f32(reinterpret_cast<const float*>(s.data()), reinterpret_cast<const float*>(total.data()), G, D / LANES,
+        values_f32(reinterpret_cast<const float*>(s.data()), reinterpret_cast<const float*>(total.data()), Gp, D / LANES,
                    reinterpret_cast<const float*>(vh), pos.data(), P,
-                   reinterpret_cast<float*>(op + (t * H + h * G) * D));
+                   reinterpret_cast<float*>(op + (t * H + h * G + g0) * D));
         continue;
       }
 #endif
@@ -283,15 +293,15 @@ static void run(const torch::Tensor& q, const torch::Tensor& k_store, const torc
       std::fill(acc.begin(), acc.end(), acc_t(0));
       for (int64_t j = 0; j < P; ++j) {
         const scalar_t* vr = vh + pos[j] * D;
-        for (int64_t g = 0; g < G; ++g) {
+        for (int64_t g = 0; g < Gp; ++g) {
           const acc_t w = s[g * P + j];
           acc_t* a = acc.data() + g * D;
           for (int64_t d = 0; d < D; ++d) a[d] += w * static_cast<acc_t>(vr[d]);
         }
       }
-      for (int64_t g = 0; g < G; ++g) {
+      for (int64_t g = 0; g < Gp; ++g) {
         const acc_t inv = total[g] > 0 ? acc_t(1) / total[g] : acc_t(0);
-        scalar_t* o = op + (t * H + h * G + g) * D;
+        scalar_t* o = op + (t * H + h * G + g0 + g) * D;
         for (int64_t d = 0; d < D; ++d) o[d] = static_cast<scalar_t>(acc[g * D + d] * inv);
       }
     }

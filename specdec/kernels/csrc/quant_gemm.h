@@ -15,7 +15,11 @@
 // (i, k) of half h holds output 16 h + i in its low nibble and 16 h + 8 + i in its high one); d, m float16
 // [T, K/32, 32 (j)]. With AVX2 a quad of 8 outputs is one vpmaddubsw (unsigned x signed bytes to int16 pairs) and,
 // for 8 bits, one vpmaddwd to int32: the weights stream from memory at 1 byte (int8) or 5/8 byte (int4) a weight
-// and extra rows cost a fraction of float32's fused multiply-adds.
+// and extra rows cost a fraction of float32's fused multiply-adds. With AVX-512 VNNI one vpdpbusd (unsigned x signed
+// bytes, four products summed into an int32 lane, no saturation) does a quad of 16 outputs for a row: int4's nibbles
+// are unsigned already, int8's weights are flipped to w + 128 (unsigned) and 128 times the group's sum of xq is taken
+// off. Every path's integer sums are exact and its float steps the portable loop's, so every path gives the same bits
+// (quant_linear_portable runs that loop, for the tests).
 #pragma once
 #include <torch/types.h>
 #include <ATen/Parallel.h>
@@ -23,10 +27,14 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <string>
 #include "bf16_gemm.h"
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include <immintrin.h>
 #define SPECDEC_QUANT_AVX2 1
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+#define SPECDEC_QUANT_VNNI 1
+#endif
 #endif
 
 namespace quant {
@@ -36,8 +44,12 @@ constexpr int64_t G = 32;   // input features per group
 constexpr int64_t RB = 8;   // the most rows per block (their sums in registers together): rows_block<BITS>
 
 template <int BITS>
-constexpr int64_t rows_block() {  // 4 for int8 (both halves' 16 sums per row), 8 for int4 (one column's)
+constexpr int64_t rows_block() {  // AVX2: 4 for int8 (both halves' 16 sums per row), 8 for int4 (one column's);
+#ifdef SPECDEC_QUANT_VNNI          // VNNI: 8 (two zmm sums a row: 16 of the 32 registers)
+  return 8;
+#else
   return BITS == 8 ? 4 : 8;
+#endif
 }
 
 template <int BITS>
@@ -46,8 +58,8 @@ constexpr int64_t group_bytes() {  // bytes of one group of a panel
 }
 
 // rows x [M, K] quantized per group of 32: xq int8 [M, K], dx [M, K/32] (the scale), xs [M, K/32] (dx times the
-// sum of the group's xq: the sum of the quantized activations, for Q4_1's mins)
-inline void quantize_rows(const float* x, int64_t M, int64_t K, int8_t* xq, float* dx, float* xs) {
+// sum of the group's xq: the sum of the quantized activations, for Q4_1's mins), xi [M, K/32] (that sum, int32)
+inline void quantize_rows(const float* x, int64_t M, int64_t K, int8_t* xq, float* dx, float* xs, int32_t* xi) {
   const int64_t groups = K / G;
   at::parallel_for(0, M * groups, 64, [&](int64_t b, int64_t e) {
     for (int64_t i = b; i < e; ++i) {
@@ -64,6 +76,7 @@ inline void quantize_rows(const float* x, int64_t M, int64_t K, int8_t* xq, floa
       }
       dx[i] = d;
       xs[i] = d * static_cast<float>(sum);
+      xi[i] = sum;
     }
   });
 }
@@ -170,15 +183,162 @@ static inline void rows_int4(const int8_t* xq, int64_t K, const float* dx, const
     }
   }
 }
+
+#ifdef SPECDEC_QUANT_VNNI
+#ifndef SPECDEC_Q8_AVX2_ROWS
+#define SPECDEC_Q8_AVX2_ROWS 2
+#endif
+#ifndef SPECDEC_QPF
+#define SPECDEC_QPF 8  // groups ahead: 8 measured 3-7% faster than 1 at 1-2 rows with the weights streamed from memory
+#endif
+// int8 with VNNI: R rows against one panel's groups into acc [R][32]. A quad of 16 outputs is 64 bytes of the panel,
+// one zmm: flipped to w + 128 (unsigned), one vpdpbusd per row sums (w + 128) x over the quad's 4 features into each
+// output's int32 lane; 128 times the group's sum of xq (xi) comes off at the group's end, leaving S exactly
+template <int R>
+static inline void rows_int8_vnni(const int8_t* xq, int64_t K, const float* dx, const int32_t* xi, int64_t groups,
+                                  const uint8_t* q, const at::Half* d, float* acc) {
+  constexpr int64_t GB = group_bytes<8>();
+  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
+  for (int64_t g = 0; g < groups; ++g) {
+    const uint8_t* qg = q + g * GB;
+    __m512i s[R][2];
+    for (int r = 0; r < R; ++r) s[r][0] = s[r][1] = _mm512_setzero_si512();
+#pragma GCC unroll 2
+    for (int quad = 0; quad < 8; ++quad) {
+      // the next group, an eighth (two cache lines) per quad: one sequential stream per panel
+      _mm_prefetch(reinterpret_cast<const char*>(qg + SPECDEC_QPF * GB + quad * 128), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(qg + SPECDEC_QPF * GB + quad * 128 + 64), _MM_HINT_T0);
+      const __m512i u0 = _mm512_xor_si512(_mm512_loadu_si512(qg + quad * 128), flip);
+      const __m512i u1 = _mm512_xor_si512(_mm512_loadu_si512(qg + quad * 128 + 64), flip);
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) {
+        int32_t x4;
+        std::memcpy(&x4, xq + r * K + g * G + quad * 4, 4);
+        const __m512i xb = _mm512_set1_epi32(x4);
+        s[r][0] = _mm512_dpbusd_epi32(s[r][0], u0, xb);
+        s[r][1] = _mm512_dpbusd_epi32(s[r][1], u1, xb);
+      }
+    }
+    const __m512 d0 = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(d + g * P)));
+    const __m512 d1 = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(d + g * P + 16)));
+    for (int r = 0; r < R; ++r) {
+      const __m512i off = _mm512_set1_epi32(128 * xi[r * groups + g]);
+      const __m512 x = _mm512_set1_ps(dx[r * groups + g]);
+      const __m512 t0 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(s[r][0], off)), x);
+      const __m512 t1 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(s[r][1], off)), x);
+      _mm512_storeu_ps(acc + r * P, _mm512_fmadd_ps(d0, t0, _mm512_loadu_ps(acc + r * P)));
+      _mm512_storeu_ps(acc + r * P + 16, _mm512_fmadd_ps(d1, t1, _mm512_loadu_ps(acc + r * P + 16)));
+    }
+  }
+}
+
+// int4 with VNNI: R rows against one panel's groups into acc [R][32]. A quad's 64 bytes, one zmm, hold all 32
+// outputs' nibbles: the low nibbles are outputs 0-7 and 16-23 (lanes 0-7, 8-15), the high ones 8-15 and 24-31; one
+// vpdpbusd per row and nibble. The float sums run in that lane order (perm: lane -> output) and are put back at the end
+template <int R>
+static inline void rows_int4_vnni(const int8_t* xq, int64_t K, const float* dx, const float* xs, int64_t groups,
+                                  const uint8_t* q, const at::Half* d, const at::Half* m, float* acc) {
+  constexpr int64_t GB = group_bytes<4>();
+  const __m512i low = _mm512_set1_epi8(0x0F);
+  // lane order: [0-7, 16-23] then [8-15, 24-31], as float16 loads of d and m (two 8-output halves per vector)
+  const auto halves = [](const at::Half* v, int64_t a, int64_t b) {
+    const __m128i lo = _mm_loadu_si128(reinterpret_cast<const __m128i*>(v + a));
+    const __m128i hi = _mm_loadu_si128(reinterpret_cast<const __m128i*>(v + b));
+    return _mm512_cvtph_ps(_mm256_inserti128_si256(_mm256_castsi128_si256(lo), hi, 1));
+  };
+  float pacc[RB * P];  // acc in lane order
+  for (int r = 0; r < R; ++r)
+    for (int i = 0; i < 8; ++i) {
+      pacc[r * P + i] = acc[r * P + i];
+      pacc[r * P + 8 + i] = acc[r * P + 16 + i];
+      pacc[r * P + 16 + i] = acc[r * P + 8 + i];
+      pacc[r * P + 24 + i] = acc[r * P + 24 + i];
+    }
+  for (int64_t g = 0; g < groups; ++g) {
+    const uint8_t* qg = q + g * GB;
+    __m512i s[R][2];
+    for (int r = 0; r < R; ++r) s[r][0] = s[r][1] = _mm512_setzero_si512();
+#pragma GCC unroll 2
+    for (int quad = 0; quad < 8; ++quad) {
+      _mm_prefetch(reinterpret_cast<const char*>(qg + SPECDEC_QPF * GB + quad * 64), _MM_HINT_T0);  // the next group's
+      const __m512i b = _mm512_loadu_si512(qg + quad * 64);
+      const __m512i lo = _mm512_and_si512(b, low);
+      const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(b, 4), low);
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) {
+        int32_t x4;
+        std::memcpy(&x4, xq + r * K + g * G + quad * 4, 4);
+        const __m512i xb = _mm512_set1_epi32(x4);
+        s[r][0] = _mm512_dpbusd_epi32(s[r][0], lo, xb);
+        s[r][1] = _mm512_dpbusd_epi32(s[r][1], hi, xb);
+      }
+    }
+    const at::Half* dg = d + g * P;
+    const at::Half* mg = m + g * P;
+    const __m512 d0 = halves(dg, 0, 16), d1 = halves(dg, 8, 24);
+    const __m512 m0 = halves(mg, 0, 16), m1 = halves(mg, 8, 24);
+    for (int r = 0; r < R; ++r) {
+      const __m512 x = _mm512_set1_ps(dx[r * groups + g]), sx = _mm512_set1_ps(xs[r * groups + g]);
+      const __m512 t0 = _mm512_mul_ps(_mm512_cvtepi32_ps(s[r][0]), x);
+      const __m512 t1 = _mm512_mul_ps(_mm512_cvtepi32_ps(s[r][1]), x);
+      __m512 a0 = _mm512_fmadd_ps(d0, t0, _mm512_loadu_ps(pacc + r * P));
+      __m512 a1 = _mm512_fmadd_ps(d1, t1, _mm512_loadu_ps(pacc + r * P + 16));
+      _mm512_storeu_ps(pacc + r * P, _mm512_fmadd_ps(m0, sx, a0));
+      _mm512_storeu_ps(pacc + r * P + 16, _mm512_fmadd_ps(m1, sx, a1));
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int i = 0; i < 8; ++i) {
+      acc[r * P + i] = pacc[r * P + i];
+      acc[r * P + 16 + i] = pacc[r * P + 8 + i];
+      acc[r * P + 8 + i] = pacc[r * P + 16 + i];
+      acc[r * P + 24 + i] = pacc[r * P + 24 + i];
+    }
+}
+#endif
 #endif
 
-// R rows of one block against one panel: acc [R][32], then y (the portable path: the same sums, one at a time)
+// the portable loop: R rows against one panel's groups into acc [R][32], the sums one at a time in the SIMD paths'
+// order (the reference every path equals bitwise)
 template <int BITS>
-static inline void panel(int R, const int8_t* xq, int64_t K, const float* dx, const float* xs, int64_t groups,
-                         const uint8_t* q, const at::Half* d, const at::Half* m, const float* bias, float* y,
-                         int64_t ldy, int64_t valid) {
-  float acc[RB * P] = {0.f};
-#ifdef SPECDEC_QUANT_AVX2
+static inline void rows_portable(int R, const int8_t* xq, int64_t K, const float* dx, const float* xs,
+                                 int64_t groups, const uint8_t* q, const at::Half* d, const at::Half* m, float* acc) {
+  constexpr int64_t GB = group_bytes<BITS>();
+  for (int r = 0; r < R; ++r)
+    for (int64_t g = 0; g < groups; ++g)
+      for (int64_t j = 0; j < P; ++j) {
+        int32_t s = 0;
+        for (int64_t k = 0; k < G; ++k) s += weight_at<BITS>(q + g * GB, k, j) * xq[r * K + g * G + k];
+        const float t = static_cast<float>(s) * dx[r * groups + g];
+        float a = std::fma(static_cast<float>(d[g * P + j]), t, acc[r * P + j]);
+        if constexpr (BITS == 4) a = std::fma(static_cast<float>(m[g * P + j]), xs[r * groups + g], a);
+        acc[r * P + j] = a;
+      }
+}
+
+// R rows (at most rows_block<BITS>()) against one panel on this CPU's fastest path into acc [R][32]
+template <int BITS>
+static inline void rows_simd(int R, const int8_t* xq, int64_t K, const float* dx, const float* xs, const int32_t* xi,
+                             int64_t groups, const uint8_t* q, const at::Half* d, const at::Half* m, float* acc) {
+#if defined(SPECDEC_QUANT_VNNI)
+  if constexpr (BITS == 8)
+    if (R <= SPECDEC_Q8_AVX2_ROWS) {  // the AVX2 loop streams a row or two of int8 weights 5% faster (same bits)
+      if (R == 2) rows_int8<2>(xq, K, dx, groups, q, d, acc);
+      else rows_int8<1>(xq, K, dx, groups, q, d, acc);
+      return;
+    }
+#define SPECDEC_ROWS(n)                                                        \
+  case n:                                                                      \
+    if constexpr (BITS == 8) rows_int8_vnni<n>(xq, K, dx, xi, groups, q, d, acc); \
+    else rows_int4_vnni<n>(xq, K, dx, xs, groups, q, d, m, acc);               \
+    break;
+  switch (R) {
+    SPECDEC_ROWS(8) SPECDEC_ROWS(7) SPECDEC_ROWS(6) SPECDEC_ROWS(5)
+    SPECDEC_ROWS(4) SPECDEC_ROWS(3) SPECDEC_ROWS(2) default: SPECDEC_ROWS(1)
+  }
+#undef SPECDEC_ROWS
+#elif defined(SPECDEC_QUANT_AVX2)
+  (void)xi;
   if constexpr (BITS == 8) {
     switch (R) {
       case 4: rows_int8<4>(xq, K, dx, groups, q, d, acc); break;
@@ -199,29 +359,33 @@ static inline void panel(int R, const int8_t* xq, int64_t K, const float* dx, co
     }
   }
 #else
-  constexpr int64_t GB = group_bytes<BITS>();
-  for (int r = 0; r < R; ++r)
-    for (int64_t g = 0; g < groups; ++g)
-      for (int64_t j = 0; j < P; ++j) {
-        int32_t s = 0;
-        for (int64_t k = 0; k < G; ++k) s += weight_at<BITS>(q + g * GB, k, j) * xq[r * K + g * G + k];
-        const float t = static_cast<float>(s) * dx[r * groups + g];
-        float a = std::fma(static_cast<float>(d[g * P + j]), t, acc[r * P + j]);
-        if constexpr (BITS == 4) a = std::fma(static_cast<float>(m[g * P + j]), xs[r * groups + g], a);
-        acc[r * P + j] = a;
-      }
+  (void)xi;
+  rows_portable<BITS>(R, xq, K, dx, xs, groups, q, d, m, acc);
 #endif
+}
+
+// R rows of one block against one panel: acc [R][32], then y (PORTABLE: the portable loop whatever the CPU)
+template <int BITS, bool PORTABLE>
+static inline void panel(int R, const int8_t* xq, int64_t K, const float* dx, const float* xs, const int32_t* xi,
+                         int64_t groups, const uint8_t* q, const at::Half* d, const at::Half* m, const float* bias,
+                         float* y, int64_t ldy, int64_t valid) {
+  float acc[RB * P] = {0.f};
+  if constexpr (PORTABLE)
+    rows_portable<BITS>(R, xq, K, dx, xs, groups, q, d, m, acc);
+  else
+    rows_simd<BITS>(R, xq, K, dx, xs, xi, groups, q, d, m, acc);
   for (int r = 0; r < R; ++r)
     for (int64_t j = 0; j < valid; ++j) y[r * ldy + j] = bias ? acc[r * P + j] + bias[j] : acc[r * P + j];
 }
 
 // x [M, K] float32 contiguous; q int8 [T, K/32, 8, 128] or uint8 [T, K/32, 8, 64]; d (and m for 4 bits) float16
 // [T, K/32, 32]; bias float32 [N] or None; returns [M, N] float32. bits = 16: q bfloat16 [T, K/2, 32, 2], d and m
-// unused (bf16_gemm.h)
-inline torch::Tensor quant_linear(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& d,
-                                  const c10::optional<torch::Tensor>& m, const c10::optional<torch::Tensor>& bias,
-                                  int64_t N, int64_t bits) {
-  if (bits == 16) return bf16w::bf16_linear(x, q, bias, N);  // bfloat16 weights, float32 activations
+// unused (bf16_gemm.h). PORTABLE: the portable loop (the tests' reference), else this CPU's fastest path
+template <bool PORTABLE>
+inline torch::Tensor quant_linear_on(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& d,
+                                     const c10::optional<torch::Tensor>& m, const c10::optional<torch::Tensor>& bias,
+                                     int64_t N, int64_t bits) {
+  if (bits == 16) return bf16w::bf16_linear<PORTABLE>(x, q, bias, N);  // bfloat16 weights, float32 activations
   TORCH_CHECK(bits == 8 || bits == 4, "bits must be 8, 4 or 16");
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x must be a contiguous float32 [M, K]");
   const int64_t M = x.size(0), K = x.size(1), T = q.size(0), groups = K / G;
@@ -240,17 +404,19 @@ inline torch::Tensor quant_linear(const torch::Tensor& x, const torch::Tensor& q
   if (M == 0 || N == 0) return y;
   auto xq = torch::empty({M * K}, x.options().dtype(at::kChar));
   auto scales = torch::empty({2, M * groups}, x.options());
+  auto sums = torch::empty({M * groups}, x.options().dtype(at::kInt));
   int8_t* xqp = xq.data_ptr<int8_t>();
   float* dxp = scales.data_ptr<float>();
   float* xsp = dxp + M * groups;
-  quantize_rows(x.data_ptr<float>(), M, K, xqp, dxp, xsp);
+  int32_t* xip = sums.data_ptr<int32_t>();
+  quantize_rows(x.data_ptr<float>(), M, K, xqp, dxp, xsp, xip);
   const uint8_t* qp = reinterpret_cast<const uint8_t*>(q.data_ptr());
   const at::Half* dp = d.data_ptr<at::Half>();
   const at::Half* mp = m.has_value() ? m->data_ptr<at::Half>() : nullptr;
   const float* bp = bias.has_value() ? bias->data_ptr<float>() : nullptr;
   float* yp = y.data_ptr<float>();
   const int64_t panel_bytes = groups * (bits == 8 ? group_bytes<8>() : group_bytes<4>());
-  const int64_t rb = bits == 8 ? rows_block<8>() : rows_block<4>();
+  const int64_t rb = PORTABLE ? RB : bits == 8 ? rows_block<8>() : rows_block<4>();
   at::parallel_for(0, T, 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t)
       for (int64_t b = 0; b < M; b += rb) {
@@ -260,14 +426,39 @@ inline torch::Tensor quant_linear(const torch::Tensor& x, const torch::Tensor& q
         const at::Half* mt = mp ? mp + t * groups * P : nullptr;
         const float* bt = bp ? bp + t * P : nullptr;
         if (bits == 8)
-          panel<8>(R, xqp + b * K, K, dxp + b * groups, xsp + b * groups, groups, qp + t * panel_bytes, dt, mt, bt,
-                   yp + b * N + t * P, N, valid);
+          panel<8, PORTABLE>(R, xqp + b * K, K, dxp + b * groups, xsp + b * groups, xip + b * groups, groups,
+                             qp + t * panel_bytes, dt, mt, bt, yp + b * N + t * P, N, valid);
         else
-          panel<4>(R, xqp + b * K, K, dxp + b * groups, xsp + b * groups, groups, qp + t * panel_bytes, dt, mt, bt,
-                   yp + b * N + t * P, N, valid);
+          panel<4, PORTABLE>(R, xqp + b * K, K, dxp + b * groups, xsp + b * groups, xip + b * groups, groups,
+                             qp + t * panel_bytes, dt, mt, bt, yp + b * N + t * P, N, valid);
       }
   });
   return y;
+}
+
+inline torch::Tensor quant_linear(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& d,
+                                  const c10::optional<torch::Tensor>& m, const c10::optional<torch::Tensor>& bias,
+                                  int64_t N, int64_t bits) {
+  return quant_linear_on<false>(x, q, d, m, bias, N, bits);
+}
+
+// the same product on the portable loop, whatever the CPU: the tests' bitwise reference for the SIMD paths
+inline torch::Tensor quant_linear_portable(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& d,
+                                           const c10::optional<torch::Tensor>& m,
+                                           const c10::optional<torch::Tensor>& bias, int64_t N, int64_t bits) {
+  if (bits == 16) return bf16w::bf16_linear<true>(x, q, bias, N);
+  return quant_linear_on<true>(x, q, d, m, bias, N, bits);
+}
+
+// which path quant_linear takes on this build: "avx512-vnni", "avx2" or "portable"
+inline std::string isa() {
+#if defined(SPECDEC_QUANT_VNNI)
+  return "avx512-vnni";
+#elif defined(SPECDEC_QUANT_AVX2)
+  return "avx2";
+#else
+  return "portable";
+#endif
 }
 
 // one quantized linear as the layer kernels take it (decoder_layer.h): panels q, scales d, mins m (4 bits), bias,
