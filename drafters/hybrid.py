@@ -28,7 +28,7 @@ from specdec import registry
 from specdec.algorithms import tree as tree_ops
 from specdec.algorithms.adaptive import Calibrator
 from specdec.errors import ConfigError
-from specdec.protocols import Drafter, Feedback
+from specdec.protocols import Drafter, Feedback, successors_wanted
 from specdec.types import Acceptance, DraftContext, DraftTree
 
 
@@ -97,6 +97,8 @@ class HybridDrafter:
         if len(vocabs) > 1:
             raise ConfigError(f"hybrid drafter parts have different vocabularies {sorted(vocabs)}.")
         self.vocab_size = vocabs.pop() if vocabs else None
+        # what a recycling part reads after each step (the merged tree's nodes: the target saw them all)
+        self.needs_successors = max(successors_wanted(p) for p in self.parts)
         self.min_share, self.decay = min_share, decay
         self.calibrators = [Calibrator() for _ in self.parts]  # kept across requests: they describe the parts
         self.reset()
@@ -142,7 +144,8 @@ class HybridDrafter:
         for i, (part, tree) in enumerate(zip(self.parts, self._trees)):
             path = matched_path(tree, accepted)
             acc = Acceptance.from_paths([path], [committed[len(path) - 1]], device=tree.tokens.device)
-            part.observe(Feedback(tree=tree, acceptance=acc, new_tokens=feedback.new_tokens, hidden=feedback.hidden))
+            part.observe(Feedback(tree=tree, acceptance=acc, new_tokens=feedback.new_tokens, hidden=feedback.hidden,
+                                  successors=feedback.successors))
             self.rates[i] = self.decay * self.rates[i] + (1 - self.decay) * (len(path) - 1)
             on_path = set(path)
             self.calibrators[i].update(_raw_scores(tree), tree_ops.depths(tree.parents)[0].tolist(),

@@ -19,19 +19,18 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import threading
 import weakref
-import zipfile
 from array import array
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from drafters import traffic_file
 from specdec.errors import ConfigError
 
-FORMAT_VERSION = 1
+FORMAT, FORMAT_VERSION = "specdec-suffix-cache", 1
 _SHIFT = 32  # an index entry is segment id << 32 | offset; a pair key is first token << 32 | second
 
 
@@ -187,45 +186,22 @@ class SuffixCache:
 
     # -- files -----------------------------------------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
-        """Write every segment to ``path`` (``.npz``, no pickle), atomically (a temporary file, then a rename)."""
-        path = Path(path)
+        """Write every segment to ``path`` (``.npz``, no pickle), atomically (:mod:`drafters.traffic_file`)."""
         with self._lock:
             segs = list(self._segments.values())
             lengths = np.array([len(s) for s in segs], dtype=np.int64)
             tokens = np.concatenate([np.frombuffer(s, dtype=np.int32) for s in segs]) if segs else np.zeros(0, np.int32)
-        header = json.dumps({"format": "specdec-suffix-cache", "version": FORMAT_VERSION,
-                             "fingerprint": self.fingerprint})
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-        with open(tmp, "wb") as f:
-            np.savez(f, header=np.frombuffer(header.encode(), dtype=np.uint8), tokens=tokens, lengths=lengths)
-        os.replace(tmp, path)
-        return path
+        return traffic_file.write(path, FORMAT, FORMAT_VERSION, self.fingerprint, {"tokens": tokens, "lengths": lengths})
 
     def load(self, path: str | Path) -> int:
         """Add the segments of a file written by :meth:`save` (as finished requests); returns the tokens read.
         Raises :class:`ConfigError` for a file that does not parse, is of another format version, or was built for
         another tokenizer; the cache is unchanged then."""
-        path = Path(path)
-        fix = f"delete {path} (or point cache_file elsewhere) to start an empty cache."
-        try:
-            with np.load(path, allow_pickle=False) as data:
-                header = json.loads(bytes(data["header"]).decode())
-                tokens, lengths = data["tokens"], data["lengths"]
-        except (OSError, ValueError, KeyError, zipfile.BadZipFile, UnicodeDecodeError, EOFError) as e:
-            raise ConfigError(f"the suffix cache file {path} is not readable ({type(e).__name__}: {e}); {fix}") from e
-        if not isinstance(header, dict) or header.get("format") != "specdec-suffix-cache":
-            raise ConfigError(f"{path} is not a specdec suffix cache file; {fix}")
-        if header.get("version") != FORMAT_VERSION:
-            raise ConfigError(f"the suffix cache file {path} has format version {header.get('version')}, this "
-                              f"specdec reads version {FORMAT_VERSION}; {fix}")
-        if header.get("fingerprint") != self.fingerprint:
-            raise ConfigError(f"the suffix cache file {path} was built for another tokenizer "
-                              f"({header.get('fingerprint')}, this target's is {self.fingerprint}); its token ids "
-                              f"would mean other words. {fix}")
+        _, arrays = traffic_file.read(path, FORMAT, "suffix cache", FORMAT_VERSION, self.fingerprint,
+                                      ("tokens", "lengths"))
+        tokens, lengths = arrays["tokens"], arrays["lengths"]
         if tokens.dtype != np.int32 or lengths.ndim != 1 or int(lengths.sum()) != tokens.size or (lengths < 0).any():
-            raise ConfigError(f"the suffix cache file {path} is corrupt (its lengths do not add up to its tokens); "
-                              f"{fix}")
+            raise traffic_file.corrupt(path, "suffix cache", "its lengths do not add up to its tokens")
         start = 0
         for n in lengths.tolist():
             sid = self.open_segment()

@@ -27,7 +27,7 @@ from specdec.kernels import cpu_gemm
 from specdec.models import checkpoint
 from specdec.models.families import check_servable
 from specdec.params import GenerationParams
-from specdec.protocols import BatchDrafter, check_capabilities, check_drafter, check_verifier
+from specdec.protocols import BatchDrafter, check_capabilities, check_drafter, check_verifier, successors_wanted
 from specdec.serving.engine import BatchEngine, DrafterPool
 from specdec.serving.scheduler import POLICIES
 from specdec.types import GenerationOutput, GenerationStats
@@ -205,7 +205,7 @@ class SpecDecoder:
         return BatchEngine(self.verifier, self._drafter_pool(fast), get_rule(self._rule_name(request.do_sample)),
                            max_nodes=self.max_nodes, max_batch_size=max_batch_size,
                            sampling=request.sampling(self.target), needs_hidden=self.drafter.needs_hidden_states,
-                           preemption=self.preemption)
+                           preemption=self.preemption, successors=successors_wanted(self.drafter))
 
     def _add(self, engine: BatchEngine, ids: torch.Tensor, request: GenerationParams, seed: int | None) -> int:
         """Queue ``ids [1, T]`` with its stopping rule, its adaptive budget and its RNG (seeded with ``seed``)."""

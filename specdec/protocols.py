@@ -21,18 +21,32 @@ from specdec.types import Acceptance, DraftContext, DraftTree, HiddenSpec, Verif
 
 
 @dataclass(frozen=True)
+class Successors:
+    """What the target predicted after each node of a verified tree: ``tokens [n]`` the live nodes' tokens (root
+    first) and ``topk [n, k]`` the target's k most likely next tokens after each of them, in the context of that
+    node's path, most likely first. Every node's prediction is valid, accepted or not (its path's context is real)."""
+
+    tokens: torch.Tensor  # [n]
+    topk: torch.Tensor  # [n, k]
+
+
+@dataclass(frozen=True)
 class Feedback:
     """What a drafter learns after a verify step.
 
     tree: the tree it proposed (as verified); acceptance: the rule's outcome;
     new_tokens: ``[B, k]`` tokens committed by this step (accepted drafts then the bonus/recovered token);
-    hidden: ``[B, a+1, H]`` target hidden states along the accepted path (root first), or None.
+    hidden: ``[B, a+1, H]`` target hidden states along the accepted path (root first), or None;
+    successors: the target's top-k next tokens at every node of the tree that was verified (the step's tree, which
+    a budget may have cut from ``tree``, merged with other parts' in a hybrid), for a
+    :class:`SuccessorDrafter`; None for other drafters.
     """
 
     tree: DraftTree
     acceptance: Acceptance
     new_tokens: torch.Tensor  # [B, k]
     hidden: torch.Tensor | None = None  # [B, a+1, H]
+    successors: Successors | None = None
 
 
 @runtime_checkable
@@ -51,7 +65,8 @@ class Drafter(Protocol):
     vocab_size: int | None
 
     def reset(self) -> None:
-        """Forget everything about the previous request (called before each new one)."""
+        """Forget everything about the previous request (called when a request ends and before each new one: it
+        must be cheap to call twice)."""
 
     def propose(self, ctx: DraftContext) -> DraftTree:
         """A tree rooted at ``ctx.input_ids[:, -1]``, at most ``ctx.max_nodes`` nodes, depth <= ``ctx.max_depth``."""
@@ -84,6 +99,21 @@ class BatchDrafter(Drafter, Protocol):
     def propose_batch(self, drafters: Sequence[BatchDrafter], ctxs: Sequence[DraftContext]) -> list[DraftTree]:
         """One tree per request (``drafters[i]`` holds the state of the request ``ctxs[i]`` describes; all spawned
         from one drafter), each within its context's ``max_nodes`` / ``max_depth``, for greedy requests."""
+
+
+@runtime_checkable
+class SuccessorDrafter(Drafter, Protocol):
+    """A drafter that reads what the target predicted at every verified node (token recycling), declared by
+    ``needs_successors``: how many of the target's most likely next tokens per node its :meth:`Drafter.observe`
+    wants in ``Feedback.successors`` (0: none, e.g. a hybrid without such a part). The decode driver then asks the
+    verifier for the logits (not only the greedy tokens) and takes their top-k: no extra target forward."""
+
+    needs_successors: int
+
+
+def successors_wanted(drafter: Drafter) -> int:
+    """The top-k ``drafter`` reads after each verify step (0 unless it is a :class:`SuccessorDrafter`)."""
+    return int(drafter.needs_successors) if isinstance(drafter, SuccessorDrafter) else 0
 
 
 @dataclass(frozen=True)

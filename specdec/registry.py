@@ -38,6 +38,7 @@ DRAFTERS: dict[str, DrafterEntry] = {
     "none": DrafterEntry("drafters.none:NoDrafter"),
     "ngram": DrafterEntry("drafters.ngram:NGramDrafter"),
     "suffix": DrafterEntry("drafters.suffix:SuffixDrafter"),
+    "recycling": DrafterEntry("drafters.recycling:RecyclingDrafter"),
     "draft_model": DrafterEntry("drafters.draft_model:DraftModelDrafter", requires={"path": (
         "a draft model", "hub id or local checkpoint directory of a small causal LM sharing the target's tokenizer")}),
     "eagle": DrafterEntry("drafters.eagle:EagleDrafter"),

@@ -107,11 +107,15 @@ class VerifyOutput:
     hidden: ``[B, N, H]`` target last-layer hidden states, or None when no drafter asked for them.
     greedy: ``[B, N]`` the target's argmax at every node, when the verifier computed it without the logits
     (:mod:`specdec.kernels.greedy_head`); None otherwise.
+    topk: ``[B, N, k]`` the target's k most likely next tokens at every node, most likely first (the decode driver
+    takes them from the logits for a drafter that reads them, :class:`specdec.protocols.SuccessorDrafter`); None
+    otherwise.
     """
 
     logits: torch.Tensor | None  # [B, N, V]
     hidden: torch.Tensor | None = None  # [B, N, H]
     greedy: torch.Tensor | None = None  # [B, N]
+    topk: torch.Tensor | None = None  # [B, N, k]
 
 
 @dataclass(frozen=True)

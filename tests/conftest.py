@@ -49,7 +49,19 @@ DRAFTER_FACTORIES: list[DrafterFactory] = [
     # on other tiny targets become candidates: wrong guesses the verifier must reject)
     DrafterFactory("suffix", lambda target, tok: _suffix(target, tok, private=True)),
     DrafterFactory("suffix-shared", lambda target, tok: _suffix(target, tok, private=False)),
+    # token recycling with a table of its own, and one shared by every build in the process (other tiny targets'
+    # predictions become candidates: wrong guesses the verifier must reject)
+    DrafterFactory("recycling", lambda target, tok: _recycling(target, tok, private=True)),
+    DrafterFactory("recycling-shared", lambda target, tok: _recycling(target, tok, private=False)),
 ]
+
+
+def _recycling(target, tok, *, private: bool):
+    from drafters.recycling import RecyclingDrafter
+    from drafters.successor_table import SuccessorTable
+
+    return RecyclingDrafter(target, tok, k=4, min_score=0.0, table="tests",
+                            successor_table=SuccessorTable(k=4) if private else None)
 
 
 def _suffix(target, tok, *, private: bool):

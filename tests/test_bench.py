@@ -471,6 +471,11 @@ def test_suffix_methods_keep_caches_of_their_own_and_never_warm_up_on_a_measured
     assert isolate_caches("hybrid", parts, "m")["drafters"] == [{"name": "suffix", "cache": "bench:m"},
                                                                 {"name": "eagle"}]
     assert isolate_caches("ngram", {"max_ngram": 3}, "m") == {"max_ngram": 3}
+    # a recycling table holds the target's predictions on the other method's run of the same prompt: its own too
+    assert isolate_caches("recycling", {"k": 4}, "m") == {"k": 4, "table": "bench:m"}
+    mixed = {"drafters": [{"name": "suffix"}, {"name": "recycling"}, "ngram"]}
+    assert isolate_caches("hybrid", mixed, "m")["drafters"] == [{"name": "suffix", "cache": "bench:m"},
+                                                                {"name": "recycling", "table": "bench:m"}, "ngram"]
     ids = torch.arange(20)[None]
     assert bench.warmup_ids(ids).tolist() == [list(range(8))]
     result = run_in_process(files, tmp_path, "bench.methods=[hf,specdec:suffix,specdec:suffix@paged]")

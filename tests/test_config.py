@@ -26,8 +26,9 @@ def compose_cfg(*overrides: str):
 
 def test_every_group_has_options():
     assert {g for g, _ in GROUP_OPTIONS} == set(GROUPS)
-    assert config.group_options("drafter") == ["draft_model", "eagle", "eagle3", "eagle_dynamic", "hybrid", "hybrid_suffix",
-                                              "layerskip", "medusa", "medusa_dynamic", "ngram", "none", "suffix"]
+    assert config.group_options("drafter") == ["draft_model", "eagle", "eagle3", "eagle_dynamic", "hybrid", "hybrid_all",
+                                              "hybrid_suffix", "hybrid_traffic", "layerskip", "medusa", "medusa_dynamic",
+                                              "ngram", "none", "recycling", "suffix"]
 
 
 @pytest.mark.parametrize("group, option", GROUP_OPTIONS, ids=[f"{g}={o}" for g, o in GROUP_OPTIONS])
@@ -103,7 +104,7 @@ def test_check_overrides_accepts_good_and_leaves_the_rest_to_hydra():
     (["bench.max_new_tokens=0"], "bench.max_new_tokens must be >= 1"),
     (["bench.limit=0"], "bench.limit null or >= 1"),
     (["tree.max_nodes=0"], "tree.max_nodes must be >= 1"),
-    (["drafter.name=bogus"], "unknown drafter 'bogus'; choose one of ['draft_model', 'eagle', 'eagle3', 'hybrid', 'layerskip', 'medusa', 'ngram', 'none', 'suffix']"),
+    (["drafter.name=bogus"], "unknown drafter 'bogus'; choose one of ['draft_model', 'eagle', 'eagle3', 'hybrid', 'layerskip', 'medusa', 'ngram', 'none', 'recycling', 'suffix']"),
     (["verifier.name=bogus"], "unknown verifier 'bogus'; choose one of ['hf'"),
     (["acceptance.name=bogus"], "unknown acceptance rule 'bogus'"),
     (["drafter=draft_model"], "needs a draft model: set drafter.path="),

@@ -273,3 +273,48 @@ def test_decoder_reuse_across_requests(drafter_factory):
         prompt = prompt_of(pseed, plen, True)
         out = decoder.generate(torch.tensor([prompt]), max_new_tokens=20, eos_token_id=None)
         assert_greedy_equal(out, reference(0, prompt, 20, eos=NO_EOS), f"prompt {pseed}")
+
+
+class SkippingBudget:
+    """An adaptive budget that gives no draft nodes on some steps (the drafter is then not called: its hidden states
+    and tokens wait for its next proposal) and the whole budget on the others: ``pattern`` of 1s and 0s, cycled."""
+
+    def __init__(self, max_nodes: int, pattern: tuple[int, ...]) -> None:
+        self.max_nodes, self.pattern, self.step = max_nodes, pattern, 0
+
+    def nodes(self, batch_rows: int = 0) -> int:
+        self.step += 1
+        return self.max_nodes if self.pattern[self.step % len(self.pattern)] else 1
+
+    def cut(self, tree, batch_rows: int = 0):
+        return tree, None
+
+    def observe(self, tree, acceptance, draft_ms=None) -> None:
+        pass
+
+
+@pytest.mark.parametrize("verifier", ["hf", "paged"])
+@pytest.mark.parametrize("pattern", [(1, 0, 0), (0, 0, 1, 1, 0)])
+def test_steps_the_budget_skips_leave_every_drafter_in_step(drafter_factory, verifier, pattern):
+    """A step whose budget gives one node does not call the drafter; stateful drafters (an EAGLE head's feature
+    cache, a draft model's KV cache, suffix segments) catch up at their next proposal, and the output stays the
+    target's own."""
+    from specdec.algorithms.acceptance import get_rule
+    from specdec.serving.engine import decode
+    from verifiers.hf import HFVerifier
+    from verifiers.paged.verifier import PagedVerifier
+
+    target = get_tiny(2)
+    prompt = prompt_of(900, 14, True)
+    ref = reference(2, prompt, 28, eos=NO_EOS)
+    drafter = drafter_factory.build(target, _TOKENIZER)
+    calls = []
+    propose = drafter.propose
+    drafter.propose = lambda ctx: calls.append(ctx.input_ids.shape[1]) or propose(ctx)
+    v = HFVerifier(target) if verifier == "hf" else PagedVerifier(target)
+    budget = SkippingBudget(8, pattern)
+    steps = list(decode(v, drafter, get_rule("greedy"), torch.tensor([prompt]), max_new_tokens=28, max_nodes=8,
+                        budget=budget))
+    tokens = [t for s in steps for t in s.new_tokens]
+    assert_greedy_equal(GreedyRef(tokens, "length"), ref)
+    assert 0 < len(calls) < len(steps)  # some steps drafted, some skipped the drafter

@@ -73,6 +73,14 @@ def build_drafter(kind: str):
         from drafters.suffix_cache import SuffixCache
 
         return SuffixDrafter(target(), None, min_share=0.0, suffix_cache=SuffixCache())
+    if kind == "recycling":  # the target's own top-k after the prompt's tokens, then after each sample's nodes
+        from drafters.recycling import RecyclingDrafter
+        from drafters.successor_table import SuccessorTable
+
+        table = SuccessorTable(k=4)
+        with torch.no_grad():
+            table.update(PROMPT[0].numpy(), target()(PROMPT).logits[0].topk(4).indices.numpy())
+        return RecyclingDrafter(target(), None, k=4, min_score=0.0, successor_table=table, seeded_private=False)
     if kind == "hybrid":  # n-gram + a draft-model tree merged into one tree (deterministic candidates)
         from drafters.hybrid import HybridDrafter
 
@@ -118,8 +126,8 @@ def test_target_distribution_is_not_degenerate():
     assert float(p1.max()) < 0.5 and float(p1.min()) > 0.02  # every token plausible, none dominant
 
 
-@pytest.mark.parametrize("kind,seed0", [("ngram", 0), ("suffix", 80_000), ("chain", 10_000), ("tree", 20_000), ("dynamic", 60_000),
-                                        ("hybrid", 70_000)])
+@pytest.mark.parametrize("kind,seed0", [("ngram", 0), ("suffix", 80_000), ("recycling", 90_000), ("chain", 10_000),
+                                        ("tree", 20_000), ("dynamic", 60_000), ("hybrid", 70_000)])
 def test_first_two_tokens_have_the_target_distribution(kind, seed0):
     counts, drafted, accepted = specdec_samples(kind, seed0=seed0)
     assert_matches(counts, exact_joint(target(), PROMPT, params(False)), kind)

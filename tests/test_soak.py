@@ -1,7 +1,7 @@
 """A seeded, bounded soak test of the batching engine (issue 23).
 
-Each round draws: a drafter (none, n-gram, suffix decoding over a cache every round's requests share, a draft-model
-tree, an EAGLE-style head with random weights), greedy or
+Each round draws: a drafter (none, n-gram, suffix decoding over a cache every round's requests share, token recycling
+over one shared table, a draft-model tree, an EAGLE-style head with random weights), greedy or
 sampled, a tiny KV pool (block size 1-16, a few to a few dozen blocks), a preemption policy, and requests with
 prompts from 1 token to near the target's context and random ``max_new_tokens``, some arriving while others run.
 After every round: each request ended with a finish reason; greedy outputs equal the request decoded alone (a
@@ -33,7 +33,8 @@ from verifiers.paged.verifier import PagedVerifier
 CONTEXT = 96  # the soak target's context: prompts reach close to it
 SOAK_ROUNDS = 60
 TOK = tiny_tokenizer()
-KINDS = ["none", "ngram", "suffix", "draft_model", "eagle"]  # suffix: one cache for every round's requests
+# suffix / recycling: one cache / table for every round's requests
+KINDS = ["none", "ngram", "suffix", "recycling", "draft_model", "eagle"]
 
 
 def target():
@@ -48,6 +49,8 @@ def build(kind: str):
         return _eagle(t, TOK, vocab=48, dynamic=True)
     if kind == "suffix":
         return registry.build_drafter(kind, t, TOK, cache="soak", min_share=0.0)
+    if kind == "recycling":
+        return registry.build_drafter(kind, t, TOK, table="soak", k=4, min_score=0.0)
     return registry.build_drafter(kind, t, TOK)
 
 
@@ -73,7 +76,7 @@ def play(r: dict) -> tuple[list, PagedVerifier, int]:
     engine = BatchEngine(verifier, DrafterPool(lambda: build(r["kind"])),
                          get_rule("rejection" if r["sampled"] else "greedy"), max_nodes=r["max_nodes"],
                          max_batch_size=r["max_batch"], sampling=sampling, needs_hidden=r["kind"] == "eagle",
-                         preemption=r["policy"])
+                         preemption=r["policy"], successors=4 if r["kind"] == "recycling" else 0)
     pending = sorted(r["requests"], key=lambda q: q["arrives"])
     ids: dict[int, dict] = {}
     bound = 10 + sum(4 * (q["max_new"] + q["prompt"].shape[1]) for q in pending)  # preemptions redo work

@@ -3,8 +3,6 @@ losslessness runs in the drafter suites (tests/conftest.py's ``suffix`` factorie
 
 from __future__ import annotations
 
-import copy
-import threading
 
 import numpy as np
 import pytest
@@ -16,6 +14,7 @@ from drafters.suffix_cache import SuffixCache, shared_cache, tokenizer_fingerpri
 from specdec.errors import ConfigError
 from specdec.types import DraftContext
 from tests.conftest import get_tiny
+from tests.threads import check_threads_keep_their_outputs
 from tests.tiny import tiny_tokenizer
 
 
@@ -141,31 +140,8 @@ def test_a_drafter_with_a_cache_file_writes_it_when_a_request_ends_and_a_new_pro
 
 
 def test_threads_sharing_one_cache_keep_their_outputs_and_the_cache_consistent():
-    target, tok = get_tiny(0), tiny_tokenizer()
-    models = [copy.deepcopy(target) for _ in range(6)]  # one decoder (and model) per thread, one cache for all
-    prompts = [torch.tensor([[3 + (i * 7 + j) % 40 for j in range(12)] * 2]) for i in range(6)]
-    plain = [specdec.generate(target, p, tokenizer=tok, drafter="none", max_new_tokens=24, eos_token_id=None)
-             for p in prompts]
     cache = SuffixCache(max_tokens=10_000)
-    outs: dict[int, list[int]] = {}
-    errors: list[BaseException] = []
-
-    def run(i):
-        try:
-            for _ in range(2):
-                d = SuffixDrafter(target, tok, suffix_cache=cache, min_share=0.0)
-                outs[i] = specdec.generate(models[i], prompts[i], tokenizer=tok, drafter=d, max_new_tokens=24,
-                                           eos_token_id=None).new_tokens
-        except BaseException as e:  # noqa: BLE001 - reported below
-            errors.append(e)
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors
-    assert [outs[i] for i in range(len(prompts))] == [p.new_tokens for p in plain]
+    check_threads_keep_their_outputs(lambda target, tok: SuffixDrafter(target, tok, suffix_cache=cache, min_share=0.0))
     st = cache.stats()
     assert st["segments"] == 12 and st["tokens"] == 12 * (24 + 24)
 

@@ -22,8 +22,8 @@ from specdec.algorithms import tree as tree_ops
 from specdec.algorithms.acceptance import AcceptanceRule, accept_matching
 from specdec.algorithms.adaptive import AdaptiveBudget, uncut
 from specdec.algorithms.sampling import SamplingParams
-from specdec.protocols import Drafter, Feedback
-from specdec.types import Acceptance, DraftContext, DraftTree, VerifyOutput
+from specdec.protocols import Drafter, Feedback, Successors
+from specdec.types import DEAD, Acceptance, DraftContext, DraftTree, VerifyOutput
 
 
 @dataclass(frozen=True)
@@ -32,13 +32,15 @@ class Drafted:
 
     proposed: the drafter's tree (depth-limited); tree: what is verified (the adaptive budget's cut of it, or the
     same tree); kept: the cut's nodes in ``proposed`` (None: not cut); draft_ms: the ``propose`` call's time when
-    it was asked to draft (a budget above 1 node), else None.
+    it was asked to draft (a budget above 1 node), else None. skipped: the budget gave no draft nodes, so the
+    drafter was not called (nor will it observe the step): ``tree`` is the root alone.
     """
 
     proposed: DraftTree
     tree: DraftTree
     kept: list[int] | None
     draft_ms: float | None
+    skipped: bool = False
 
     def own(self, acceptance: Acceptance) -> Acceptance:
         """``acceptance`` (over ``tree``) as the drafter must hear it: over its own ``proposed`` tree."""
@@ -53,6 +55,15 @@ def draft(drafter: Drafter, ctx: DraftContext, budget: AdaptiveBudget | None = N
     return finish_draft(proposed, ctx, 1000 * (time.perf_counter() - start), budget, batch_rows)
 
 
+def skipped(ctx: DraftContext) -> Drafted:
+    """A step the adaptive budget gave no draft nodes: the root alone, without calling the drafter. Drafting a tree
+    of one node still runs a drafter's forwards to keep its state (an EAGLE head's cache of features); skipped, it
+    catches up at its next proposal over the hidden states it has not seen (:meth:`RequestDecoding.settle` keeps
+    them), in one forward. At batch 8 the budget mostly stops drafting and this was most of a step's cost."""
+    root = tree_ops.chain(int(ctx.input_ids[0, -1]), [], device=ctx.input_ids.device)
+    return Drafted(root, root, None, None, skipped=True)
+
+
 def finish_draft(proposed: DraftTree, ctx: DraftContext, ms: float, budget: AdaptiveBudget | None = None,
                  batch_rows: int = 0) -> Drafted:
     """A proposal (``ms``: what proposing it took) limited to ``ctx.max_depth`` and cut by ``budget`` (if any): the
@@ -60,6 +71,14 @@ def finish_draft(proposed: DraftTree, ctx: DraftContext, ms: float, budget: Adap
     proposed = tree_ops.limit_depth(proposed, ctx.max_depth)
     tree, kept = budget.cut(proposed, batch_rows=batch_rows) if budget is not None else (proposed, None)
     return Drafted(proposed, tree, kept, ms if ctx.max_nodes > 1 else None)
+
+
+def successors(tree: DraftTree, topk: torch.Tensor | None) -> Successors | None:
+    """The verified ``tree``'s live nodes with the target's top-k after each (``topk [1, >= N, k]``), or None."""
+    if topk is None:
+        return None
+    live = (tree.parents[0] != DEAD).nonzero().flatten()
+    return Successors(tokens=tree.tokens[0, live], topk=topk[0, live])
 
 
 @dataclass(frozen=True)
@@ -91,9 +110,13 @@ class RequestDecoding:
     budget: AdaptiveBudget | None = None
 
     def draft(self, max_nodes: int, batch_rows: int = 0) -> Drafted:
-        """This step's tree: the budget's node count (or ``max_nodes``), then the drafter's proposal and its cut.
-        ``batch_rows``: rows the batch's other requests put in the same verify step."""
-        return draft(self.drafter, self.context(max_nodes, batch_rows), self.budget, batch_rows=batch_rows)
+        """This step's tree: the budget's node count (or ``max_nodes``), then the drafter's proposal and its cut
+        (no proposal when the budget gives one node: :func:`skipped`). ``batch_rows``: rows the batch's other
+        requests put in the same verify step."""
+        ctx = self.context(max_nodes, batch_rows)
+        if self.budget is not None and ctx.max_nodes <= 1:
+            return skipped(ctx)
+        return draft(self.drafter, ctx, self.budget, batch_rows=batch_rows)
 
     def context(self, max_nodes: int, batch_rows: int = 0) -> DraftContext:
         """What the drafter sees this step: the budget's node count (or ``max_nodes``), the committed tokens, the
@@ -118,9 +141,14 @@ class RequestDecoding:
         path = acceptance.accepted_nodes(0)
         new_tokens = tree.tokens[0, path[1:]].tolist() + [int(acceptance.next_token[0])]
         new = torch.tensor([new_tokens], dtype=self.committed.dtype, device=self.committed.device)
-        self.hidden = None if out.hidden is None else out.hidden[:, path]
-        self.drafter.observe(Feedback(tree=drafted.proposed, acceptance=drafted.own(acceptance), new_tokens=new,
-                                      hidden=self.hidden))
+        step_hidden = None if out.hidden is None else out.hidden[:, path]
+        if drafted.skipped:  # the drafter saw neither this step nor the hidden states before it: they wait for it
+            self.hidden = step_hidden if self.hidden is None or step_hidden is None else \
+                torch.cat([self.hidden, step_hidden], dim=1)
+        else:
+            self.hidden = step_hidden
+            self.drafter.observe(Feedback(tree=drafted.proposed, acceptance=drafted.own(acceptance), new_tokens=new,
+                                          hidden=step_hidden, successors=successors(tree, out.topk)))
         self.committed = torch.cat([self.committed, new], dim=1)
         self.remaining -= len(new_tokens)
         return Step(tree=tree, acceptance=acceptance, new_tokens=new_tokens)

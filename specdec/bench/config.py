@@ -128,15 +128,16 @@ def drafter_kwargs(node) -> dict[str, Any]:
 
 
 def isolate_caches(drafter: str, kwargs: dict[str, Any], method: str) -> dict[str, Any]:
-    """A drafter's options with its suffix-decoding cache (its own, or a hybrid part's) named after the bench
-    ``method``: the bench runs methods side by side on the same prompts, and a cache two methods shared would hand
-    one method's answer to the other as a draft."""
+    """A drafter's options with its suffix-decoding cache or recycling table (its own, or a hybrid part's) named
+    after the bench ``method``: the bench runs methods side by side on the same prompts, and a cache two methods
+    shared would hand one method's answer to the other as a draft."""
     name = f"bench:{method}"
-    if drafter == "suffix":
-        return {**kwargs, "cache": name}
+    key = {"suffix": "cache", "recycling": "table"}
+    if drafter in key:
+        return {**kwargs, key[drafter]: name}
     if drafter == "hybrid" and kwargs.get("drafters"):
-        return {**kwargs, "drafters": [{**p, "cache": name} if isinstance(p, dict) and p.get("name") == "suffix" else p
-                                       for p in kwargs["drafters"]]}
+        return {**kwargs, "drafters": [{**p, key[p["name"]]: name} if isinstance(p, dict) and p.get("name") in key
+                                       else p for p in kwargs["drafters"]]}
     return kwargs
 
 

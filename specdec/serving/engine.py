@@ -28,10 +28,10 @@ import torch
 from specdec.algorithms.acceptance import AcceptanceRule, is_argmax
 from specdec.algorithms.adaptive import AdaptiveBudget
 from specdec.algorithms.sampling import SamplingParams
-from specdec.algorithms.step import Drafted, RequestDecoding, Step, finish_draft
+from specdec.algorithms.step import Drafted, RequestDecoding, Step, finish_draft, skipped
 from specdec.algorithms.stopping import Stopper
 from specdec.errors import ConfigError, SpecdecError
-from specdec.protocols import BatchDrafter, Drafter, Verifier
+from specdec.protocols import BatchDrafter, Drafter, Verifier, successors_wanted
 from specdec.serving.block_allocator import KVBlocksExhausted
 from specdec.serving.scheduler import Scheduler
 from specdec.types import GenerationStats, HiddenSpec, VerifyOutput
@@ -90,6 +90,10 @@ class DrafterPool:
         return d
 
     def release(self, drafter: Drafter) -> None:
+        """The request is over (finished, failed or preempted): its drafter is reset now, so that what it keeps
+        beyond the request (a suffix cache or recycling table with a file) is written when the request ends, not
+        when the drafter next serves one."""
+        drafter.reset()
         self.free.append(drafter)
 
 
@@ -100,13 +104,15 @@ class BatchEngine:
     preemption: what to do when a running request's next tree finds no free KV blocks (the engine's policy, see
     :mod:`specdec.serving.scheduler`): ``recompute`` (preempt the newest request, redo it later) or ``refuse``
     (end the request that ran out, keeping its tokens); a request running alone is always refused (nothing to
-    preempt). needs_hidden: the drafters read the target's hidden states. Used as a context manager (or with
+    preempt). needs_hidden: the drafters read the target's hidden states. successors: the top-k of the target's
+    next tokens at every node the drafters read (:class:`~specdec.protocols.SuccessorDrafter`; 0: none): the verifier
+    then returns logits even for greedy requests, and their top-k go to each drafter's feedback. Used as a context manager (or with
     :meth:`close`), the engine releases whatever its requests still hold when the block ends, however it ends.
     """
 
     def __init__(self, verifier: Verifier, drafters: DrafterPool, rule: AcceptanceRule, *, max_nodes: int,
                  max_batch_size: int, sampling: SamplingParams | None = None, needs_hidden: HiddenSpec = False,
-                 preemption: str = "recompute") -> None:
+                 preemption: str = "recompute", successors: int = 0) -> None:
         if max_batch_size > 1 and not verifier.capabilities.batching:
             raise ConfigError(f"{type(verifier).__name__} serves one request at a time; use max_batch_size=1 or a "
                               "verifier that serves batches (verifier='paged').")
@@ -116,6 +122,7 @@ class BatchEngine:
         self.max_nodes = max_nodes
         self.sampling = sampling or SamplingParams()
         self.needs_hidden = needs_hidden
+        self.successors = successors
         self.argmax_only = is_argmax(rule, self.sampling)
         self.scheduler = Scheduler(max_batch_size, preemption)
         self.requests: dict[int, Request] = {}
@@ -183,10 +190,14 @@ class BatchEngine:
         # the greedy rule reads only each node's argmax: from the verifier's screened head, or one argmax over every
         # request's tree, not one per request
         greedy = (out.greedy if out.greedy is not None else out.logits.argmax(dim=-1)) if self.argmax_only else None
+        # what the drafters recycle: the top-k at every node, from the logits a greedy step asked for too (_score)
+        topk = out.logits.topk(self.successors, dim=-1).indices if self.successors else None  # [B, N, k]
         for i, r in enumerate(running):
             hidden = None if out.hidden is None else out.hidden[i:i + 1]
-            row = VerifyOutput(logits=None, hidden=hidden, greedy=greedy[i:i + 1, :r.drafted.tree.num_nodes]) \
-                if greedy is not None else VerifyOutput(logits=out.logits[i:i + 1], hidden=hidden)
+            top = None if topk is None else topk[i:i + 1]
+            row = VerifyOutput(logits=None, hidden=hidden, greedy=greedy[i:i + 1, :r.drafted.tree.num_nodes],
+                               topk=top) \
+                if greedy is not None else VerifyOutput(logits=out.logits[i:i + 1], hidden=hidden, topk=top)
             events.append(self._settle(r, row))
         return events
 
@@ -203,10 +214,18 @@ class BatchEngine:
                 r.drafted = r.decoding.draft(self.max_nodes, batch_rows=rows)
             return
         ctxs = [r.decoding.context(self.max_nodes, batch_rows=rows) for r in running]
+        drafting = []  # the requests whose budget gives them draft nodes; the others skip the drafter
+        for r, ctx in zip(running, ctxs):
+            if r.decoding.budget is not None and ctx.max_nodes <= 1:
+                r.drafted = skipped(ctx)
+            else:
+                drafting.append((r, ctx))
+        if not drafting:
+            return
         start = time.perf_counter()
-        trees = first.propose_batch(drafters, ctxs)
-        ms = 1000 * (time.perf_counter() - start) / len(running)  # each request's share of the batch's drafting
-        for r, ctx, tree in zip(running, ctxs, trees):
+        trees = first.propose_batch([r.decoding.drafter for r, _ in drafting], [ctx for _, ctx in drafting])
+        ms = 1000 * (time.perf_counter() - start) / len(drafting)  # each request's share of the batch's drafting
+        for (r, ctx), tree in zip(drafting, trees):
             r.drafted = finish_draft(tree, ctx, ms, r.decoding.budget, batch_rows=rows)
 
     def _admit(self) -> list[Event]:
@@ -243,7 +262,7 @@ class BatchEngine:
             try:
                 ids, trees = [r.request_id for r in running], [r.drafted.tree for r in running]
                 return self.verifier.score(ids, trees, output_hidden=self.needs_hidden,
-                                           greedy=self.argmax_only), running
+                                           greedy=self.argmax_only and not self.successors), running
             except KVBlocksExhausted as e:
                 failing = self.requests[e.request_id]
                 if self.scheduler.policy == "refuse" or len(running) == 1:
@@ -320,7 +339,8 @@ def decode(verifier: Verifier, drafter: Drafter, rule: AcceptanceRule, input_ids
     """
     stopper = stopper or Stopper(input_ids[0].tolist(), max_new_tokens)
     engine = BatchEngine(verifier, DrafterPool(_no_second_drafter, first=drafter), rule, max_nodes=max_nodes,
-                         max_batch_size=1, sampling=sampling, needs_hidden=drafter.needs_hidden_states)
+                         max_batch_size=1, sampling=sampling, needs_hidden=drafter.needs_hidden_states,
+                         successors=successors_wanted(drafter))
     engine.fits(input_ids)
     rid = engine.add(input_ids, max_new_tokens=max_new_tokens, stopper=stopper, generator=generator, budget=budget)
     with engine:
