@@ -76,6 +76,7 @@ class SpecDecoder:
         self.target = target
         self.tokenizer = tokenizer
         self._drafter_spec = drafter_spec(drafter, drafter_kwargs)  # (kind, kwargs): how to build one more
+        self._spares: list = []  # drafters built for earlier batches' requests, reused by later ones
         self.drafter = check_drafter(drafter if self._drafter_spec is None else self._build_drafter())
         if not isinstance(verifier, str):
             raise ConfigError(f"verifier must be a registered name ({sorted(registry.VERIFIERS)}); got "
@@ -243,17 +244,23 @@ class SpecDecoder:
         return AdaptiveBudget(self.cost_profile, kind, max_nodes=self.max_nodes, calibrator=calibrator)
 
     def _drafter_pool(self, fast: ExitStack) -> DrafterPool:
-        """One drafter per running request: the decoder's own first, then new ones built from its spec, each with
-        the fast linear kernel until ``fast`` closes."""
+        """One drafter per running request: the decoder's own first, then the ones earlier calls built (kept: a
+        drafter with a model, e.g. the hybrid's EAGLE-style head, took 20-50 ms to build, for every request of
+        every batch), then new ones built from its spec; each with the fast linear kernel until ``fast`` closes,
+        when the extra drafters go back to the decoder's spares."""
 
         if isinstance(self.drafter, BatchDrafter):  # the requests' drafters share its weights: they draft together
             return DrafterPool(self.drafter.spawn, first=self.drafter)
 
+        built: list = []
+
         def build():
-            d = self._build_drafter()
+            d = self._spares.pop() if self._spares else self._build_drafter()
             fast.enter_context(cpu_gemm.fast_linears(*d.modules(), enabled=self.fast_linears))
+            built.append(d)
             return d
 
+        fast.callback(lambda: self._spares.extend(built))  # after the call, however it ended
         return DrafterPool(build, first=self.drafter)
 
     def _output(self, ids: torch.Tensor, new_tokens: list[int], stats: GenerationStats,

@@ -120,7 +120,9 @@ class AdaptiveBudget:
     ``profile.draft_ms``); max_nodes: the largest budget allowed; probe_every: after this many steps at budget 1,
     give the drafter a ``probe_nodes`` tree to see whether it is being accepted again. calibrator: what the
     drafter's node scores are worth (shared across requests; a fresh one if None). off_after: for scored drafters,
-    the unpaid steps in a row after which drafting stops until the next probe.
+    the unpaid steps in a row after which drafting stops until the next probe. In a batch, probes come
+    ``1 + batch_rows`` times less often: each is a drafter call (an EAGLE-style head's catch-up over the skipped
+    steps, then its tree) that a batch's step seldom repays, and every request of the batch probes.
     """
 
     def __init__(self, profile: CostProfile, drafter: str, max_nodes: int = 32, decay: float = 0.9,
@@ -147,12 +149,13 @@ class AdaptiveBudget:
 
         For a drafter that scores its nodes this is an upper bound (``max_nodes``, or 1 while drafting does not
         pay) and :meth:`cut` decides the step's tree."""
+        every = self.probe_every * (1 + batch_rows)
         if self._scored:
             n = self.max_nodes
             if self._unpaid >= self.off_after:
                 self._idle += 1
                 n = 1
-                if self._idle >= self.probe_every:
+                if self._idle >= every:
                     self._idle, n, self._probing = 0, self.max_nodes, True
             self.history.append(n)
             return n
@@ -166,7 +169,7 @@ class AdaptiveBudget:
         n = self._chosen[1]
         if n == 1:
             self._idle += 1
-            if self._idle >= self.probe_every:
+            if self._idle >= every:
                 self._idle = 0
                 n = min(self.probe_nodes, self.max_nodes)
         else:
