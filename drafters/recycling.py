@@ -47,9 +47,9 @@ class RecyclingDrafter:
     """Token-recycling drafter (no model, no probabilities).
 
     k: successors kept per token (the top-k read from each verify step). max_depth: deepest node. branch: most
-    children a node gets (at most k). min_score: candidates whose path score is below it are not drafted. table: name of the
-    shared table (drafters with one name share it); table_file: where to keep it across restarts (None: memory
-    only). successor_table: a table object to use instead of the named one. seeded_private: a seeded sampled
+    children a node gets (at most k). min_score: candidates whose path score is below it are not drafted. table:
+    name of the shared table (drafters with one name share it); table_file: where to keep it across restarts (None:
+    memory only). successor_table: a table object to use instead of the named one. seeded_private: a seeded sampled
     request drafts from a table of its own (its sample then depends on its seed and prompt alone); False: from the
     shared one like every other request (still the target's distribution).
     """
@@ -88,7 +88,7 @@ class RecyclingDrafter:
         if self._request_started and self.table_file:
             with _SAVE_LOCK:
                 self.table.save(self.table_file)
-        self._own, self._ranks, self._request_started, self._private = None, [], False, False
+        self._own, self._ranks, self._request_started = None, [], False
 
     def rank_probs(self) -> list[float]:
         """How often a candidate of each rank was accepted when its parent was (with the prior)."""
@@ -102,16 +102,15 @@ class RecyclingDrafter:
             self._request_started = True
             # a seeded sampled request reads its own table only: its trees, and so its sample, then depend on its
             # seed and prompt alone (greedy output never depends on the trees)
-            self._private = self.seeded_private and ctx.generator is not None and ctx.sampling is not None \
-                and ctx.sampling.do_sample
-            if self._private:
+            if self.seeded_private and ctx.generator is not None and ctx.sampling is not None \
+                    and ctx.sampling.do_sample:
                 self._own = SuccessorTable(self.table.k, self._vocab, self.table.fingerprint)
         root = int(ids[0, -1])
         depth_limit = min(self.max_depth, ctx.max_depth)
         if depth_limit < 1 or ctx.max_nodes < 2:
             self._ranks = [-1]
             return tree_ops.chain(root, [], device=ids.device)
-        table = self._own if self._private else self.table
+        table = self._own if self._own is not None else self.table
         probs = self.rank_probs()
         tokens, parents, scores, ranks, depths = [root], [-1], [1.0], [-1], [0]
         frontier: list[tuple[float, int, int, int, int]] = []  # (-score, order, parent, rank, token): best first

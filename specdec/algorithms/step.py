@@ -114,9 +114,13 @@ class RequestDecoding:
         (no proposal when the budget gives one node: :func:`skipped`). ``batch_rows``: rows the batch's other
         requests put in the same verify step."""
         ctx = self.context(max_nodes, batch_rows)
-        if self.budget is not None and ctx.max_nodes <= 1:
+        if self.skips(ctx):
             return skipped(ctx)
         return draft(self.drafter, ctx, self.budget, batch_rows=batch_rows)
+
+    def skips(self, ctx: DraftContext) -> bool:
+        """Whether this step's budget (``ctx.max_nodes``) gives no draft nodes, so the drafter is not called."""
+        return self.budget is not None and ctx.max_nodes <= 1
 
     def context(self, max_nodes: int, batch_rows: int = 0) -> DraftContext:
         """What the drafter sees this step: the budget's node count (or ``max_nodes``), the committed tokens, the

@@ -106,8 +106,9 @@ class BatchEngine:
     (end the request that ran out, keeping its tokens); a request running alone is always refused (nothing to
     preempt). needs_hidden: the drafters read the target's hidden states. successors: the top-k of the target's
     next tokens at every node the drafters read (:class:`~specdec.protocols.SuccessorDrafter`; 0: none): the verifier
-    then returns logits even for greedy requests, and their top-k go to each drafter's feedback. Used as a context manager (or with
-    :meth:`close`), the engine releases whatever its requests still hold when the block ends, however it ends.
+    then returns logits even for greedy requests, and their top-k go to each drafter's feedback. Used as a context
+    manager (or with :meth:`close`), the engine releases whatever its requests still hold when the block ends,
+    however it ends.
     """
 
     def __init__(self, verifier: Verifier, drafters: DrafterPool, rule: AcceptanceRule, *, max_nodes: int,
@@ -216,7 +217,7 @@ class BatchEngine:
         ctxs = [r.decoding.context(self.max_nodes, batch_rows=rows) for r in running]
         drafting = []  # the requests whose budget gives them draft nodes; the others skip the drafter
         for r, ctx in zip(running, ctxs):
-            if r.decoding.budget is not None and ctx.max_nodes <= 1:
+            if r.decoding.skips(ctx):
                 r.drafted = skipped(ctx)
             else:
                 drafting.append((r, ctx))

@@ -191,6 +191,32 @@ static inline void rows_int4(const int8_t* xq, int64_t K, const float* dx, const
 #ifndef SPECDEC_QPF
 #define SPECDEC_QPF 8  // groups ahead: 8 measured 3-7% faster than 1 at 1-2 rows with the weights streamed from memory
 #endif
+// one quad of R rows (x: the first row's 4 bytes of xq, rows K apart): each row's bytes broadcast, times the unsigned
+// bytes of a into s[r][0] and of b into s[r][1] (vpdpbusd: four products summed into each int32 lane)
+template <int R>
+static inline void dpbusd_rows(__m512i (&s)[R][2], __m512i a, __m512i b, const int8_t* x, int64_t K) {
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+    int32_t x4;
+    std::memcpy(&x4, x + r * K, 4);
+    const __m512i xb = _mm512_set1_epi32(x4);
+    s[r][0] = _mm512_dpbusd_epi32(s[r][0], a, xb);
+    s[r][1] = _mm512_dpbusd_epi32(s[r][1], b, xb);
+  }
+}
+
+// swaps outputs 8-15 and 16-23 of R rows of 32 (src -> dst): the output order to int4's lane order and back
+template <int R>
+static inline void swap_middle(const float* src, float* dst) {
+  for (int r = 0; r < R; ++r)
+    for (int i = 0; i < 8; ++i) {
+      dst[r * P + i] = src[r * P + i];
+      dst[r * P + 8 + i] = src[r * P + 16 + i];
+      dst[r * P + 16 + i] = src[r * P + 8 + i];
+      dst[r * P + 24 + i] = src[r * P + 24 + i];
+    }
+}
+
 // int8 with VNNI: R rows against one panel's groups into acc [R][32]. A quad of 16 outputs is 64 bytes of the panel,
 // one zmm: flipped to w + 128 (unsigned), one vpdpbusd per row sums (w + 128) x over the quad's 4 features into each
 // output's int32 lane; 128 times the group's sum of xq (xi) comes off at the group's end, leaving S exactly
@@ -210,14 +236,7 @@ static inline void rows_int8_vnni(const int8_t* xq, int64_t K, const float* dx, 
       _mm_prefetch(reinterpret_cast<const char*>(qg + SPECDEC_QPF * GB + quad * 128 + 64), _MM_HINT_T0);
       const __m512i u0 = _mm512_xor_si512(_mm512_loadu_si512(qg + quad * 128), flip);
       const __m512i u1 = _mm512_xor_si512(_mm512_loadu_si512(qg + quad * 128 + 64), flip);
-#pragma GCC unroll 8
-      for (int r = 0; r < R; ++r) {
-        int32_t x4;
-        std::memcpy(&x4, xq + r * K + g * G + quad * 4, 4);
-        const __m512i xb = _mm512_set1_epi32(x4);
-        s[r][0] = _mm512_dpbusd_epi32(s[r][0], u0, xb);
-        s[r][1] = _mm512_dpbusd_epi32(s[r][1], u1, xb);
-      }
+      dpbusd_rows<R>(s, u0, u1, xq + g * G + quad * 4, K);
     }
     const __m512 d0 = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(d + g * P)));
     const __m512 d1 = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(d + g * P + 16)));
@@ -247,13 +266,7 @@ static inline void rows_int4_vnni(const int8_t* xq, int64_t K, const float* dx, 
     return _mm512_cvtph_ps(_mm256_inserti128_si256(_mm256_castsi128_si256(lo), hi, 1));
   };
   float pacc[RB * P];  // acc in lane order
-  for (int r = 0; r < R; ++r)
-    for (int i = 0; i < 8; ++i) {
-      pacc[r * P + i] = acc[r * P + i];
-      pacc[r * P + 8 + i] = acc[r * P + 16 + i];
-      pacc[r * P + 16 + i] = acc[r * P + 8 + i];
-      pacc[r * P + 24 + i] = acc[r * P + 24 + i];
-    }
+  swap_middle<R>(acc, pacc);
   for (int64_t g = 0; g < groups; ++g) {
     const uint8_t* qg = q + g * GB;
     __m512i s[R][2];
@@ -264,14 +277,7 @@ static inline void rows_int4_vnni(const int8_t* xq, int64_t K, const float* dx, 
       const __m512i b = _mm512_loadu_si512(qg + quad * 64);
       const __m512i lo = _mm512_and_si512(b, low);
       const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(b, 4), low);
-#pragma GCC unroll 8
-      for (int r = 0; r < R; ++r) {
-        int32_t x4;
-        std::memcpy(&x4, xq + r * K + g * G + quad * 4, 4);
-        const __m512i xb = _mm512_set1_epi32(x4);
-        s[r][0] = _mm512_dpbusd_epi32(s[r][0], lo, xb);
-        s[r][1] = _mm512_dpbusd_epi32(s[r][1], hi, xb);
-      }
+      dpbusd_rows<R>(s, lo, hi, xq + g * G + quad * 4, K);
     }
     const at::Half* dg = d + g * P;
     const at::Half* mg = m + g * P;
@@ -287,13 +293,7 @@ static inline void rows_int4_vnni(const int8_t* xq, int64_t K, const float* dx, 
       _mm512_storeu_ps(pacc + r * P + 16, _mm512_fmadd_ps(m1, sx, a1));
     }
   }
-  for (int r = 0; r < R; ++r)
-    for (int i = 0; i < 8; ++i) {
-      acc[r * P + i] = pacc[r * P + i];
-      acc[r * P + 16 + i] = pacc[r * P + 8 + i];
-      acc[r * P + 8 + i] = pacc[r * P + 16 + i];
-      acc[r * P + 24 + i] = pacc[r * P + 24 + i];
-    }
+  swap_middle<R>(pacc, acc);
 }
 #endif
 #endif
