@@ -167,9 +167,10 @@ def test_greedy_decoding_stays_lossless(verifier, monkeypatch):
     served = []
     real = cpu_decoder_layer.post_attention
     monkeypatch.setattr(cpu_decoder_layer, "post_attention", lambda h, *a: served.append("two calls") or real(h, *a))
-    whole = layer_kernel.PagedWholeLayer.run_layer
-    monkeypatch.setattr(layer_kernel.PagedWholeLayer, "run_layer",
-                        lambda self, *a: served.append("one call") or whole(self, *a))
+    for name in ("run_layer", "run_layers"):  # a layer in one call, or every layer in one call
+        whole = getattr(layer_kernel.PagedWholeLayer, name)
+        monkeypatch.setattr(layer_kernel.PagedWholeLayer, name,
+                            lambda self, *a, whole=whole: served.append("one call") or whole(self, *a))
     model = tiny("llama")
     prompt = torch.tensor([[5, 9, 3, 7, 11, 2, 8, 4, 5, 9, 3, 7]])
     with torch.inference_mode():

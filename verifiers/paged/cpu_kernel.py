@@ -26,10 +26,11 @@ from specdec.kernels.build import Kernel
 # csrc/paged_attention.h, also compiled into the whole-layer kernel (verifiers.paged.layer_kernel)
 _KERNEL = Kernel("paged_attention", "paged tree attention")
 
-VERSION = 6  # bumped when the kernel's speed changes (a cost profile measured with an older one is stale); 4: the
+VERSION = 7  # bumped when the kernel's speed changes (a cost profile measured with an older one is stale); 4: the
 #             paged forward without transformers' model loop (verifiers.paged.whole_forward), 4-6 ms a step less;
 #             5: a tree's rows read the prefix from cache after the first (attention at 4-node steps -17% CPU time);
-#             6: one row's query heads split over the threads (an int8 one-node step 4-6% faster)
+#             6: one row's query heads split over the threads (an int8 one-node step 4-6% faster); 7: every layer
+#             in one call (PagedStack) and the new K/V copied into their slots without index_copy_
 
 
 def available() -> bool:

@@ -1,7 +1,8 @@
-"""A paged forward's decoder without transformers' model loop, where every layer runs whole in one C++ call.
+"""A paged forward's decoder without transformers' model loop: every layer, whole, in one C++ call.
 
-On the C++ attention kernel, each fused decoder layer of a paged forward is one call
-(:class:`verifiers.paged.layer_kernel.PagedWholeLayer`). What transformers' model forward adds around those calls is
+On the C++ attention kernel, each fused decoder layer of a paged forward can run as one call
+(:class:`verifiers.paged.layer_kernel.PagedWholeLayer`), and here all of them run in one
+(:meth:`~verifiers.paged.layer_kernel.PagedWholeLayer.run_layers`). What transformers' model forward adds around those calls is
 its own Python: the argument and output-capture decorators, a causal mask the paged attention never reads, and per
 layer a module call, the fused forward's checks and reshapes. :func:`decoder_hidden` runs the same functions in the
 same order (the embedding, the rotary embedding, the layers, the final norm), so the hidden states are bitwise those of
@@ -50,11 +51,5 @@ def decoder_hidden(model, runner: PagedWholeLayer, input_ids: torch.Tensor,
     t = h.shape[1]
     x = h.reshape(t, -1).contiguous()
     cos, sin = layers[0].rope(rope, 1, t)
-    for i, layer in enumerate(layers):
-        out = runner.run_layer(layer, x, cos, sin)
-        if out is None:
-            if i:  # the pools' dtype is the same for every layer: the first layer decides
-                raise RuntimeError("a paged forward's layers changed route midway")
-            return None
-        x = out
-    return dec.norm(x[None])[0]
+    x = runner.run_layers(layers, x, cos, sin)
+    return None if x is None else dec.norm(x[None])[0]

@@ -9,6 +9,7 @@
 #include "layers.h"
 #include "paged_attention.h"
 #include "paged_layer.h"
+#include "paged_stack.h"
 #include "panel_gemm.h"
 #include "quant_gemm.h"
 #include "quant_layer.h"
@@ -35,6 +36,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   auto paged_layer = m.def_submodule("paged_layer", "a paged decoder layer in one call");
   paged_layer.def("paged_decoder_layer", &paged_layer::paged_decoder_layer);
   paged_layer.def("paged_decoder_layer_q", &paged_layer::paged_decoder_layer_q);
+  pybind11::class_<paged_stack::Stack>(paged_layer, "PagedStack", "every layer of a paged forward in one call")
+      .def(pybind11::init<double>(), pybind11::arg("softcap"))
+      .def("add_float", &paged_stack::Stack::add_float)
+      .def("add_quant", &paged_stack::Stack::add_quant)
+      .def("run", &paged_stack::Stack::run)
+      .def("__len__", &paged_stack::Stack::size);
 
   auto panels = m.def_submodule("panel_gemm", "linears on packed panels (AVX-512 or AVX2)");
   panels.def("panel_linear", &panel_linear);
