@@ -8,9 +8,10 @@ one call: RMSNorm, q/k/v, the rotary embedding, the new tokens' K/V written to t
 paged prefix, ``o_proj`` and the residual, RMSNorm, the gated MLP and the residual. The results are those of the two
 calls and the attention step in between, to the bit (the same functions, compiled into one module).
 
-:meth:`PagedWholeLayer.run_layers` runs every layer of a forward in one call: a C++ ``PagedStack``
-(``csrc/paged_stack.h``) holds the layers' weights and settings, handed over once per set of fused layers, and runs
-the same layer function over them (about 0.3 ms less per int8 step of the default model than a call per layer).
+:meth:`PagedWholeLayer.run_layers` runs every layer of a forward in one call, and
+:meth:`PagedWholeLayer.run_layer` one layer: a C++ ``PagedStack`` (``csrc/paged_stack.h``) holds the layers' weights
+and settings, handed over once per set of fused layers, and runs the layer function over them (every layer in one
+call took about 0.3 ms less per int8 step of the default model than a call per layer).
 
 :class:`PagedWholeLayer` is what the paged verifier installs for a forward on the C++ kernel with float32 pools
 (:func:`specdec.kernels.cpu_decoder_layer.whole_layers`), for layers on float32 panels or int8 / int4 ones; anything
@@ -20,8 +21,6 @@ else keeps the two calls around the attention.
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 
@@ -42,10 +41,10 @@ def failure() -> str | None:
 
 
 class PagedWholeLayer:
-    """Runs each fused layer of one paged forward (``step``: its :class:`verifiers.paged.attention.PagedForward`,
-    on the C++ kernel) as one call. A layer's weights and settings, as the kernel takes them, are gathered once per
-    fused layer and kept (:func:`_layer_args`), and the pools' storage views once per cache: a step's 30 layers
-    otherwise spent about a millisecond gathering them."""
+    """Runs the fused layers of one paged forward (``step``: its :class:`verifiers.paged.attention.PagedForward`, on
+    the C++ kernel) in one call, one layer or all of them. The layers' weights and settings, as the kernel takes
+    them, are handed over once per set of fused layers and kept (:func:`_stack`), and the pools' storage views once
+    per cache: a step's 30 layers otherwise spent about a millisecond gathering them."""
 
     def __init__(self, step) -> None:
         self.step = step
@@ -56,20 +55,12 @@ class PagedWholeLayer:
                   sin: torch.Tensor) -> torch.Tensor | None:
         """The layer's output ``[T, H]`` for the forward's packed rows ``h [T, H]``, on float32 or int8 / int4 / bf16
         panels (None for pools of another dtype than float32)."""
-        step = self.step
-        a = _layer_args(layer)
-        k_pool = step.cache.k[a.idx]
-        if k_pool.dtype != torch.float32:
-            return None
-        k_stores, v_stores = _storage(step.cache)
-        return a.kernel(h, *a.pre, cos, sin, *a.post, step.slots, k_stores[a.idx], v_stores[a.idx], *self._rows,
-                        a.scale, int(step.spec.windows[a.idx] or 0), float(step.spec.softcap or 0.0))
-
+        return self.run_layers([layer], h, cos, sin)
 
     def run_layers(self, layers: list[cpu_decoder_layer.DecoderLayerForward], h: torch.Tensor, cos: torch.Tensor,
                    sin: torch.Tensor) -> torch.Tensor | None:
-        """The last layer's output ``[T, H]`` after every layer of ``layers`` (a model's fused layers, in order), in
-        one call (:func:`_stack`); None for pools of another dtype than float32."""
+        """The last layer's output ``[T, H]`` after every layer of ``layers`` (fused layers of the model, in order),
+        in one call; None for pools of another dtype than float32."""
         step = self.step
         if step.cache.k[0].dtype != torch.float32:
             return None
@@ -77,63 +68,44 @@ class PagedWholeLayer:
         return _stack(layers, step.spec).run(h, cos, sin, step.slots, k_stores, v_stores, *self._rows)
 
 
-@dataclass(frozen=True)
-class _LayerArgs:
-    kernel: Callable  # paged_decoder_layer or paged_decoder_layer_q
-    pre: tuple  # the arguments before cos, sin: h's norm and the q/k/v product
-    post: tuple  # those after: the heads, o, the second norm, gate/up, down
-    idx: int  # the layer's index (its KV pools)
-    scale: float
-    quantized: bool  # int8 / int4 / bf16 panels (else float32 ones)
-
-
-_ARGS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # DecoderLayerForward -> _LayerArgs
+# a set's first fused layer -> {the set's layer ids: its stack} (a model's whole set and each single layer)
+_STACKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _STORAGE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # PagedKVCache -> its pools' storage views
-
-
-def _layer_args(layer: cpu_decoder_layer.DecoderLayerForward) -> _LayerArgs:
-    """A fused layer's weights and settings as the kernel takes them (made once; its packed weights are fixed)."""
-    args = _ARGS.get(layer)
-    if args is None:
-        qkv, o, gu, down = layer.packed()
-        attn = layer.layer.self_attn
-        n1, n2 = layer.layer.input_layernorm, layer.layer.post_attention_layernorm
-        heads = (layer.heads, layer.kv_heads, layer.head_dim)
-        eps1, eps2 = float(n1.variance_epsilon), float(n2.variance_epsilon)
-        if isinstance(qkv, quant_gemm.QuantPanels):
-            q = cpu_decoder_layer.quant_args
-            args = _LayerArgs(_KERNEL.module.paged_decoder_layer_q, (n1.weight, eps1, *q(qkv)),
-                              (*heads, *q(o), n2.weight, eps2, *q(gu), *q(down)), attn.layer_idx, float(attn.scaling),
-                              True)
-        else:
-            args = _LayerArgs(_KERNEL.module.paged_decoder_layer, (n1.weight, eps1, qkv.panels, qkv.bias,
-                                                                   qkv.out_features),
-                              (*heads, o.panels, o.bias, o.out_features, n2.weight, eps2, gu.panels, gu.bias,
-                               gu.out_features, down.panels, down.bias, down.out_features),
-                              attn.layer_idx, float(attn.scaling), False)
-        _ARGS[layer] = args
-    return args
-
-
-_STACKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # a model's first fused layer -> (ids, its stack)
 
 
 def _stack(layers: list[cpu_decoder_layer.DecoderLayerForward], spec):
     """The C++ ``PagedStack`` holding ``layers``' weights and settings (``spec``: the model's windows and softcap),
     made once per set of fused layers (:func:`specdec.kernels.cpu_gemm.fast_linears` makes a new set each time it
-    is entered; the old set's stack goes with it). A forward through it crosses from Python once: one call per
-    layer cost about 10 us of argument handling each."""
+    is entered; the old set's stacks go with it)."""
     ids = tuple(map(id, layers))
-    got = _STACKS.get(layers[0])
-    if got is not None and got[0] == ids:
-        return got[1]
-    stack = _KERNEL.module.PagedStack(float(spec.softcap or 0.0))
-    for layer in layers:
-        a = _layer_args(layer)
-        add = stack.add_quant if a.quantized else stack.add_float
-        add(*a.pre, *a.post, a.idx, a.scale, int(spec.windows[a.idx] or 0))
-    _STACKS[layers[0]] = (ids, stack)
+    stacks = _STACKS.setdefault(layers[0], {})
+    stack = stacks.get(ids)
+    if stack is None:
+        stack = stacks[ids] = _KERNEL.module.PagedStack(float(spec.softcap or 0.0))
+        for layer in layers:
+            _add(stack, layer, int(spec.windows[layer.layer.self_attn.layer_idx] or 0))
     return stack
+
+
+def _add(stack, layer: cpu_decoder_layer.DecoderLayerForward, window: int) -> None:
+    """Hand a fused layer's packed weights and settings to ``stack`` (float32 panels, or int8 / int4 / bf16 ones)."""
+    qkv, o, gu, down = layer.packed()
+    attn = layer.layer.self_attn
+    n1, n2 = layer.layer.input_layernorm, layer.layer.post_attention_layernorm
+    heads = (layer.heads, layer.kv_heads, layer.head_dim)
+    eps1, eps2 = float(n1.variance_epsilon), float(n2.variance_epsilon)
+    at = (attn.layer_idx, float(attn.scaling), window)
+    if isinstance(qkv, quant_gemm.QuantPanels):
+        q = cpu_decoder_layer.quant_args
+        stack.add_quant(n1.weight, eps1, *q(qkv), *heads, *q(o), n2.weight, eps2, *q(gu), *q(down), *at)
+    else:
+        f = _float_args
+        stack.add_float(n1.weight, eps1, *f(qkv), *heads, *f(o), n2.weight, eps2, *f(gu), *f(down), *at)
+
+
+def _float_args(w) -> tuple:
+    """A float32-panel linear as the C++ stack takes it: ``(panels, bias, out_features)``."""
+    return w.panels, w.bias, w.out_features
 
 
 def _storage(cache) -> tuple[list[torch.Tensor], list[torch.Tensor]]:

@@ -8,7 +8,6 @@
 #include "greedy_screen.h"
 #include "layers.h"
 #include "paged_attention.h"
-#include "paged_layer.h"
 #include "paged_stack.h"
 #include "panel_gemm.h"
 #include "quant_gemm.h"
@@ -33,10 +32,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   paged.def("paged_tree_attention", &paged_tree_attention);
   paged.def("paged_attention_step", &paged_attention_step);
 
-  auto paged_layer = m.def_submodule("paged_layer", "a paged decoder layer in one call");
-  paged_layer.def("paged_decoder_layer", &paged_layer::paged_decoder_layer);
-  paged_layer.def("paged_decoder_layer_q", &paged_layer::paged_decoder_layer_q);
-  pybind11::class_<paged_stack::Stack>(paged_layer, "PagedStack", "every layer of a paged forward in one call")
+  auto paged_layer = m.def_submodule("paged_layer", "a paged forward's decoder layers in one call");
+  pybind11::class_<paged_stack::Stack>(paged_layer, "PagedStack", "decoder layers of a paged forward in one call")
       .def(pybind11::init<double>(), pybind11::arg("softcap"))
       .def("add_float", &paged_stack::Stack::add_float)
       .def("add_quant", &paged_stack::Stack::add_quant)

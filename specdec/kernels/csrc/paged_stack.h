@@ -1,7 +1,7 @@
-// Every decoder layer of a paged forward in one call (verifiers/paged/layer_kernel.py, PagedStack): the layers'
-// weights and settings are handed over once and kept here, so a forward crosses from Python once instead of once per
-// layer with some forty arguments each. Each layer runs paged_layer.h's layer_with, so the results are those of the
-// per-layer calls to the bit.
+// Decoder layers of a paged forward in one call (verifiers/paged/layer_kernel.py, PagedStack): the layers' weights
+// and settings are handed over once and kept here, so a forward crosses from Python once, not once per layer with
+// some forty arguments each (a stack of one layer serves transformers' own layer loop). Each layer runs
+// paged_layer.h's layer_with.
 #pragma once
 #include <vector>
 

@@ -446,7 +446,6 @@ inline torch::Tensor quant_linear(const torch::Tensor& x, const torch::Tensor& q
 inline torch::Tensor quant_linear_portable(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& d,
                                            const c10::optional<torch::Tensor>& m,
                                            const c10::optional<torch::Tensor>& bias, int64_t N, int64_t bits) {
-  if (bits == 16) return bf16w::bf16_linear<true>(x, q, bias, N);
   return quant_linear_on<true>(x, q, d, m, bias, N, bits);
 }
 
