@@ -45,7 +45,7 @@ def profile_key(model, verifier: str = registry.REFERENCE_VERIFIER, cost_key: Ma
             "device": p.device.type, "threads": torch.get_num_threads(), "verifier": verifier,
             "linears": cpu_gemm.kernel(model) if fast_linears else "off",
             "quantization": quantization_of(model),  # int8 / int4 linears cost another profile
-            "quant_kernel": quant_gemm.VERSION if quantization_of(model) else None,
+            "quant_kernel": quant_gemm.cost_tag() if quantization_of(model) else None,
             "attention": gqa_attention.route(model), **cost_key,
             "torch": torch.__version__, "transformers": transformers.__version__}
 

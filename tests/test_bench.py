@@ -371,6 +371,9 @@ def test_text_report_has_header_and_both_tables():
     text = report.text_report(result)
     assert text.startswith("t (float32, cpu, 2 threads), 2 prompts, up to 8 new tokens each\n\nmethod ")
     assert report.runs_table(result["runs"]) in text and report.category_table(result["runs"]) in text
+    for q, head in (("int8", "t (int8 weights, 8-bit activations, cpu"),
+                    ("bf16", "t (bf16 weights, float32 activations, cpu")):
+        assert report.text_report({**result, "quantization": q}).startswith(head)
 
 
 def test_write_json_is_atomic_and_replaces(tmp_path):

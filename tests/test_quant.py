@@ -95,11 +95,20 @@ def test_every_path_gives_the_portable_loops_bits(bits, n, k):
     assert p.q.shape[0] == t
     x, b = torch.randn(21, k, generator=g) * 3, torch.randn(n, generator=g)
     x[4] = 0  # a zero row: its scale is 0
-    for rows in (21, 1, 2, 3, 4, 5, 7, 8, 9, 16):
-        for bias in (b, None):
-            got = torch.cat([quant_gemm.quant_linear(x[i:i + rows].contiguous(), p, bias) for i in range(0, 21, rows)])
-            want = quant_gemm.quant_linear_portable(x, p, bias)
-            assert torch.equal(got, want), (quant_gemm.isa(), rows, bias is None)
+    chosen = quant_gemm.int8_small_rows()
+    try:
+        for loop in ("avx2", "vnni") if chosen else (None,):  # both int8 loops at one or two rows on a VNNI build
+            if loop:
+                quant_gemm.set_int8_small_rows(loop)
+            for rows in (21, 1, 2, 3, 4, 5, 7, 8, 9, 16):
+                for bias in (b, None):
+                    got = torch.cat([quant_gemm.quant_linear(x[i:i + rows].contiguous(), p, bias)
+                                     for i in range(0, 21, rows)])
+                    want = quant_gemm.quant_linear_portable(x, p, bias)
+                    assert torch.equal(got, want), (quant_gemm.isa(), loop, rows, bias is None)
+    finally:
+        if chosen:
+            quant_gemm.set_int8_small_rows(chosen)
 
 
 @pytest.mark.parametrize("n, k", [(50, 64), (96, 32), (200, 160)])

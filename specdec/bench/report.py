@@ -176,8 +176,9 @@ def quality_line(q: dict) -> str:
 def text_report(result: dict) -> str:
     """The bench's printed summary: a header line, the headline table (with a divergence line per method whose
     greedy outputs differ from the reference's, see :func:`divergence_lines`) and the per-category table."""
-    weights = f"{result['quantization']} weights, 8-bit activations" if result.get("quantization") \
-        else result["dtype"]
+    q = result.get("quantization")
+    # int8 / int4 layers quantize their activations to 8 bits; bf16 weights multiply float32 activations
+    weights = f"{q} weights, {'float32' if q == 'bf16' else '8-bit'} activations" if q else result["dtype"]
     head = (f"{result['target']} ({weights}, {result['device']}, {result['threads']} threads), "
             f"{result['prompts']} prompts, up to {result['max_new_tokens']} new tokens each")
     if result.get("batch_size", 1) > 1:

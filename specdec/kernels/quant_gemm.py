@@ -34,8 +34,9 @@ from specdec.kernels.build import Kernel
 GROUP = 32  # input features per group (one scale, and one min for int4)
 PANEL = 32  # output features per panel
 BITS = {"int8": 8, "int4": 4, "bf16": 16}
-VERSION = 4  # bumped when the kernel's speed changes (a cost profile measured with an older one is stale); 3: int4
-#             panels one 8-output column at a time, blocks of 8 rows (8 / 16 rows 6-12% faster); 4: AVX-512 VNNI
+VERSION = 5  # bumped when the kernel's speed changes (a cost profile measured with an older one is stale); 3: int4
+#             panels one 8-output column at a time, blocks of 8 rows (8 / 16 rows 6-12% faster); 4: AVX-512 VNNI;
+#             5: int8 at 1-2 rows on the VNNI loop except on AMD family 19h (int8_small_rows)
 
 _KERNEL = Kernel("quant_gemm", "int8 / int4 / bf16 linears")
 
@@ -194,6 +195,23 @@ def quantize_activations(x: torch.Tensor) -> torch.Tensor:
 def isa() -> str | None:
     """The kernel's int8 / int4 path on this CPU: ``avx512-vnni``, ``avx2`` or ``portable`` (None: not built)."""
     return _KERNEL.module.isa() if available() else None
+
+
+def int8_small_rows() -> str | None:
+    """The loop int8 takes at one or two rows on an AVX-512 VNNI build: ``avx2`` or ``vnni`` (the same bits; which
+    streams faster depends on the core, ``csrc/quant_gemm.h``; ``SPECDEC_INT8_SMALL_ROWS`` overrides). None: not
+    built, or a build with one loop."""
+    return (_KERNEL.module.int8_small_rows() or None) if available() else None
+
+
+def set_int8_small_rows(loop: str) -> None:
+    """Take the ``avx2`` or the ``vnni`` loop for int8 at one or two rows from now on (no effect without VNNI)."""
+    _KERNEL.module.set_int8_small_rows(loop)
+
+
+def cost_tag() -> str:
+    """What a quantized target's step cost depends on in this kernel: its version and the small-rows loop."""
+    return f"v{VERSION}" + (f"/{int8_small_rows()}" if int8_small_rows() else "")
 
 
 def quant_linear_portable(x: torch.Tensor, p: QuantPanels, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -47,6 +47,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   quant.def("quant_linear", &quant::quant_linear);
   quant.def("quant_linear_portable", &quant::quant_linear_portable, "quant_linear on the portable loop (tests)");
   quant.def("isa", &quant::isa, "the path quant_linear takes on this build");
+  quant.def("int8_small_rows", &quant::int8_small_rows, "the loop int8 takes at one or two rows: avx2 or vnni");
+  quant.def("set_int8_small_rows", &quant::set_int8_small_rows, "take the 'avx2' or the 'vnni' loop from now on");
 
   auto quant_layer = m.def_submodule("quant_layer", "a Llama layer on int8 / int4 / bf16 linears");
   quant_layer.def("pre_attention_q", &quant_layer::pre_attention_q);

@@ -26,10 +26,12 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <string>
 #include "bf16_gemm.h"
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#include <cpuid.h>
 #include <immintrin.h>
 #define SPECDEC_QUANT_AVX2 1
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
@@ -185,9 +187,52 @@ static inline void rows_int4(const int8_t* xq, int64_t K, const float* dx, const
 }
 
 #ifdef SPECDEC_QUANT_VNNI
-#ifndef SPECDEC_Q8_AVX2_ROWS
-#define SPECDEC_Q8_AVX2_ROWS 2
+// int8 at one or two rows (a decode step, a 2-node tree): the AVX2 loop or the VNNI one, the same bits. Which streams
+// faster depends on the core: on AMD Zen 4 (family 19h), whose 512-bit instructions run as two 256-bit halves, the
+// AVX2 loop was 5% faster; on an Intel Xeon with AVX-512 VNNI the VNNI loop made a one-node int8 verify step of the
+// default target 15% faster (13.4 -> 11.3 ms, docs/quantization.md). So: the AVX2 loop on AMD family 19h, VNNI elsewhere;
+// SPECDEC_INT8_SMALL_ROWS=avx2|vnni overrides, and set_int8_small_rows changes it at run time (the tests, to cover
+// both on one CPU)
+inline bool amd_family_19h() {
+  unsigned a = 0, b = 0, c = 0, d = 0;
+  if (!__get_cpuid(0, &a, &b, &c, &d)) return false;
+  char vendor[13] = {0};
+  std::memcpy(vendor, &b, 4);
+  std::memcpy(vendor + 4, &d, 4);
+  std::memcpy(vendor + 8, &c, 4);
+  if (std::string(vendor) != "AuthenticAMD" || !__get_cpuid(1, &a, &b, &c, &d)) return false;
+  const unsigned base = (a >> 8) & 0xF, ext = (a >> 20) & 0xFF;
+  return (base == 0xF ? base + ext : base) == 0x19;
+}
+
+inline int64_t& int8_avx2_rows() {  // rows up to which int8 takes the AVX2 loop (0: never)
+  static int64_t rows = [] {
+    const char* env = std::getenv("SPECDEC_INT8_SMALL_ROWS");
+    if (env && std::string(env) == "avx2") return int64_t{2};
+    if (env && std::string(env) == "vnni") return int64_t{0};
+    return amd_family_19h() ? int64_t{2} : int64_t{0};
+  }();
+  return rows;
+}
 #endif
+
+// the loop int8 takes at one or two rows: "avx2" or "vnni" on a VNNI build ("" elsewhere: there is one loop)
+inline std::string int8_small_rows() {
+#ifdef SPECDEC_QUANT_VNNI
+  return int8_avx2_rows() > 0 ? "avx2" : "vnni";
+#else
+  return "";
+#endif
+}
+
+inline void set_int8_small_rows(const std::string& loop) {
+  TORCH_CHECK(loop == "avx2" || loop == "vnni", "the int8 small-rows loop is 'avx2' or 'vnni', not '", loop, "'");
+#ifdef SPECDEC_QUANT_VNNI
+  int8_avx2_rows() = loop == "avx2" ? 2 : 0;
+#endif
+}
+
+#ifdef SPECDEC_QUANT_VNNI
 #ifndef SPECDEC_QPF
 #define SPECDEC_QPF 8  // groups ahead: 8 measured 3-7% faster than 1 at 1-2 rows with the weights streamed from memory
 #endif
@@ -322,7 +367,7 @@ static inline void rows_simd(int R, const int8_t* xq, int64_t K, const float* dx
                              int64_t groups, const uint8_t* q, const at::Half* d, const at::Half* m, float* acc) {
 #if defined(SPECDEC_QUANT_VNNI)
   if constexpr (BITS == 8)
-    if (R <= SPECDEC_Q8_AVX2_ROWS) {  // the AVX2 loop streams a row or two of int8 weights 5% faster (same bits)
+    if (R <= int8_avx2_rows()) {  // on some cores the AVX2 loop streams a row or two faster (int8_avx2_rows)
       if (R == 2) rows_int8<2>(xq, K, dx, groups, q, d, acc);
       else rows_int8<1>(xq, K, dx, groups, q, d, acc);
       return;
