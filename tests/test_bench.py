@@ -13,6 +13,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from specdec.bench import app as bench
+from specdec.bench import peer
 from specdec.bench import report
 from specdec.bench.config import CONF_DIR
 from specdec.bench.report import Measurement
@@ -433,6 +434,15 @@ def test_vllm_methods_run_interleaved_through_the_peer_server(files, tmp_path):
     assert runs["vllm"]["tau"] is None
     # the child's counts (accepted = len // 2, drafted = 2 * len per request) make tau and the acceptance rate
     assert 0 < runs["vllm:ngram"]["acceptance_rate"] <= 0.25 and 1.5 <= runs["vllm:ngram"]["tau"] <= 2.0
+
+
+def test_vllm_runs_bfloat16_beside_bf16_weights_and_refuses_int8():
+    """vLLM's row beside ``target.quantization=bf16`` is its bfloat16 engine; beside int8 / int4 there is no vLLM
+    row to compare (no such weights on its CPU build): a clear error before any model loads."""
+    assert peer.engine_dtype("float32") == "float32" and peer.engine_dtype("float32", "bf16") == "bfloat16"
+    for q in ("int8", "int4"):
+        with pytest.raises(ConfigError, match="llamacpp methods"):
+            peer.engine_dtype("float32", q)
 
 
 def test_peer_methods_with_a_drafter_directory(files, tmp_path):

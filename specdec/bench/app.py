@@ -135,6 +135,8 @@ def method_drafters(cfg: DictConfig) -> dict[str, MethodSpec]:
     b = cfg.bench
     peer_llamacpp.check([m for m in out if peer_llamacpp.is_llamacpp(m)], b.llamacpp_dir, b.llamacpp_gguf,
                         b.llamacpp_draft)
+    if any(peer.is_peer(m) for m in out):
+        peer.engine_dtype(cfg.target.dtype, cfg.target.get("quantization"))  # refuses int8 / int4 before the load
     if any(hf_method(m) == "hf_assisted" for m in out) and cfg.drafter.name != registry.ASSISTANT_DRAFTER:
         raise ConfigError(f"hf_assisted needs a draft model: set drafter={registry.ASSISTANT_DRAFTER} "
                           "drafter.path=<hub id or path>.")
@@ -390,7 +392,8 @@ def start_peers(cfg: DictConfig, drafters: dict[str, MethodSpec], inputs: list[t
     engines: dict[str, peer.PeerEngine] = {}
     if vllm:
         server = stack.enter_context(closing(peer.PeerServer(
-            b.peer_python, vllm, models.resolve_target_path(cfg.target.name), cfg.target.dtype, max_len,
+            b.peer_python, vllm, models.resolve_target_path(cfg.target.name),
+            peer.engine_dtype(cfg.target.dtype, cfg.target.get("quantization")), max_len,
             script=b.peer_script, log=b.peer_log, max_num_seqs=b.batch_size)))
         engines.update(dict.fromkeys(vllm, server))
     if llama:

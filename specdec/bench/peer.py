@@ -31,6 +31,19 @@ def is_peer(method: str) -> bool:
     return method == PREFIX or method.startswith(PREFIX + ":")
 
 
+def engine_dtype(dtype: str, quantization: str | None = None) -> str:
+    """The dtype vLLM runs for a bench target: ``target.dtype``, or bfloat16 for ``target.quantization=bf16`` (our
+    bfloat16 weights: vLLM's CPU engine in bfloat16 is what a user would pick instead). int8 / int4 are refused: vLLM's
+    CPU build has no Q8_0 / Q4_1 weights, and a float32 row beside them would compare other bytes."""
+    if quantization == "bf16":
+        return "bfloat16"
+    if quantization:
+        raise ConfigError(f"the vllm methods cannot run target.quantization={quantization}: vLLM's CPU build has no "
+                          "int8 / int4 weight-only path for these weights. Compare with llama.cpp (llamacpp methods, "
+                          "the same GGUF types) or drop the vllm methods.")
+    return dtype
+
+
 def split_counts(total: int, lengths: list[int]) -> list[int]:
     """``total`` (a batch's accepted or drafted tokens) shared among requests in proportion to their ``lengths``,
     as cumulative floors, so the shares add up to ``total`` exactly: ``split_counts(5, [2, 2]) == [2, 3]``."""
