@@ -211,7 +211,8 @@ def set_int8_small_rows(loop: str) -> None:
 
 def cost_tag() -> str:
     """What a quantized target's step cost depends on in this kernel: its version and the small-rows loop."""
-    return f"v{VERSION}" + (f"/{int8_small_rows()}" if int8_small_rows() else "")
+    loop = int8_small_rows()
+    return f"v{VERSION}" + (f"/{loop}" if loop else "")
 
 
 def quant_linear_portable(x: torch.Tensor, p: QuantPanels, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -204,13 +204,22 @@ inline bool amd_family_19h() {
   const unsigned base = (a >> 8) & 0xF, ext = (a >> 20) & 0xFF;
   return (base == 0xF ? base + ext : base) == 0x19;
 }
+#endif
 
+constexpr int64_t INT8_AVX2_ROWS = 2;  // the rows the AVX2 loop takes where it is chosen
+
+// the rows up to which int8 takes the AVX2 loop for a loop's name ("avx2" or "vnni"; anything else is refused)
+inline int64_t avx2_rows_for(const std::string& loop) {
+  TORCH_CHECK(loop == "avx2" || loop == "vnni",
+              "the int8 small-rows loop (SPECDEC_INT8_SMALL_ROWS) is 'avx2' or 'vnni', not '", loop, "'");
+  return loop == "avx2" ? INT8_AVX2_ROWS : 0;
+}
+
+#ifdef SPECDEC_QUANT_VNNI
 inline int64_t& int8_avx2_rows() {  // rows up to which int8 takes the AVX2 loop (0: never)
   static int64_t rows = [] {
     const char* env = std::getenv("SPECDEC_INT8_SMALL_ROWS");
-    if (env && std::string(env) == "avx2") return int64_t{2};
-    if (env && std::string(env) == "vnni") return int64_t{0};
-    return amd_family_19h() ? int64_t{2} : int64_t{0};
+    return env && *env ? avx2_rows_for(env) : amd_family_19h() ? INT8_AVX2_ROWS : 0;
   }();
   return rows;
 }
@@ -226,9 +235,11 @@ inline std::string int8_small_rows() {
 }
 
 inline void set_int8_small_rows(const std::string& loop) {
-  TORCH_CHECK(loop == "avx2" || loop == "vnni", "the int8 small-rows loop is 'avx2' or 'vnni', not '", loop, "'");
+  const int64_t rows = avx2_rows_for(loop);
 #ifdef SPECDEC_QUANT_VNNI
-  int8_avx2_rows() = loop == "avx2" ? 2 : 0;
+  int8_avx2_rows() = rows;
+#else
+  (void)rows;
 #endif
 }
 
